@@ -1,0 +1,97 @@
+"""Per-token FP8 (e4m3) casts with one scale per 128 channels.
+
+The cast every fp8 path uses, kernels included, bit for bit:
+  amax  = max(|x|) over the 128 channels, floored at 1e-4
+  scale = amax / 448            (448 is the largest e4m3 value)
+  with round_scale: scale = the next power of two >= scale
+  q     = e4m3(x * (1 / scale)) (round to nearest even)
+With UE8M0 the (power-of-two) scales travel as their biased exponent bytes,
+four channel groups packed little-endian into one int32.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+FP8_DTYPE = jnp.float8_e4m3fn
+FP8_MAX = 448.0
+GROUP = 128  # channels per scale
+AMAX_FLOOR = 1e-4
+_UE8M0_PER_WORD = 4
+
+
+def _round_up_pow2(scale: jax.Array) -> jax.Array:
+  """Smallest power of two >= scale, exactly (scale is a positive normal f32)."""
+  bits = lax.bitcast_convert_type(scale, jnp.uint32)
+  exponent = (bits >> 23) + ((bits & 0x7FFFFF) != 0).astype(jnp.uint32)
+  return lax.bitcast_convert_type(exponent << 23, jnp.float32)
+
+
+def _pack_ue8m0(scale: jax.Array) -> jax.Array:
+  exponent = lax.bitcast_convert_type(scale, jnp.uint32) >> 23
+  exponent = exponent.reshape(*exponent.shape[:-1], -1, _UE8M0_PER_WORD)
+  shifts = jnp.arange(_UE8M0_PER_WORD, dtype=jnp.uint32) * 8
+  word = jnp.bitwise_or.reduce(exponent << shifts, axis=-1)
+  return lax.bitcast_convert_type(word, jnp.int32)
+
+
+def _unpack_ue8m0(packed: jax.Array) -> jax.Array:
+  word = lax.bitcast_convert_type(packed, jnp.uint32)
+  shifts = jnp.arange(_UE8M0_PER_WORD, dtype=jnp.uint32) * 8
+  exponent = (word[..., None] >> shifts) & 0xFF
+  exponent = exponent.reshape(*packed.shape[:-1], -1)
+  return lax.bitcast_convert_type(exponent << 23, jnp.float32)
+
+
+def check_fp8_hidden(op: str, hidden: int, use_ue8m0: bool) -> None:
+  group = GROUP * (_UE8M0_PER_WORD if use_ue8m0 else 1)
+  if hidden % group:
+    raise ValueError(
+        f"jax_ep.{op}: the hidden size must be a multiple of {group} for fp8"
+        f"{' with UE8M0 scales' if use_ue8m0 else ''}, got {hidden}")
+
+
+def per_token_cast_to_fp8(x: jax.Array, *, round_scale: bool = False,
+                          use_ue8m0: bool = False) -> tuple[jax.Array, jax.Array]:
+  """Casts `x[..., H]` to e4m3 with one scale per token per 128 channels.
+
+  Args:
+    x: float array whose last axis (H) is a multiple of 128 (512 with UE8M0).
+    round_scale: round each scale up to a power of two.
+    use_ue8m0: return the scales as packed UE8M0 exponents (implies
+      `round_scale`).
+
+  Returns:
+    `(q, scales)`: `q` float8_e4m3fn[..., H]; `scales` f32[..., H/128] such
+    that `x ~= q * scales` per group, or int32[..., H/512] with UE8M0.
+  """
+  check_fp8_hidden("per_token_cast_to_fp8", x.shape[-1], use_ue8m0)
+  groups = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, GROUP)
+  amax = jnp.maximum(jnp.max(jnp.abs(groups), axis=-1), AMAX_FLOOR)
+  scale = amax / FP8_MAX
+  if round_scale or use_ue8m0:
+    scale = _round_up_pow2(scale)
+  q = (groups * (1.0 / scale)[..., None]).astype(FP8_DTYPE).reshape(x.shape)
+  return q, (_pack_ue8m0(scale) if use_ue8m0 else scale)
+
+
+def per_token_cast_back(q: jax.Array, scales: jax.Array,
+                        dtype=jnp.bfloat16) -> jax.Array:
+  """Inverse of `per_token_cast_to_fp8`: `q * scale` per group, in `dtype`.
+
+  `scales` is f32[..., H/128], or packed UE8M0 int32[..., H/512].
+  """
+  if scales.dtype == jnp.int32:
+    scales = _unpack_ue8m0(scales)
+  elif scales.dtype != jnp.float32:
+    raise TypeError(
+        "jax_ep.per_token_cast_back: scales must be float32 or packed UE8M0 "
+        f"int32, got {scales.dtype}")
+  if scales.shape[-1] * GROUP != q.shape[-1]:
+    raise ValueError(
+        f"jax_ep.per_token_cast_back: scales {scales.shape} do not match "
+        f"q {q.shape} (one scale per {GROUP} channels)")
+  groups = q.astype(jnp.float32).reshape(*q.shape[:-1], -1, GROUP)
+  return (groups * scales[..., None]).reshape(q.shape).astype(dtype)

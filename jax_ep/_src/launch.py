@@ -1,0 +1,147 @@
+"""Starts a JAX program as several local processes, and joins them up.
+
+`python -m jax_ep.launch -n 2 -- python train.py` runs `train.py` twice, with
+environment variables that `initialize()` turns into
+`jax.distributed.initialize(...)`. Each process gets its own slice of the local
+GPUs (CUDA_VISIBLE_DEVICES) or, without GPUs, its own CPU devices. Clusters
+that JAX detects by itself (SLURM, Open MPI, ...) need no launcher:
+`initialize()` then calls `jax.distributed.initialize()` with no arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+
+_ENV_PREFIX = "JAX_EP_LAUNCH_"
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _num_local_gpus() -> int:
+  if shutil.which("nvidia-smi") is None:
+    return 0
+  try:
+    out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True,
+                         timeout=30, check=True).stdout
+  except (OSError, subprocess.SubprocessError):
+    return 0
+  return sum(line.startswith("GPU ") for line in out.splitlines())
+
+
+def process_env(process_id: int, num_processes: int, port: int,
+                devices_per_process: int, use_gpus: bool) -> dict[str, str]:
+  """Environment of one launched process."""
+  env = {
+      _ENV_PREFIX + "COORDINATOR": f"localhost:{port}",
+      _ENV_PREFIX + "NUM_PROCESSES": str(num_processes),
+      _ENV_PREFIX + "PROCESS_ID": str(process_id),
+      _ENV_PREFIX + "DEVICES": str(devices_per_process),
+      # Keep NVLink multicast off in every process (see DEVICE.md).
+      "NCCL_NVLS_ENABLE": "0",
+      "NVSHMEM_DISABLE_NVLS": "1",
+  }
+  if use_gpus:
+    first = process_id * devices_per_process
+    env["CUDA_VISIBLE_DEVICES"] = ",".join(
+        str(first + i) for i in range(devices_per_process))
+  else:
+    env["JAX_PLATFORMS"] = "cpu"
+  return env
+
+
+def initialize() -> None:
+  """Joins this process to the others of a launch (or of a known cluster).
+
+  Call it first, before any other JAX call. Under `jax_ep.launch` it reads the
+  launcher's variables; elsewhere it calls `jax.distributed.initialize()`,
+  which detects SLURM, Open MPI and similar clusters. A lone process with
+  neither is left alone.
+  """
+  env = os.environ
+  if _ENV_PREFIX + "COORDINATOR" not in env:
+    if any(k in env for k in ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE",
+                              "JAX_COORDINATOR_ADDRESS")):
+      jax.distributed.initialize()
+    return
+  jax.config.update("jax_num_cpu_devices", int(env[_ENV_PREFIX + "DEVICES"]))
+  jax.distributed.initialize(
+      coordinator_address=env[_ENV_PREFIX + "COORDINATOR"],
+      num_processes=int(env[_ENV_PREFIX + "NUM_PROCESSES"]),
+      process_id=int(env[_ENV_PREFIX + "PROCESS_ID"]))
+
+
+def launch(command: list[str], num_processes: int, *,
+           devices_per_process: int | None = None, platform: str = "auto",
+           timeout: float | None = None) -> int:
+  """Runs `command` as `num_processes` joined processes; returns an exit code.
+
+  The first process to fail (or a timeout) stops the others; its exit code
+  is returned (124 on timeout).
+  """
+  gpus = _num_local_gpus() if platform in ("auto", "gpu") else 0
+  use_gpus = gpus > 0
+  if platform == "gpu" and not use_gpus:
+    raise RuntimeError("jax_ep.launch: --platform gpu but no GPU was found")
+  if devices_per_process is None:
+    devices_per_process = max(1, gpus // num_processes) if use_gpus else 1
+  if use_gpus and devices_per_process * num_processes > gpus:
+    raise ValueError(
+        f"jax_ep.launch: {num_processes} processes x {devices_per_process} "
+        f"GPUs need {num_processes * devices_per_process}, found {gpus}")
+  port = _free_port()
+  procs = [
+      subprocess.Popen(command, env={**os.environ, **process_env(
+          i, num_processes, port, devices_per_process, use_gpus)})
+      for i in range(num_processes)
+  ]
+  deadline = None if timeout is None else time.monotonic() + timeout
+  code = 0
+  while any(p.poll() is None for p in procs):
+    failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
+    if failed or (deadline is not None and time.monotonic() > deadline):
+      code = failed[0] if failed else 124
+      if not failed:
+        print(f"jax_ep.launch: timed out after {timeout} s", file=sys.stderr)
+      for p in procs:
+        if p.poll() is None:
+          p.kill()
+      break
+    time.sleep(0.1)
+  for p in procs:
+    p.wait()
+  return code or next((p.returncode for p in procs if p.returncode), 0)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(
+      prog="python -m jax_ep.launch",
+      description="Run a JAX program as several joined local processes.")
+  parser.add_argument("-n", "--num-processes", type=int, default=2)
+  parser.add_argument("--devices-per-process", type=int, default=None,
+                      help="GPUs (or CPU devices) per process; default: the "
+                      "local GPUs split evenly, or 1 CPU device")
+  parser.add_argument("--platform", choices=("auto", "gpu", "cpu"),
+                      default="auto")
+  parser.add_argument("--timeout", type=float, default=None,
+                      help="seconds before every process is killed")
+  parser.add_argument("command", nargs=argparse.REMAINDER,
+                      help="the command, after --")
+  args = parser.parse_args(argv)
+  command = args.command[1:] if args.command[:1] == ["--"] else args.command
+  if not command:
+    parser.error("give the command to run after --")
+  return launch(command, args.num_processes,
+                devices_per_process=args.devices_per_process,
+                platform=args.platform, timeout=args.timeout)

@@ -1,0 +1,40 @@
+"""`get_dispatch_layout`: who receives which token, counted per rank and expert."""
+
+from __future__ import annotations
+
+import jax
+
+from jax_ep._src import checks
+from jax_ep._src.handles import Layout
+from jax_ep._src.reference import layout as reference
+from jax_ep._src.runtime import Buffer
+
+
+def get_dispatch_layout(buffer: Buffer, topk_idx: jax.Array,
+                        num_experts: int) -> Layout:
+  """Counts this rank's routing per destination rank and per expert.
+
+  Call inside `jax.shard_map` over `buffer.axis_name`. Runs the CUDA layout
+  kernel on the "cuda" backend.
+
+  Args:
+    buffer: the `jax_ep.Buffer` of the EP axis (R ranks).
+    topk_idx: `int32[T, K]` expert ids; `-1` selects nothing; ids outside
+      `[-1, E)` select nothing and are counted in `Layout.num_invalid`.
+    num_experts: E, a multiple of R.
+
+  Returns:
+    a `Layout` (`num_tokens_per_rank[R]`, `num_tokens_per_expert[E]`,
+    `is_token_in_rank[T, R]`, `num_invalid`).
+  """
+  op = "get_dispatch_layout"
+  buffer.check_inside_shard_map(op)
+  num_experts = checks.experts(op, num_experts, buffer.num_ranks)
+  checks.topk_idx(op, topk_idx, None, num_experts)
+  if buffer.uses_kernel(op, has_kernel=True):
+    from jax_ep._src.cuda import layout as kernel  # pylint: disable=g-import-not-at-top
+    impl = kernel.get_dispatch_layout
+  else:
+    impl = reference.get_dispatch_layout
+  return Layout(*impl(topk_idx, num_experts=num_experts,
+                      num_ranks=buffer.num_ranks))

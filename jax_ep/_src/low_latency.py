@@ -1,0 +1,256 @@
+"""Low-latency (decoding) dispatch and combine: API, checks, hooks, autodiff.
+
+Backward rules (DESIGN.md §5): dispatch's is a unit-weight combine; combine's
+is a dispatch of the output gradient scaled per selection, plus the weights'
+gradient. With `return_recv_hook=True` the op is split into a send half and a
+receive half (`RecvHook`); split ops are for inference and not differentiable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jax_ep._src import checks
+from jax_ep._src.fp8 import check_fp8_hidden
+from jax_ep._src.handles import LowLatencyDispatched, LowLatencyHandle
+from jax_ep._src.nograd import no_gradient
+from jax_ep._src.reference import low_latency as reference
+from jax_ep._src.runtime import Buffer
+
+_HOOK_NO_GRAD = ("jax_ep.{op}: return_recv_hook=True splits the op for "
+                 "inference and is not differentiable; call it without hooks "
+                 "to differentiate")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class RecvHook:
+  """The receive half of a split low-latency op.
+
+  `hook(*after)` issues the receive and returns the op's result. Arrays in
+  `after` (e.g. the outputs of compute placed between send and receive) are
+  tied to the receive with `lax.optimization_barrier`, which pins it after
+  that compute in XLA's schedule. A pytree: it may cross `jit` boundaries.
+  """
+
+  pending: Any
+  receive: Any = dataclasses.field(metadata=dict(static=True))
+
+  def __call__(self, *after):
+    pending = self.pending
+    if after:
+      pending, _ = lax.optimization_barrier((pending, after))
+    return self.receive(pending)
+
+
+@dataclasses.dataclass(frozen=True)
+class _DispatchReceive:
+  axis_name: str
+  num_ranks: int
+  num_experts: int
+  max_tokens: int
+  use_fp8: bool
+
+  def __call__(self, pending) -> LowLatencyDispatched:
+    recv, count, handle = reference.dispatch_receive(
+        pending, axis_name=self.axis_name, num_ranks=self.num_ranks,
+        num_experts=self.num_experts, max_tokens=self.max_tokens)
+    return LowLatencyDispatched(recv[0], recv[1] if self.use_fp8 else None,
+                                count, handle)
+
+
+@dataclasses.dataclass(frozen=True)
+class _DispatchSend:
+  axis_name: str
+  use_fp8: bool
+  round_scale: bool
+  use_ue8m0: bool
+
+  def __call__(self, x, topk_idx):
+    return reference.dispatch_send(
+        x, topk_idx, axis_name=self.axis_name, use_fp8=self.use_fp8,
+        round_scale=self.round_scale, use_ue8m0=self.use_ue8m0)
+
+
+def low_latency_dispatch(buffer: Buffer, x: jax.Array, topk_idx: jax.Array, *,
+                         num_max_dispatch_tokens_per_rank: int,
+                         num_experts: int, use_fp8: bool = True,
+                         round_scale: bool = False, use_ue8m0: bool = False,
+                         return_recv_hook: bool = False):
+  """Sends one row per (token, expert) into that expert's slots.
+
+  Call inside `jax.shard_map` over `buffer.axis_name`; shapes are per rank.
+
+  Args:
+    buffer: the `jax_ep.Buffer` of the EP axis (R ranks).
+    x: `bf16[T, H]` tokens, T <= Tmax.
+    topk_idx: `int32[T, K]` expert ids, `-1` for none; ids outside `[-1, E)`
+      select nothing. A token listing an expert twice gets one row for it.
+    num_max_dispatch_tokens_per_rank: Tmax, static; each local expert has
+      `R * Tmax` slots, which can never overflow.
+    num_experts: E, a multiple of R.
+    use_fp8: cast to e4m3 per token per 128 channels before sending.
+    round_scale: round fp8 scales up to powers of two.
+    use_ue8m0: send the scales as packed UE8M0 exponents (implies round_scale;
+      H must be a multiple of 512).
+    return_recv_hook: return a `RecvHook` instead of the result; the result
+      comes from calling it (not differentiable).
+
+  Returns:
+    a `LowLatencyDispatched`, or a `RecvHook` that returns one. Differentiable
+    in `x` with `use_fp8=False` (the backward is a unit-weight combine).
+  """
+  op = "low_latency_dispatch"
+  buffer.check_inside_shard_map(op)
+  num_ranks = buffer.num_ranks
+  max_tokens = checks.positive_int(op, "num_max_dispatch_tokens_per_rank",
+                                   num_max_dispatch_tokens_per_rank)
+  num_experts = checks.experts(op, num_experts, num_ranks)
+  checks.array(op, "x", x, ndim=2, dtypes=(jnp.bfloat16,))
+  checks.row_bytes(op, "x", x)
+  num_tokens, hidden = x.shape
+  if num_tokens > max_tokens:
+    raise ValueError(
+        f"jax_ep.{op}: x has {num_tokens} tokens but "
+        f"num_max_dispatch_tokens_per_rank is {max_tokens}")
+  checks.topk_idx(op, topk_idx, num_tokens, num_experts)
+  if use_fp8:
+    check_fp8_hidden(op, hidden, use_ue8m0)
+  elif round_scale or use_ue8m0:
+    raise ValueError(
+        f"jax_ep.{op}: round_scale and use_ue8m0 need use_fp8=True")
+  buffer.uses_kernel(op, has_kernel=False)
+  send = _DispatchSend(buffer.axis_name, use_fp8, round_scale, use_ue8m0)
+  receive = _DispatchReceive(buffer.axis_name, num_ranks, num_experts,
+                             max_tokens, use_fp8)
+  if return_recv_hook:
+    x = no_gradient(x, _HOOK_NO_GRAD.format(op=op))
+    return RecvHook(send(x, topk_idx), receive)
+  if use_fp8:
+    x = no_gradient(x, f"jax_ep.{op}: the fp8 cast is not differentiable; "
+                    "use use_fp8=False to differentiate")
+  return _ll_dispatch(send, receive, x, topk_idx)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _ll_dispatch(send, receive, x, topk_idx):
+  return receive(send(x, topk_idx))
+
+
+def _ll_dispatch_fwd(send, receive, x, topk_idx):
+  out = _ll_dispatch(send, receive, x, topk_idx)
+  return out, (out.handle, topk_idx)
+
+
+def _ll_dispatch_bwd(send, receive, residual, g):
+  del receive
+  handle, topk_idx = residual
+  if send.use_fp8:  # no_gradient has refused any gradient that needs this
+    return None, None
+  d_x = _weighted_combine(send.axis_name, g.x, topk_idx,
+                          _first_selections(topk_idx), handle)
+  return d_x, None
+
+
+_ll_dispatch.defvjp(_ll_dispatch_fwd, _ll_dispatch_bwd)
+
+
+def _first_selections(topk_idx):
+  """f32[T, K]: 1 where k is the first column choosing its expert, else 0."""
+  k = topk_idx.shape[1]
+  earlier = jnp.tril(jnp.ones((k, k), bool), -1)  # [k, j]: j < k
+  repeated = ((topk_idx[:, :, None] == topk_idx[:, None, :]) & earlier).any(-1)
+  return (~repeated).astype(jnp.float32)
+
+
+def _weighted_combine(axis_name, y, topk_idx, topk_weights, handle):
+  partials = reference.combine_send(y, topk_idx, topk_weights, handle,
+                                    axis_name=axis_name)
+  return reference.combine_receive(partials, y.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class _CombineReceive:
+  dtype: Any
+
+  def __call__(self, pending):
+    return reference.combine_receive(pending, self.dtype)
+
+
+def low_latency_combine(buffer: Buffer, y: jax.Array, topk_idx: jax.Array,
+                        topk_weights: jax.Array, handle: LowLatencyHandle, *,
+                        zero_copy: bool = False,
+                        return_recv_hook: bool = False):
+  """Weighted sum of each token's expert outputs, back on its own rank.
+
+  `out[t] = sum_k w[t, k] * y[slot of (t, expert k)]`, skipping -1, in fp32:
+  each rank sums its experts' terms in k order, then the source adds the
+  ranks' sums in rank order and rounds once to bf16 (bitwise repeatable).
+
+  Args:
+    buffer: the `jax_ep.Buffer` of the dispatch.
+    y: `bf16[L, R*Tmax, H]` expert outputs in the dispatch's slot order.
+    topk_idx: `int32[T, K]`, the ids given to the dispatch.
+    topk_weights: `f32[T, K]` router weights.
+    handle: `LowLatencyDispatched.handle`.
+    zero_copy: the caller wrote `y` straight into the kernels' send buffer
+      (a kernel option; the reference backend has no send buffer to skip).
+    return_recv_hook: return a `RecvHook` instead of the result.
+
+  Returns:
+    `bf16[T, H]`, or a `RecvHook` that returns it. Differentiable in `y` and
+    `topk_weights` without hooks.
+  """
+  op = "low_latency_combine"
+  buffer.check_inside_shard_map(op)
+  if not isinstance(handle, LowLatencyHandle):
+    raise TypeError(
+        f"jax_ep.{op}: handle must be the LowLatencyHandle of a "
+        f"low_latency_dispatch, got {type(handle)}")
+  if handle.num_ranks != buffer.num_ranks:
+    raise ValueError(
+        f"jax_ep.{op}: handle is for {handle.num_ranks} ranks, the Buffer for "
+        f"{buffer.num_ranks}")
+  num_local = handle.num_experts // handle.num_ranks
+  checks.array(op, "y", y, ndim=3, dtypes=(jnp.bfloat16,),
+               shape=(num_local, handle.num_ranks * handle.max_tokens,
+                      handle.hidden))
+  checks.topk_idx(op, topk_idx, handle.num_tokens, handle.num_experts)
+  checks.topk_weights(op, topk_weights, topk_idx.shape)
+  if topk_weights is None:
+    raise ValueError(f"jax_ep.{op}: topk_weights is required")
+  if not isinstance(zero_copy, bool):
+    raise TypeError(f"jax_ep.{op}: zero_copy must be a bool, got {zero_copy!r}")
+  buffer.uses_kernel(op, has_kernel=False)
+  if return_recv_hook:
+    y, topk_weights = no_gradient((y, topk_weights), _HOOK_NO_GRAD.format(op=op))
+    pending = reference.combine_send(y, topk_idx, topk_weights, handle,
+                                     axis_name=buffer.axis_name)
+    return RecvHook(pending, _CombineReceive(jnp.dtype(y.dtype)))
+  return _ll_combine(buffer.axis_name, y, topk_idx, topk_weights, handle)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _ll_combine(axis_name, y, topk_idx, topk_weights, handle):
+  return _weighted_combine(axis_name, y, topk_idx, topk_weights, handle)
+
+
+def _ll_combine_fwd(axis_name, y, topk_idx, topk_weights, handle):
+  out = _ll_combine(axis_name, y, topk_idx, topk_weights, handle)
+  return out, (y, topk_idx, topk_weights, handle)
+
+
+def _ll_combine_bwd(axis_name, residual, g):
+  y, topk_idx, topk_weights, handle = residual
+  d_y, d_weights = reference.combine_grads(g, y, topk_idx, topk_weights,
+                                           handle, axis_name=axis_name)
+  return d_y, None, d_weights, None
+
+
+_ll_combine.defvjp(_ll_combine_fwd, _ll_combine_bwd)

@@ -1,0 +1,298 @@
+"""Normal (training / prefill) dispatch and combine: API, checks, autodiff.
+
+The backward of dispatch is combine with the handle, the backward of combine
+is a cached dispatch, for the rows and for the top-k weights (DESIGN.md §4).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import checkify
+
+from jax_ep._src import checks
+from jax_ep._src.fp8 import FP8_DTYPE, GROUP
+from jax_ep._src.handles import DispatchHandle, Dispatched
+from jax_ep._src.nograd import no_gradient
+from jax_ep._src.reference import normal as reference
+from jax_ep._src.runtime import Buffer
+
+
+@dataclasses.dataclass(frozen=True)
+class _Route:
+  """Static parameters of one dispatch, shared by its forward and backward."""
+  axis_name: str
+  num_ranks: int
+  num_experts: int
+  capacity: int
+  expert_alignment: int
+  fp8: bool
+
+
+def _token_rows(op: str, x) -> tuple[tuple[jax.Array, ...], bool]:
+  """Validates bf16/f16/f32 `x[T, H]` or fp8 `(e4m3[T, H], f32[T, H/128])`."""
+  if isinstance(x, (tuple, list)):
+    if len(x) != 2:
+      raise TypeError(
+          f"jax_ep.{op}: fp8 x must be a pair (e4m3[T, H], f32 scales"
+          f"[T, H/{GROUP}]), got a sequence of {len(x)}")
+    q, scales = x
+    checks.array(op, "x[0] (fp8 rows)", q, ndim=2, dtypes=(FP8_DTYPE,))
+    if q.shape[1] % GROUP:
+      raise ValueError(
+          f"jax_ep.{op}: fp8 x has hidden size {q.shape[1]}; it must be a "
+          f"multiple of {GROUP}")
+    checks.array(op, "x[1] (fp8 scales)", scales, ndim=2,
+                 dtypes=(jnp.float32,), shape=(q.shape[0], q.shape[1] // GROUP))
+    checks.row_bytes(op, "x", q)
+    return (q, scales), True
+  checks.array(op, "x", x, ndim=2, dtypes=checks.FLOAT_DTYPES)
+  checks.row_bytes(op, "x", x)
+  return (x,), False
+
+
+def _check_handle(op: str, buffer: Buffer, handle) -> DispatchHandle:
+  if not isinstance(handle, DispatchHandle):
+    raise TypeError(
+        f"jax_ep.{op}: handle must be the DispatchHandle of a dispatch, got "
+        f"{type(handle)}")
+  if handle.num_ranks != buffer.num_ranks:
+    raise ValueError(
+        f"jax_ep.{op}: handle is for {handle.num_ranks} ranks, the Buffer "
+        f"for {buffer.num_ranks}")
+  return handle
+
+
+def dispatch(buffer: Buffer, x, topk_idx: jax.Array | None = None,
+             topk_weights: jax.Array | None = None, *,
+             num_experts: int | None = None, capacity: int | None = None,
+             expert_alignment: int = 1,
+             handle: DispatchHandle | None = None) -> Dispatched:
+  """Sends each token to every rank that holds one of its experts.
+
+  Call inside `jax.shard_map` over `buffer.axis_name`; shapes are per rank.
+
+  Args:
+    buffer: the `jax_ep.Buffer` of the EP axis (R ranks).
+    x: tokens, `bf16[T, H]` (f16 and f32 also work), or fp8
+      `(float8_e4m3fn[T, H], f32 scales[T, H/128])` as made by
+      `per_token_cast_to_fp8`. Rows must be a multiple of 16 bytes.
+    topk_idx: `int32[T, K]` expert ids, `-1` for no selection, K <= 32. Ids
+      outside `[-1, E)` select nothing (`get_dispatch_layout` counts them).
+    topk_weights: optional `f32[T, K]` router weights, sent along.
+    num_experts: E, a multiple of R; expert e lives on rank `e // (E/R)`.
+    capacity: M, rows received per rank (static). Default `R*T`, which can
+      never overflow. Rows past M are dropped, never written;
+      `Dispatched.num_tokens` still counts them (see `check_capacity`).
+    expert_alignment: round each of `num_tokens_per_expert` up to this.
+    handle: the handle of an earlier dispatch: sends `x` along the same routes
+      without routing work (a cached dispatch); then pass neither `topk_idx`
+      nor `topk_weights` nor sizes, and the result carries only `x`,
+      `scales`, `num_tokens` and `handle`.
+
+  Returns:
+    a `Dispatched`. Differentiable in `x` (bf16/f16/f32) and `topk_weights`;
+    fp8 rows are not differentiable (a gradient into them raises).
+  """
+  op = "dispatch"
+  buffer.check_inside_shard_map(op)
+  rows, fp8 = _token_rows(op, x)
+  num_tokens = rows[0].shape[0]
+  if fp8:
+    rows = no_gradient(rows, f"jax_ep.{op}: fp8 rows are not differentiable; "
+                       "dispatch bf16 rows to train through dispatch")
+  buffer.uses_kernel(op, has_kernel=False)
+  if handle is not None:
+    handle = _check_handle(op, buffer, handle)
+    if topk_idx is not None or topk_weights is not None or num_experts is not None \
+        or capacity is not None or expert_alignment != 1:
+      raise ValueError(
+          f"jax_ep.{op}: a cached dispatch (handle=...) takes only x; "
+          "topk_idx, topk_weights, num_experts, capacity and expert_alignment "
+          "come from the handle")
+    if num_tokens != handle.num_tokens:
+      raise ValueError(
+          f"jax_ep.{op}: x has {num_tokens} tokens but the handle was made for "
+          f"{handle.num_tokens}")
+    recv = _cached_dispatch(buffer.axis_name, rows, handle)
+    return Dispatched(recv[0], recv[1] if fp8 else None, None, None,
+                      handle.num_recv_tokens, None, handle)
+
+  if topk_idx is None or num_experts is None:
+    raise ValueError(
+        f"jax_ep.{op}: a fresh dispatch needs topk_idx and num_experts "
+        "(or pass handle= for a cached dispatch)")
+  num_ranks = buffer.num_ranks
+  num_experts = checks.experts(op, num_experts, num_ranks)
+  num_topk = checks.topk_idx(op, topk_idx, num_tokens, num_experts)
+  checks.topk_weights(op, topk_weights, (num_tokens, num_topk))
+  capacity = num_ranks * num_tokens if capacity is None else capacity
+  capacity = checks.positive_int(op, "capacity", capacity)
+  expert_alignment = checks.positive_int(op, "expert_alignment",
+                                         expert_alignment)
+  route = _Route(buffer.axis_name, num_ranks, num_experts, capacity,
+                 expert_alignment, fp8)
+  recv, recv_idx, recv_weights, per_expert, handle = _dispatch(
+      route, rows, topk_idx, topk_weights)
+  return Dispatched(recv[0], recv[1] if fp8 else None, recv_idx, recv_weights,
+                    handle.num_recv_tokens, per_expert, handle)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _dispatch(route: _Route, rows, topk_idx, topk_weights):
+  return reference.dispatch(
+      rows, topk_idx, topk_weights, axis_name=route.axis_name,
+      num_ranks=route.num_ranks, num_experts=route.num_experts,
+      capacity=route.capacity, expert_alignment=route.expert_alignment)
+
+
+def _dispatch_fwd(route, rows, topk_idx, topk_weights):
+  out = _dispatch(route, rows, topk_idx, topk_weights)
+  _, recv_idx, _, _, handle = out
+  return out, (handle, recv_idx)
+
+
+def _dispatch_bwd(route, residual, g):
+  handle, recv_idx = residual
+  g_rows, _, g_weights, _, _ = g
+  d_rows = _rows_cotangent(route.axis_name, g_rows, handle)
+  d_weights = None
+  if g_weights is not None:
+    d_weights = _combine_sum(route.axis_name,
+                             jnp.where(recv_idx >= 0, g_weights, 0.0), handle)
+  return d_rows, None, d_weights
+
+
+_dispatch.defvjp(_dispatch_fwd, _dispatch_bwd)
+
+
+def _combine_sum(axis_name, y, handle):
+  return reference.combine(y, handle, axis_name=axis_name)
+
+
+def _rows_cotangent(axis_name, g_rows, handle):
+  """Combine of the received rows' cotangent; fp8 rows (q, scales) get none:
+  `no_gradient` has refused any gradient that would need it."""
+  if len(g_rows) == 2:
+    return (None, None)
+  return (_combine_sum(axis_name, g_rows[0], handle).astype(g_rows[0].dtype),)
+
+
+def _cached_rows(axis_name, rows, handle):
+  return reference.cached_dispatch(rows, handle, axis_name=axis_name)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _cached_dispatch(axis_name, rows, handle):
+  return _cached_rows(axis_name, rows, handle)
+
+
+def _cached_dispatch_fwd(axis_name, rows, handle):
+  return _cached_rows(axis_name, rows, handle), handle
+
+
+def _cached_dispatch_bwd(axis_name, handle, g):
+  return _rows_cotangent(axis_name, g, handle), None
+
+
+_cached_dispatch.defvjp(_cached_dispatch_fwd, _cached_dispatch_bwd)
+
+
+def _biases(op: str, bias, shape) -> tuple[jax.Array, ...]:
+  if bias is None:
+    return ()
+  biases = tuple(bias) if isinstance(bias, (tuple, list)) else (bias,)
+  for i, b in enumerate(biases):
+    checks.array(op, f"bias[{i}]" if len(biases) > 1 else "bias", b, ndim=2,
+                 dtypes=checks.FLOAT_DTYPES, shape=shape)
+  return biases
+
+
+def combine(buffer: Buffer, y: jax.Array, handle: DispatchHandle,
+            topk_weights: jax.Array | None = None,
+            bias: jax.Array | Sequence[jax.Array] | None = None):
+  """Brings expert outputs back to their tokens and sums them.
+
+  `out[t] = sum over ranks r that received t of y_r[row of t on r] + bias[t]`,
+  accumulated in fp32 in rank order and rounded once to `y.dtype`: bitwise
+  repeatable. Combine does not apply expert weights: weight each row first.
+
+  Args:
+    buffer: the `jax_ep.Buffer` the dispatch ran on.
+    y: `[M, H]` rows in the order dispatch delivered them (bf16; f16/f32 also
+      work). Padding rows are ignored.
+    handle: `Dispatched.handle`.
+    topk_weights: optional `f32[M, K]` per-row weights, summed the same way
+      (in fp32), which makes combine the transpose of dispatch for weights.
+    bias: optional `[T, H]` array, or a sequence of them, added in fp32
+      before rounding.
+
+  Returns:
+    `out[T, H]` in `y.dtype`, or `(out, f32[T, K] weights)` when
+    `topk_weights` is given. Differentiable in `y`, `topk_weights`, `bias`.
+  """
+  op = "combine"
+  buffer.check_inside_shard_map(op)
+  handle = _check_handle(op, buffer, handle)
+  checks.array(op, "y", y, ndim=2, dtypes=checks.FLOAT_DTYPES,
+               shape=(handle.capacity, None))
+  checks.row_bytes(op, "y", y)
+  checks.topk_weights(op, topk_weights, (handle.capacity, None))
+  biases = _biases(op, bias, (handle.num_tokens, y.shape[1]))
+  # Biases enter in fp32, so autodiff casts their cotangent back by itself.
+  bias_sum = sum(b.astype(jnp.float32) for b in biases) if biases else None
+  buffer.uses_kernel(op, has_kernel=False)
+  out, out_weights = _combine(buffer.axis_name, y, handle, topk_weights,
+                              bias_sum)
+  return out if topk_weights is None else (out, out_weights)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _combine(axis_name, y, handle, topk_weights, bias):
+  total = _combine_sum(axis_name, y, handle)
+  if bias is not None:
+    total = total + bias
+  out_weights = None
+  if topk_weights is not None:
+    out_weights = _combine_sum(axis_name, topk_weights, handle)
+  return total.astype(y.dtype), out_weights
+
+
+def _combine_fwd(axis_name, y, handle, topk_weights, bias):
+  # The bias's presence travels as a None/array leaf: residuals hold no bools.
+  bias_marker = None if bias is None else jnp.zeros((), jnp.float32)
+  return _combine(axis_name, y, handle, topk_weights, bias), (
+      handle, bias_marker)
+
+
+def _combine_bwd(axis_name, residual, g):
+  handle, bias_marker = residual
+  g_out, g_weights = g
+  d_y, = _cached_rows(axis_name, (g_out,), handle)
+  d_weights = None
+  if g_weights is not None:
+    d_weights, = _cached_rows(axis_name, (g_weights,), handle)
+  d_bias = None if bias_marker is None else g_out.astype(jnp.float32)
+  return d_y, None, d_weights, d_bias
+
+
+_combine.defvjp(_combine_fwd, _combine_bwd)
+
+
+def check_capacity(dispatched: Dispatched | DispatchHandle) -> None:
+  """Turns a capacity overflow into an error, under `checkify.checkify`.
+
+  Call it on a `Dispatched` (or its handle) inside the checkified function;
+  `checkify.checkify(f)(...)` then returns an error naming the true row count
+  and the capacity when rows were dropped.
+  """
+  handle = getattr(dispatched, "handle", dispatched)
+  checkify.check(
+      handle.num_recv_tokens <= handle.capacity,
+      "jax_ep.dispatch: {count} rows were sent to this rank but capacity is "
+      f"{handle.capacity}; rows past the capacity were dropped. Raise capacity",
+      count=handle.num_recv_tokens)

@@ -1,0 +1,132 @@
+"""Reference low-latency dispatch and combine (DESIGN.md §5), per shard.
+
+Each op is split in two like the kernels' hooks: a send half that moves data
+between ranks (`all_gather` / `all_to_all`) and a receive half that only
+touches local memory. Slots are addressed by `s * Tmax + t` (source rank s,
+token t); a token's rows are gathered, never scattered.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jax_ep._src.fp8 import per_token_cast_to_fp8
+from jax_ep._src.handles import LowLatencyHandle
+from jax_ep._src.reference.normal import gather_rows, local_expert_ids, packed_sources
+
+
+def _slot_rows(src_index, num_tokens: int, max_tokens: int, num_ranks: int):
+  """Maps slot sources `s * Tmax + t` to all-gathered rows `s * T + t`."""
+  valid = src_index < num_ranks * max_tokens
+  row = (src_index // max_tokens) * num_tokens + src_index % max_tokens
+  return jnp.where(valid, row, num_ranks * num_tokens)
+
+
+def dispatch_send(x, topk_idx, *, axis_name: str, use_fp8: bool,
+                  round_scale: bool, use_ue8m0: bool):
+  """Casts (with fp8) and moves every rank's rows and ids to every rank."""
+  rows = per_token_cast_to_fp8(x, round_scale=round_scale,
+                               use_ue8m0=use_ue8m0) if use_fp8 else (x,)
+  return (tuple(lax.all_gather(r, axis_name, tiled=True) for r in rows),
+          lax.all_gather(topk_idx, axis_name, tiled=True))
+
+
+def dispatch_receive(pending, *, axis_name: str, num_ranks: int,
+                     num_experts: int, max_tokens: int):
+  """Packs the rows of each local expert; returns `(rows, count, handle)`."""
+  rows, idx = pending
+  num_tokens = idx.shape[0] // num_ranks
+  num_local = num_experts // num_ranks
+  slots = num_ranks * max_tokens
+  local = local_expert_ids(idx, lax.axis_index(axis_name), num_local)
+  local = jnp.pad(local.reshape(num_ranks, num_tokens, -1),
+                  ((0, 0), (0, max_tokens - num_tokens), (0, 0)),
+                  constant_values=-1).reshape(slots, -1)
+  selects = (local == jnp.arange(num_local)[:, None, None]).any(-1)  # [L, S]
+  src_index, slot, count = jax.vmap(packed_sources, in_axes=(0, None))(
+      selects, slots)
+  row = _slot_rows(src_index, num_tokens, max_tokens, num_ranks).reshape(-1)
+  recv = tuple(gather_rows(r, row).reshape(num_local, slots, -1) for r in rows)
+  handle = LowLatencyHandle(src_index, slot, num_ranks, num_experts,
+                            max_tokens, num_tokens, rows[0].shape[-1])
+  return recv, count, handle
+
+
+def _expert_rows(handle: LowLatencyHandle, local, num_tokens: int):
+  """Flat row `l * S + slot` in `y[L*S, H]` of each (source token, k), or L*S."""
+  num_ranks, max_tokens = handle.num_ranks, handle.max_tokens
+  slots = num_ranks * max_tokens
+  num_local = handle.slot.shape[0]
+  source = (jnp.arange(num_ranks)[:, None] * max_tokens +
+            jnp.arange(num_tokens)).reshape(-1, 1)
+  slot = handle.slot[jnp.maximum(local, 0), source]  # [R*T, K]
+  valid = (local >= 0) & (slot < slots)
+  return jnp.where(valid, local * slots + slot, num_local * slots)
+
+
+def combine_send(y, topk_idx, topk_weights, handle: LowLatencyHandle, *,
+                 axis_name: str):
+  """Weighted sums of this rank's expert rows per source token, sent home.
+
+  Each rank sums, in fp32 and in k order, `w[t, k] * y[row of (t, k)]` over
+  the k whose expert it holds; returns the f32[R, T, H] partials received
+  from every rank (by rank).
+  """
+  num_ranks = handle.num_ranks
+  num_tokens = topk_idx.shape[0]
+  num_local = y.shape[0]
+  table = y.reshape(-1, y.shape[-1])
+  local = local_expert_ids(lax.all_gather(topk_idx, axis_name, tiled=True),
+                           lax.axis_index(axis_name), num_local)
+  weights = lax.all_gather(topk_weights, axis_name, tiled=True)
+  rows = _expert_rows(handle, local, num_tokens)
+  partial = jnp.zeros((num_ranks * num_tokens, y.shape[-1]), jnp.float32)
+  for k in range(local.shape[1]):
+    partial = partial + weights[:, k:k + 1] * gather_rows(
+        table, rows[:, k]).astype(jnp.float32)
+  partial = partial.reshape(num_ranks, num_tokens, -1)
+  return lax.all_to_all(partial, axis_name, 0, 0)
+
+
+def combine_receive(partials, dtype):
+  """Sums the per-rank partials in rank order and rounds once to `dtype`."""
+  total = partials[0]
+  for source in range(1, partials.shape[0]):
+    total = total + partials[source]
+  return total.astype(dtype)
+
+
+def combine_grads(g_out, y, topk_idx, topk_weights, handle: LowLatencyHandle,
+                  *, axis_name: str):
+  """Cotangents of `y` and `topk_weights` for `combine_*` given `g_out[T, H]`.
+
+  `d_y[l, slot] = g_out[t] * (sum of w[t, k] over the k choosing expert l)`
+  on the rank holding l; `d_w[t, k] = <g_out[t], y[row of (t, k)]>`.
+  """
+  num_ranks = handle.num_ranks
+  num_tokens = topk_idx.shape[0]
+  num_local, slots, hidden = y.shape
+  rank = lax.axis_index(axis_name)
+  g_all = lax.all_gather(g_out, axis_name, tiled=True).astype(jnp.float32)
+  local = local_expert_ids(lax.all_gather(topk_idx, axis_name, tiled=True),
+                           rank, num_local)
+  weights = lax.all_gather(topk_weights, axis_name, tiled=True)
+
+  row = _slot_rows(handle.src_index, num_tokens, handle.max_tokens,
+                   num_ranks).reshape(-1)
+  slot_ids = gather_rows(local, row, fill=-1).reshape(num_local, slots, -1)
+  slot_weights = gather_rows(weights, row).reshape(num_local, slots, -1)
+  chosen = slot_ids == jnp.arange(num_local)[:, None, None]
+  scale = jnp.where(chosen, slot_weights, 0.0).sum(-1)
+  d_y = gather_rows(g_all, row).reshape(num_local, slots, hidden)
+  d_y = (d_y * scale[..., None]).astype(y.dtype)
+
+  rows = _expert_rows(handle, local, num_tokens)
+  table = y.reshape(-1, hidden)
+  dots = jnp.stack([
+      jnp.einsum("th,th->t", g_all, gather_rows(table, rows[:, k]).astype(
+          jnp.float32)) for k in range(local.shape[1])], axis=-1)
+  dots = lax.all_to_all(dots.reshape(num_ranks, num_tokens, -1), axis_name, 0, 0)
+  return d_y, dots.sum(0)
