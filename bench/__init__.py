@@ -1,0 +1,1 @@
+"""jax_ep benchmarks: `python -m bench --help`."""

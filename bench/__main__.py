@@ -1,0 +1,82 @@
+"""`python -m bench`: time jax_ep and its peers, write JSON to bench/results/.
+
+Run it as one process per GPU through the launcher, e.g. on two GPUs:
+  python -m jax_ep.launch -n 2 -- python -m bench --shape dsv3
+or in one process driving every local GPU: python -m bench --shape dsv3
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+
+import jax
+
+from bench import harness, normal
+from bench.shapes import SHAPES
+
+_IMPLS = ("jax_ep", "reference", "all_to_all")
+_OPS = ("dispatch", "combine", "dispatch_combine")
+
+
+def _csv(choices):
+  def parse(text):
+    items = text.split(",")
+    bad = [i for i in items if i not in choices]
+    if bad:
+      raise argparse.ArgumentTypeError(f"{bad} not in {choices}")
+    return items
+  return parse
+
+
+def main(argv=None) -> None:
+  from jax_ep.launch import initialize  # pylint: disable=g-import-not-at-top
+  initialize()
+  parser = argparse.ArgumentParser(prog="python -m bench",
+                                   description=__doc__.splitlines()[0])
+  parser.add_argument("--shape", choices=sorted(SHAPES), default="dsv3")
+  parser.add_argument("--tokens", type=int, help="override tokens per rank")
+  parser.add_argument("--hidden", type=int, help="override the hidden size")
+  parser.add_argument("--impls", type=_csv(_IMPLS), default=list(_IMPLS))
+  parser.add_argument("--ops", type=_csv(_OPS), default=list(_OPS))
+  parser.add_argument("--dtypes", type=_csv(("bf16", "fp8")),
+                      default=["bf16", "fp8"])
+  parser.add_argument("--iters", type=int, default=10,
+                      help="calls per timed jitted loop")
+  parser.add_argument("--reps", type=int, default=50, help="timed loops")
+  parser.add_argument("--warmup", type=int, default=3)
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--out", default=None,
+                      help="JSON path (default bench/results/<date>_<device>_"
+                      "<shape>_r<ranks>.json)")
+  args = parser.parse_args(argv)
+
+  shape = SHAPES[args.shape]
+  shape = dataclasses.replace(
+      shape, **{k: v for k, v in (("tokens", args.tokens),
+                                  ("hidden", args.hidden)) if v})
+  mesh = jax.make_mesh((jax.device_count(),), ("ep",))
+  impls = list(args.impls)
+  if "jax_ep" in impls and jax_ep_backend(mesh) != "cuda":
+    impls.remove("jax_ep")  # without kernels it would time the reference twice
+  if jax.process_index() == 0:
+    harness.print_header()
+  records = normal.run(mesh, shape, impls=impls, dtypes=args.dtypes,
+                       ops=args.ops, seed=args.seed, iters=args.iters,
+                       reps=args.reps, warmup=args.warmup)
+  if jax.process_index() == 0:
+    device = harness.device_name().replace(" ", "_")
+    out = args.out or (f"bench/results/{datetime.date.today().isoformat()}_"
+                       f"{device}_{args.shape}_r{jax.device_count()}.json")
+    harness.write_records(records, out)
+    print(f"wrote {out}")
+
+
+def jax_ep_backend(mesh) -> str:
+  import jax_ep  # pylint: disable=g-import-not-at-top
+  return jax_ep.Buffer(mesh, "ep").backend
+
+
+if __name__ == "__main__":
+  main()

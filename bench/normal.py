@@ -1,0 +1,180 @@
+"""Normal dispatch / combine benchmarks, with their peers in the same run.
+
+Implementations timed on the same inputs:
+  jax_ep      the "cuda" backend (only when the extension and GPUs are there)
+  reference   jax_ep's pure-JAX backend: all_gather + gathers, all_to_all back
+  all_to_all  a raw `lax.all_to_all` moving the dispatch's logical bytes
+
+Link bytes per rank: jax_ep moves each remote row once; the reference's
+all_gather (dispatch) and all_to_all (combine) move (R-1)*T full rows; the raw
+all_to_all moves (R-1)/R of its array.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jax_ep
+from bench import harness
+from bench.shapes import Shape
+
+FP8_GROUP = 128
+
+
+def _row_bytes(hidden: int, fp8: bool) -> int:
+  return hidden + 4 * hidden // FP8_GROUP if fp8 else 2 * hidden
+
+
+def _rows_per_rank(idx: np.ndarray, shape: Shape, ranks: int) -> np.ndarray:
+  """[R(dest), R(src)] rows each rank receives from each source."""
+  per_rank = shape.experts // ranks
+  dest = np.where(idx >= 0, idx // per_rank, -1).reshape(ranks, shape.tokens, -1)
+  return np.stack([(dest == r).any(-1).sum(-1) for r in range(ranks)])
+
+
+class Problem:
+  """Global inputs of one shape on the mesh, and the byte counts they imply."""
+
+  def __init__(self, mesh, shape: Shape, seed: int):
+    self.mesh = mesh
+    self.shape = shape
+    self.ranks = mesh.shape["ep"]
+    sharding = NamedSharding(mesh, P("ep"))
+    rng = np.random.default_rng(seed)  # same routing on every process
+    idx = harness.random_routing(rng, self.ranks * shape.tokens, shape.topk,
+                                 shape.experts)
+    weights = rng.random(idx.shape, dtype=np.float32)
+    local = np.random.default_rng([seed, jax.process_index()])
+    n_local = shape.tokens * len(mesh.local_devices)
+    x = local.standard_normal((n_local, shape.hidden), dtype=np.float32)
+
+    def put(a):
+      if a.shape[0] == n_local:
+        return jax.make_array_from_process_local_data(sharding, a)
+      return jax.device_put(a, sharding)
+
+    self.x = put(x.astype(jnp.bfloat16))
+    self.idx = jax.device_put(idx, sharding)
+    self.weights = jax.device_put(weights, sharding)
+    self.fp8 = jax.jit(jax.shard_map(
+        jax_ep.per_token_cast_to_fp8, mesh=mesh, in_specs=P("ep"),
+        out_specs=P("ep")))(self.x)
+    rows = _rows_per_rank(idx, shape, self.ranks)
+    self.recv_rows = rows.sum(1).mean()
+    self.remote_rows = (rows.sum(1) - np.diag(rows)).mean()
+
+
+def _sharded(mesh, f):
+  return jax.shard_map(f, mesh=mesh, in_specs=P("ep"), out_specs=P("ep"))
+
+
+def _lead(tree):
+  """Gives every leaf a leading rank axis, so shard_map can return it."""
+  return jax.tree.map(lambda a: a[None], tree)
+
+
+def _unlead(tree):
+  return jax.tree.map(lambda a: a[0], tree)
+
+
+def run(mesh, shape: Shape, *, impls, dtypes, ops, seed: int, iters: int,
+        reps: int, warmup: int) -> list[harness.Record]:
+  problem = Problem(mesh, shape, seed)
+  ranks = problem.ranks
+  records = []
+  timing = dict(iters=iters, reps=reps, warmup=warmup)
+
+  def record(op, impl, dtype, seconds, logical, link, num_sms=None):
+    records.append(harness.Record(
+        op=op, impl=impl, dtype=dtype, tokens=shape.tokens,
+        hidden=shape.hidden, topk=shape.topk, experts=shape.experts,
+        ranks=ranks, num_sms=num_sms, time_us=seconds * 1e6,
+        logical_gbps=harness.gbps(logical, seconds),
+        link_gbps=harness.gbps(link, seconds)))
+    if jax.process_index() == 0:
+      harness.print_row(records[-1])
+
+  for impl in impls:
+    if impl == "all_to_all":
+      for dtype in dtypes:
+        _run_all_to_all(problem, dtype, record, timing)
+      continue
+    buffer = jax_ep.Buffer(mesh, "ep", backend=impl if impl == "reference"
+                           else "cuda")
+    num_sms = buffer.config.num_sms if impl == "jax_ep" else None
+    gathered = (ranks - 1) * shape.tokens
+
+    def wire(rows, hidden_bytes):
+      return (problem.remote_rows if impl == "jax_ep" else rows) * hidden_bytes
+
+    dispatch = functools.partial(jax_ep.dispatch, buffer,
+                                 num_experts=shape.experts)
+    for dtype in dtypes:
+      if "dispatch" not in ops:
+        continue
+      fp8 = dtype == "fp8"
+      row = _row_bytes(shape.hidden, fp8)
+
+      def step(carry):
+        return dispatch(*carry).x
+
+      carry = (problem.fp8 if fp8 else problem.x, problem.idx, problem.weights)
+      t = harness.time_per_call(step, carry, mesh, **timing)
+      record("dispatch", impl, dtype, t, problem.recv_rows * row,
+             wire(gathered, row), num_sms)
+
+    row = _row_bytes(shape.hidden, False)
+    if "combine" in ops:
+      def rows_and_handle(x, i, w):
+        d = dispatch(x, i, w)
+        return d.x, _lead(d.handle)
+
+      carry = jax.jit(_sharded(mesh, rows_and_handle))(
+          problem.x, problem.idx, problem.weights)
+
+      def combine_step(carry):
+        y, handle = carry
+        return jax_ep.combine(buffer, y, _unlead(handle))
+
+      t = harness.time_per_call(combine_step, carry, mesh, **timing)
+      record("combine", impl, "bf16", t, problem.recv_rows * row,
+             wire(gathered, row), num_sms)
+
+    if "dispatch_combine" in ops:
+      def round_trip(carry):
+        d = dispatch(*carry)
+        return jax_ep.combine(buffer, d.x, d.handle)
+
+      t = harness.time_per_call(round_trip,
+                                (problem.x, problem.idx, problem.weights),
+                                mesh, **timing)
+      record("dispatch_combine", impl, "bf16", t, 2 * problem.recv_rows * row,
+             wire(2 * gathered, row), num_sms)
+  return records
+
+
+def _run_all_to_all(problem: Problem, dtype: str, record, timing) -> None:
+  """A raw all_to_all whose received bytes equal the dispatch's logical bytes."""
+  shape, ranks, mesh = problem.shape, problem.ranks, problem.mesh
+  fp8 = dtype == "fp8"
+  row = _row_bytes(shape.hidden, fp8)
+  per_peer = int(np.ceil(problem.recv_rows / ranks))
+  width = row // (1 if fp8 else 2)
+  dt = jnp.float8_e4m3fn if fp8 else jnp.bfloat16
+  data = jax.jit(lambda: jax.random.normal(
+      jax.random.key(0), (ranks * ranks * per_peer, width)).astype(dt),
+                 out_shardings=NamedSharding(mesh, P("ep")))()
+
+  def step(a):
+    return jax.lax.all_to_all(a.reshape(ranks, per_peer, width), "ep", 0,
+                              0).reshape(-1, width)
+
+  t = harness.time_per_call(step, data, mesh, **timing)
+  total = ranks * per_peer * row
+  record("dispatch", "all_to_all", dtype, t, total, total * (ranks - 1) / ranks)

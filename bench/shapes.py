@@ -1,0 +1,24 @@
+"""Named problem shapes shared by the benchmarks and the tests."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+  """One MoE communication problem, per EP rank."""
+  tokens: int
+  hidden: int
+  topk: int
+  experts: int
+
+
+SHAPES = {
+    # DeepSeek-V3 training / prefill (DESIGN.md §8).
+    "dsv3": Shape(tokens=4096, hidden=7168, topk=8, experts=256),
+    # DeepSeek-V3 decoding (low-latency kernels).
+    "dsv3_ll": Shape(tokens=128, hidden=7168, topk=8, experts=288),
+    # Small enough for the CPU.
+    "ci": Shape(tokens=128, hidden=256, topk=4, experts=16),
+}
