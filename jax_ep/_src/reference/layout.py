@@ -16,7 +16,8 @@ def get_dispatch_layout(topk_idx: jax.Array, *, num_experts: int,
   experts = jnp.arange(num_experts, dtype=jnp.int32)
   selects = topk_idx[..., None] == experts  # [T, K, E]; -1 and bad ids: none
   num_tokens_per_expert = selects.sum((0, 1), dtype=jnp.int32)
-  per_rank = selects.reshape(*topk_idx.shape, num_ranks, -1).any(-1)
+  per_rank = selects.reshape(*topk_idx.shape, num_ranks,
+                             num_experts // num_ranks).any(-1)
   is_token_in_rank = per_rank.any(1)  # [T, R]
   num_tokens_per_rank = is_token_in_rank.sum(0, dtype=jnp.int32)
   num_invalid = ((topk_idx < -1) | (topk_idx >= num_experts)).sum(

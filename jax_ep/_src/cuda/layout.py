@@ -1,0 +1,58 @@
+"""`get_dispatch_layout` on the CUDA kernel (FFI jax_ep_get_dispatch_layout)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_ep._src import checks
+from jax_ep._src import native
+
+_TARGET = "jax_ep_get_dispatch_layout"
+# The kernel's supported sizes (csrc/layout/dispatch_layout.cuh).
+MAX_EXPERTS = 1024
+MAX_RANKS = 64
+
+
+def get_dispatch_layout(
+    topk_idx: jax.Array, *, num_experts: int, num_ranks: int
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """Per-rank and per-expert counts of this shard's routing, on the GPU.
+
+  Same contract as `jax_ep._src.reference.layout.get_dispatch_layout`. Call
+  per shard (inside `jax.shard_map`): shapes are per device.
+
+  Args:
+    topk_idx: `int32[T, K]` expert ids, `1 <= K <= 32`; `-1` selects nothing;
+      ids outside `[-1, E)` select nothing and are counted in `num_invalid`.
+    num_experts: E, a multiple of `num_ranks`, at most 1024.
+    num_ranks: R, the EP size the layout is computed for, at most 64.
+
+  Returns:
+    `(num_tokens_per_rank int32[R], num_tokens_per_expert int32[E],
+    is_token_in_rank bool[T, R], num_invalid int32[])`.
+  """
+  op = "get_dispatch_layout"
+  num_ranks = checks.positive_int(op, "num_ranks", num_ranks)
+  num_experts = checks.experts(op, num_experts, num_ranks)
+  checks.topk_idx(op, topk_idx, None, num_experts)
+  if num_experts > MAX_EXPERTS or num_ranks > MAX_RANKS:
+    raise ValueError(
+        f"jax_ep.{op}: the CUDA kernel supports num_experts <= {MAX_EXPERTS} "
+        f"and num_ranks <= {MAX_RANKS}, got {num_experts} and {num_ranks}; "
+        "use backend='reference'")
+  if not native.register_targets():
+    raise RuntimeError(
+        f"jax_ep.{op}: the CUDA kernels are unavailable (jax_ep._jax_ep: "
+        f"{native.unavailable_reason()})")
+  num_tokens = topk_idx.shape[0]
+  out_types = (
+      jax.ShapeDtypeStruct((num_ranks,), jnp.int32),
+      jax.ShapeDtypeStruct((num_experts,), jnp.int32),
+      jax.ShapeDtypeStruct((num_tokens, num_ranks), jnp.bool_),
+      jax.ShapeDtypeStruct((), jnp.int32),
+  )
+  return tuple(jax.ffi.ffi_call(_TARGET, out_types)(
+      topk_idx, num_experts=np.int64(num_experts),
+      num_ranks=np.int64(num_ranks)))

@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# The GPU check every change runs on a GPU machine (see DEVICE.md):
+# build + install the package offline, run the GPU tests, then the benchmarks
+# when there are any.
+#
+# Usage: scripts/gpu_check.sh OUTDIR
+#   PYTHON=...    interpreter (default python3)
+#   SKIP_BENCH=1  stop after the tests (e.g. to fit a short time limit)
+#
+# Writes into OUTDIR (flat):
+#   env.txt         GPUs, topology, driver, Python/JAX/nvcc versions
+#   build.log       pip install -v output, including ptxas register/spill report
+#   pytest_gpu.log  pytest -m gpu -x -v tests
+#   bench.log       python -m bench, one process per GPU as `make bench` runs
+#   bench.json      its records; only when bench/__main__.py exists
+#   summary.txt     one line per step, also printed at the end
+# Exit status: 0 when every step that ran passed. A failed build stops the
+# run; failed tests do not stop the benchmarks.
+set -euo pipefail
+
+if [[ $# -ne 1 ]]; then
+  echo "usage: $0 OUTDIR" >&2
+  exit 2
+fi
+mkdir -p "$1"
+OUT=$(cd "$1" && pwd)
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+# NVLink multicast stays off in every process (DEVICE.md).
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 \
+  NVSHMEM_DISABLE_NVLS=1
+
+failed=0
+: >"$OUT/summary.txt"
+note() { echo "$*" | tee -a "$OUT/summary.txt"; }
+
+# Runs "$@" under a time limit with output to a log; returns its status.
+run_logged() {
+  local log=$1 limit=$2
+  shift 2
+  local rc=0
+  timeout "$limit" "$@" >"$OUT/$log" 2>&1 || rc=$?
+  return "$rc"
+}
+
+# --- ENV ---------------------------------------------------------------------
+{
+  date -u
+  git log -1 --format='commit %H %s' 2>/dev/null || true
+  git status --short 2>/dev/null || true
+  nvidia-smi || true
+  nvidia-smi topo -m || true
+  "$PYTHON" --version || true
+  "$PYTHON" -c 'import jax; print("jax", jax.__version__, jax.devices())' ||
+    true
+  nvcc --version || true
+} >"$OUT/env.txt" 2>&1
+
+# --- BUILD -------------------------------------------------------------------
+start=$SECONDS
+if run_logged build.log 600 "$PYTHON" -m pip install -v --no-build-isolation \
+    --no-deps -e . --config-settings=cmake.define.JAX_EP_VERBOSE_PTXAS=ON; then
+  note "build: ok ($((SECONDS - start)) s)"
+else
+  note "build: FAILED (exit $?, $((SECONDS - start)) s), see build.log"
+  exit 1
+fi
+
+# --- TESTS -------------------------------------------------------------------
+if run_logged pytest_gpu.log 600 "$PYTHON" -m pytest -m gpu -x -v tests; then
+  rc=0
+else
+  rc=$?
+  failed=1
+fi
+summary_line='^=+ .*(passed|failed|error|skipped|no tests ran).* =+$'
+note "pytest (exit $rc): $(grep -E "$summary_line" "$OUT/pytest_gpu.log" |
+  tail -n 1 || echo 'no summary line, see pytest_gpu.log')"
+
+# --- BENCH -------------------------------------------------------------------
+if [[ "${SKIP_BENCH:-0}" == 1 ]]; then
+  note "bench: skipped (SKIP_BENCH=1)"
+elif [[ -f bench/__main__.py ]]; then
+  num_gpus=$(nvidia-smi -L | grep -c '^GPU ' || true)
+  if run_logged bench.log 600 "$PYTHON" -m jax_ep.launch -n "$num_gpus" -- \
+      "$PYTHON" -m bench --out "$OUT/bench.json"; then
+    note "bench: ok ($num_gpus GPUs), records in bench.json"
+  else
+    note "bench: FAILED (exit $?), see bench.log"
+    failed=1
+  fi
+else
+  note "bench: skipped (no bench/__main__.py)"
+fi
+
+exit "$failed"

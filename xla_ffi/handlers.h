@@ -1,0 +1,8 @@
+// Every FFI handler the _jax_ep module exports. Adding a handler: declare its
+// symbol here, define it in its own file with XLA_FFI_DEFINE_HANDLER_SYMBOL and
+// add one line to module.cc.
+#pragma once
+
+#include "xla/ffi/api/api.h"
+
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxEpGetDispatchLayout);

@@ -1,0 +1,29 @@
+// The _jax_ep extension: hands each FFI handler to Python as a capsule, keyed
+// by its FFI target name. jax_ep/_src/native.py registers them with XLA.
+
+#include <type_traits>
+
+#include "handlers.h"
+#include "nanobind/nanobind.h"
+
+namespace nb = nanobind;
+
+namespace {
+
+template <typename Handler>
+nb::capsule Capsule(Handler* handler) {
+  static_assert(
+      std::is_invocable_r_v<XLA_FFI_Error*, Handler, XLA_FFI_CallFrame*>,
+      "not an XLA FFI handler");
+  return nb::capsule(reinterpret_cast<void*>(handler));
+}
+
+}  // namespace
+
+NB_MODULE(_jax_ep, m) {
+  m.def("registrations", [] {
+    nb::dict targets;
+    targets["jax_ep_get_dispatch_layout"] = Capsule(JaxEpGetDispatchLayout);
+    return targets;
+  });
+}
