@@ -1,0 +1,1 @@
+"""Configurations of the MoE example: `default` (CPU demo) and `gpu`."""

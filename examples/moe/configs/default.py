@@ -1,0 +1,62 @@
+"""Default configuration: a small MoE that trains in about a minute on 2 CPUs.
+
+The task (see `main.py`) regresses the output of a fixed random "teacher" MoE:
+`target = A[g(x)] @ x`, where `g(x)` picks one of `teacher_experts` linear
+maps by the argmax of a random gate. Inputs are fresh Gaussian draws every
+step, so the loss measures generalization, starting near 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config:
+  """Sizes of the model, the data and the training run.
+
+  Attributes:
+    data_dim: features of the synthetic inputs and targets (D).
+    teacher_experts: linear pieces of the teacher function.
+    tokens_per_rank: tokens each EP rank (device) holds per step (T).
+    hidden: model width (H). `hidden * itemsize(dtype)` must be a multiple
+      of 16 bytes (jax_ep moves rows in 16-byte vectors).
+    num_layers: blocks of [RMSNorm, MoE, residual].
+    num_experts: routed experts per layer (E), a multiple of the EP size.
+    topk: experts per token (K).
+    ffn: hidden size of each routed expert (F).
+    shared_ffn: hidden size of the shared expert; 0 for none.
+    capacity_factor: rows each rank may receive, as a multiple of the rows
+      it receives on average under uniform routing; `None` means `R*T`, which
+      never drops a token. Dropped rows are counted and printed.
+    dtype: compute and communication dtype ("float32" or "bfloat16");
+      parameters and optimizer state stay float32.
+    steps: training steps.
+    learning_rate: peak AdamW learning rate (linear warm-up, cosine decay).
+    warmup_steps: steps of linear learning-rate warm-up.
+    weight_decay: AdamW weight decay.
+    seed: seed of the parameters and the teacher (data differ per process).
+    log_every: print every this many steps.
+  """
+
+  data_dim: int = 32
+  teacher_experts: int = 4
+  tokens_per_rank: int = 256
+  hidden: int = 128
+  num_layers: int = 2
+  num_experts: int = 8
+  topk: int = 2
+  ffn: int = 256
+  shared_ffn: int = 256
+  capacity_factor: float | None = None
+  dtype: str = "float32"
+  steps: int = 50
+  learning_rate: float = 1e-2
+  warmup_steps: int = 5
+  weight_decay: float = 1e-4
+  seed: int = 0
+  log_every: int = 5
+
+
+def get_config() -> Config:
+  return Config()

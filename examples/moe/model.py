@@ -1,0 +1,273 @@
+"""A Flax nnx Mixture-of-Experts layer on jax_ep, and a tiny model around it.
+
+Expert parallelism (EP) here is also data parallelism, as in DeepEP: the
+tokens and the routed experts are both sharded over the EP mesh axis; rank r
+holds experts `[r*L, (r+1)*L)`, `L = E/R`. Per rank, inside `jax.shard_map`:
+
+    router -> top-k -> jax_ep.dispatch -> local experts (ragged_dot)
+           -> weight by the top-k weights -> jax_ep.combine
+
+The router and the shared expert are replicated. Gradients flow through
+dispatch and combine (jax_ep defines their VJPs), into the tokens, the expert
+weights and, through the top-k weights, the router.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax import lax
+from jax.sharding import PartitionSpec as P
+
+import jax_ep
+
+
+def capacity(num_ranks: int, num_tokens: int, num_experts: int, topk: int,
+             factor: float | None) -> int:
+  """Rows one rank may receive: `factor` times the uniform-routing mean.
+
+  A token of another rank lands on this rank when one of its K distinct
+  experts is among the L local ones: with probability
+  `1 - C(E-L, K) / C(E, K)` under uniform routing. `None` gives `R*T`, the
+  most a rank can receive, so that nothing is ever dropped.
+  """
+  worst = num_ranks * num_tokens
+  if factor is None:
+    return worst
+  local = num_experts // num_ranks
+  p_hit = 1.0 - math.comb(num_experts - local, topk) / math.comb(
+      num_experts, topk)
+  rows = math.ceil(factor * worst * p_hit)
+  return max(1, min(worst, -(-rows // 8) * 8))
+
+
+@jax.custom_vjp
+def _permute_rows(x: jax.Array, perm: jax.Array, inverse: jax.Array):
+  """`x[perm]` for a permutation `perm`; its gradient is a gather too.
+
+  Autodiff of a gather is a scatter-add, slow on GPUs; the transpose of a
+  permutation is the inverse permutation, which is again a gather.
+  """
+  return jnp.take(x, perm, axis=0)
+
+
+def _permute_rows_fwd(x, perm, inverse):
+  return jnp.take(x, perm, axis=0), (perm, inverse)
+
+
+def _permute_rows_bwd(residual, g):
+  perm, inverse = residual
+  return jnp.take(g, inverse, axis=0), None, None
+
+
+_permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
+
+
+def grouped_experts(x: jax.Array, topk_idx: jax.Array,
+                    topk_weights: jax.Array, w_in: jax.Array,
+                    w_out: jax.Array,
+                    activation: Callable[[jax.Array], jax.Array] = jax.nn.gelu
+                    ) -> jax.Array:
+  """Runs the local experts on the rows a dispatch delivered.
+
+  Args:
+    x: `[M, H]` received rows (`Dispatched.x`).
+    topk_idx: `int32[M, K]` local expert ids, `-1` where the source's choice
+      lives on another rank and on padding rows (`Dispatched.topk_idx`).
+    topk_weights: `f32[M, K]` router weights, 0 where `topk_idx` is -1.
+    w_in: `[L, H, F]` and w_out: `[L, F, H]`, this rank's experts.
+    activation: applied between the two projections.
+
+  Returns:
+    `f32[M, H]`: per row, the sum over its local choices k of
+    `topk_weights[k] * expert_k(x)`; rows with no local choice are 0.
+  """
+  rows, k = topk_idx.shape
+  num_local = w_in.shape[0]
+  # One (row, choice) pair per entry; pairs with no local expert sort last
+  # into a dummy group L that ragged_dot leaves out (masked to 0 below).
+  key = jnp.where(topk_idx >= 0, topk_idx, num_local).reshape(-1)
+  iota = lax.iota(jnp.int32, rows * k)
+  sorted_key, order = lax.sort((key, iota), num_keys=1, is_stable=True)
+  inverse = jnp.argsort(order).astype(jnp.int32)
+  ends = jnp.searchsorted(sorted_key, jnp.arange(1, num_local + 1),
+                          side="left").astype(jnp.int32)
+  group_sizes = jnp.diff(ends, prepend=0).astype(jnp.int32)
+
+  pairs = jnp.broadcast_to(x[:, None], (rows, k, x.shape[1])).reshape(
+      rows * k, -1)
+  xs = _permute_rows(pairs, order, inverse)
+  h = lax.ragged_dot(xs, w_in.astype(x.dtype), group_sizes,
+                     preferred_element_type=jnp.float32)
+  h = activation(h).astype(x.dtype)
+  o = lax.ragged_dot(h, w_out.astype(x.dtype), group_sizes,
+                     preferred_element_type=jnp.float32)
+  o = jnp.where((sorted_key < num_local)[:, None], o, 0.0)
+  o = _permute_rows(o, inverse, order).reshape(rows, k, -1)
+  return jnp.einsum("mkh,mk->mh", o, topk_weights)
+
+
+def route(x: jax.Array, router: jax.Array, topk: int):
+  """Softmax router: `(int32[T, K] expert ids, f32[T, K] weights)`.
+
+  The K weights of a token are renormalized to sum to 1. Logits are computed
+  in full f32 (no TF32/bf16 passes), so that routing does not flip on
+  near-ties between equivalent computations.
+  """
+  logits = jnp.dot(x.astype(jnp.float32), router,
+                   precision=lax.Precision.HIGHEST)
+  probs = jax.nn.softmax(logits, axis=-1)
+  weights, idx = lax.top_k(probs, topk)
+  weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+  return idx.astype(jnp.int32), weights
+
+
+def ep_moe(buffer: jax_ep.Buffer, x: jax.Array, router: jax.Array,
+           w_in: jax.Array, w_out: jax.Array, *, topk: int,
+           capacity_factor: float | None = None):
+  """The routed experts on one EP rank; call inside `jax.shard_map`.
+
+  Args:
+    buffer: the `jax_ep.Buffer` of the EP axis (R ranks).
+    x: `[T, H]` this rank's tokens.
+    router: `f32[H, E]`, replicated.
+    w_in: `[L, H, F]` and w_out: `[L, F, H]`, this rank's experts.
+    topk: experts per token (K).
+    capacity_factor: see `capacity`.
+
+  Returns:
+    `([T, H] output in x.dtype, int32 rows this rank could not receive)`.
+  """
+  num_experts = router.shape[1]
+  topk_idx, topk_weights = route(x, router, topk)
+  cap = capacity(buffer.num_ranks, x.shape[0], num_experts, topk,
+                 capacity_factor)
+  d = jax_ep.dispatch(buffer, x, topk_idx, topk_weights,
+                      num_experts=num_experts, capacity=cap)
+  y = grouped_experts(d.x, d.topk_idx, d.topk_weights, w_in, w_out)
+  out = jax_ep.combine(buffer, y.astype(x.dtype), d.handle)
+  dropped = jnp.maximum(d.num_tokens - cap, 0)
+  return out, dropped
+
+
+class DroppedRows(nnx.Variable):
+  """Rows the dispatch capacity dropped in the last call, over all EP ranks."""
+
+
+class MLP(nnx.Module):
+  """The shared expert: `H -> F -> H` with a GELU, replicated."""
+
+  def __init__(self, hidden: int, ffn: int, *, dtype, rngs: nnx.Rngs):
+    self.up = nnx.Linear(hidden, ffn, use_bias=False, dtype=dtype, rngs=rngs)
+    self.down = nnx.Linear(ffn, hidden, use_bias=False, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x):
+    return self.down(jax.nn.gelu(self.up(x)))
+
+
+class MoE(nnx.Module):
+  """Top-k routed experts over the EP axis of `buffer`, plus a shared expert.
+
+  Args:
+    buffer: the `jax_ep.Buffer`; its mesh axis shards both the tokens and
+      the routed experts.
+    hidden, ffn, num_experts, topk: H, F, E, K.
+    shared_ffn: hidden size of the shared expert (0: no shared expert).
+    capacity_factor: see `capacity`.
+    dtype: compute and communication dtype; parameters are float32.
+
+  Call it on `[N, H]` tokens sharded over the EP axis (N = R*T); it returns
+  `[N, H]` in `dtype`, sharded the same way, and stores in `dropped_rows` (a
+  `DroppedRows` variable) how many rows the capacity dropped.
+  """
+
+  def __init__(self, buffer: jax_ep.Buffer, *, hidden: int, ffn: int,
+               num_experts: int, topk: int, shared_ffn: int = 0,
+               capacity_factor: float | None = None, dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    if num_experts % buffer.num_ranks:
+      raise ValueError(
+          f"MoE: num_experts ({num_experts}) must be a multiple of the EP "
+          f"size ({buffer.num_ranks})")
+    self.buffer = buffer
+    self.topk = topk
+    self.capacity_factor = capacity_factor
+    self.dtype = dtype
+    ep = P(buffer.axis_name, None, None)
+    init = nnx.initializers.normal(stddev=1.0)
+    self.router = nnx.Param(
+        init(rngs.params(), (hidden, num_experts)) / math.sqrt(hidden))
+    self.w_in = nnx.Param(
+        init(rngs.params(), (num_experts, hidden, ffn)) / math.sqrt(hidden),
+        out_sharding=ep)
+    self.w_out = nnx.Param(
+        init(rngs.params(), (num_experts, ffn, hidden)) / math.sqrt(ffn),
+        out_sharding=ep)
+    self.shared = (MLP(hidden, shared_ffn, dtype=dtype, rngs=rngs)
+                   if shared_ffn else None)
+    self.dropped_rows = DroppedRows(jnp.zeros((), jnp.int32))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x.astype(self.dtype)
+    axis = self.buffer.axis_name
+
+    def routed(x, router, w_in, w_out):
+      out, dropped = ep_moe(self.buffer, x, router, w_in, w_out,
+                            topk=self.topk,
+                            capacity_factor=self.capacity_factor)
+      return out, lax.psum(dropped, axis)
+
+    out, dropped = jax.shard_map(
+        routed, mesh=self.buffer.mesh,
+        in_specs=(P(axis, None), P(), P(axis, None, None),
+                  P(axis, None, None)),
+        out_specs=(P(axis, None), P()),
+    )(x, self.router[...], self.w_in[...], self.w_out[...])
+    self.dropped_rows[...] = dropped
+    if self.shared is not None:
+      out = out + self.shared(x)
+    return out
+
+
+class Block(nnx.Module):
+  """`x + MoE(RMSNorm(x))`."""
+
+  def __init__(self, buffer, cfg, *, rngs: nnx.Rngs):
+    dtype = jnp.dtype(cfg.dtype)
+    self.norm = nnx.RMSNorm(cfg.hidden, dtype=dtype, rngs=rngs)
+    self.moe = MoE(buffer, hidden=cfg.hidden, ffn=cfg.ffn,
+                   num_experts=cfg.num_experts, topk=cfg.topk,
+                   shared_ffn=cfg.shared_ffn,
+                   capacity_factor=cfg.capacity_factor, dtype=dtype,
+                   rngs=rngs)
+
+  def __call__(self, x):
+    return x + self.moe(self.norm(x))
+
+
+class Model(nnx.Module):
+  """Input projection, `num_layers` MoE blocks, RMSNorm, output head.
+
+  Maps `[N, data_dim]` float inputs to `f32[N, data_dim]` predictions; N is
+  sharded over the EP axis.
+  """
+
+  def __init__(self, buffer: jax_ep.Buffer, cfg, *, rngs: nnx.Rngs):
+    dtype = jnp.dtype(cfg.dtype)
+    self.embed = nnx.Linear(cfg.data_dim, cfg.hidden, dtype=dtype, rngs=rngs)
+    self.blocks = nnx.List(
+        [Block(buffer, cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+    self.norm = nnx.RMSNorm(cfg.hidden, dtype=dtype, rngs=rngs)
+    self.head = nnx.Linear(cfg.hidden, cfg.data_dim, dtype=dtype,
+                           kernel_init=nnx.initializers.variance_scaling(
+                               0.01, "fan_in", "normal"), rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = self.embed(x)
+    for block in self.blocks:
+      h = block(h)
+    return self.head(self.norm(h)).astype(jnp.float32)
