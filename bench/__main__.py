@@ -17,7 +17,7 @@ from bench import harness, normal
 from bench.shapes import SHAPES
 
 _IMPLS = ("jax_ep", "reference", "all_to_all")
-_OPS = ("dispatch", "combine", "dispatch_combine")
+_OPS = ("layout", "dispatch", "combine", "dispatch_combine")
 
 
 def _csv(choices):

@@ -1,7 +1,8 @@
-"""Normal dispatch / combine benchmarks, with their peers in the same run.
+"""Normal dispatch / combine (and layout) benchmarks, peers in the same run.
 
 Implementations timed on the same inputs:
-  jax_ep      the "cuda" backend (only when the extension and GPUs are there)
+  jax_ep      the "cuda" backend's kernels (only when the extension and GPUs
+              are there, and only for ops that have a kernel)
   reference   jax_ep's pure-JAX backend: all_gather + gathers, all_to_all back
   all_to_all  a raw `lax.all_to_all` moving the dispatch's logical bytes
 
@@ -21,6 +22,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jax_ep
+from jax_ep._src.runtime import KERNEL_OPS
 from bench import harness
 from bench.shapes import Shape
 
@@ -100,11 +102,17 @@ def run(mesh, shape: Shape, *, impls, dtypes, ops, seed: int, iters: int,
     if jax.process_index() == 0:
       harness.print_row(records[-1])
 
+  api_ops = {"layout": ("get_dispatch_layout",), "dispatch": ("dispatch",),
+             "combine": ("combine",), "dispatch_combine": ("dispatch", "combine")}
   for impl in impls:
     if impl == "all_to_all":
-      for dtype in dtypes:
-        _run_all_to_all(problem, dtype, record, timing)
+      if "dispatch" in ops:
+        for dtype in dtypes:
+          _run_all_to_all(problem, dtype, record, timing)
       continue
+    # Without its kernel an op would time the reference a second time.
+    ops_here = [op for op in ops if impl != "jax_ep" or
+                all(a in KERNEL_OPS for a in api_ops[op])]
     buffer = jax_ep.Buffer(mesh, "ep", backend=impl if impl == "reference"
                            else "cuda")
     num_sms = buffer.config.num_sms if impl == "jax_ep" else None
@@ -115,8 +123,14 @@ def run(mesh, shape: Shape, *, impls, dtypes, ops, seed: int, iters: int,
 
     dispatch = functools.partial(jax_ep.dispatch, buffer,
                                  num_experts=shape.experts)
+    if "layout" in ops_here:
+      t = harness.time_per_call(
+          lambda idx: jax_ep.get_dispatch_layout(buffer, idx, shape.experts),
+          problem.idx, mesh, **timing)
+      record("layout", impl, "int32", t, None, None)
+
     for dtype in dtypes:
-      if "dispatch" not in ops:
+      if "dispatch" not in ops_here:
         continue
       fp8 = dtype == "fp8"
       row = _row_bytes(shape.hidden, fp8)
@@ -130,7 +144,7 @@ def run(mesh, shape: Shape, *, impls, dtypes, ops, seed: int, iters: int,
              wire(gathered, row), num_sms)
 
     row = _row_bytes(shape.hidden, False)
-    if "combine" in ops:
+    if "combine" in ops_here:
       def rows_and_handle(x, i, w):
         d = dispatch(x, i, w)
         return d.x, _lead(d.handle)
@@ -146,7 +160,7 @@ def run(mesh, shape: Shape, *, impls, dtypes, ops, seed: int, iters: int,
       record("combine", impl, "bf16", t, problem.recv_rows * row,
              wire(gathered, row), num_sms)
 
-    if "dispatch_combine" in ops:
+    if "dispatch_combine" in ops_here:
       def round_trip(carry):
         d = dispatch(*carry)
         return jax_ep.combine(buffer, d.x, d.handle)

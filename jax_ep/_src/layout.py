@@ -31,7 +31,7 @@ def get_dispatch_layout(buffer: Buffer, topk_idx: jax.Array,
   buffer.check_inside_shard_map(op)
   num_experts = checks.experts(op, num_experts, buffer.num_ranks)
   checks.topk_idx(op, topk_idx, None, num_experts)
-  if buffer.uses_kernel(op, has_kernel=True):
+  if buffer.uses_kernel(op):
     from jax_ep._src.cuda import layout as kernel  # pylint: disable=g-import-not-at-top
     impl = kernel.get_dispatch_layout
   else:

@@ -125,7 +125,7 @@ def low_latency_dispatch(buffer: Buffer, x: jax.Array, topk_idx: jax.Array, *,
   elif round_scale or use_ue8m0:
     raise ValueError(
         f"jax_ep.{op}: round_scale and use_ue8m0 need use_fp8=True")
-  buffer.uses_kernel(op, has_kernel=False)
+  buffer.uses_kernel(op)
   send = _DispatchSend(buffer.axis_name, use_fp8, round_scale, use_ue8m0)
   receive = _DispatchReceive(buffer.axis_name, num_ranks, num_experts,
                              max_tokens, use_fp8)
@@ -227,7 +227,7 @@ def low_latency_combine(buffer: Buffer, y: jax.Array, topk_idx: jax.Array,
     raise ValueError(f"jax_ep.{op}: topk_weights is required")
   if not isinstance(zero_copy, bool):
     raise TypeError(f"jax_ep.{op}: zero_copy must be a bool, got {zero_copy!r}")
-  buffer.uses_kernel(op, has_kernel=False)
+  buffer.uses_kernel(op)
   if return_recv_hook:
     y, topk_weights = no_gradient((y, topk_weights), _HOOK_NO_GRAD.format(op=op))
     pending = reference.combine_send(y, topk_idx, topk_weights, handle,

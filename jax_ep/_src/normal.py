@@ -105,7 +105,7 @@ def dispatch(buffer: Buffer, x, topk_idx: jax.Array | None = None,
   if fp8:
     rows = no_gradient(rows, f"jax_ep.{op}: fp8 rows are not differentiable; "
                        "dispatch bf16 rows to train through dispatch")
-  buffer.uses_kernel(op, has_kernel=False)
+  buffer.uses_kernel(op)
   if handle is not None:
     handle = _check_handle(op, buffer, handle)
     if topk_idx is not None or topk_weights is not None or num_experts is not None \
@@ -245,7 +245,7 @@ def combine(buffer: Buffer, y: jax.Array, handle: DispatchHandle,
   biases = _biases(op, bias, (handle.num_tokens, y.shape[1]))
   # Biases enter in fp32, so autodiff casts their cotangent back by itself.
   bias_sum = sum(b.astype(jnp.float32) for b in biases) if biases else None
-  buffer.uses_kernel(op, has_kernel=False)
+  buffer.uses_kernel(op)
   out, out_weights = _combine(buffer.axis_name, y, handle, topk_weights,
                               bias_sum)
   return out if topk_weights is None else (out, out_weights)

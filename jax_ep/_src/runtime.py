@@ -28,6 +28,8 @@ from jax_ep._src.config import Config
 Backend = Literal["auto", "cuda", "reference"]
 _BACKENDS = ("auto", "cuda", "reference")
 _NODE_SIZES = (1, 2, 4, 8)
+# Ops with a CUDA kernel; on the "cuda" backend the others run the reference.
+KERNEL_OPS = frozenset({"get_dispatch_layout"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,10 +175,11 @@ class Buffer:
           f"jax_ep.{op}: axis {self.axis_name!r} has size {size} here but the "
           f"Buffer was built for {self.num_ranks} ranks")
 
-  def uses_kernel(self, op: str, has_kernel: bool) -> bool:
+  def uses_kernel(self, op: str) -> bool:
     """Whether `op` runs a CUDA kernel; warns once when CUDA must fall back."""
     if self.backend != "cuda":
       return False
+    has_kernel = op in KERNEL_OPS
     if not has_kernel and op not in self._warned:
       self._warned.add(op)
       warnings.warn(
