@@ -6,11 +6,13 @@
 # Usage: scripts/gpu_check.sh OUTDIR
 #   PYTHON=...    interpreter (default python3)
 #   SKIP_BENCH=1  stop after the tests (e.g. to fit a short time limit)
+#   DEMO_STEPS=N  steps of the demo run (default 20; 0 skips it)
 #
 # Writes into OUTDIR (flat):
 #   env.txt         GPUs, topology, driver, Python/JAX/nvcc versions
 #   build.log       pip install -v output, including ptxas register/spill report
 #   pytest_gpu.log  pytest -m gpu -x -v tests
+#   demo.log        the Flax MoE demo (make demo's command), DEMO_STEPS steps
 #   bench.log       python -m bench, one process per GPU as `make bench` runs
 #   bench.json      its records; only when bench/__main__.py exists
 #   summary.txt     one line per step, also printed at the end
@@ -76,6 +78,20 @@ fi
 summary_line='^=+ .*(passed|failed|error|skipped|no tests ran).* =+$'
 note "pytest (exit $rc): $(grep -E "$summary_line" "$OUT/pytest_gpu.log" |
   tail -n 1 || echo 'no summary line, see pytest_gpu.log')"
+
+# --- DEMO --------------------------------------------------------------------
+if [[ "${DEMO_STEPS:-20}" == 0 ]]; then
+  note "demo: skipped (DEMO_STEPS=0)"
+else
+  num_gpus=$(nvidia-smi -L | grep -c '^GPU ' || true)
+  if run_logged demo.log 600 "$PYTHON" -m jax_ep.launch -n "$num_gpus" -- \
+      "$PYTHON" examples/moe/main.py --steps "${DEMO_STEPS:-20}"; then
+    note "demo: ok ($num_gpus processes): $(grep -E '^done' "$OUT/demo.log")"
+  else
+    note "demo: FAILED (exit $?), see demo.log"
+    failed=1
+  fi
+fi
 
 # --- BENCH -------------------------------------------------------------------
 if [[ "${SKIP_BENCH:-0}" == 1 ]]; then
