@@ -81,3 +81,16 @@ def row_bytes(op: str, name: str, x) -> None:
         f"jax_ep.{op}: a row of {name} is {nbytes} bytes ({_describe(x)}); "
         f"rows must be a multiple of {ROW_ALIGN_BYTES} bytes")
 
+
+
+def handle(op: str, value, cls: type, producer: str, num_ranks: int):
+  """Checks that `value` is a `cls` made by `producer` for `num_ranks` ranks."""
+  if not isinstance(value, cls):
+    raise TypeError(
+        f"jax_ep.{op}: handle must be the {cls.__name__} of a {producer}, got "
+        f"{type(value)}")
+  if value.num_ranks != num_ranks:
+    raise ValueError(
+        f"jax_ep.{op}: handle is for {value.num_ranks} ranks, the Buffer for "
+        f"{num_ranks}")
+  return value

@@ -209,14 +209,8 @@ def low_latency_combine(buffer: Buffer, y: jax.Array, topk_idx: jax.Array,
   """
   op = "low_latency_combine"
   buffer.check_inside_shard_map(op)
-  if not isinstance(handle, LowLatencyHandle):
-    raise TypeError(
-        f"jax_ep.{op}: handle must be the LowLatencyHandle of a "
-        f"low_latency_dispatch, got {type(handle)}")
-  if handle.num_ranks != buffer.num_ranks:
-    raise ValueError(
-        f"jax_ep.{op}: handle is for {handle.num_ranks} ranks, the Buffer for "
-        f"{buffer.num_ranks}")
+  checks.handle(op, handle, LowLatencyHandle, "low_latency_dispatch",
+                buffer.num_ranks)
   num_local = handle.num_experts // handle.num_ranks
   checks.array(op, "y", y, ndim=3, dtypes=(jnp.bfloat16,),
                shape=(num_local, handle.num_ranks * handle.max_tokens,

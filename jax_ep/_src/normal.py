@@ -55,18 +55,6 @@ def _token_rows(op: str, x) -> tuple[tuple[jax.Array, ...], bool]:
   return (x,), False
 
 
-def _check_handle(op: str, buffer: Buffer, handle) -> DispatchHandle:
-  if not isinstance(handle, DispatchHandle):
-    raise TypeError(
-        f"jax_ep.{op}: handle must be the DispatchHandle of a dispatch, got "
-        f"{type(handle)}")
-  if handle.num_ranks != buffer.num_ranks:
-    raise ValueError(
-        f"jax_ep.{op}: handle is for {handle.num_ranks} ranks, the Buffer "
-        f"for {buffer.num_ranks}")
-  return handle
-
-
 def dispatch(buffer: Buffer, x, topk_idx: jax.Array | None = None,
              topk_weights: jax.Array | None = None, *,
              num_experts: int | None = None, capacity: int | None = None,
@@ -107,7 +95,8 @@ def dispatch(buffer: Buffer, x, topk_idx: jax.Array | None = None,
                        "dispatch bf16 rows to train through dispatch")
   buffer.uses_kernel(op)
   if handle is not None:
-    handle = _check_handle(op, buffer, handle)
+    handle = checks.handle(op, handle, DispatchHandle, "dispatch",
+                           buffer.num_ranks)
     if topk_idx is not None or topk_weights is not None or num_experts is not None \
         or capacity is not None or expert_alignment != 1:
       raise ValueError(
@@ -237,7 +226,8 @@ def combine(buffer: Buffer, y: jax.Array, handle: DispatchHandle,
   """
   op = "combine"
   buffer.check_inside_shard_map(op)
-  handle = _check_handle(op, buffer, handle)
+  handle = checks.handle(op, handle, DispatchHandle, "dispatch",
+                         buffer.num_ranks)
   checks.array(op, "y", y, ndim=2, dtypes=checks.FLOAT_DTYPES,
                shape=(handle.capacity, None))
   checks.row_bytes(op, "y", y)
