@@ -94,3 +94,11 @@ def handle(op: str, value, cls: type, producer: str, num_ranks: int):
         f"jax_ep.{op}: handle is for {value.num_ranks} ranks, the Buffer for "
         f"{num_ranks}")
   return value
+
+
+def has_tokens(op: str, num_tokens: int) -> None:
+  """Rejects T = 0: shard shapes are static, so no rank would have work."""
+  if num_tokens == 0:
+    raise ValueError(
+        f"jax_ep.{op}: x has no tokens (T = 0 on every rank); call it with "
+        "T >= 1 or skip the layer")

@@ -2,7 +2,9 @@
 
 The cast every fp8 path uses, kernels included, bit for bit:
   amax  = max(|x|) over the 128 channels, floored at 1e-4
-  scale = amax / 448            (448 is the largest e4m3 value)
+  scale = amax * f32(1 / 448)   (448 is the largest e4m3 value; a product,
+                                 not a division: XLA rewrites division by a
+                                 constant into this product anyway)
   with round_scale: scale = the next power of two >= scale
   q     = e4m3(x * (1 / scale)) (round to nearest even)
 With UE8M0 the (power-of-two) scales travel as their biased exponent bytes,
@@ -70,7 +72,7 @@ def per_token_cast_to_fp8(x: jax.Array, *, round_scale: bool = False,
   check_fp8_hidden("per_token_cast_to_fp8", x.shape[-1], use_ue8m0)
   groups = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, GROUP)
   amax = jnp.maximum(jnp.max(jnp.abs(groups), axis=-1), AMAX_FLOOR)
-  scale = amax / FP8_MAX
+  scale = amax * jnp.float32(1.0 / FP8_MAX)
   if round_scale or use_ue8m0:
     scale = _round_up_pow2(scale)
   q = (groups * (1.0 / scale)[..., None]).astype(FP8_DTYPE).reshape(x.shape)

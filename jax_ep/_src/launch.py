@@ -61,6 +61,19 @@ def process_env(process_id: int, num_processes: int, port: int,
   return env
 
 
+def _exit_on_uncaught(kind, value, traceback) -> None:
+  """Prints the error, then exits at once with status 1.
+
+  A normal exit would wait in JAX's at-exit `jax.distributed` shutdown for
+  peers that are blocked in a collective with this process, forever; exiting
+  at once lets the launcher see the failure and stop the others.
+  """
+  sys.__excepthook__(kind, value, traceback)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(1)
+
+
 def initialize() -> None:
   """Joins this process to the others of a launch (or of a known cluster).
 
@@ -76,6 +89,7 @@ def initialize() -> None:
       jax.distributed.initialize()
     return
   jax.config.update("jax_num_cpu_devices", int(env[_ENV_PREFIX + "DEVICES"]))
+  sys.excepthook = _exit_on_uncaught
   jax.distributed.initialize(
       coordinator_address=env[_ENV_PREFIX + "COORDINATOR"],
       num_processes=int(env[_ENV_PREFIX + "NUM_PROCESSES"]),

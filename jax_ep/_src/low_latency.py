@@ -115,6 +115,7 @@ def low_latency_dispatch(buffer: Buffer, x: jax.Array, topk_idx: jax.Array, *,
   checks.array(op, "x", x, ndim=2, dtypes=(jnp.bfloat16,))
   checks.row_bytes(op, "x", x)
   num_tokens, hidden = x.shape
+  checks.has_tokens(op, num_tokens)
   if num_tokens > max_tokens:
     raise ValueError(
         f"jax_ep.{op}: x has {num_tokens} tokens but "

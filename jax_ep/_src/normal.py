@@ -90,6 +90,7 @@ def dispatch(buffer: Buffer, x, topk_idx: jax.Array | None = None,
   buffer.check_inside_shard_map(op)
   rows, fp8 = _token_rows(op, x)
   num_tokens = rows[0].shape[0]
+  checks.has_tokens(op, num_tokens)
   if fp8:
     rows = no_gradient(rows, f"jax_ep.{op}: fp8 rows are not differentiable; "
                        "dispatch bf16 rows to train through dispatch")
@@ -278,7 +279,10 @@ def check_capacity(dispatched: Dispatched | DispatchHandle) -> None:
 
   Call it on a `Dispatched` (or its handle) inside the checkified function;
   `checkify.checkify(f)(...)` then returns an error naming the true row count
-  and the capacity when rows were dropped.
+  and the capacity when rows were dropped. With jax 0.11, checkify works
+  through `shard_map` over mesh axes of type `AxisType.Auto` only (not the
+  `Explicit` axes that `jax.make_mesh` makes by default, nor under
+  `jax.set_mesh`).
   """
   handle = getattr(dispatched, "handle", dispatched)
   checkify.check(

@@ -41,9 +41,9 @@ def dispatch_receive(pending, *, axis_name: str, num_ranks: int,
   num_local = num_experts // num_ranks
   slots = num_ranks * max_tokens
   local = local_expert_ids(idx, lax.axis_index(axis_name), num_local)
-  local = jnp.pad(local.reshape(num_ranks, num_tokens, -1),
+  local = jnp.pad(local.reshape(num_ranks, num_tokens, idx.shape[1]),
                   ((0, 0), (0, max_tokens - num_tokens), (0, 0)),
-                  constant_values=-1).reshape(slots, -1)
+                  constant_values=-1).reshape(slots, idx.shape[1])
   selects = (local == jnp.arange(num_local)[:, None, None]).any(-1)  # [L, S]
   src_index, slot, count = jax.vmap(packed_sources, in_axes=(0, None))(
       selects, slots)
@@ -86,7 +86,7 @@ def combine_send(y, topk_idx, topk_weights, handle: LowLatencyHandle, *,
   for k in range(local.shape[1]):
     partial = partial + weights[:, k:k + 1] * gather_rows(
         table, rows[:, k]).astype(jnp.float32)
-  partial = partial.reshape(num_ranks, num_tokens, -1)
+  partial = partial.reshape(num_ranks, num_tokens, y.shape[-1])
   return lax.all_to_all(partial, axis_name, 0, 0)
 
 
@@ -128,5 +128,6 @@ def combine_grads(g_out, y, topk_idx, topk_weights, handle: LowLatencyHandle,
   dots = jnp.stack([
       jnp.einsum("th,th->t", g_all, gather_rows(table, rows[:, k]).astype(
           jnp.float32)) for k in range(local.shape[1])], axis=-1)
-  dots = lax.all_to_all(dots.reshape(num_ranks, num_tokens, -1), axis_name, 0, 0)
+  dots = dots.reshape(num_ranks, num_tokens, local.shape[1])
+  dots = lax.all_to_all(dots, axis_name, 0, 0)
   return d_y, dots.sum(0)

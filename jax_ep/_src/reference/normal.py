@@ -55,7 +55,8 @@ def dispatch(rows, topk_idx, topk_weights, *, axis_name: str, num_ranks: int,
   num_local = num_experts // num_ranks
   rank = lax.axis_index(axis_name)
   local = local_expert_ids(lax.all_gather(topk_idx, axis_name), rank,
-                           num_local).reshape(num_ranks * num_tokens, -1)
+                           num_local).reshape(num_ranks * num_tokens,
+                                                    topk_idx.shape[1])
   src_index, recv_row, num_recv = packed_sources((local >= 0).any(-1), capacity)
   handle = DispatchHandle(src_index, recv_row.reshape(num_ranks, num_tokens),
                           num_recv, num_ranks, num_tokens, capacity,

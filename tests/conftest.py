@@ -1,0 +1,51 @@
+"""pytest setup for the jax_ep tests.
+
+* Gives this process 8 CPU devices (before any backend starts), so the
+  single-process tests run EP sizes 1, 2, 4 and 8 on CPU.
+* Puts the repository root on `sys.path`, so `import jax_ep` works from a
+  checkout without installing it, and tests/ itself, so the helpers
+  (`dense_model`, `ep_testing`, `specs`) import under any import mode.
+* `seed`: a fresh random seed per test (override with JAX_EP_TEST_SEED=<n> to
+  replay a failure); a failing test's report names it.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import secrets
+import sys
+
+import jax
+import pytest
+
+_TESTS = pathlib.Path(__file__).resolve().parent
+for _path in (_TESTS.parent, _TESTS):  # jax_ep and bench; the test helpers
+  if str(_path) not in sys.path:
+    sys.path.insert(0, str(_path))
+
+NUM_CPU_DEVICES = 8
+jax.config.update("jax_num_cpu_devices", NUM_CPU_DEVICES)
+
+_SEED_KEY = "jax_ep_seed"
+
+
+@pytest.fixture
+def seed(request) -> int:
+  """Fresh seed for numpy's default_rng; JAX_EP_TEST_SEED replays one."""
+  value = os.environ.get("JAX_EP_TEST_SEED")
+  value = int(value) if value else secrets.randbits(63)
+  request.node.user_properties.append((_SEED_KEY, value))
+  return value
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+  report = yield
+  if report.failed:
+    for key, value in item.user_properties:
+      if key == _SEED_KEY:
+        report.sections.append(
+            ("jax_ep seed", f"seed={value}; replay with "
+             f"JAX_EP_TEST_SEED={value} pytest '{item.nodeid}'"))
+  return report

@@ -1,0 +1,173 @@
+"""Smoke tests of the Flax MoE example (examples/moe) on CPU devices.
+
+The EP layer is checked against a dense model of the same layer written here
+(every expert on every token, weighted by a dense gate, no dispatch): outputs
+and gradients. Then a few training steps in-process, and the demo command
+over two processes through the launcher.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jax_ep
+from jax_ep._src import launch as launch_lib
+
+EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "moe"
+if str(EXAMPLE) not in sys.path:
+  sys.path.insert(0, str(EXAMPLE))
+import main as moe_main  # noqa: E402  (examples/moe/main.py)
+import model as moe_model  # noqa: E402  (examples/moe/model.py)
+
+HIDDEN, TOKENS_PER_RANK = 64, 24
+
+
+def _buffer(ranks: int) -> jax_ep.Buffer:
+  if len(jax.devices()) < ranks:
+    pytest.skip(f"needs {ranks} devices")
+  mesh = jax.make_mesh((ranks,), ("ep",), devices=jax.devices()[:ranks],
+                       axis_types=(jax.sharding.AxisType.Explicit,))
+  return jax_ep.Buffer(mesh, "ep", backend="reference")
+
+
+def _layer(seed: int, ranks: int, dtype, *, capacity_factor=None):
+  """An EP MoE layer (2 experts per rank, top-3, shared expert) and tokens.
+
+  The router favours expert 0 for about half of the tokens (rank 0 is hot).
+  """
+  buffer = _buffer(ranks)
+  with jax.set_mesh(buffer.mesh):
+    moe = nnx.jit(lambda: moe_model.MoE(
+        buffer, hidden=HIDDEN, ffn=96, num_experts=2 * ranks, topk=3,
+        shared_ffn=32, capacity_factor=capacity_factor, dtype=dtype,
+        rngs=nnx.Rngs(seed % 2**31)))()
+  moe.router[...] = moe.router[...].at[:, 0].add(0.5)
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal((ranks * TOKENS_PER_RANK, HIDDEN), np.float32)
+  x = jax.device_put(x, NamedSharding(buffer.mesh, P("ep", None)))
+  return buffer, moe, x
+
+
+def _dense_moe(params: dict, x, *, topk: int, dtype):
+  """The MoE layer without EP: every expert on every token, gated densely.
+
+  Operands are rounded to `dtype` and multiplied in f32, as the layer does
+  (the CPU has no bf16 x bf16 -> f32 dot, so round first, then multiply).
+  """
+  hi = jax.lax.Precision.HIGHEST
+  rounded = lambda a: a.astype(dtype).astype(jnp.float32)  # noqa: E731
+  x = rounded(x)
+  logits = jnp.dot(x, params["router"], precision=hi)
+  weights, idx = jax.lax.top_k(jax.nn.softmax(logits, -1), topk)
+  weights = weights / weights.sum(-1, keepdims=True)
+  gate = jnp.einsum("tk,tke->te", weights,
+                    jax.nn.one_hot(idx, params["router"].shape[1]))
+  h = jnp.einsum("th,ehf->tef", x, rounded(params["w_in"]), precision=hi)
+  o = jnp.einsum("tef,efh->teh", rounded(jax.nn.gelu(h)),
+                 rounded(params["w_out"]), precision=hi)
+  routed = jnp.einsum("teh,te->th", o, gate).astype(dtype)
+  up = rounded(params["shared"]["up"]["kernel"])
+  down = rounded(params["shared"]["down"]["kernel"])
+  shared = jnp.dot(rounded(jax.nn.gelu(jnp.dot(x, up, precision=hi))),
+                   down, precision=hi)
+  return routed + shared.astype(dtype)
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-5),
+                                       (jnp.bfloat16, 3e-2)])
+def test_ep_layer_matches_dense(seed, ranks, dtype, tol):
+  buffer, moe, x = _layer(seed, ranks, dtype)
+  assert moe.w_in[...].sharding.spec[0] == "ep"  # each rank holds E/R experts
+  with jax.set_mesh(buffer.mesh):
+    out = nnx.jit(lambda m, x: m(x))(moe, x)
+  params = jax.device_get(nnx.to_pure_dict(nnx.state(moe, nnx.Param)))
+  want = _dense_moe(params, np.asarray(x), topk=moe.topk, dtype=dtype)
+  assert out.dtype == dtype and out.shape == x.shape
+  np.testing.assert_allclose(np.asarray(out, np.float32),
+                             np.asarray(want, np.float32), rtol=tol, atol=tol)
+
+
+def test_ep_layer_gradients_match_dense(seed):
+  buffer, moe, x = _layer(seed, 4, jnp.float32)
+  cotangent = np.random.default_rng(seed + 1).standard_normal(
+      x.shape, np.float32)
+
+  @nnx.jit
+  def ep_grads(moe, x):
+    loss = lambda moe, x: jnp.sum(moe(x) * cotangent)  # noqa: E731
+    return nnx.grad(loss, argnums=(0, 1))(moe, x)
+
+  with jax.set_mesh(buffer.mesh):
+    d_params, d_x = ep_grads(moe, x)
+  got = jax.device_get((nnx.to_pure_dict(d_params), d_x))
+
+  def dense_loss(params, x):
+    return jnp.sum(_dense_moe(params, x, topk=moe.topk, dtype=jnp.float32)
+                   * cotangent)
+
+  params = jax.device_get(nnx.to_pure_dict(nnx.state(moe, nnx.Param)))
+  want = jax.grad(dense_loss, argnums=(0, 1))(params, np.asarray(x))
+  flat_got = jax.tree_util.tree_leaves_with_path(got)
+  flat_want = jax.tree_util.tree_leaves_with_path(want)
+  assert [p for p, _ in flat_got] == [p for p, _ in flat_want]
+  for (path, g), (_, w) in zip(flat_got, flat_want):
+    name = "d_x" if not path[1:] else jax.tree_util.keystr(path[1:])
+    assert np.abs(w).max() > 0, name  # the router's gradient too
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_capacity_overflow_is_counted(seed):
+  buffer, moe, x = _layer(seed, 4, jnp.float32, capacity_factor=0.5)
+  with jax.set_mesh(buffer.mesh):
+    out = nnx.jit(lambda m, x: m(x))(moe, x)
+  assert np.isfinite(np.asarray(out)).all()
+  assert int(moe.dropped_rows[...]) > 0
+
+
+def test_capacity_helper():
+  assert moe_model.capacity(4, 100, 8, 2, None) == 400
+  # 8 experts on 2 ranks, top-2: P(a token reaches a rank) = 1 - C(4,2)/C(8,2)
+  rows = 2 * 256 * (1 - math.comb(4, 2) / math.comb(8, 2))
+  assert moe_model.capacity(2, 256, 8, 2, 1.0) == -(-math.ceil(rows) // 8) * 8
+  assert moe_model.capacity(2, 256, 8, 2, 10.0) == 512  # never above R*T
+
+
+def test_train_steps_in_process():
+  ranks = 4
+  _buffer(ranks)  # skips without enough devices
+  cfg = moe_main.get_config(steps=2, tokens_per_rank=32, hidden=64, ffn=64,
+                            shared_ffn=32, num_experts=2 * ranks, log_every=1)
+  lines = []
+  metrics = moe_main.train(cfg, backend="reference",
+                           devices=jax.devices()[:ranks], log=lines.append)
+  assert len(metrics["losses"]) == 2
+  assert np.isfinite(metrics["losses"]).all(), metrics["losses"]
+  assert metrics["tokens_per_s"] > 0 and metrics["dropped_rows"] == 0
+  assert metrics["ranks"] == ranks and metrics["backend"] == "reference"
+  assert any("tokens/s" in line for line in lines)
+
+
+def test_demo_two_processes_loss_falls(tmp_path):
+  """The `make demo` command, shortened: 2 processes, 1 device each."""
+  metrics_path = tmp_path / "metrics.json"
+  code = launch_lib.launch(
+      [sys.executable, str(EXAMPLE / "main.py"), "--steps", "15",
+       "--metrics_out", str(metrics_path)], 2, timeout=240)
+  assert code == 0
+  metrics = json.loads(metrics_path.read_text())
+  losses = metrics["losses"]
+  assert metrics["processes"] == 2 and metrics["ranks"] == 2
+  assert np.isfinite(losses).all()
+  assert np.mean(losses[-3:]) < 0.85 * losses[0], losses

@@ -1,0 +1,145 @@
+"""per_token_cast_to_fp8 / per_token_cast_back against the dense model.
+
+The cast is part of the contract (DESIGN.md §5, jax_ep/_src/fp8.py): every
+fp8 path must produce the same bits, eager or jitted, so scales and values are
+compared exactly, and the round trip is checked against e4m3's error bound.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import dense_model as dm
+import jax_ep
+from ep_testing import BF16, assert_same, context, normal
+
+F32 = np.float32
+MODES = {
+    "plain": dict(),
+    "round_scale": dict(round_scale=True),
+    "ue8m0": dict(use_ue8m0=True),
+    "round_scale_ue8m0": dict(round_scale=True, use_ue8m0=True),
+}
+
+
+def spread(rng, shape, dtype):
+  """Rows with magnitudes from 2^-20 to 2^14 per 128-channel group, a zero
+  group and a group below the amax floor."""
+  scale = np.exp2(rng.integers(-20, 15, size=(*shape[:-1], shape[-1] // 128,
+                                             1))).astype(F32)
+  x = (normal(rng, (*shape[:-1], shape[-1] // 128, 128)) * scale)
+  x = x.reshape(shape)
+  x.reshape(-1, 128)[0] = 0.0
+  x.reshape(-1, 128)[1] = normal(rng, (128,)) * F32(1e-6)
+  return x.astype(dtype)
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("dtype", [BF16, np.float32], ids=["bf16", "f32"])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_cast_matches_dense_model(seed, mode, dtype, jit):
+  rng = np.random.default_rng(seed)
+  x = spread(rng, (3, 7, 1024), dtype)
+  cast = lambda x: jax_ep.per_token_cast_to_fp8(x, **MODES[mode])
+  q, s = (jax.jit(cast) if jit else cast)(jnp.asarray(x))
+  want_q, want_s = dm.per_token_cast_to_fp8(x, **MODES[mode])
+  ctx = context(seed, mode=mode, dtype=dtype, jit=jit)
+  assert_same(np.asarray(s), want_s, "scales", ctx)
+  assert_same(np.asarray(q), want_q, "q", ctx)
+
+
+@pytest.mark.parametrize("rows", [1, 4])
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_scale_is_amax_times_inverse_448(jit, rows):
+  """amax = 6304: amax / 448 and amax * f32(1/448) round differently.
+
+  fp8.py specifies the product (the same bits on every path, kernels
+  included), eager or jitted, whatever the shape: an eager division used to
+  give the quotient for one row and the product (XLA's rewrite) for several.
+  """
+  x = np.zeros((rows, 128), F32)
+  x[:, 0] = 6304.0  # 0x1.8ap+12
+  want = F32(6304.0) * (F32(1.0) / F32(448.0))
+  assert want != F32(6304.0) / F32(448.0)  # the case is a probe
+  cast = jax.jit(jax_ep.per_token_cast_to_fp8) if jit else \
+      jax_ep.per_token_cast_to_fp8
+  got = np.asarray(cast(jnp.asarray(x))[1])
+  assert_same(got[:, 0], np.full(rows, want), "scale",
+              f"amax=6304, jit={jit}, rows={rows}")
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_cast_back_matches_dense_model(seed, mode):
+  rng = np.random.default_rng(seed)
+  x = spread(rng, (5, 512), np.float32)
+  q, s = dm.per_token_cast_to_fp8(x, **MODES[mode])
+  ctx = context(seed, mode=mode)
+  for dtype in (BF16, np.float32):
+    got = np.asarray(jax_ep.per_token_cast_back(jnp.asarray(q), jnp.asarray(s),
+                                                dtype=dtype))
+    assert_same(got, dm.per_token_cast_back(q, s, dtype), f"back {dtype}", ctx)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_round_trip_error_bound(seed, mode):
+  """|x - back(cast(x))| <= |x| / 16 + scale / 1024 (e4m3: 3 mantissa bits,
+  subnormal step 2^-9), and the amax of each group maps to <= 448."""
+  rng = np.random.default_rng(seed)
+  x = spread(rng, (6, 512), np.float32)
+  q, s = jax.jit(lambda x: jax_ep.per_token_cast_to_fp8(x, **MODES[mode]))(x)
+  back = np.asarray(jax_ep.per_token_cast_back(q, s, dtype=jnp.float32))
+  scale = np.asarray(s)
+  if scale.dtype == np.int32:
+    scale = dm.ue8m0_unpack(scale)
+  per_elem = np.repeat(scale, 128, axis=-1).astype(np.float64)
+  err = np.abs(back.astype(np.float64) - x)
+  # Half an e4m3 step (2^-4 relative, 2^-10 absolute below 2^-6), widened
+  # by 2^-12 for the f32 roundings of 1/scale, x * (1/scale) and q * scale.
+  bound = (np.abs(x) * 2.0**-4 + per_elem * 2.0**-10) * (1 + 2.0**-12)
+  ctx = context(seed, mode=mode)
+  assert (err <= bound).all(), (
+      f"round trip [{ctx}]: worst excess {np.max(err - bound)} at "
+      f"{np.unravel_index(np.argmax(err - bound), err.shape)}")
+  assert np.isfinite(np.asarray(q).astype(F32)).all(), ctx
+  assert (np.abs(np.asarray(q).astype(F32)) <= 448).all(), ctx
+  if mode != "plain":  # powers of two
+    mantissa, _ = np.frexp(scale)
+    assert (mantissa == 0.5).all(), ctx
+  big = np.abs(x).reshape(6, 4, 128).max(-1) > 1e-4
+  amax_q = np.abs(np.asarray(q).astype(F32)).reshape(6, 4, 128).max(-1)
+  if mode == "plain":  # amax itself lands on (or next to) 448
+    assert (amax_q[big] >= 416).all(), ctx
+  else:
+    assert (amax_q[big] >= 208).all(), ctx
+
+
+def test_ue8m0_holds_the_round_scale_exponents(seed):
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(spread(rng, (4, 1024), np.float32))
+  q1, s1 = jax_ep.per_token_cast_to_fp8(x, round_scale=True)
+  q2, s2 = jax_ep.per_token_cast_to_fp8(x, use_ue8m0=True)
+  ctx = context(seed)
+  assert_same(np.asarray(q2), np.asarray(q1), "q", ctx)
+  assert s2.dtype == jnp.int32 and s2.shape == (4, 2), ctx
+  assert_same(dm.ue8m0_unpack(np.asarray(s2)), np.asarray(s1), "scales", ctx)
+  assert_same(np.asarray(s2), dm.ue8m0_pack(np.asarray(s1)), "packed", ctx)
+
+
+@pytest.mark.parametrize("hidden,kwargs,limit", [
+    (64, {}, 128), (200, {}, 128), (256, dict(use_ue8m0=True), 512),
+    (640, dict(use_ue8m0=True), 512)])
+def test_cast_rejects_bad_hidden(hidden, kwargs, limit):
+  with pytest.raises(ValueError, match=rf"per_token_cast_to_fp8: the hidden "
+                     rf"size must be a multiple of {limit} for fp8.*got {hidden}"):
+    jax_ep.per_token_cast_to_fp8(jnp.ones((2, hidden)), **kwargs)
+
+
+def test_cast_back_rejects_bad_scales():
+  q, s = jax_ep.per_token_cast_to_fp8(jnp.ones((2, 256)))
+  with pytest.raises(TypeError, match="scales must be float32 or packed UE8M0 "
+                     "int32, got bfloat16"):
+    jax_ep.per_token_cast_back(q, s.astype(jnp.bfloat16))
+  with pytest.raises(ValueError, match=r"scales \(2, 1\) do not match q "
+                     r"\(2, 256\) \(one scale per 128 channels\)"):
+    jax_ep.per_token_cast_back(q, s[:, :1])

@@ -1,0 +1,391 @@
+"""Autodiff of the ops: check_grads, exact backward rules, refused gradients.
+
+`jax.test_util.check_grads(..., modes=("rev",), order=1)` checks each VJP
+against finite differences (the ops are linear, so `eps=1` is exact up to
+rounding). The backward rules are also compared bit for bit with the dense
+model's transposes: dispatch's is combine, combine's is a cached dispatch,
+LL dispatch's is a unit-weight LL combine (DESIGN.md §4, §5).
+"""
+
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+import dense_model as dm
+import jax_ep
+from ep_testing import (BF16, Ep, assert_same, context, flat, normal, routing,
+                        weights)
+from specs import SPECS
+
+F32 = np.float32
+REV = dict(order=1, modes=("rev",), eps=1.0)
+
+
+def sharded(ep, body):
+  """Global-array function of a per-rank body (outputs concatenated)."""
+  return ep.sharded(body, per_rank=False)
+
+
+# ---------------------------------------------------------------- check_grads
+
+
+@pytest.mark.parametrize("capacity", [None, 4], ids=["default", "overflow"])
+@pytest.mark.parametrize("kind", ["duplicates", "invalid"])
+@pytest.mark.parametrize("num_ranks", [1, 2, 4])
+def test_check_grads_dispatch(seed, num_ranks, kind, capacity):
+  shape = SPECS["tiny"].shape
+  rng = np.random.default_rng(seed)
+  ep = Ep(num_ranks)
+  idx = ep.put(flat(routing(rng, num_ranks, shape.tokens, shape.topk,
+                            shape.experts, kind)))
+  x = ep.put(flat(normal(rng, (num_ranks, shape.tokens, shape.hidden))))
+  w = ep.put(flat(weights(rng, (num_ranks, shape.tokens, shape.topk))))
+
+  def body(x, w, i):
+    d = jax_ep.dispatch(ep.buffer, x, i, w, num_experts=shape.experts,
+                        capacity=capacity)
+    return d.x, d.topk_weights
+
+  f = sharded(ep, body)
+  with ep.active():
+    check_grads(lambda x, w: f(x, w, idx), (x, w), **REV)
+
+
+@pytest.mark.parametrize("num_ranks", [2, 4])
+def test_check_grads_cached_dispatch(seed, num_ranks):
+  shape = SPECS["tiny"].shape
+  rng = np.random.default_rng(seed)
+  ep = Ep(num_ranks)
+  idx = ep.put(flat(routing(rng, num_ranks, shape.tokens, shape.topk,
+                            shape.experts, "hot")))
+  x1 = ep.put(flat(normal(rng, (num_ranks, shape.tokens, shape.hidden))))
+  x2 = ep.put(flat(normal(rng, (num_ranks, shape.tokens, shape.hidden))))
+
+  def body(x2, x1, i):
+    h = jax_ep.dispatch(ep.buffer, x1, i, num_experts=shape.experts,
+                        capacity=7).handle
+    return jax_ep.dispatch(ep.buffer, x2, handle=h).x
+
+  f = sharded(ep, body)
+  with ep.active():
+    check_grads(lambda x2: f(x2, x1, idx), (x2,), **REV)
+
+
+@pytest.mark.parametrize("bias", ["none", "array", "tuple"])
+@pytest.mark.parametrize("num_ranks", [1, 2, 4])
+def test_check_grads_combine(seed, num_ranks, bias):
+  shape = SPECS["tiny"].shape
+  rng = np.random.default_rng(seed)
+  ep = Ep(num_ranks)
+  m = num_ranks * shape.tokens
+  idx = ep.put(flat(routing(rng, num_ranks, shape.tokens, shape.topk,
+                            shape.experts, "duplicates")))
+  x = ep.put(flat(normal(rng, (num_ranks, shape.tokens, shape.hidden))))
+  y = ep.put(flat(normal(rng, (num_ranks, m, shape.hidden))))
+  w = ep.put(flat(weights(rng, (num_ranks, m, shape.topk))))
+  biases = [ep.put(flat(normal(rng, (num_ranks, shape.tokens, shape.hidden))))
+            for _ in range({"none": 0, "array": 1, "tuple": 2}[bias])]
+
+  def body(x, i, y, w, *b):
+    h = jax_ep.dispatch(ep.buffer, x, i, num_experts=shape.experts).handle
+    return jax_ep.combine(ep.buffer, y, h, w, bias=None if not b else (
+        b[0] if bias == "array" else tuple(b)))
+
+  f = sharded(ep, body)
+  with ep.active():
+    check_grads(lambda y, w, *b: f(x, idx, y, w, *b), (y, w, *biases), **REV)
+
+
+def test_check_grads_low_latency_combine(seed):
+  """y must be bf16: finite differences see bf16 roundings, hence rtol."""
+  shape = SPECS["small"].shape
+  rng = np.random.default_rng(seed)
+  num_ranks = 2
+  ep = Ep(num_ranks)
+  num_local = shape.experts // num_ranks
+  idx = ep.put(flat(routing(rng, num_ranks, shape.tokens, shape.topk,
+                            shape.experts, "duplicates")))
+  x = ep.put(flat(normal(rng, (num_ranks, shape.tokens, shape.hidden), BF16)))
+  y = ep.put(normal(rng, (num_ranks * num_local, num_ranks * shape.tokens,
+                          shape.hidden)))
+  w = ep.put(flat(weights(rng, (num_ranks, shape.tokens, shape.topk))))
+
+  def body(y, w, x, i):
+    d = jax_ep.low_latency_dispatch(
+        ep.buffer, x, i, num_max_dispatch_tokens_per_rank=shape.tokens,
+        num_experts=shape.experts, use_fp8=False)
+    out = jax_ep.low_latency_combine(ep.buffer, y.astype(jnp.bfloat16), i, w,
+                                     d.handle)
+    return out.astype(jnp.float32)
+
+  f = sharded(ep, body)
+  with ep.active():
+    check_grads(lambda y, w: f(y, w, x, idx), (y, w), order=1, modes=("rev",),
+                eps=1.0, rtol=3e-2, atol=3e-2)
+
+
+# ---------------------------------------------------------------- exact VJPs
+
+
+@pytest.mark.parametrize("capacity", [None, 5], ids=["default", "overflow"])
+@pytest.mark.parametrize("num_ranks", [1, 2, 4, 8])
+def test_dispatch_vjp_is_combine(seed, num_ranks, capacity):
+  shape = SPECS["tiny"].shape
+  rng = np.random.default_rng(seed)
+  ep = Ep(num_ranks)
+  idx = routing(rng, num_ranks, shape.tokens, shape.topk, shape.experts,
+                "duplicates")
+  x = normal(rng, (num_ranks, shape.tokens, shape.hidden), BF16)
+  w = weights(rng, idx.shape)
+  routes = dm.dispatch([x], idx, w, num_experts=shape.experts,
+                       capacity=capacity)
+  m = routes.capacity
+  g_x = normal(rng, (num_ranks, m, shape.hidden), BF16)  # padding rows too
+  g_w = weights(rng, (num_ranks, m, shape.topk))
+
+  def body(x, w, i):
+    d = jax_ep.dispatch(ep.buffer, x, i, w, num_experts=shape.experts,
+                        capacity=capacity)
+    return d.x, d.topk_weights
+
+  f = sharded(ep, body)
+  with ep.active():
+    _, vjp = jax.vjp(lambda x, w: f(x, w, ep.put(flat(idx))),
+                     ep.put(flat(x)), ep.put(flat(w)))
+    d_x, d_w = vjp((ep.put(flat(g_x)), ep.put(flat(g_w))))
+  ctx = context(seed, R=num_ranks, capacity=capacity)
+  want_x = dm.combine(g_x, routes).reshape(-1, shape.hidden)
+  assert_same(np.asarray(d_x), want_x, "d_x", ctx)
+  masked = np.where(routes.topk_idx >= 0, g_w, F32(0))
+  want_w = dm.combine(masked, routes).reshape(-1, shape.topk)
+  assert_same(np.asarray(d_w), want_w, "d_topk_weights", ctx)
+
+
+@pytest.mark.parametrize("bias_dtype", [np.float32, BF16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("num_ranks", [1, 2, 4, 8])
+def test_combine_vjp_is_cached_dispatch(seed, num_ranks, bias_dtype):
+  shape = SPECS["tiny"].shape
+  rng = np.random.default_rng(seed)
+  ep = Ep(num_ranks)
+  idx = routing(rng, num_ranks, shape.tokens, shape.topk, shape.experts,
+                "hot")
+  x = normal(rng, (num_ranks, shape.tokens, shape.hidden), BF16)
+  routes = dm.dispatch([x], idx, None, num_experts=shape.experts, capacity=6)
+  y = normal(rng, (num_ranks, 6, shape.hidden), BF16)
+  w = weights(rng, (num_ranks, 6, shape.topk))
+  b = normal(rng, x.shape, bias_dtype)
+  g_out = normal(rng, x.shape, BF16)
+  g_w = weights(rng, (num_ranks, shape.tokens, shape.topk))
+
+  def body(y, w, b, x, i):
+    h = jax_ep.dispatch(ep.buffer, x, i, num_experts=shape.experts,
+                        capacity=6).handle
+    return jax_ep.combine(ep.buffer, y, h, w, bias=b)
+
+  f = sharded(ep, body)
+  with ep.active():
+    _, vjp = jax.vjp(lambda y, w, b: f(y, w, b, ep.put(flat(x)),
+                                       ep.put(flat(idx))),
+                     *[ep.put(flat(a)) for a in (y, w, b)])
+    d_y, d_w, d_b = vjp((ep.put(flat(g_out)), ep.put(flat(g_w))))
+  ctx = context(seed, R=num_ranks, bias=bias_dtype)
+  want = dm.dispatch([g_out, g_w], idx, None, num_experts=shape.experts,
+                     capacity=6)
+  assert_same(np.asarray(d_y), flat(want.rows[0]), "d_y", ctx)
+  assert_same(np.asarray(d_w), flat(want.rows[1]), "d_topk_weights", ctx)
+  assert_same(np.asarray(d_b), flat(g_out.astype(F32).astype(bias_dtype)),
+              "d_bias", ctx)
+
+
+@pytest.mark.parametrize("kind", ["distinct", "duplicates", "invalid", "hot"])
+@pytest.mark.parametrize("num_ranks", [1, 2, 4, 8])
+def test_low_latency_dispatch_vjp_is_transpose(seed, num_ranks, kind):
+  """d_x = bf16(fp32 sum, owner rank order then k order, of g over the slots
+  of the token's distinct experts); empty slots of g are never read."""
+  shape = SPECS["small"].shape
+  rng = np.random.default_rng(seed)
+  ep = Ep(num_ranks)
+  max_tokens = shape.tokens + 2
+  num_local = shape.experts // num_ranks
+  idx = routing(rng, num_ranks, shape.tokens, shape.topk, shape.experts, kind)
+  x = normal(rng, (num_ranks, shape.tokens, shape.hidden), BF16)
+  g = normal(rng, (num_ranks, num_local, num_ranks * max_tokens,
+                   shape.hidden), BF16)
+
+  def body(x, i):
+    return jax_ep.low_latency_dispatch(
+        ep.buffer, x, i, num_max_dispatch_tokens_per_rank=max_tokens,
+        num_experts=shape.experts, use_fp8=False).x
+
+  f = sharded(ep, body)
+  with ep.active():
+    recv, vjp = jax.vjp(lambda x: f(x, ep.put(flat(idx))), ep.put(flat(x)))
+    (d_x,) = vjp(ep.put(g.reshape(-1, *g.shape[2:])))
+  routes = dm.low_latency_dispatch(x, idx, num_experts=shape.experts,
+                                   max_tokens=max_tokens)
+  ctx = context(seed, R=num_ranks, routing=kind)
+  want = dm.low_latency_combine(g, idx, dm.first_selections(idx), routes)
+  d_x = np.asarray(d_x).reshape(x.shape)
+  assert_same(d_x, want, "d_x", ctx)
+  # <dispatch(x), g> == <x, d_x>, in f64, up to d_x's bf16 rounding.
+  lhs = np.sum(np.asarray(recv).astype(np.float64) *
+               g.reshape(np.asarray(recv).shape).astype(np.float64))
+  rhs = np.sum(x.astype(np.float64) * d_x.astype(np.float64))
+  slack = 2.0**-8 * np.sum(np.abs(x.astype(np.float64) * d_x.astype(
+      np.float64))) + 1e-30
+  assert abs(lhs - rhs) <= slack, f"<f(x), g> {lhs} != <x, f^T g> {rhs} [{ctx}]"
+
+
+@pytest.mark.parametrize("kind", ["distinct", "duplicates", "invalid"])
+@pytest.mark.parametrize("num_ranks", [1, 2, 4, 8])
+def test_low_latency_combine_vjp(seed, num_ranks, kind):
+  """d_y[l, slot of t] = bf16(g[t] * sum of t's weights for l), 0 in empty
+  slots; d_w[t, k] = <g[t], y[slot of (t, k)]>, 0 where k selects nothing."""
+  shape = SPECS["small"].shape
+  rng = np.random.default_rng(seed)
+  ep = Ep(num_ranks)
+  max_tokens = shape.tokens + 1
+  num_local = shape.experts // num_ranks
+  slots = num_ranks * max_tokens
+  idx = routing(rng, num_ranks, shape.tokens, shape.topk, shape.experts, kind)
+  x = normal(rng, (num_ranks, shape.tokens, shape.hidden), BF16)
+  w = weights(rng, idx.shape)
+  y = normal(rng, (num_ranks, num_local, slots, shape.hidden), BF16)
+  g = normal(rng, x.shape, BF16)
+
+  def body(y, w, x, i):
+    d = jax_ep.low_latency_dispatch(
+        ep.buffer, x, i, num_max_dispatch_tokens_per_rank=max_tokens,
+        num_experts=shape.experts, use_fp8=False)
+    return jax_ep.low_latency_combine(ep.buffer, y, i, w, d.handle)
+
+  f = sharded(ep, body)
+  with ep.active():
+    _, vjp = jax.vjp(lambda y, w: f(y, w, ep.put(flat(x)), ep.put(flat(idx))),
+                     ep.put(y.reshape(-1, slots, shape.hidden)),
+                     ep.put(flat(w)))
+    d_y, d_w = vjp(ep.put(flat(g)))
+  d_y = np.asarray(d_y).reshape(y.shape)
+  d_w = np.asarray(d_w).reshape(w.shape)
+  routes = dm.low_latency_dispatch(x, idx, num_experts=shape.experts,
+                                   max_tokens=max_tokens)
+  want_y = np.zeros(y.shape, BF16)
+  want_w = np.zeros(w.shape, np.float64)
+  bound_w = np.zeros(w.shape, np.float64)
+  for r, l in np.ndindex(num_ranks, num_local):
+    for n in range(routes.count[r, l]):
+      s, t = divmod(int(routes.src_index[r, l, n]), max_tokens)
+      scale = F32(0)
+      for k in range(shape.topk):
+        if idx[s, t, k] == r * num_local + l:
+          scale = F32(scale + w[s, t, k])
+          prod = g[s, t].astype(np.float64) * y[r, l, n].astype(np.float64)
+          want_w[s, t, k] = prod.sum()
+          bound_w[s, t, k] = np.abs(prod).sum()
+      want_y[r, l, n] = (g[s, t].astype(F32) * scale).astype(BF16)
+  ctx = context(seed, R=num_ranks, routing=kind)
+  assert_same(d_y, want_y, "d_y", ctx)
+  selects = (idx >= 0) & (idx < shape.experts)
+  assert_same(d_w[~selects], np.zeros((~selects).sum(), F32),
+              "d_topk_weights (no selection)", ctx)
+  err = np.abs(d_w.astype(np.float64) - want_w)
+  assert (err <= shape.hidden * 2.0**-24 * bound_w + 1e-30).all(), (
+      f"d_topk_weights [{ctx}]: max error {err.max()}")
+
+
+# ---------------------------------------------------------------- refusals
+
+
+def _grad_error(ep, body, x, idx):
+  f = sharded(ep, body)
+  with ep.active():
+    return jax.grad(lambda x: jnp.sum(f(x, idx)))(x)
+
+
+FP8_ROWS = "jax_ep.dispatch: fp8 rows are not differentiable; dispatch bf16 " \
+    "rows to train through dispatch"
+LL_FP8 = "jax_ep.low_latency_dispatch: the fp8 cast is not differentiable; " \
+    "use use_fp8=False to differentiate"
+HOOK = ("jax_ep.{op}: return_recv_hook=True splits the op for inference and "
+        "is not differentiable; call it without hooks to differentiate")
+
+
+def _refusal_setup(seed, num_ranks=2):
+  shape = SPECS["small"].shape
+  rng = np.random.default_rng(seed)
+  ep = Ep(num_ranks)
+  idx = ep.put(flat(routing(rng, num_ranks, shape.tokens, shape.topk,
+                            shape.experts, "distinct")))
+  x = ep.put(flat(normal(rng, (num_ranks, shape.tokens, shape.hidden))))
+  return shape, ep, idx, x
+
+
+def _ll(ep, shape, x, i, **kwargs):
+  return jax_ep.low_latency_dispatch(
+      ep.buffer, x.astype(jnp.bfloat16), i,
+      num_max_dispatch_tokens_per_rank=shape.tokens,
+      num_experts=shape.experts, **kwargs)
+
+
+@pytest.mark.parametrize("case", ["fp8_dispatch", "fp8_dispatch_scales_only",
+                                  "fp8_cached_dispatch", "ll_fp8",
+                                  "ll_dispatch_hook", "ll_combine_hook"])
+def test_refused_gradients_raise(seed, case):
+  shape, ep, idx, x = _refusal_setup(seed)
+
+  def body(x, i):
+    if case.startswith("fp8"):
+      pair = jax_ep.per_token_cast_to_fp8(x)
+      if case == "fp8_cached_dispatch":
+        h = jax_ep.dispatch(ep.buffer, x, i, num_experts=shape.experts).handle
+        d = jax_ep.dispatch(ep.buffer, pair, handle=h)
+      else:
+        d = jax_ep.dispatch(ep.buffer, pair, i, num_experts=shape.experts)
+      if case == "fp8_dispatch_scales_only":
+        return d.scales.sum(-1)
+      return d.x.astype(jnp.float32).sum(-1) * d.scales.sum(-1)
+    if case == "ll_fp8":
+      return _ll(ep, shape, x, i).scales.sum((0, 2))
+    if case == "ll_dispatch_hook":
+      return _ll(ep, shape, x, i, use_fp8=False,
+                 return_recv_hook=True)().x.astype(jnp.float32).sum((0, 2))
+    d = _ll(ep, shape, x, i, use_fp8=False)
+    w = jnp.ones(i.shape, jnp.float32)
+    hook = jax_ep.low_latency_combine(ep.buffer, d.x, i, w, d.handle,
+                                      return_recv_hook=True)
+    return hook().astype(jnp.float32).sum(-1)
+
+  message = {"ll_fp8": LL_FP8,
+             "ll_dispatch_hook": HOOK.format(op="low_latency_dispatch"),
+             "ll_combine_hook": HOOK.format(op="low_latency_combine")}.get(
+                 case, FP8_ROWS)
+  with pytest.raises(TypeError, match=message.replace("(", r"\(")):
+    _grad_error(ep, body, x, idx)
+
+
+@pytest.mark.parametrize("case", ["fp8_dispatch", "ll_fp8", "ll_hooks"])
+def test_non_differentiable_ops_pass_when_not_differentiated(seed, case):
+  """fp8 rows and hooks are fine inside a gradient that does not reach them."""
+  shape, ep, idx, x = _refusal_setup(seed)
+  const = jax.lax.stop_gradient
+
+  def body(x, i):
+    if case == "fp8_dispatch":
+      d = jax_ep.dispatch(ep.buffer, jax_ep.per_token_cast_to_fp8(const(x)), i,
+                          num_experts=shape.experts)
+      side = d.scales.sum()
+    elif case == "ll_fp8":
+      side = _ll(ep, shape, const(x), i).scales.sum()
+    else:
+      d = _ll(ep, shape, const(x), i, use_fp8=False, return_recv_hook=True)()
+      w = jnp.ones(i.shape, jnp.float32)
+      side = jax_ep.low_latency_combine(ep.buffer, d.x, i, w, d.handle,
+                                        return_recv_hook=True)().sum()
+    return (x * x).sum(-1) + const(side.astype(jnp.float32)) * 0
+
+  g = _grad_error(ep, body, x, idx)
+  assert_same(np.asarray(g), np.asarray(x) * 2, "grad", context(seed,
+                                                                case=case))

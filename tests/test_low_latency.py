@@ -1,0 +1,275 @@
+"""Low-latency dispatch and combine against the dense model, and their hooks.
+
+Every slot of every local expert is compared, empty ones included; `y` for
+combine is random in every slot, so reading an empty slot would show.
+
+Dispatch is compared bit for bit. Combine is too, except on rounding ties:
+XLA:CPU fuses `partial + w * y` into fused multiply-adds, so its fp32 sums may
+differ from the dense model's (separately rounded products, k order) by an
+ulp or two, which can tip a bf16 rounding that sits on a tie. Such elements
+(well under 1%) may be one bf16 step off; see `ep_testing.assert_bf16_sum`.
+Where every product is exact (weights 1 and 0) the comparison is exact.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import dense_model as dm
+import jax_ep
+from ep_testing import (BF16, ROUTINGS, Ep, assert_bf16_sum, assert_same,
+                        context, dyadic, flat, normal, routing, weights)
+from specs import RANKS, SPECS, params
+
+F32 = np.float32
+FP8_MODES = {
+    "bf16": dict(use_fp8=False),
+    "fp8": dict(use_fp8=True),
+    "fp8_round_scale": dict(use_fp8=True, round_scale=True),
+    "fp8_ue8m0": dict(use_fp8=True, use_ue8m0=True),
+    "fp8_round_scale_ue8m0": dict(use_fp8=True, round_scale=True,
+                                  use_ue8m0=True),
+}
+
+
+def tokens(rng, num_ranks, num_tokens, hidden):
+  """bf16 rows with per-token magnitudes from 2^-12 to 2^12; one zero row."""
+  x = normal(rng, (num_ranks, num_tokens, hidden)) * np.exp2(
+      rng.integers(-12, 13, size=(num_ranks, num_tokens, 1))).astype(F32)
+  x[0, 0] = 0.0  # amax floor
+  return x.astype(BF16)
+
+
+def check_ll_dispatched(got, want: dm.LowLatencyDispatch, ctx, *, fp8,
+                        num_tokens, hidden):
+  assert isinstance(got, jax_ep.LowLatencyDispatched), ctx
+  if fp8:  # scales first: a wrong scale explains wrong rows
+    assert_same(got.scales, want.rows[1], "scales", ctx)
+  else:
+    assert got.scales is None, ctx
+  assert_same(got.x, want.rows[0], "x", ctx)
+  assert_same(got.count, want.count, "count", ctx)
+  h = got.handle
+  assert isinstance(h, jax_ep.LowLatencyHandle), ctx
+  assert_same(h.src_index, want.src_index, "handle.src_index", ctx)
+  assert_same(h.slot, want.slot, "handle.slot", ctx)
+  assert (h.num_ranks, h.max_tokens, h.num_tokens, h.hidden) == (
+      want.count.shape[0], want.max_tokens, num_tokens, hidden), ctx
+
+
+def ll_dispatch(ep, shape, max_tokens, **kwargs):
+  return lambda x, i: jax_ep.low_latency_dispatch(
+      ep.buffer, x, i, num_max_dispatch_tokens_per_rank=max_tokens,
+      num_experts=shape.experts, **kwargs)
+
+
+@pytest.mark.parametrize("kind", ROUTINGS)
+@pytest.mark.parametrize("num_ranks", RANKS)
+def test_ll_dispatch_matches_dense_model(seed, num_ranks, kind):
+  shape = SPECS["small"].shape
+  rng = np.random.default_rng(seed)
+  ep = Ep(num_ranks)
+  max_tokens = shape.tokens + (0 if num_ranks in (1, 4) else 2)  # T <= Tmax
+  idx = routing(rng, num_ranks, shape.tokens, shape.topk, shape.experts, kind)
+  x = tokens(rng, num_ranks, shape.tokens, shape.hidden)
+  got = ep.run(ll_dispatch(ep, shape, max_tokens, use_fp8=False), flat(x),
+               flat(idx))
+  want = dm.low_latency_dispatch(x, idx, num_experts=shape.experts,
+                                 max_tokens=max_tokens)
+  check_ll_dispatched(got, want, context(seed, R=num_ranks, routing=kind,
+                                         Tmax=max_tokens), fp8=False,
+                      num_tokens=shape.tokens, hidden=shape.hidden)
+
+
+@pytest.mark.parametrize("mode", [m for m in FP8_MODES if m != "bf16"])
+@pytest.mark.parametrize("num_ranks", RANKS)
+def test_ll_dispatch_fp8(seed, num_ranks, mode):
+  shape = SPECS["ue8m0"].shape
+  rng = np.random.default_rng(seed)
+  ep = Ep(num_ranks)
+  max_tokens = shape.tokens + 1
+  idx = routing(rng, num_ranks, shape.tokens, shape.topk, shape.experts,
+                "duplicates")
+  x = tokens(rng, num_ranks, shape.tokens, shape.hidden)
+  got = ep.run(ll_dispatch(ep, shape, max_tokens, **FP8_MODES[mode]), flat(x),
+               flat(idx))
+  want = dm.low_latency_dispatch(x, idx, num_experts=shape.experts,
+                                 max_tokens=max_tokens, **FP8_MODES[mode])
+  check_ll_dispatched(got, want, context(seed, R=num_ranks, mode=mode),
+                      fp8=True, num_tokens=shape.tokens, hidden=shape.hidden)
+  if "ue8m0" in mode:
+    assert got.scales.dtype == np.int32
+    assert got.scales.shape[-1] == shape.hidden // 512
+
+
+def check_ll_combined(got, y, idx, w, routes, ctx, what="out"):
+  total, abs_sum = dm.low_latency_combine_f32(y, idx, w, routes)
+  assert got.dtype == BF16 and got.shape == total.shape, ctx
+  assert_bf16_sum(got, total, abs_sum, idx.shape[-1], what, ctx)
+
+
+def random_expert_outputs(rng, num_ranks, shape, max_tokens):
+  """bf16 y[R, L, R*Tmax, H], random in every slot (empty ones too)."""
+  return normal(rng, (num_ranks, shape.experts // num_ranks,
+                      num_ranks * max_tokens, shape.hidden), BF16)
+
+
+@pytest.mark.parametrize("kind", ROUTINGS)
+@pytest.mark.parametrize("num_ranks", RANKS)
+def test_ll_combine_matches_dense_model(seed, num_ranks, kind):
+  shape = SPECS["small"].shape
+  rng = np.random.default_rng(seed)
+  ep = Ep(num_ranks)
+  max_tokens = shape.tokens + 1
+  idx = routing(rng, num_ranks, shape.tokens, shape.topk, shape.experts, kind)
+  x = tokens(rng, num_ranks, shape.tokens, shape.hidden)
+  w = weights(rng, idx.shape)
+  y = random_expert_outputs(rng, num_ranks, shape, max_tokens)
+  zero_copy = bool(num_ranks % 2)
+
+  def body(x, i, w, y):
+    d = ll_dispatch(ep, shape, max_tokens, use_fp8=False)(x, i)
+    return jax_ep.low_latency_combine(ep.buffer, y[0], i, w, d.handle,
+                                      zero_copy=zero_copy)
+
+  got = ep.run(body, flat(x), flat(idx), flat(w), y)
+  routes = dm.low_latency_dispatch(x, idx, num_experts=shape.experts,
+                                   max_tokens=max_tokens)
+  check_ll_combined(got, y, idx, w, routes, context(
+      seed, R=num_ranks, routing=kind, zero_copy=zero_copy))
+
+
+@pytest.mark.parametrize("kind", ["distinct", "duplicates", "invalid"])
+@pytest.mark.parametrize("num_ranks", [1, 4, 8])
+def test_ll_round_trip_counts_each_expert_once(seed, num_ranks, kind):
+  """combine(dispatch(x), w=1) == x * (number of distinct valid experts)."""
+  shape = SPECS["small"].shape
+  rng = np.random.default_rng(seed)
+  ep = Ep(num_ranks)
+  idx = routing(rng, num_ranks, shape.tokens, shape.topk, shape.experts, kind)
+  x = dyadic(rng, (num_ranks, shape.tokens, shape.hidden), bits=3)
+  ones = dm.first_selections(idx)  # a duplicate's second slot gets weight 0
+
+  def body(x, i, w):
+    d = ll_dispatch(ep, shape, shape.tokens, use_fp8=False)(x, i)
+    return jax_ep.low_latency_combine(ep.buffer, d.x, i, w, d.handle)
+
+  got = ep.run(body, flat(x), flat(idx), flat(ones))
+  n = np.array([[len({int(e) for e in row if 0 <= e < shape.experts})
+                 for row in rank] for rank in idx])
+  want = (x.astype(F32) * n[..., None] + F32(0)).astype(BF16)
+  assert_same(got, want, "combine(dispatch(x))", context(seed, R=num_ranks,
+                                                         routing=kind))
+
+
+# ---------------------------------------------------------------- hooks
+
+
+@pytest.mark.parametrize("after", ["none", "arrays"])
+@pytest.mark.parametrize("mode", ["bf16", "fp8_ue8m0"])
+@pytest.mark.parametrize("num_ranks", [2, 4])
+def test_ll_dispatch_hook_gives_the_same_result(seed, num_ranks, mode, after):
+  shape = SPECS["ue8m0"].shape
+  rng = np.random.default_rng(seed)
+  ep = Ep(num_ranks)
+  idx = routing(rng, num_ranks, shape.tokens, shape.topk, shape.experts, "hot")
+  x = tokens(rng, num_ranks, shape.tokens, shape.hidden)
+  seen = {}
+
+  def body(x, i):
+    plain = ll_dispatch(ep, shape, shape.tokens, **FP8_MODES[mode])(x, i)
+    hook = ll_dispatch(ep, shape, shape.tokens, return_recv_hook=True,
+                       **FP8_MODES[mode])(x, i)
+    seen["hook"] = hook
+    overlap = jnp.tanh(x.astype(jnp.float32)) * 2  # "compute in between"
+    hooked = hook(overlap, x) if after == "arrays" else hook()
+    return plain, hooked, overlap
+
+  plain, hooked, _ = ep.run(body, flat(x), flat(idx))
+  ctx = context(seed, R=num_ranks, mode=mode, after=after)
+  assert isinstance(seen["hook"], jax_ep.RecvHook), ctx
+  want = dm.low_latency_dispatch(x, idx, num_experts=shape.experts,
+                                 max_tokens=shape.tokens, **FP8_MODES[mode])
+  for got in (plain, hooked):
+    check_ll_dispatched(got, want, ctx, fp8=mode != "bf16",
+                        num_tokens=shape.tokens, hidden=shape.hidden)
+
+
+@pytest.mark.parametrize("after", ["none", "arrays"])
+@pytest.mark.parametrize("num_ranks", [2, 4])
+def test_ll_combine_hook_gives_the_same_result(seed, num_ranks, after):
+  shape = SPECS["small"].shape
+  rng = np.random.default_rng(seed)
+  ep = Ep(num_ranks)
+  idx = routing(rng, num_ranks, shape.tokens, shape.topk, shape.experts,
+                "duplicates")
+  x = tokens(rng, num_ranks, shape.tokens, shape.hidden)
+  w = weights(rng, idx.shape)
+  y = random_expert_outputs(rng, num_ranks, shape, shape.tokens)
+  seen = {}
+
+  def body(x, i, w, y):
+    d = ll_dispatch(ep, shape, shape.tokens, use_fp8=False)(x, i)
+    plain = jax_ep.low_latency_combine(ep.buffer, y[0], i, w, d.handle)
+    hook = jax_ep.low_latency_combine(ep.buffer, y[0], i, w, d.handle,
+                                      return_recv_hook=True)
+    seen["hook"] = hook
+    hooked = hook(jnp.cos(w), y) if after == "arrays" else hook()
+    return plain, hooked
+
+  plain, hooked = ep.run(body, flat(x), flat(idx), flat(w), y)
+  ctx = context(seed, R=num_ranks, after=after)
+  assert isinstance(seen["hook"], jax_ep.RecvHook), ctx
+  routes = dm.low_latency_dispatch(x, idx, num_experts=shape.experts,
+                                   max_tokens=shape.tokens)
+  check_ll_combined(plain, y, idx, w, routes, ctx)
+  assert_same(hooked, plain, "out (hook) vs out (no hook)", ctx)
+
+
+def test_hook_pins_receive_after_the_given_compute(seed):
+  """hook(after) ties the receive to `after` (optimization_barrier); a hook
+  crosses a jit boundary as a pytree."""
+  shape = SPECS["small"].shape
+  rng = np.random.default_rng(seed)
+  ep = Ep(2)
+  idx = routing(rng, 2, shape.tokens, shape.topk, shape.experts, "distinct")
+  x = tokens(rng, 2, shape.tokens, shape.hidden)
+
+  def body(x, i):
+    hook = ll_dispatch(ep, shape, shape.tokens, use_fp8=False,
+                       return_recv_hook=True)(x, i)
+    hook = jax.jit(lambda h: h)(hook)  # a pytree through jit
+    return hook(jnp.sin(x.astype(jnp.float32))).x
+
+  jaxpr = str(ep.trace(body, flat(x), flat(idx)))
+  assert "optimization_barrier" in jaxpr
+  got = ep.run(body, flat(x), flat(idx))
+  want = dm.low_latency_dispatch(x, idx, num_experts=shape.experts,
+                                 max_tokens=shape.tokens)
+  assert_same(got, want.rows[0], "x", context(seed))
+
+
+@pytest.mark.parametrize("spec", params("dsv3_ll_cut", "dsv3_ll"))
+def test_ll_benchmark_shapes(seed, spec):
+  shape = spec.shape
+  num_ranks = 8 if "ci" in spec.tags else 2
+  rng = np.random.default_rng(seed)
+  ep = Ep(num_ranks)
+  idx = routing(rng, num_ranks, shape.tokens, shape.topk, shape.experts, "hot")
+  x = tokens(rng, num_ranks, shape.tokens, shape.hidden)
+  w = weights(rng, idx.shape)
+
+  def body(x, i, w):
+    d = ll_dispatch(ep, shape, shape.tokens, use_fp8=True)(x, i)
+    y = jax_ep.per_token_cast_back(d.x, d.scales)
+    return d, jax_ep.low_latency_combine(ep.buffer, y, i, w, d.handle)
+
+  got, out = ep.run(body, flat(x), flat(idx), flat(w))
+  want = dm.low_latency_dispatch(x, idx, num_experts=shape.experts,
+                                 max_tokens=shape.tokens, use_fp8=True)
+  ctx = context(seed, spec=spec.name, R=num_ranks)
+  check_ll_dispatched(got, want, ctx, fp8=True, num_tokens=shape.tokens,
+                      hidden=shape.hidden)
+  y = dm.per_token_cast_back(*want.rows)
+  check_ll_combined(out, y, idx, w, want, ctx)

@@ -1,0 +1,96 @@
+"""Gradients of a small MoE layer through jax_ep equal those of a dense MoE.
+
+See `moe_models`. Gradients w.r.t. the tokens, the router and every expert
+weight (and the forward output) must agree to f32 rounding (rtol 1e-5).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from ep_testing import EP, Ep, assert_close, context
+from moe_models import (HIDDEN, NUM_EXPERTS, TOKENS, choose_experts,
+                        dense_ll_moe, dense_moe, ep_ll_moe, ep_moe)
+
+F32 = np.float32
+
+
+def _params(rng, num_ranks, ffn):
+  n = num_ranks * TOKENS
+  x = rng.standard_normal((n, HIDDEN), dtype=F32)
+  w_router = rng.standard_normal((HIDDEN, NUM_EXPERTS), dtype=F32) * F32(0.5)
+  w1 = rng.standard_normal((NUM_EXPERTS, HIDDEN, ffn), dtype=F32) * F32(0.3)
+  w2 = rng.standard_normal((NUM_EXPERTS, ffn, HIDDEN), dtype=F32) * F32(0.3)
+  probe = rng.standard_normal((n, HIDDEN), dtype=F32)
+  return x, w_router, w1, w2, probe
+
+
+def _compare(got, want, names, ctx):
+  for g, w, name in zip(got, want, names):
+    g, w = np.asarray(g), np.asarray(w)
+    assert g.shape == w.shape, f"{name} [{ctx}]"
+    assert np.abs(w).max() > 0, f"{name} [{ctx}]: zero gradient tests nothing"
+    assert_close(g, w, name, ctx, rtol=1e-5,
+                 atol=1e-5 * np.abs(w).max())
+
+
+@pytest.mark.parametrize("topk", [2, 3])
+@pytest.mark.parametrize("num_ranks", [1, 2, 4, 8])
+def test_moe_gradients_match_dense(seed, num_ranks, topk):
+  rng = np.random.default_rng(seed)
+  ep = Ep(num_ranks)
+  x, w_router, w1, w2, probe = _params(rng, num_ranks, ffn=8)
+  idx = np.asarray(jax.jit(choose_experts, static_argnums=2)(x, w_router,
+                                                             topk))
+  layer = ep.sharded(lambda *a: ep_moe(ep.buffer, *a),
+                     in_specs=(EP, P(), EP, EP, EP), per_rank=False)
+
+  def ep_loss(x, w_router, w1, w2):
+    return jnp.sum(layer(x, w_router, w1, w2, idx) * probe)
+
+  def dense_loss(x, w_router, w1, w2):
+    return jnp.sum(dense_moe(x, w_router, w1, w2, idx) * probe)
+
+  args = (x, w_router, w1, w2)
+  with ep.active():
+    put = (ep.put(x), ep.put(w_router, P()), ep.put(w1), ep.put(w2))
+    got_out = layer(*put, idx)
+    got = jax.grad(ep_loss, argnums=(0, 1, 2, 3))(*put)
+  want_out = jax.jit(dense_moe)(*args, idx)
+  want = jax.jit(jax.grad(dense_loss, argnums=(0, 1, 2, 3)))(*args)
+  ctx = context(seed, R=num_ranks, topk=topk)
+  _compare([got_out], [want_out], ["out (forward)"], ctx)
+  _compare(got, want, ("d_x", "d_router", "d_w1", "d_w2"), ctx)
+
+
+@pytest.mark.parametrize("num_ranks", [1, 2, 4, 8])
+def test_low_latency_moe_gradients_match_dense(seed, num_ranks):
+  """K = 2: every sum of two terms is the same in any order."""
+  rng = np.random.default_rng(seed)
+  ep = Ep(num_ranks)
+  n = num_ranks * TOKENS
+  x = rng.standard_normal((n, HIDDEN), dtype=F32)
+  w_router = rng.standard_normal((HIDDEN, NUM_EXPERTS), dtype=F32)
+  a, b, c = (rng.standard_normal((NUM_EXPERTS, HIDDEN), dtype=F32)
+             for _ in range(3))
+  probe = rng.standard_normal((n, HIDDEN), dtype=F32)
+  idx = np.asarray(jax.jit(choose_experts, static_argnums=2)(x, w_router, 2))
+  layer = ep.sharded(lambda *args: ep_ll_moe(ep.buffer, *args),
+                     in_specs=(EP, P(), EP, EP, EP, EP), per_rank=False)
+
+  def ep_loss(*params):
+    return jnp.sum(layer(*params, idx) * probe)
+
+  def dense_loss(*params):
+    return jnp.sum(dense_ll_moe(*params, idx) * probe)
+
+  argnums = (0, 1, 2, 3, 4)
+  with ep.active():
+    _, got = jax.value_and_grad(ep_loss, argnums=argnums)(
+        ep.put(x), ep.put(w_router, P()), ep.put(a), ep.put(b), ep.put(c))
+  _, want = jax.jit(jax.value_and_grad(dense_loss, argnums=argnums))(
+      x, w_router, a, b, c)
+  _compare(got, want, ("d_x", "d_router", "d_a", "d_b", "d_c"),
+           context(seed, R=num_ranks))

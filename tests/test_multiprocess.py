@@ -1,0 +1,65 @@
+"""jax_ep across processes: N local processes joined by jax.distributed.
+
+Each test starts `multiprocess_worker.py` N times through jax_ep's own
+launcher (`jax_ep._src.launch.launch`, CPU devices, a free localhost port).
+Every process builds the same inputs from the shared seed, runs layout,
+dispatch (fresh, fp8, cached, capacity overflow), combine (weights, two
+biases, identity), low-latency dispatch/combine (bf16 and fp8 variants, hook)
+and gradients (dispatch's VJP, a small MoE against a dense one) over an EP
+mesh spanning all processes, and checks its own shards against the dense
+model. A failing process fails the test, with every process's output.
+"""
+
+import pathlib
+import sys
+import time
+
+import pytest
+
+from jax_ep._src import launch
+
+WORKER = pathlib.Path(__file__).resolve().parent / "multiprocess_worker.py"
+TIMEOUT_S = 90  # each configuration takes 10-30 s on 2 cores
+
+
+def run_workers(capfd, num_processes, devices, seed, checks=None,
+                timeout=TIMEOUT_S):
+  command = [sys.executable, str(WORKER), "--seed", str(seed)]
+  if checks:
+    command += ["--checks", checks]
+  start = time.monotonic()
+  code = launch.launch(command, num_processes, platform="cpu",
+                       devices_per_process=devices, timeout=timeout)
+  out, err = capfd.readouterr()
+  return code, out, err, time.monotonic() - start
+
+
+def _report(code, out, err, what):
+  return (f"{what}: exit code {code}\n----- stdout of all processes -----\n"
+          f"{out}\n----- stderr of all processes -----\n{err[-20000:]}")
+
+
+@pytest.mark.parametrize("num_processes,devices", [(2, 1), (4, 1), (2, 2)],
+                         ids=["2procx1dev", "4procx1dev", "2procx2dev"])
+def test_multiprocess_matches_dense_model(capfd, seed, num_processes, devices):
+  code, out, err, _ = run_workers(capfd, num_processes, devices, seed)
+  what = (f"{num_processes} processes x {devices} CPU devices, seed={seed} "
+          f"(rerun with JAX_EP_TEST_SEED={seed})")
+  if code != 0:
+    pytest.fail(_report(code, out, err, what), pytrace=False)
+  for i in range(num_processes):
+    assert f"worker {i}/{num_processes}: all checks passed" in out, \
+        _report(code, out, err, what)
+  assert f"of {num_processes * devices} devices" in out  # EP spans processes
+
+
+def test_a_failing_process_stops_the_launch(capfd, seed):
+  """launch(): "The first process to fail (or a timeout) stops the others;
+  its exit code is returned". Process 1 raises (an uncaught exception, as in
+  any user program) while process 0 waits in a collective: launch must
+  return 1 promptly, not the timeout's 124."""
+  code, out, err, took = run_workers(capfd, 2, 1, seed,
+                                     checks="selftest_failure", timeout=20)
+  report = _report(code, out, err, f"selftest (took {took:.0f} s)")
+  assert "deliberate failure in process 1" in err, report
+  assert code == 1, report
