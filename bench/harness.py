@@ -88,10 +88,17 @@ class Record:
   device: str = dataclasses.field(default_factory=device_name)
   date: str = dataclasses.field(
       default_factory=lambda: datetime.date.today().isoformat())
-  command: str = dataclasses.field(
-      default_factory=lambda: " ".join(
-          shlex.quote(a) for a in ["python", "-m", "bench", *sys.argv[1:]]))
+  command: str = dataclasses.field(default_factory=lambda: _command())
   processes: int = dataclasses.field(default_factory=jax.process_count)
+
+
+def _command() -> str:
+  """How to rerun this benchmark, launcher included."""
+  bench = ["python", "-m", "bench", *sys.argv[1:]]
+  if jax.process_count() > 1:
+    bench = ["python", "-m", "jax_ep.launch", "-n", str(jax.process_count()),
+             "--", *bench]
+  return " ".join(shlex.quote(a) for a in bench)
 
 
 def gbps(nbytes: float | None, seconds: float) -> float | None:
