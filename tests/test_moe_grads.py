@@ -27,13 +27,13 @@ def _params(rng, num_ranks, ffn):
   return x, w_router, w1, w2, probe
 
 
-def _compare(got, want, names, ctx):
+def _compare(got, want, names, ctx, atol_rel=1e-5):
   for g, w, name in zip(got, want, names):
     g, w = np.asarray(g), np.asarray(w)
     assert g.shape == w.shape, f"{name} [{ctx}]"
     assert np.abs(w).max() > 0, f"{name} [{ctx}]: zero gradient tests nothing"
     assert_close(g, w, name, ctx, rtol=1e-5,
-                 atol=1e-5 * np.abs(w).max())
+                 atol=atol_rel * np.abs(w).max())
 
 
 @pytest.mark.parametrize("topk", [2, 3])
@@ -67,7 +67,11 @@ def test_moe_gradients_match_dense(seed, num_ranks, topk):
 
 @pytest.mark.parametrize("num_ranks", [1, 2, 4, 8])
 def test_low_latency_moe_gradients_match_dense(seed, num_ranks):
-  """K = 2: every sum of two terms is the same in any order."""
+  """K = 2: every sum of two terms is the same in any order. But the LL path
+  rounds to bf16, and XLA may contract a multiply-add into an FMA on one side
+  and not the other: a bf16 rounding tie can then flip one term by one bf16
+  step (seen: 9.4e-5 on a gradient whose largest entry is 2.4), so entries
+  may differ by 1e-3 of the largest (a wrong gradient is off by O(1))."""
   rng = np.random.default_rng(seed)
   ep = Ep(num_ranks)
   n = num_ranks * TOKENS
@@ -93,4 +97,4 @@ def test_low_latency_moe_gradients_match_dense(seed, num_ranks):
   _, want = jax.jit(jax.value_and_grad(dense_loss, argnums=argnums))(
       x, w_router, a, b, c)
   _compare(got, want, ("d_x", "d_router", "d_a", "d_b", "d_c"),
-           context(seed, R=num_ranks))
+           context(seed, R=num_ranks), atol_rel=1e-3)
