@@ -6,3 +6,4 @@
 #include "xla/ffi/api/api.h"
 
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxEpGetDispatchLayout);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxEpIntranodeNotify);

@@ -1,8 +1,10 @@
 // The _jax_ep extension: hands each FFI handler to Python as a capsule, keyed
-// by its FFI target name. jax_ep/_src/native.py registers them with XLA.
+// by its FFI target name (jax_ep/_src/native.py registers them with XLA), and
+// binds the host runtime functions (bindings.h).
 
 #include <type_traits>
 
+#include "bindings.h"
 #include "handlers.h"
 #include "nanobind/nanobind.h"
 
@@ -24,6 +26,8 @@ NB_MODULE(_jax_ep, m) {
   m.def("registrations", [] {
     nb::dict targets;
     targets["jax_ep_get_dispatch_layout"] = Capsule(JaxEpGetDispatchLayout);
+    targets["jax_ep_intranode_notify"] = Capsule(JaxEpIntranodeNotify);
     return targets;
   });
+  jax_ep::BindPeerBuffers(m);
 }
