@@ -148,7 +148,7 @@ def test_one_process_per_gpu(capfd, seed):
   os.environ.update(CHILD_ENV)
   try:
     code = launch.launch(command, 2, platform="gpu", devices_per_process=1,
-                         timeout=240)
+                         timeout=150)
   finally:
     for k, v in old.items():
       if v is None:
@@ -170,7 +170,7 @@ def test_a_missing_rank_times_out_with_a_report(seed):
   try:
     proc = subprocess.run(
         [sys.executable, str(WORKER), "--seed", str(seed), "--mode",
-         "timeout"], capture_output=True, text=True, timeout=180, env=env)
+         "timeout"], capture_output=True, text=True, timeout=120, env=env)
   except subprocess.TimeoutExpired as e:
     pytest.fail(f"notify hung instead of timing out: {e}")
   report = (f"exit code {proc.returncode}\n--- stdout ---\n{proc.stdout}\n"
