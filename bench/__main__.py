@@ -16,7 +16,7 @@ import jax
 from bench import harness, normal
 from bench.shapes import SHAPES
 
-_IMPLS = ("jax_ep", "reference", "all_to_all")
+_IMPLS = ("jax_ep", "reference", "all_to_all", "ragged_all_to_all")
 _OPS = ("layout", "dispatch", "combine", "dispatch_combine")
 
 

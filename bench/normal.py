@@ -5,6 +5,8 @@ Implementations timed on the same inputs:
               are there, and only for ops that have a kernel)
   reference   jax_ep's pure-JAX backend: all_gather + gathers, all_to_all back
   all_to_all  a raw `lax.all_to_all` moving the dispatch's logical bytes
+  ragged_all_to_all  MaxText's pipeline (bench/ragged.py): one row per
+              (token, expert) pair; in one process only (DEVICE.md)
 
 Link bytes per rank: jax_ep moves each remote row once; the reference's
 all_gather (dispatch) and all_to_all (combine) move (R-1)*T full rows; the raw
@@ -23,7 +25,7 @@ from jax.sharding import PartitionSpec as P
 
 import jax_ep
 from jax_ep._src.runtime import KERNEL_OPS
-from bench import harness
+from bench import harness, ragged
 from bench.shapes import Shape
 
 FP8_GROUP = 128
@@ -38,6 +40,13 @@ def _rows_per_rank(idx: np.ndarray, shape: Shape, ranks: int) -> np.ndarray:
   per_rank = shape.experts // ranks
   dest = np.where(idx >= 0, idx // per_rank, -1).reshape(ranks, shape.tokens, -1)
   return np.stack([(dest == r).any(-1).sum(-1) for r in range(ranks)])
+
+
+def _pairs_per_rank(idx: np.ndarray, shape: Shape, ranks: int) -> np.ndarray:
+  """[R(dest), R(src)] (token, expert) pairs each rank receives from each."""
+  dest = np.where(idx >= 0, idx // (shape.experts // ranks), -1)
+  dest = dest.reshape(ranks, -1)
+  return np.stack([(dest == r).sum(-1) for r in range(ranks)])
 
 
 class Problem:
@@ -70,6 +79,9 @@ class Problem:
     rows = _rows_per_rank(idx, shape, self.ranks)
     self.recv_rows = rows.sum(1).mean()
     self.remote_rows = (rows.sum(1) - np.diag(rows)).mean()
+    pairs = _pairs_per_rank(idx, shape, self.ranks)
+    self.recv_pairs = pairs.sum(1).mean()
+    self.remote_pairs = (pairs.sum(1) - np.diag(pairs)).mean()
 
 
 def _sharded(mesh, f):
@@ -105,6 +117,9 @@ def run(mesh, shape: Shape, *, impls, dtypes, ops, seed: int, iters: int,
   api_ops = {"layout": ("get_dispatch_layout",), "dispatch": ("dispatch",),
              "combine": ("combine",), "dispatch_combine": ("dispatch", "combine")}
   for impl in impls:
+    if impl == "ragged_all_to_all":
+      _run_ragged(problem, ops, record, timing)
+      continue
     if impl == "all_to_all":
       if "dispatch" in ops:
         for dtype in dtypes:
@@ -192,3 +207,35 @@ def _run_all_to_all(problem: Problem, dtype: str, record, timing) -> None:
   t = harness.time_per_call(step, data, mesh, **timing)
   total = ranks * per_peer * row
   record("dispatch", "all_to_all", dtype, t, total, total * (ranks - 1) / ranks)
+
+
+def _run_ragged(problem: Problem, ops, record, timing) -> None:
+  """MaxText's ragged_all_to_all pipeline, bf16 (see bench/ragged.py)."""
+  shape, ranks, mesh = problem.shape, problem.ranks, problem.mesh
+  if jax.process_count() > 1 or jax.devices()[0].platform != "gpu":
+    if jax.process_index() == 0:
+      print("ragged_all_to_all: skipped (runs in one process on GPUs only)")
+    return
+  kw = dict(num_ranks=ranks, axis_name="ep")
+  row = _row_bytes(shape.hidden, False)
+  carry = (problem.x, problem.idx, problem.weights)
+
+  def routes(idx):
+    return ragged.routes(idx, num_experts=shape.experts, **kw)
+
+  if "dispatch" in ops:
+    t = harness.time_per_call(
+        lambda c: ragged.dispatch(c[0], c[1], routes(c[1]), **kw), carry,
+        mesh, **timing)
+    record("dispatch", "ragged_all_to_all", "bf16", t,
+           problem.recv_pairs * row, problem.remote_pairs * row)
+  if "dispatch_combine" in ops:
+    def round_trip(c):
+      x, idx, w = c
+      r = routes(idx)
+      return ragged.combine(ragged.dispatch(x, idx, r, **kw), idx, w, r,
+                            axis_name="ep")
+
+    t = harness.time_per_call(round_trip, carry, mesh, **timing)
+    record("dispatch_combine", "ragged_all_to_all", "bf16", t,
+           2 * problem.recv_pairs * row, 2 * problem.remote_pairs * row)
