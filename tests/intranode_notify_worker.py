@@ -148,9 +148,10 @@ def run_multiprocess(seed: int, steps: int) -> None:
       num_experts = num_ranks * int(rng.choice([1, 4, 32]))
       alignment = int(rng.choice([1, 4, 128]))
       num_tokens = int(rng.choice([0, 1, 64, 300]))
-      topk = random_routing(rng, num_ranks, num_tokens, 4, num_experts)
+      num_topk = min(4, num_experts)  # the layout needs K <= E
+      topk = random_routing(rng, num_ranks, num_tokens, num_topk, num_experts)
       counts, recv = notify_step(mesh, num_experts, alignment)(
-          global_array(mesh, topk.reshape(-1, 4), P(EP)))
+          global_array(mesh, topk.reshape(-1, num_topk), P(EP)))
       want_counts, want_recv = expected(topk, num_experts, alignment)
       what = (f"{who}, seed={seed}, step {step}, E={num_experts}, "
               f"align={alignment}, T={num_tokens}")
