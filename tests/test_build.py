@@ -15,7 +15,8 @@ from jax_ep._src import native
 def test_extension_is_built_where_nvcc_is():
   module = native.extension()
   assert module is not None, native.unavailable_reason()
-  assert "jax_ep_get_dispatch_layout" in module.registrations()
+  assert {"jax_ep_get_dispatch_layout", "jax_ep_intranode_notify"} <= set(
+      module.registrations())
 
 
 def test_missing_extension_has_a_reason_or_loads():
