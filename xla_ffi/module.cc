@@ -27,6 +27,8 @@ NB_MODULE(_jax_ep, m) {
     nb::dict targets;
     targets["jax_ep_get_dispatch_layout"] = Capsule(JaxEpGetDispatchLayout);
     targets["jax_ep_intranode_notify"] = Capsule(JaxEpIntranodeNotify);
+    targets["jax_ep_intranode_dispatch"] = Capsule(JaxEpIntranodeDispatch);
+    targets["jax_ep_intranode_combine"] = Capsule(JaxEpIntranodeCombine);
     return targets;
   });
   jax_ep::BindPeerBuffers(m);

@@ -10,6 +10,7 @@
 #include "bindings.h"
 #include "nanobind/nanobind.h"
 #include "nanobind/stl/vector.h"
+#include "intranode/dispatch_combine.cuh"
 #include "runtime/peer_buffers.cuh"
 
 namespace nb = nanobind;
@@ -77,6 +78,23 @@ nb::dict Layout(int64_t num_bytes, int64_t num_ranks) {
   return out;
 }
 
+// Data-region bytes an intranode dispatch and combine of these shapes need.
+int64_t IntranodeDataBytes(int64_t num_tokens, int64_t num_ranks,
+                           int64_t num_topk, int64_t row_bytes,
+                           int64_t scale_row_bytes, int64_t capacity,
+                           int64_t combine_row_bytes) {
+  if (num_tokens < 0 || num_ranks < 1 || num_topk < 0 || row_bytes < 0 ||
+      scale_row_bytes < 0 || capacity < 0 || combine_row_bytes < 0) {
+    throw nb::value_error(
+        "jax_ep intranode_data_bytes: sizes must be >= 0 (num_ranks >= 1)");
+  }
+  const intranode::DispatchStage dispatch{
+      num_tokens, num_ranks, num_topk, {row_bytes, scale_row_bytes}};
+  const intranode::CombineStage combine{num_tokens, num_ranks, capacity,
+                                        combine_row_bytes};
+  return intranode::RequiredDataBytes(dispatch, combine);
+}
+
 }  // namespace
 
 void BindPeerBuffers(nb::module_& m) {
@@ -96,6 +114,12 @@ void BindPeerBuffers(nb::module_& m) {
   m.def("peer_buffers_layout", &Layout, nb::arg("num_bytes"),
         nb::arg("num_ranks"),
         "Sizes of one rank's allocation for a data region of `num_bytes`.");
+  m.def("intranode_data_bytes", &IntranodeDataBytes, nb::arg("num_tokens"),
+        nb::arg("num_ranks"), nb::arg("num_topk"), nb::arg("row_bytes"),
+        nb::arg("scale_row_bytes"), nb::arg("capacity"),
+        nb::arg("combine_row_bytes"),
+        "Data-region bytes (both halves) that intranode dispatch and combine "
+        "of these shapes stage.");
 }
 
 }  // namespace jax_ep
