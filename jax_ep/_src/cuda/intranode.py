@@ -1,7 +1,9 @@
-"""Intranode (NVLink) kernels: the notify step (FFI jax_ep_intranode_notify).
+"""Intranode (NVLink) kernels: notify, dispatch and combine (FFI targets
+jax_ep_intranode_notify, jax_ep_intranode_dispatch, jax_ep_intranode_combine).
 
 Needs the peer buffers of every EP device (`peer_buffers.create_peer_buffers`)
-to exist before the first call runs.
+to exist before the first call runs; dispatch and combine stage their data in
+the buffers' data region, sized with `intranode_buffer_bytes`.
 """
 
 from __future__ import annotations
@@ -12,8 +14,13 @@ import numpy as np
 
 from jax_ep._src import checks
 from jax_ep._src import native
+from jax_ep._src.fp8 import FP8_DTYPE, GROUP
+from jax_ep._src.handles import DispatchHandle
 
 _NOTIFY_TARGET = "jax_ep_intranode_notify"
+_DISPATCH_TARGET = "jax_ep_intranode_dispatch"
+_COMBINE_TARGET = "jax_ep_intranode_combine"
+DEFAULT_NUM_SMS = 24
 # The control region's limits (csrc/runtime/peer_buffers.cuh).
 MAX_RANKS = 64
 MAX_EXPERTS = 1024
@@ -80,3 +87,208 @@ def notify(num_tokens_per_rank: jax.Array, num_tokens_per_expert: jax.Array,
       num_ranks=np.int64(num_ranks), num_experts=np.int64(num_experts),
       expert_alignment=np.int64(expert_alignment),
       timeout_ns=np.int64(round(timeout_s * 1e9))))
+
+
+def _extension(op: str):
+  if not native.register_targets():
+    raise RuntimeError(
+        f"jax_ep.{op}: the CUDA kernels are unavailable (jax_ep._jax_ep: "
+        f"{native.unavailable_reason()})")
+  return native.extension()
+
+
+def intranode_buffer_bytes(num_tokens: int, hidden: int, topk: int,
+                           num_ranks: int, capacity: int | None = None,
+                           dtype=jnp.bfloat16) -> int:
+  """Data-region bytes (`create_peer_buffers(..., num_bytes)`) that
+  intranode `dispatch` and `combine` need for these per-rank shapes.
+
+  Args:
+    num_tokens: T, tokens per rank.
+    hidden: H, channels per token.
+    topk: K.
+    num_ranks: R.
+    capacity: M, rows received per rank (default `R*T`).
+    dtype: dtype of the dispatched rows: bf16 (f16, f32), or
+      `float8_e4m3fn` for fp8 rows with f32 scales `[T, H/128]`. Combine is
+      sized for `y` of `max(2, itemsize)` bytes per channel.
+
+  Returns:
+    Bytes: two halves (the protocol alternates them call by call), each the
+    larger of what a dispatch and a combine of these shapes stage.
+  """
+  capacity = num_ranks * num_tokens if capacity is None else capacity
+  dtype = jnp.dtype(dtype)
+  if dtype == jnp.dtype(FP8_DTYPE):
+    row_bytes, scale_bytes, combine_bytes = hidden, hidden // GROUP * 4, 2 * hidden
+  else:
+    row_bytes = hidden * dtype.itemsize
+    scale_bytes, combine_bytes = 0, hidden * max(2, dtype.itemsize)
+  return int(_extension("intranode_buffer_bytes").intranode_data_bytes(
+      int(num_tokens), int(num_ranks), int(topk), int(row_bytes),
+      int(scale_bytes), int(capacity), int(combine_bytes)))
+
+
+def _check_buffers(op: str, buffers, num_ranks: int, needed: int) -> None:
+  if buffers is None or not hasattr(buffers, "num_bytes"):
+    raise TypeError(
+        f"jax_ep.{op}: buffers must be the PeerBuffers of the EP devices "
+        f"(peer_buffers.create_peer_buffers), got {type(buffers)}")
+  if buffers.num_ranks != num_ranks:
+    raise ValueError(
+        f"jax_ep.{op}: the peer buffers are for {buffers.num_ranks} ranks, "
+        f"the call for {num_ranks}")
+  if buffers.num_bytes < needed:
+    raise ValueError(
+        f"jax_ep.{op}: the peer buffers' data region has {buffers.num_bytes} "
+        f"bytes but this call needs {needed}; create them with "
+        "intranode_buffer_bytes(...) bytes for the largest shapes you run")
+
+
+def _timeout_ns(op: str, timeout_s: float) -> np.int64:
+  if not timeout_s > 0:
+    raise ValueError(f"jax_ep.{op}: timeout_s must be > 0, got {timeout_s!r}")
+  return np.int64(round(timeout_s * 1e9))
+
+
+def dispatch(rows, topk_idx: jax.Array, topk_weights: jax.Array | None, *,
+             axis_name: str, num_ranks: int, num_experts: int, capacity: int,
+             expert_alignment: int, buffers, num_sms: int = DEFAULT_NUM_SMS,
+             timeout_s: float = DEFAULT_TIMEOUT_S):
+  """Fresh intranode dispatch on the NVLink kernels, per shard.
+
+  Same contract and results (bit for bit) as
+  `jax_ep._src.reference.normal.dispatch`; call inside `jax.shard_map` on
+  every rank, in the same order as the other intranode calls.
+
+  Args:
+    rows: `(x[T, H],)` (any dtype, rows a multiple of 16 bytes) or fp8
+      `(e4m3[T, H], f32 scales[T, H/128])`: sent as bytes.
+    topk_idx: `int32[T, K]`, `-1` (or any id outside `[0, E)`) selects
+      nothing, `K <= 32`.
+    topk_weights: optional `f32[T, K]`.
+    axis_name: the EP axis (for the signature of the reference; the rank
+      comes from the device's peer buffers).
+    num_ranks, num_experts, capacity, expert_alignment: R, E (a multiple of
+      R, <= 1024), M, alignment of the per-expert counts.
+    buffers: the `PeerBuffers` of the EP devices; their data region must hold
+      `intranode_buffer_bytes` for these shapes.
+    num_sms: blocks of the copy and receive kernels.
+    timeout_s: per wait for the peers, then the kernel reports and traps.
+
+  Returns:
+    `(recv_rows, recv_topk_idx int32[M, K], recv_topk_weights f32[M, K] or
+    None, num_tokens_per_expert int32[E/R], handle)`, `recv_rows` a tuple like
+    `rows` with `M` rows.
+  """
+  del axis_name
+  op = "intranode_dispatch"
+  rows = tuple(rows)
+  if len(rows) not in (1, 2):
+    raise ValueError(f"jax_ep.{op}: rows must hold 1 or 2 arrays, got "
+                     f"{len(rows)}")
+  num_tokens = rows[0].shape[0]
+  checks.has_tokens(op, num_tokens)
+  for i, r in enumerate(rows):
+    checks.array(op, f"rows[{i}]", r, ndim=2, dtypes=(r.dtype,),
+                 shape=(num_tokens, None))
+    checks.row_bytes(op, f"rows[{i}]", r)
+  num_experts = checks.experts(op, num_experts, num_ranks)
+  if num_experts > MAX_EXPERTS or num_ranks > MAX_RANKS:
+    raise ValueError(
+        f"jax_ep.{op}: supports num_ranks <= {MAX_RANKS} and num_experts <= "
+        f"{MAX_EXPERTS}, got {num_ranks} and {num_experts}")
+  num_topk = checks.topk_idx(op, topk_idx, num_tokens, num_experts)
+  checks.topk_weights(op, topk_weights, (num_tokens, num_topk))
+  capacity = checks.positive_int(op, "capacity", capacity)
+  expert_alignment = checks.positive_int(op, "expert_alignment",
+                                         expert_alignment)
+  num_sms = checks.positive_int(op, "num_sms", num_sms)
+  row_bytes = [r.shape[1] * r.dtype.itemsize for r in rows] + [0]
+  module = _extension(op)
+  _check_buffers(op, buffers, num_ranks, module.intranode_data_bytes(
+      num_tokens, num_ranks, num_topk, row_bytes[0], row_bytes[1], 0, 0))
+  scales = rows[1] if len(rows) == 2 else jnp.zeros((num_tokens, 0),
+                                                     jnp.float32)
+  weights = (topk_weights if topk_weights is not None else
+             jnp.zeros(topk_idx.shape, jnp.float32))
+  out_types = (
+      jax.ShapeDtypeStruct((capacity, rows[0].shape[1]), rows[0].dtype),
+      jax.ShapeDtypeStruct((capacity, scales.shape[1]), scales.dtype),
+      jax.ShapeDtypeStruct((capacity, num_topk), jnp.int32),
+      jax.ShapeDtypeStruct((capacity, num_topk), jnp.float32),
+      jax.ShapeDtypeStruct((num_experts // num_ranks,), jnp.int32),
+      jax.ShapeDtypeStruct((capacity,), jnp.int32),
+      jax.ShapeDtypeStruct((num_ranks, num_tokens), jnp.int32),
+      jax.ShapeDtypeStruct((), jnp.int32),
+  )
+  # Side effect: every call is one protocol round on every rank.
+  call = jax.ffi.ffi_call(_DISPATCH_TARGET, out_types, has_side_effect=True)
+  (recv_x, recv_scales, recv_idx, recv_weights, per_expert, src_index,
+   recv_row, num_recv) = call(
+       rows[0], scales, topk_idx, weights,
+       num_ranks=np.int64(num_ranks), num_experts=np.int64(num_experts),
+       capacity=np.int64(capacity),
+       expert_alignment=np.int64(expert_alignment),
+       num_sms=np.int64(num_sms), timeout_ns=_timeout_ns(op, timeout_s))
+  handle = DispatchHandle(src_index, recv_row, num_recv, num_ranks,
+                          num_tokens, capacity, num_experts)
+  recv_rows = (recv_x,) if len(rows) == 1 else (recv_x, recv_scales)
+  return (recv_rows, recv_idx,
+          recv_weights if topk_weights is not None else None, per_expert,
+          handle)
+
+
+def combine(y: jax.Array, handle: DispatchHandle, *, axis_name: str, buffers,
+            bias: jax.Array | None = None, out_dtype=jnp.float32,
+            num_sms: int = DEFAULT_NUM_SMS,
+            timeout_s: float = DEFAULT_TIMEOUT_S) -> jax.Array:
+  """Intranode combine on the NVLink kernels, per shard.
+
+  With the defaults, the same result (bit for bit) as
+  `jax_ep._src.reference.normal.combine`: `f32[T, C]`, the sum in fp32 and
+  rank order of the rows every rank received for each token. With `bias`
+  (`f32[T, C]`) and `out_dtype=y.dtype` it returns
+  `(sum + bias).astype(y.dtype)`, rounded once in the kernel.
+
+  Args:
+    y: `bf16[M, C]` or `f32[M, C]`, rows as the dispatch delivered them.
+    handle: the dispatch's `DispatchHandle` (kernel or reference made).
+    axis_name: the EP axis (unused: the rank comes from the peer buffers).
+    buffers: the EP devices' `PeerBuffers`.
+    bias: optional `f32[T, C]`.
+    out_dtype: `float32` or `y.dtype`.
+  """
+  del axis_name
+  op = "intranode_combine"
+  if not isinstance(handle, DispatchHandle):
+    raise TypeError(f"jax_ep.{op}: handle must be a DispatchHandle, got "
+                    f"{type(handle)}")
+  checks.array(op, "y", y, ndim=2,
+               dtypes=(jnp.bfloat16, jnp.float32), shape=(handle.capacity,
+                                                          None))
+  if y.shape[1] * y.dtype.itemsize % 4:
+    raise ValueError(f"jax_ep.{op}: rows of y must be a multiple of 4 bytes, "
+                     f"got {y.dtype}{list(y.shape)}")
+  num_tokens, num_ranks = handle.num_tokens, handle.num_ranks
+  out_dtype = jnp.dtype(out_dtype)
+  if out_dtype not in (jnp.dtype(jnp.float32), jnp.dtype(y.dtype)):
+    raise ValueError(f"jax_ep.{op}: out_dtype must be float32 or y's dtype "
+                     f"{y.dtype}, got {out_dtype}")
+  if bias is None:
+    bias = jnp.zeros((num_tokens, 0), jnp.float32)
+  else:
+    checks.array(op, "bias", bias, ndim=2, dtypes=(jnp.float32,),
+                 shape=(num_tokens, y.shape[1]))
+  num_sms = checks.positive_int(op, "num_sms", num_sms)
+  module = _extension(op)
+  _check_buffers(op, buffers, num_ranks, module.intranode_data_bytes(
+      num_tokens, num_ranks, 0, 0, 0, handle.capacity,
+      y.shape[1] * y.dtype.itemsize))
+  call = jax.ffi.ffi_call(
+      _COMBINE_TARGET,
+      jax.ShapeDtypeStruct((num_tokens, y.shape[1]), out_dtype),
+      has_side_effect=True)
+  return call(y, handle.recv_row, handle.num_recv_tokens, bias,
+              num_ranks=np.int64(num_ranks), num_sms=np.int64(num_sms),
+              timeout_ns=_timeout_ns(op, timeout_s))
