@@ -1,0 +1,150 @@
+"""GPU tests of the intranode dispatch and combine kernels, against the
+pure-JAX reference, bit for bit (every output and every handle field).
+
+* One process driving every local GPU (peer access): a table of shapes
+  (T in {1, 7, 128, 4096}, H in {2048, 7168}, K in {1, 8}, E in {R, 256}),
+  -1 and out-of-range ids, skewed routing, capacity overflow, fp8 rows,
+  no weights, expert alignment; two fresh routings per shape.
+* 50 dispatch/combine pairs back to back in one program (lax.scan) with a
+  fresh routing each.
+* One process per GPU: intranode_worker.py launched twice by
+  `jax_ep._src.launch.launch` (peer buffers through CUDA IPC).
+* Trace-time refusal of buffers too small for a call.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+import intranode_worker as worker
+from intranode_worker import Case
+from jax_ep._src import launch
+from jax_ep._src import native
+from jax_ep._src.cuda import intranode
+from jax_ep._src.cuda import peer_buffers
+from jax_ep._src.fp8 import FP8_DTYPE
+
+
+def _gpus() -> list[jax.Device]:
+  try:
+    return jax.devices("gpu")
+  except RuntimeError:  # no GPU backend in this jaxlib or on this machine
+    return []
+
+
+GPUS = _gpus()
+R = len(GPUS)
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not GPUS, reason="needs a CUDA GPU"),
+    pytest.mark.skipif(
+        native.extension() is None,
+        reason=f"jax_ep._jax_ep: {native.unavailable_reason()}"),
+]
+WORKER = pathlib.Path(worker.__file__).resolve()
+CHILD_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+             "NVSHMEM_DISABLE_NVLS": "1", "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+
+CASES = [
+    Case(1, 2048, 1, max(R, 1)),
+    Case(1, 7168, 8, 256),
+    Case(7, 2048, 8, 256),
+    Case(7, 7168, 1, max(R, 1), alignment=8),
+    Case(128, 2048, 1, 256, weights=False),
+    Case(128, 7168, 8, 256, skew=True),
+    Case(128, 2048, 8, 256, capacity=max(1, R * 128 // 3)),  # overflow
+    Case(128, 7168, 8, 256, fp8=True),
+    Case(4096, 2048, 1, max(R, 1), skew=True),
+    Case(4096, 7168, 8, 256, alignment=128),
+    Case(4096, 7168, 8, 256, capacity=3000, skew=True),  # overflow
+    Case(4096, 7168, 8, 256, fp8=True),
+]
+CASES = [c for c in CASES if c.topk <= c.experts]  # the ops need K <= E
+SCAN_CASE = Case(128, 2048, 8, 256)
+
+
+@pytest.fixture(scope="module")
+def setup():
+  num_bytes = max(intranode.intranode_buffer_bytes(
+      c.tokens, c.hidden, c.topk, R, c.capacity,
+      FP8_DTYPE if c.fp8 else jnp.bfloat16) for c in CASES)
+  buffers = peer_buffers.create_peer_buffers(GPUS, num_bytes)
+  yield Mesh(np.array(GPUS), (worker.EP,)), buffers
+  buffers.close()
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name())
+def test_kernels_match_reference(setup, seed, case):
+  mesh, buffers = setup
+  rng = np.random.default_rng(seed)
+  for call in range(2):
+    worker.run_case(mesh, buffers, case, rng, f"seed={seed}, call {call}")
+
+
+def test_50_pairs_in_one_program(setup, seed):
+  mesh, buffers = setup
+  rng = np.random.default_rng(seed)
+  steps = 50
+  per_step = [worker.inputs(rng, R, SCAN_CASE) for _ in range(steps)]
+  stacked = [None if a[0] is None else np.stack(a) for a in zip(*per_step)]
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  args = [None if a is None else jax.device_put(
+      a, NamedSharding(mesh, P(None, worker.EP))) for a in stacked]
+  out = worker.scan_steps(mesh, buffers, SCAN_CASE)(*args)
+  out = [np.asarray(o) for o in out]
+  names = worker._names(SCAN_CASE)  # pylint: disable=protected-access
+  for i in range(steps):
+    worker.compare(names, [o[i] for o in out],
+                   f"seed={seed}, step {i} of the scan")
+
+
+def test_too_small_buffers_are_refused_at_trace_time(setup):
+  mesh, buffers = setup
+  del mesh
+  tokens = 1 << 16  # far past what the fixture sized the buffers for
+  x = jax.ShapeDtypeStruct((tokens, 7168), jnp.bfloat16)
+  idx = jax.ShapeDtypeStruct((tokens, 8), jnp.int32)
+  with pytest.raises(ValueError, match="intranode_buffer_bytes"):
+    jax.eval_shape(lambda x, idx: intranode.dispatch(
+        (x,), idx, None, axis_name=worker.EP, num_ranks=R, num_experts=256,
+        capacity=R * tokens, expert_alignment=1, buffers=buffers), x, idx)
+
+
+def test_buffer_bytes_grow_with_the_shapes():
+  small = intranode.intranode_buffer_bytes(128, 2048, 8, 2)
+  big = intranode.intranode_buffer_bytes(4096, 7168, 8, 2)
+  assert 2 * 2 * 4096 * 7168 * 2 <= big  # two halves of R*T bf16 rows
+  assert small < big
+
+
+def test_one_process_per_gpu(capfd, seed):
+  if R < 2:
+    pytest.skip("needs 2 GPUs")
+  steps = 20
+  command = [sys.executable, str(WORKER), "--seed", str(seed), "--steps",
+             str(steps)]
+  old = {k: os.environ.get(k) for k in CHILD_ENV}
+  os.environ.update(CHILD_ENV)
+  try:
+    code = launch.launch(command, 2, platform="gpu", devices_per_process=1,
+                         timeout=200)
+  finally:
+    for k, v in old.items():
+      if v is None:
+        os.environ.pop(k)
+      else:
+        os.environ[k] = v
+  out, err = capfd.readouterr()
+  report = (f"exit code {code}, seed={seed}\n--- stdout ---\n{out}\n"
+            f"--- stderr ---\n{err[-20000:]}")
+  assert code == 0, report
+  for i in range(2):
+    assert f"worker {i}/2: {steps} dispatch/combine steps passed" in out, report
