@@ -15,23 +15,11 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jax_ep
-from jax_ep._src import native
+from gpu_testing import GPUS, NEEDS_KERNELS
 
 
-def _gpus():
-  try:
-    return jax.devices("gpu")
-  except RuntimeError:
-    return []
 
-
-GPUS = _gpus()
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not GPUS, reason="needs a CUDA GPU"),
-    pytest.mark.skipif(native.extension() is None,
-                       reason=f"jax_ep._jax_ep: {native.unavailable_reason()}"),
-]
+pytestmark = NEEDS_KERNELS
 
 TOKENS, HIDDEN, TOPK, EXPERTS = 256, 512, 8, 64
 

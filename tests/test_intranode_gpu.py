@@ -14,9 +14,7 @@ pure-JAX reference, bit for bit (every output and every handle field).
 
 from __future__ import annotations
 
-import os
 import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -26,32 +24,16 @@ from jax.sharding import Mesh
 
 import intranode_worker as worker
 from intranode_worker import Case
-from jax_ep._src import launch
-from jax_ep._src import native
+from gpu_testing import GPUS, NEEDS_KERNELS, launch_per_gpu
 from jax_ep._src.cuda import intranode
 from jax_ep._src.cuda import peer_buffers
 from jax_ep._src.fp8 import FP8_DTYPE
 
 
-def _gpus() -> list[jax.Device]:
-  try:
-    return jax.devices("gpu")
-  except RuntimeError:  # no GPU backend in this jaxlib or on this machine
-    return []
 
-
-GPUS = _gpus()
 R = len(GPUS)
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not GPUS, reason="needs a CUDA GPU"),
-    pytest.mark.skipif(
-        native.extension() is None,
-        reason=f"jax_ep._jax_ep: {native.unavailable_reason()}"),
-]
+pytestmark = NEEDS_KERNELS
 WORKER = pathlib.Path(worker.__file__).resolve()
-CHILD_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-             "NVSHMEM_DISABLE_NVLS": "1", "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
 
 CASES = [
     Case(1, 2048, 1, max(R, 1)),
@@ -129,22 +111,10 @@ def test_one_process_per_gpu(capfd, seed):
   if R < 2:
     pytest.skip("needs 2 GPUs")
   steps = 20
-  command = [sys.executable, str(WORKER), "--seed", str(seed), "--steps",
-             str(steps)]
-  old = {k: os.environ.get(k) for k in CHILD_ENV}
-  os.environ.update(CHILD_ENV)
-  try:
-    code = launch.launch(command, 2, platform="gpu", devices_per_process=1,
-                         timeout=200)
-  finally:
-    for k, v in old.items():
-      if v is None:
-        os.environ.pop(k)
-      else:
-        os.environ[k] = v
-  out, err = capfd.readouterr()
-  report = (f"exit code {code}, seed={seed}\n--- stdout ---\n{out}\n"
-            f"--- stderr ---\n{err[-20000:]}")
+  code, out, report = launch_per_gpu(
+      capfd, [str(WORKER), "--seed", str(seed), "--steps", str(steps)],
+      timeout=200)
+  report = f"seed={seed}: {report}"
   assert code == 0, report
   for i in range(2):
     assert f"worker {i}/2: {steps} dispatch/combine steps passed" in out, report

@@ -23,37 +23,20 @@ import jax
 import numpy as np
 import pytest
 from jax.sharding import Mesh
-from jax.sharding import PartitionSpec as P
 
 import intranode_notify_worker as worker
-from jax_ep._src import launch
-from jax_ep._src import native
+from gpu_testing import CHILD_ENV, GPUS, NEEDS_KERNELS, launch_per_gpu
 from jax_ep._src.cuda import intranode
 from jax_ep._src.cuda import peer_buffers
 
 
-def _gpus() -> list[jax.Device]:
-  try:
-    return jax.devices("gpu")
-  except RuntimeError:  # no GPU backend in this jaxlib or on this machine
-    return []
 
-
-GPUS = _gpus()
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not GPUS, reason="needs a CUDA GPU"),
-    pytest.mark.skipif(
-        native.extension() is None,
-        reason=f"jax_ep._jax_ep: {native.unavailable_reason()}"),
-]
+pytestmark = NEEDS_KERNELS
 WORKER = pathlib.Path(worker.__file__).resolve()
 NUM_TOPK = 8
 # Environment of the processes these tests start: NVLink multicast stays off
 # (DEVICE.md), and no preallocation, since this process already holds most of
 # the GPUs' memory.
-CHILD_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-             "NVSHMEM_DISABLE_NVLS": "1", "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
 
 
 def _notify_alone(num_ranks: int, num_experts: int):
@@ -154,22 +137,10 @@ def test_200_repeated_jitted_calls(mesh, seed):
 def test_one_process_per_gpu(capfd, seed):
   if len(GPUS) < 2:
     pytest.skip("needs 2 GPUs")
-  command = [sys.executable, str(WORKER), "--seed", str(seed), "--mode",
-             "multiprocess", "--steps", "40"]
-  old = {k: os.environ.get(k) for k in CHILD_ENV}
-  os.environ.update(CHILD_ENV)
-  try:
-    code = launch.launch(command, 2, platform="gpu", devices_per_process=1,
-                         timeout=150)
-  finally:
-    for k, v in old.items():
-      if v is None:
-        os.environ.pop(k)
-      else:
-        os.environ[k] = v
-  out, err = capfd.readouterr()
-  report = (f"exit code {code}, seed={seed}\n--- stdout ---\n{out}\n"
-            f"--- stderr ---\n{err[-20000:]}")
+  code, out, report = launch_per_gpu(
+      capfd, [str(WORKER), "--seed", str(seed), "--mode", "multiprocess",
+              "--steps", "40"], timeout=150)
+  report = f"seed={seed}: {report}"
   assert code == 0, report
   for i in range(2):
     assert f"worker {i}/2: 40 notify steps passed" in out, report

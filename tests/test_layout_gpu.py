@@ -19,26 +19,14 @@ import pytest
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from gpu_testing import GPUS, NEEDS_KERNELS
 from jax_ep._src import native
 from jax_ep._src.cuda import layout as cuda_layout
 from jax_ep._src.reference import layout as reference_layout
 
 
-def _gpus() -> list[jax.Device]:
-  try:
-    return jax.devices("gpu")
-  except RuntimeError:  # no GPU backend in this jaxlib or on this machine
-    return []
 
-
-GPUS = _gpus()
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not GPUS, reason="needs a CUDA GPU"),
-    pytest.mark.skipif(
-        native.extension() is None,
-        reason=f"jax_ep._jax_ep: {native.unavailable_reason()}"),
-]
+pytestmark = NEEDS_KERNELS
 
 OUTPUT_NAMES = ("num_tokens_per_rank", "num_tokens_per_expert",
                 "is_token_in_rank", "num_invalid")

@@ -6,25 +6,17 @@ runs in one process on GPUs only (DEVICE.md), so this is a GPU test.
 """
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from bench import ragged
+from gpu_testing import GPUS, NEEDS_GPU
 
 
-def _gpus():
-  try:
-    return jax.devices("gpu")
-  except RuntimeError:
-    return []
 
-
-GPUS = _gpus()
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not GPUS, reason="needs a CUDA GPU")]
+pytestmark = NEEDS_GPU
 
 
 @pytest.mark.parametrize("experts", [len(GPUS), 64])

@@ -98,11 +98,13 @@ def initialize() -> None:
 
 def launch(command: list[str], num_processes: int, *,
            devices_per_process: int | None = None, platform: str = "auto",
-           timeout: float | None = None) -> int:
+           timeout: float | None = None,
+           env: dict[str, str] | None = None) -> int:
   """Runs `command` as `num_processes` joined processes; returns an exit code.
 
-  The first process to fail (or a timeout) stops the others; its exit code
-  is returned (124 on timeout).
+  The processes inherit this environment plus `env`. The first process to
+  fail (or a timeout) stops the others; its exit code is returned (124 on
+  timeout).
   """
   gpus = _num_local_gpus() if platform in ("auto", "gpu") else 0
   use_gpus = gpus > 0
@@ -116,7 +118,7 @@ def launch(command: list[str], num_processes: int, *,
         f"GPUs need {num_processes * devices_per_process}, found {gpus}")
   port = _free_port()
   procs = [
-      subprocess.Popen(command, env={**os.environ, **process_env(
+      subprocess.Popen(command, env={**os.environ, **(env or {}), **process_env(
           i, num_processes, port, devices_per_process, use_gpus)})
       for i in range(num_processes)
   ]
