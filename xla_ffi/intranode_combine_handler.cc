@@ -16,11 +16,13 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+#include <memory>
 #include <string>
 
 #include "checks.h"
 #include "handlers.h"
 #include "intranode/dispatch_combine.cuh"
+#include "peer_buffers_lookup.h"
 #include "runtime/peer_buffers.cuh"
 #include "xla/ffi/api/ffi.h"
 
@@ -77,11 +79,10 @@ ffi::Error IntranodeCombineImpl(
     return ffi::Error::InvalidArgument(
         std::string(kOp) + ": y and out must be bf16 or f32");
   }
-  std::string why;
-  auto buffers = runtime::FindPeerBuffers(device_ordinal, &why);
-  if (buffers == nullptr) {
-    return ffi::Error(ffi::ErrorCode::kFailedPrecondition,
-                      std::string(kOp) + ": jax_ep peer buffers: " + why);
+  std::shared_ptr<const runtime::PeerBuffers> buffers;
+  if (auto error = ffi_checks::FindPeerBuffers(kOp, device_ordinal, &buffers);
+      error.failure()) {
+    return error;
   }
   a.y = y.untyped_data();
   a.recv_row = recv_row.typed_data();

@@ -25,11 +25,13 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+#include <memory>
 #include <string>
 
 #include "checks.h"
 #include "handlers.h"
 #include "intranode/dispatch_combine.cuh"
+#include "peer_buffers_lookup.h"
 #include "runtime/peer_buffers.cuh"
 #include "xla/ffi/api/ffi.h"
 
@@ -110,11 +112,10 @@ ffi::Error IntranodeDispatchImpl(
         std::string(kOp) + ": recv_x and recv_scales must have the types of "
                            "x and scales");
   }
-  std::string why;
-  auto buffers = runtime::FindPeerBuffers(device_ordinal, &why);
-  if (buffers == nullptr) {
-    return ffi::Error(ffi::ErrorCode::kFailedPrecondition,
-                      std::string(kOp) + ": jax_ep peer buffers: " + why);
+  std::shared_ptr<const runtime::PeerBuffers> buffers;
+  if (auto error = ffi_checks::FindPeerBuffers(kOp, device_ordinal, &buffers);
+      error.failure()) {
+    return error;
   }
   intranode::DispatchArgs a;
   a.rows[0] = x.untyped_data();

@@ -16,11 +16,13 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+#include <memory>
 #include <string>
 
 #include "checks.h"
 #include "handlers.h"
 #include "intranode/notify.cuh"
+#include "peer_buffers_lookup.h"
 #include "runtime/peer_buffers.cuh"
 #include "xla/ffi/api/ffi.h"
 
@@ -58,11 +60,10 @@ ffi::Error IntranodeNotifyImpl(
        }) {
     if (error.failure()) return error;
   }
-  std::string why;
-  auto buffers = runtime::FindPeerBuffers(device_ordinal, &why);
-  if (buffers == nullptr) {
-    return ffi::Error(ffi::ErrorCode::kFailedPrecondition,
-                      std::string(kOp) + ": jax_ep peer buffers: " + why);
+  std::shared_ptr<const runtime::PeerBuffers> buffers;
+  if (auto error = ffi_checks::FindPeerBuffers(kOp, device_ordinal, &buffers);
+      error.failure()) {
+    return error;
   }
   intranode::NotifyArgs args;
   args.num_tokens_per_rank = num_tokens_per_rank.typed_data();
