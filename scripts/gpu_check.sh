@@ -7,6 +7,9 @@
 #   PYTHON=...    interpreter (default python3)
 #   SKIP_BENCH=1  stop after the tests (e.g. to fit a short time limit)
 #   DEMO_STEPS=N  steps of the demo run (default 20; 0 skips it)
+#   TESTS="..."   pytest targets (default: tests)
+#   TIME_ARGS=".." also run scripts/time_intranode.py with these arguments
+#                 (one process over every GPU), output in time.log
 #
 # Writes into OUTDIR (flat):
 #   env.txt         GPUs, topology, driver, Python/JAX/nvcc versions
@@ -15,6 +18,7 @@
 #   demo.log        the Flax MoE demo (make demo's command), DEMO_STEPS steps
 #   bench.log       python -m bench, one process per GPU as `make bench` runs
 #   bench.json      its records; only when bench/__main__.py exists
+#   time.log        scripts/time_intranode.py's JSON lines (TIME_ARGS)
 #   summary.txt     one line per step, also printed at the end
 # Exit status: 0 when every step that ran passed. A failed build stops the
 # run; failed tests do not stop the benchmarks.
@@ -69,7 +73,8 @@ else
 fi
 
 # --- TESTS -------------------------------------------------------------------
-if run_logged pytest_gpu.log 600 "$PYTHON" -m pytest -m gpu -x -v tests; then
+# shellcheck disable=SC2086  # TESTS is a list of targets
+if run_logged pytest_gpu.log 600 "$PYTHON" -m pytest -m gpu -x -v ${TESTS:-tests}; then
   rc=0
 else
   rc=$?
@@ -78,6 +83,17 @@ fi
 summary_line='^=+ .*(passed|failed|error|skipped|no tests ran).* =+$'
 note "pytest (exit $rc): $(grep -E "$summary_line" "$OUT/pytest_gpu.log" |
   tail -n 1 || echo 'no summary line, see pytest_gpu.log')"
+
+# --- KERNEL TIMING -----------------------------------------------------------
+if [[ -n "${TIME_ARGS:-}" ]]; then
+  # shellcheck disable=SC2086  # TIME_ARGS is a list of arguments
+  if run_logged time.log 600 "$PYTHON" scripts/time_intranode.py $TIME_ARGS; then
+    note "timing: ok, see time.log"
+  else
+    note "timing: FAILED (exit $?), see time.log"
+    failed=1
+  fi
+fi
 
 # --- DEMO --------------------------------------------------------------------
 if [[ "${DEMO_STEPS:-20}" == 0 ]]; then

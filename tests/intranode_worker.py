@@ -53,12 +53,26 @@ class Case:
   fp8: bool = False
   weights: bool = True
   skew: bool = False  # most tokens to expert 0
+  num_sms: int = 0  # kernel tuning; 0: the defaults
+  send_warps: int = 0
+  chunk_tokens: int = 0
+
+  def tuning(self) -> dict[str, int]:
+    out = dict(chunk_tokens=self.chunk_tokens)
+    if self.num_sms:
+      out["num_sms"] = self.num_sms
+    if self.send_warps:
+      out["send_warps"] = self.send_warps
+    return out
 
   def name(self) -> str:
     return (f"T{self.tokens}-H{self.hidden}-K{self.topk}-E{self.experts}-"
             f"M{self.capacity}-a{self.alignment}"
             f"{'-fp8' if self.fp8 else ''}{'' if self.weights else '-now'}"
-            f"{'-skew' if self.skew else ''}")
+            f"{'-skew' if self.skew else ''}"
+            f"{f'-sm{self.num_sms}' if self.num_sms else ''}"
+            f"{f'-w{self.send_warps}' if self.send_warps else ''}"
+            f"{f'-c{self.chunk_tokens}' if self.chunk_tokens else ''}")
 
 
 def routing(rng: np.random.Generator, num_ranks: int, case: Case) -> np.ndarray:
@@ -103,8 +117,8 @@ def _pairs(case: Case, num_ranks: int, buffers, x, scales, idx, w, y, bias):
   kw = dict(axis_name=EP, num_ranks=num_ranks, num_experts=case.experts,
             capacity=case.capacity or num_ranks * case.tokens,
             expert_alignment=case.alignment)
-  k_rows, k_idx, k_w, k_pe, k_h = intranode.dispatch(rows, idx, w,
-                                                     buffers=buffers, **kw)
+  k_rows, k_idx, k_w, k_pe, k_h = intranode.dispatch(
+      rows, idx, w, buffers=buffers, **kw, **case.tuning())
   r_rows, r_idx, r_w, r_pe, r_h = reference.dispatch(rows, idx, w, **kw)
   pairs = [(f"recv_rows[{i}]", k, r) for i, (k, r) in
            enumerate(zip(k_rows, r_rows))]
@@ -116,12 +130,22 @@ def _pairs(case: Case, num_ranks: int, buffers, x, scales, idx, w, y, bias):
              r_h.num_recv_tokens)]
   if case.weights:
     pairs.append(("recv_topk_weights", k_w, r_w))
-  k_out = intranode.combine(y, k_h, axis_name=EP, buffers=buffers)
+  k_cached = intranode.cached_dispatch(rows, k_h, axis_name=EP,
+                                      buffers=buffers, **case.tuning())
+  r_cached = reference.dispatch(rows, handle=r_h, **kw)[0]
+  pairs += [(f"cached recv_rows[{i}]", k, r) for i, (k, r) in
+            enumerate(zip(k_cached, r_cached))]
+  k_out = intranode.combine(y, k_h, axis_name=EP, buffers=buffers,
+                            **case.tuning())
   r_out = reference.combine(y, r_h, axis_name=EP)
   pairs.append(("combine f32", k_out, r_out))
   k_out = intranode.combine(y, k_h, axis_name=EP, buffers=buffers, bias=bias,
                             out_dtype=y.dtype)
   pairs.append(("combine bf16 + bias", k_out, (r_out + bias).astype(y.dtype)))
+  y32 = y[:, :128].astype(jnp.float32) * 3
+  pairs.append(("combine of f32 y",
+                intranode.combine(y32, k_h, axis_name=EP, buffers=buffers),
+                reference.combine(y32, r_h, axis_name=EP)))
   return pairs
 
 
@@ -131,7 +155,9 @@ def _names(case: Case) -> list[str]:
       "handle.recv_row", "handle.num_recv_tokens"]
   if case.weights:
     names.append("recv_topk_weights")
-  return names + ["combine f32", "combine bf16 + bias"]
+  names += ["cached recv_rows[0]"] + (["cached recv_rows[1]"] if case.fp8
+                                      else [])
+  return names + ["combine f32", "combine bf16 + bias", "combine of f32 y"]
 
 
 def _specs(case: Case, extra=()):
@@ -226,7 +252,7 @@ def run_multiprocess(seed: int, steps: int) -> None:
            Case(128, 7168, 8, 256, fp8=True, skew=True),
            Case(1, 2048, 1, 256, weights=False)]
   num_bytes = max(intranode.intranode_buffer_bytes(
-      c.tokens, c.hidden, c.topk, num_ranks, c.capacity,
+      c.tokens, c.hidden, c.topk, num_ranks,
       FP8_DTYPE if c.fp8 else jnp.bfloat16) for c in cases)
   with peer_buffers.create_peer_buffers(devices, num_bytes) as buffers:
     rng = np.random.default_rng(seed)  # the same draws on every process

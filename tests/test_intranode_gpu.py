@@ -48,6 +48,11 @@ CASES = [
     Case(4096, 7168, 8, 256, alignment=128),
     Case(4096, 7168, 8, 256, capacity=3000, skew=True),  # overflow
     Case(4096, 7168, 8, 256, fp8=True),
+    Case(4096, 2056, 8, 256),  # rows of 4112 bytes: not whole 16-byte words
+    # Tunings the autotuner may pick: one block, lone pusher, tiny chunks.
+    Case(128, 2048, 8, 256, num_sms=1, send_warps=1, chunk_tokens=1),
+    Case(4096, 7168, 8, 256, num_sms=8, send_warps=15, chunk_tokens=1),
+    Case(1000, 2048, 8, 256, num_sms=64, send_warps=4, chunk_tokens=1000),
 ]
 CASES = [c for c in CASES if c.topk <= c.experts]  # the ops need K <= E
 SCAN_CASE = Case(128, 2048, 8, 256)
@@ -56,8 +61,8 @@ SCAN_CASE = Case(128, 2048, 8, 256)
 @pytest.fixture(scope="module")
 def setup():
   num_bytes = max(intranode.intranode_buffer_bytes(
-      c.tokens, c.hidden, c.topk, R, c.capacity,
-      FP8_DTYPE if c.fp8 else jnp.bfloat16) for c in CASES)
+      c.tokens, c.hidden, c.topk, R, FP8_DTYPE if c.fp8 else jnp.bfloat16)
+      for c in CASES)
   buffers = peer_buffers.create_peer_buffers(GPUS, num_bytes)
   yield Mesh(np.array(GPUS), (worker.EP,)), buffers
   buffers.close()
@@ -103,8 +108,9 @@ def test_too_small_buffers_are_refused_at_trace_time(setup):
 def test_buffer_bytes_grow_with_the_shapes():
   small = intranode.intranode_buffer_bytes(128, 2048, 8, 2)
   big = intranode.intranode_buffer_bytes(4096, 7168, 8, 2)
-  assert 2 * 2 * 4096 * 7168 * 2 <= big  # two halves of R*T bf16 rows
+  assert 4096 * 7168 * 2 <= big  # a slot of T bf16 rows for the one peer
   assert small < big
+  assert intranode.intranode_buffer_bytes(4096, 7168, 8, 8) > 7 * 4096 * 7168 * 2
 
 
 def test_one_process_per_gpu(capfd, seed):

@@ -50,6 +50,14 @@ inline ffi::Error ExpectShape(std::string_view op, std::string_view arg,
       ShapeString(want) + ", got " + ShapeString(dims));
 }
 
+// Bytes per row of a rank-2 buffer (0 otherwise): rows travel as bytes.
+inline int64_t RowBytes(const ffi::AnyBuffer& b) {
+  return b.dimensions().size() == 2
+             ? b.dimensions()[1] *
+                   static_cast<int64_t>(ffi::ByteWidth(b.element_type()))
+             : 0;
+}
+
 inline ffi::Error ToFfiError(const Status& status) {
   switch (status.code()) {
     case StatusCode::kOk:

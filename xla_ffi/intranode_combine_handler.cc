@@ -3,11 +3,10 @@
 //
 //   y                bf16/f32[M, C]     argument
 //   recv_row         s32[R, T]          argument (the dispatch handle's)
-//   num_recv_tokens  s32[]              argument (the dispatch handle's)
 //   bias             f32[T, C]          argument ([T, 0] when unused)
 //   num_ranks        int64              attribute, R
-//   num_sms          int64              attribute, blocks per kernel
-//   timeout_ns       int64              attribute, per wait
+//   num_sms, send_warps, chunk_tokens, timeout_ns   int64 attributes:
+//                                       intranode::Tuning
 //   out              f32 or y's type [T, C]  result
 //
 // out[t] = sum over ranks r, in rank order, in fp32, of y_r[recv_row_r[me, t]]
@@ -50,9 +49,9 @@ bool ToElementType(ffi::DataType type, intranode::ElementType* out) {
 
 ffi::Error IntranodeCombineImpl(
     cudaStream_t stream, int32_t device_ordinal, ffi::AnyBuffer y,
-    ffi::Buffer<ffi::S32> recv_row, ffi::Buffer<ffi::S32> num_recv_tokens,
-    ffi::Buffer<ffi::F32> bias, int64_t num_ranks, int64_t num_sms,
-    int64_t timeout_ns, ffi::Result<ffi::AnyBuffer> out) {
+    ffi::Buffer<ffi::S32> recv_row, ffi::Buffer<ffi::F32> bias,
+    int64_t num_ranks, int64_t num_sms, int64_t send_warps,
+    int64_t chunk_tokens, int64_t timeout_ns, ffi::Result<ffi::AnyBuffer> out) {
   if (auto e = ExpectRank(kOp, "y", y.dimensions(), 2); e.failure()) return e;
   if (auto e = ExpectRank(kOp, "recv_row", recv_row.dimensions(), 2);
       e.failure()) {
@@ -66,8 +65,6 @@ ffi::Error IntranodeCombineImpl(
   for (auto error : {
            ExpectShape(kOp, "recv_row", recv_row.dimensions(),
                        {num_ranks, T}),
-           ExpectShape(kOp, "num_recv_tokens", num_recv_tokens.dimensions(),
-                       {}),
            ExpectShape(kOp, "bias", bias.dimensions(), {T, has_bias ? C : 0}),
            ExpectShape(kOp, "out", out->dimensions(), {T, C}),
        }) {
@@ -86,14 +83,12 @@ ffi::Error IntranodeCombineImpl(
   }
   a.y = y.untyped_data();
   a.recv_row = recv_row.typed_data();
-  a.num_recv_tokens = num_recv_tokens.typed_data();
   a.bias = has_bias ? bias.typed_data() : nullptr;
   a.num_tokens = T;
   a.num_channels = C;
   a.num_ranks = num_ranks;
   a.capacity = M;
-  a.num_sms = num_sms;
-  a.timeout_ns = timeout_ns;
+  a.tuning = {num_sms, send_warps, chunk_tokens, timeout_ns};
   a.out = out->untyped_data();
   return ffi_checks::ToFfiError(
       intranode::LaunchCombine(buffers->view(), a, stream));
@@ -102,7 +97,7 @@ ffi::Error IntranodeCombineImpl(
 }  // namespace
 }  // namespace jax_ep
 
-// Enqueues three kernels, allocates nothing and never waits for the device:
+// Enqueues two kernels, allocates nothing and never waits for the device:
 // safe in command buffers. The peer buffers must outlive every replay.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     JaxEpIntranodeCombine, jax_ep::IntranodeCombineImpl,
@@ -111,10 +106,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Ctx<xla::ffi::DeviceOrdinal>()                 // device_ordinal
         .Arg<xla::ffi::AnyBuffer>()                     // y
         .Arg<xla::ffi::Buffer<xla::ffi::S32>>()         // recv_row
-        .Arg<xla::ffi::Buffer<xla::ffi::S32>>()         // num_recv_tokens
         .Arg<xla::ffi::Buffer<xla::ffi::F32>>()         // bias
         .Attr<int64_t>("num_ranks")
         .Attr<int64_t>("num_sms")
+        .Attr<int64_t>("send_warps")
+        .Attr<int64_t>("chunk_tokens")
         .Attr<int64_t>("timeout_ns")
         .Ret<xla::ffi::AnyBuffer>(),                    // out
     {xla::ffi::Traits::kCmdBufferCompatible});

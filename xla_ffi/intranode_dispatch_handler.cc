@@ -9,8 +9,8 @@
 //   num_experts         int64               attribute, E
 //   capacity            int64               attribute, M
 //   expert_alignment    int64               attribute
-//   num_sms             int64               attribute, blocks per kernel
-//   timeout_ns          int64               attribute, per wait
+//   num_sms, send_warps, chunk_tokens, timeout_ns   int64 attributes:
+//                                           intranode::Tuning
 //   recv_x              [M, C0] x's type    result
 //   recv_scales         [M, C1]             result
 //   recv_topk_idx       s32[M, K]           result
@@ -44,19 +44,13 @@ using ffi_checks::ExpectShape;
 
 constexpr char kOp[] = "jax_ep_intranode_dispatch";
 
-int64_t RowBytes(const ffi::AnyBuffer& b) {
-  return b.dimensions().size() == 2
-             ? b.dimensions()[1] * static_cast<int64_t>(
-                                       ffi::ByteWidth(b.element_type()))
-             : 0;
-}
-
 ffi::Error IntranodeDispatchImpl(
     cudaStream_t stream, int32_t device_ordinal, ffi::AnyBuffer x,
     ffi::AnyBuffer scales, ffi::Buffer<ffi::S32> topk_idx,
     ffi::Buffer<ffi::F32> topk_weights, int64_t num_ranks, int64_t num_experts,
     int64_t capacity, int64_t expert_alignment, int64_t num_sms,
-    int64_t timeout_ns, ffi::Result<ffi::AnyBuffer> recv_x,
+    int64_t send_warps, int64_t chunk_tokens, int64_t timeout_ns,
+    ffi::Result<ffi::AnyBuffer> recv_x,
     ffi::Result<ffi::AnyBuffer> recv_scales,
     ffi::ResultBuffer<ffi::S32> recv_topk_idx,
     ffi::ResultBuffer<ffi::F32> recv_topk_weights,
@@ -120,8 +114,8 @@ ffi::Error IntranodeDispatchImpl(
   intranode::DispatchArgs a;
   a.rows[0] = x.untyped_data();
   a.rows[1] = scales.untyped_data();
-  a.row_bytes[0] = RowBytes(x);
-  a.row_bytes[1] = RowBytes(scales);
+  a.row_bytes[0] = ffi_checks::RowBytes(x);
+  a.row_bytes[1] = ffi_checks::RowBytes(scales);
   a.topk_idx = topk_idx.typed_data();
   a.topk_weights = topk_weights.typed_data();
   a.num_tokens = T;
@@ -130,8 +124,7 @@ ffi::Error IntranodeDispatchImpl(
   a.num_experts = num_experts;
   a.capacity = capacity;
   a.expert_alignment = expert_alignment;
-  a.num_sms = num_sms;
-  a.timeout_ns = timeout_ns;
+  a.tuning = {num_sms, send_warps, chunk_tokens, timeout_ns};
   a.recv_rows[0] = recv_x->untyped_data();
   a.recv_rows[1] = recv_scales->untyped_data();
   a.recv_topk_idx = recv_topk_idx->typed_data();
@@ -164,6 +157,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Attr<int64_t>("capacity")
         .Attr<int64_t>("expert_alignment")
         .Attr<int64_t>("num_sms")
+        .Attr<int64_t>("send_warps")
+        .Attr<int64_t>("chunk_tokens")
         .Attr<int64_t>("timeout_ns")
         .Ret<xla::ffi::AnyBuffer>()                     // recv_x
         .Ret<xla::ffi::AnyBuffer>()                     // recv_scales

@@ -28,6 +28,8 @@ NB_MODULE(_jax_ep, m) {
     targets["jax_ep_get_dispatch_layout"] = Capsule(JaxEpGetDispatchLayout);
     targets["jax_ep_intranode_notify"] = Capsule(JaxEpIntranodeNotify);
     targets["jax_ep_intranode_dispatch"] = Capsule(JaxEpIntranodeDispatch);
+    targets["jax_ep_intranode_cached_dispatch"] =
+        Capsule(JaxEpIntranodeCachedDispatch);
     targets["jax_ep_intranode_combine"] = Capsule(JaxEpIntranodeCombine);
     return targets;
   });

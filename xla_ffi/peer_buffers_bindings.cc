@@ -81,18 +81,16 @@ nb::dict Layout(int64_t num_bytes, int64_t num_ranks) {
 // Data-region bytes an intranode dispatch and combine of these shapes need.
 int64_t IntranodeDataBytes(int64_t num_tokens, int64_t num_ranks,
                            int64_t num_topk, int64_t row_bytes,
-                           int64_t scale_row_bytes, int64_t capacity,
+                           int64_t scale_row_bytes,
                            int64_t combine_row_bytes) {
   if (num_tokens < 0 || num_ranks < 1 || num_topk < 0 || row_bytes < 0 ||
-      scale_row_bytes < 0 || capacity < 0 || combine_row_bytes < 0) {
+      scale_row_bytes < 0 || combine_row_bytes < 0) {
     throw nb::value_error(
         "jax_ep intranode_data_bytes: sizes must be >= 0 (num_ranks >= 1)");
   }
-  const intranode::DispatchStage dispatch{
-      num_tokens, num_ranks, num_topk, {row_bytes, scale_row_bytes}};
-  const intranode::CombineStage combine{num_tokens, num_ranks, capacity,
-                                        combine_row_bytes};
-  return intranode::RequiredDataBytes(dispatch, combine);
+  return intranode::RequiredDataBytes(num_tokens, num_ranks, num_topk,
+                                      row_bytes, scale_row_bytes,
+                                      combine_row_bytes);
 }
 
 }  // namespace
@@ -116,10 +114,9 @@ void BindPeerBuffers(nb::module_& m) {
         "Sizes of one rank's allocation for a data region of `num_bytes`.");
   m.def("intranode_data_bytes", &IntranodeDataBytes, nb::arg("num_tokens"),
         nb::arg("num_ranks"), nb::arg("num_topk"), nb::arg("row_bytes"),
-        nb::arg("scale_row_bytes"), nb::arg("capacity"),
-        nb::arg("combine_row_bytes"),
-        "Data-region bytes (both halves) that intranode dispatch and combine "
-        "of these shapes stage.");
+        nb::arg("scale_row_bytes"), nb::arg("combine_row_bytes"),
+        "Data-region bytes that intranode dispatch and combine of these "
+        "shapes need.");
 }
 
 }  // namespace jax_ep

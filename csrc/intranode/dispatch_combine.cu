@@ -1,63 +1,64 @@
-// Intranode normal dispatch and combine over NVLink peer buffers, by "pull":
-// each rank stages what it owns in its own peer buffer (a local copy), the
-// ranks meet at a barrier, then every rank reads what it needs straight from
-// its peers' buffers into XLA's output buffers. DESIGN.md §4 gives the
+// Intranode normal dispatch, cached dispatch and combine over NVLink peer
+// buffers, by "push": a rank writes the rows a peer needs straight from its
+// input into that peer's data region, and the peer copies (dispatch) or sums
+// (combine) them into XLA's output while the rest is still arriving. Rows
+// that stay on a rank never touch the peer buffers. DESIGN.md §4 gives the
 // results, bit for bit (the pure-JAX reference is the oracle).
 //
-// Kernels per call, in stream order on each rank r (R ranks, T tokens):
-//   dispatch: StageDispatch -> Barrier -> ReceiveDispatch
-//   combine:  StageCombine  -> Barrier -> ReduceCombine
+// Kernels per call, in stream order on each rank (R ranks, T tokens):
+//   dispatch:         StageDispatch -> Barrier -> DispatchKernel
+//   cached dispatch:  StageCached   -> Barrier -> CachedDispatchKernel
+//   combine:                           Barrier -> CombineKernel
 //
-// Call sequence and halves. All intranode calls of a device (notify,
-// dispatch, combine) share its call counter and its flags (BufferLayout's
-// control region): the Barrier kernel does seq = ++*sequence. Every rank
-// makes the same sequence of calls, so seq names the same call everywhere.
-// A call stages into half (seq & 1) of the data region (StageHalf; the split
-// is fixed by the buffer, not by shapes). The stage kernel runs before the
-// barrier increments the counter, so it uses parity (*sequence + 1) & 1; the
-// kernels after the barrier use *sequence & 1.
+// Call sequence. All intranode calls of a device (notify and these) share
+// its call counter and flags (BufferLayout's control region): the Barrier
+// kernel does seq = ++*sequence; every rank makes the same sequence of
+// calls, so seq names the same call everywhere. Barrier: thread d releases
+// flags[me] = seq in peer d (after __threadfence_system), then waits with
+// acquire until its own flags[d] >= seq (sync::wait_at_least_acquire_sys:
+// reports rank, phase and peer, then traps after the timeout).
 //
-// Barrier (one block, thread d < R): __threadfence_system, then
-// st.release.sys flags[r] = seq in peer d's control region, then wait with
-// ld.acquire.sys until this rank's flags[d] >= seq (sync::
-// wait_at_least_acquire_sys: reports rank, phase, peer and traps after the
-// timeout). The stage kernel finished before the barrier kernel started
-// (same stream), and the fence + release publish its writes system-wide, so
-// a peer that sees flags[r] >= seq reads this call's staged data.
+// Data region (CallLayout): a scratch array, then one slot per other rank,
+// indexed by token. The main kernels write peers' slots and read their own
+// only after the call's barrier, and a rank leaves the main kernel only
+// after every chunk of every peer arrived. So when rank s passes the barrier
+// of call seq + 1, every peer has finished reading its slots (and, for a
+// cached dispatch, s has finished reading its peers' scratch) of call seq:
+// one copy of the region suffices. Arrival flags hold seq, and flags only
+// grow, so no flag needs resetting.
 //
-// Why a half is never overwritten while a slow peer still reads it: rank s
-// writes half p for call seq only in its stage kernel for seq. Staging call
-// seq + 2 into the same half requires s to have finished call seq + 1,
-// hence its barrier for seq + 1, hence to have seen every peer d's flag for
-// seq + 1. d releases that flag in its barrier kernel for seq + 1, which runs
-// after d's receive/reduce kernel of call seq (stream order), the last
-// kernel that reads s's half of call seq. Call seq + 1 itself uses the other
-// half. Hence one barrier per call suffices. Flags only grow; a flag already
-// past seq satisfies the wait. Notify's slots obey the same argument.
+// Fresh dispatch. StageDispatch: block d finds the tokens that select an
+// expert of rank d (any k with topk_idx[t,k] - d*L in [0, L), L = E/R: the
+// reference's test), writes positions[d, t] (rank of t among them, or -1)
+// into the scratch, then its count into every peer's count slot and its
+// per-expert counts into d's (the notify slots, parity of the coming seq;
+// notify.cu argues why two parities suffice). After the barrier each rank
+// knows the whole count matrix, hence where every source's rows start in
+// every destination's output: rows ordered by source, then token.
+// DispatchKernel: each block (16 warps) has `send_warps` pushing warps and the rest
+// receiving. A pushing warp takes (chunk, destination) items: for the
+// chunk's tokens it writes row_of[t] (the destination row, or M when t is
+// not sent or falls past the capacity), and for each kept token the row,
+// the expert ids made local to the destination, and the weights into the
+// destination's slot; then it releases the chunk's arrival flag
+// (__syncwarp, __threadfence_system, st.release.sys). A receiving warp
+// first fills the padding rows [min(total, M), M), then takes chunks:
+// its own (copied from x directly), then the peers' in chunk order, each
+// after an acquire wait on the chunk's flag; it writes recv_row[s, t],
+// src_index, topk and the row. Pushers never wait, so with all blocks
+// resident no rank can block another's progress.
 //
-// Dispatch staging (DispatchStage, in r's own half):
-//   StageDispatch has R scan blocks and num_sms copy blocks. Scan block d
-//   marks the tokens that select an expert of rank d (any k with
-//   topk_idx[t,k] - d*L in [0, L): exactly the reference's test), writes
-//   positions[d, t] (rank of t among them, or -1), tokens[d, p] (the p-th of
-//   them), counts[d] and the per-expert counts of d's experts. Copy blocks
-//   copy the rows (up to two arrays: bf16 rows, or fp8 rows and scales, as
-//   bytes), topk_idx and topk_weights.
-// ReceiveDispatch on r: offsets off[s] = sum over s' < s of counts_s'[r]
-//   (read from the peers' halves); row j in [0, min(total, M)) belongs to the
-//   source s with off[s] <= j < off[s+1] and is its token
-//   t = tokens_s[r, j - off[s]]: rows ordered by source then token. A warp
-//   per row writes src_index, recv_topk_idx/weights (k-th lane) and copies
-//   the row with 16-byte loads from s's half; rows past the count get zeros,
-//   -1, 0 and src_index R*T. recv_row[s, t] = off[s] + positions_s[r, t], or
-//   M when not sent or past capacity. Block 0 writes num_recv_tokens (true
-//   total) and the per-expert counts (sum over sources, rounded up).
-// Combine staging (CombineStage): y's first min(num_recv, M) rows and the
-//   handle's recv_row[R, T]. ReduceCombine on s: a warp per token t; lane r
-//   reads row_r = recv_row_r[s, t] from rank r's half; the warp sums, in
-//   fp32 and rank order, y_r[row_r] (or +0.0 where row_r == M), exactly as
-//   the reference: total = v_0; total = total + v_r for r = 1..R-1; then
-//   adds the bias (f32) and rounds once to the output type.
+// Cached dispatch (the backward of combine) replays a handle: StageCached
+// copies the handle's recv_row into the scratch; after the barrier a pusher
+// reads its destination's staged recv_row[me, t] and sends the kept rows;
+// receivers place them (and their own) at recv_row[s, t].
+//
+// Combine. A pushing warp on rank r sends, for each owner s and chunk, the
+// rows y[recv_row[s, t]] into s's slot at t and row_of[t] = recv_row[s, t];
+// a receiving warp on s waits for the chunk from every peer, then sums for
+// each token, in fp32 and rank order, the R contributions (its own from y,
+// +0.0 where the row is M): total = v_0, total = total + v_r, then adds the
+// bias (f32) and rounds once to the output type, exactly as the reference.
 
 #include <string>
 
@@ -69,71 +70,163 @@
 namespace jax_ep::intranode {
 namespace {
 
-constexpr int kThreads = 1024;
+// 512 threads leave 128 registers per thread: the copy loops keep 8 16-byte
+// loads in flight without spilling.
+constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 constexpr int kMaxTopk = 32;
-constexpr int kUnroll = 4;  // 16-byte loads in flight per lane
+constexpr int kUnroll = 8;  // 16-byte loads in flight per lane
+constexpr unsigned kFullMask = 0xffffffffu;
 static_assert(runtime::kMaxPeerRanks <= kThreads, "a thread per rank");
+
+enum class Op { kDispatch, kCachedDispatch, kCombine };
+
+__device__ const char* OpName(Op op) {
+  switch (op) {
+    case Op::kDispatch:
+      return "intranode_dispatch";
+    case Op::kCachedDispatch:
+      return "intranode_cached_dispatch";
+    default:
+      return "intranode_combine";
+  }
+}
 
 // --- Helpers ------------------------------------------------------------------
 
-__device__ __forceinline__ int64_t SequenceNow(const runtime::PeerView& v) {
-  return static_cast<int64_t>(
-      *reinterpret_cast<volatile uint64_t*>(v.layout.sequence(v.local_base)));
+__device__ __forceinline__ int Lane() { return threadIdx.x % 32; }
+
+__device__ __forceinline__ uint64_t SequenceNow(const runtime::PeerView& v) {
+  return *reinterpret_cast<volatile uint64_t*>(v.layout.sequence(v.local_base));
 }
 
-__device__ __forceinline__ char* Half(const runtime::PeerView& v, char* base,
-                                      int64_t parity) {
-  return StageHalf(base, v.layout.data_bytes, parity);
+// The q-th rank other than `me` (the inverse of PeerSlot).
+__device__ __forceinline__ int OtherRank(int q, int me) {
+  return q < me ? q : q + 1;
 }
 
-// Copies `bytes` (a multiple of 4) from src to dst, worker `id` of `count`
-// workers of `width` lanes; 16-byte accesses when both ends allow them.
-__device__ __forceinline__ void CopyBytes(char* dst, const char* src,
-                                          int64_t bytes, int64_t id,
-                                          int64_t count) {
-  const bool vec = (bytes % 16 == 0) &&
-                   (reinterpret_cast<uintptr_t>(dst) % 16 == 0) &&
-                   (reinterpret_cast<uintptr_t>(src) % 16 == 0);
-  if (vec) {
-    const int64_t n = bytes / 16;
+__device__ __forceinline__ bool Aligned16(const void* p) {
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0;
+}
+
+// Copies one row of `bytes` (a multiple of 4) with the 32 lanes of a warp;
+// 16-byte accesses when both ends allow them. Loads skip L1 (.cg): the
+// source may have been written by a peer during this kernel.
+__device__ __forceinline__ void CopyRow(char* dst, const char* src,
+                                        int64_t bytes) {
+  const int lane = Lane();
+  if (bytes % 16 == 0 && Aligned16(dst) && Aligned16(src)) {
+    const int n = static_cast<int>(bytes / 16);
     const int4* s = reinterpret_cast<const int4*>(src);
     int4* d = reinterpret_cast<int4*>(dst);
-    for (int64_t i = id; i < n; i += count * kUnroll) {
+    for (int i = lane; i < n; i += 32 * kUnroll) {
       int4 v[kUnroll];
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
-        if (i + u * count < n) v[u] = s[i + u * count];
+        if (i + u * 32 < n) v[u] = __ldcg(s + i + u * 32);
       }
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
-        if (i + u * count < n) d[i + u * count] = v[u];
+        if (i + u * 32 < n) d[i + u * 32] = v[u];
       }
     }
   } else {
-    const int64_t n = bytes / 4;
+    const int n = static_cast<int>(bytes / 4);
     const int32_t* s = reinterpret_cast<const int32_t*>(src);
     int32_t* d = reinterpret_cast<int32_t*>(dst);
-    for (int64_t i = id; i < n; i += count) d[i] = s[i];
+    for (int i = lane; i < n; i += 32) d[i] = __ldcg(s + i);
   }
 }
 
-__device__ __forceinline__ void ZeroBytes(char* dst, int64_t bytes, int64_t id,
-                                          int64_t count) {
-  if (bytes % 16 == 0 && reinterpret_cast<uintptr_t>(dst) % 16 == 0) {
+__device__ __forceinline__ void ZeroRow(char* dst, int64_t bytes) {
+  if (bytes % 16 == 0 && Aligned16(dst)) {
     int4* d = reinterpret_cast<int4*>(dst);
-    for (int64_t i = id; i < bytes / 16; i += count) d[i] = make_int4(0, 0, 0, 0);
+    for (int64_t i = Lane(); i < bytes / 16; i += 32) d[i] = make_int4(0, 0, 0, 0);
   } else {
     int32_t* d = reinterpret_cast<int32_t*>(dst);
-    for (int64_t i = id; i < bytes / 4; i += count) d[i] = 0;
+    for (int64_t i = Lane(); i < bytes / 4; i += 32) d[i] = 0;
   }
+}
+
+// What every main kernel needs: the buffers, the call's layout and sizes,
+// and how its work is cut.
+struct Common {
+  runtime::PeerView buffers;
+  CallLayout call;
+  int num_tokens, num_ranks, capacity;
+  int send_warps, chunk_tokens, num_chunks;
+  int64_t timeout_ns;
+};
+
+// A warp either pushes to peers or receives; `id` of `count` in its role.
+struct WarpRole {
+  bool sends;
+  int id;
+  int count;
+};
+__device__ __forceinline__ WarpRole Role(const Common& c) {
+  const int warp = threadIdx.x / 32;
+  const bool sends = warp < c.send_warps;
+  const int per_block = sends ? c.send_warps : kWarps - c.send_warps;
+  return {sends,
+          static_cast<int>(blockIdx.x) * per_block +
+              (sends ? warp : warp - c.send_warps),
+          static_cast<int>(gridDim.x) * per_block};
+}
+
+// Tokens [*t0, *t1) of chunk `chunk`.
+__device__ __forceinline__ void ChunkTokens(const Common& c, int chunk,
+                                            int* t0, int* t1) {
+  *t0 = chunk * c.chunk_tokens;
+  *t1 = min(c.num_tokens, *t0 + c.chunk_tokens);
+}
+
+// Walks tokens [t0, t1) with a warp: lane i evaluates row_of(t) for the i-th
+// token of each group of 32 (so the loads run in parallel), then body(t, row)
+// runs for each token in order with the whole warp (row is warp-uniform).
+template <typename RowOf, typename Body>
+__device__ __forceinline__ void ForEachToken(int t0, int t1, RowOf row_of,
+                                             Body body) {
+  for (int base = t0; base < t1; base += 32) {
+    const int t = base + Lane();
+    const int mine = t < t1 ? row_of(t) : 0;
+    const int n = min(32, t1 - base);
+    for (int u = 0; u < n; ++u) body(base + u, __shfl_sync(kFullMask, mine, u));
+  }
+}
+
+__device__ __forceinline__ uint64_t* Arrival(const Common& c, char* base,
+                                             int source, int chunk) {
+  return c.buffers.layout.arrivals(base) + int64_t{source} * runtime::kMaxChunks +
+         chunk;
+}
+
+// Publishes a chunk the warp wrote into a peer: __syncwarp orders the other
+// lanes' stores before lane 0's fence and release.
+__device__ __forceinline__ void ReleaseChunk(uint64_t* flag, uint64_t seq) {
+  __syncwarp();
+  if (Lane() == 0) {
+    __threadfence_system();
+    sync::st_release_sys_global(flag, seq);
+  }
+}
+
+__device__ __forceinline__ void WaitChunk(const Common& c, Op op, int source,
+                                          int chunk, uint64_t seq) {
+  if (Lane() == 0) {
+    const sync::WaitSite site{OpName(op), "wait for a peer's rows",
+                              c.buffers.rank, source};
+    sync::wait_at_least_acquire_sys(Arrival(c, c.buffers.local_base, source,
+                                            chunk),
+                                    seq, c.timeout_ns, site);
+  }
+  __syncwarp();
 }
 
 // --- Barrier ------------------------------------------------------------------
 
 __global__ void __launch_bounds__(runtime::kMaxPeerRanks)
-    Barrier(runtime::PeerView v, int num_ranks, int64_t timeout_ns,
-            bool combine) {
+    Barrier(runtime::PeerView v, int num_ranks, int64_t timeout_ns, Op op) {
   __shared__ uint64_t sequence;
   const runtime::BufferLayout& layout = v.layout;
   char* const local = v.local_base;
@@ -148,25 +241,22 @@ __global__ void __launch_bounds__(runtime::kMaxPeerRanks)
     char* const* peer_bases = layout.peer_bases(local);
     sync::st_release_sys_global(layout.flags(peer_bases[threadIdx.x]) + v.rank,
                                 sequence);
-    const sync::WaitSite site{
-        combine ? "intranode_combine" : "intranode_dispatch",
-        "wait for the peers' staged data",
+    const sync::WaitSite site{OpName(op), "wait for the peers to start the call",
                               v.rank, static_cast<int>(threadIdx.x)};
     sync::wait_at_least_acquire_sys(layout.flags(local) + threadIdx.x,
                                     sequence, timeout_ns, site);
   }
 }
 
-// --- Dispatch -----------------------------------------------------------------
+// --- Fresh dispatch -----------------------------------------------------------
 
 struct DispatchParams {
-  runtime::PeerView buffers;
-  DispatchStage stage;
+  Common c;
   const char* rows[2];
+  int64_t row_bytes[2];
   const int32_t* topk_idx;
   const float* topk_weights;
-  int num_tokens, num_topk, num_ranks, num_local_experts, capacity;
-  int expert_alignment;
+  int num_topk, num_local_experts, expert_alignment;
   char* recv_rows[2];
   int32_t* recv_topk_idx;
   float* recv_topk_weights;
@@ -176,24 +266,25 @@ struct DispatchParams {
   int32_t* num_recv_tokens;
 };
 
-enum class StageRole { kScan, kCopy };
-
-// Scan block for destination `dest`: positions, tokens, counts, expert counts.
-__device__ void ScanDestination(const DispatchParams& p, char* half, int dest) {
+// Block d: positions[d, t] into the scratch; d's count into every peer's
+// count slot and the counts of d's experts into d's.
+__global__ void __launch_bounds__(kThreads) StageDispatch(DispatchParams p) {
   __shared__ int expert_counts[runtime::kMaxNotifyExperts];
   __shared__ int warp_offsets[kWarps];
   __shared__ int chunk_total;
+  const Common& c = p.c;
+  const int dest = blockIdx.x;
   const int num_local = p.num_local_experts;
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int lane = Lane(), warp = threadIdx.x / 32;
   for (int l = threadIdx.x; l < num_local; l += kThreads) expert_counts[l] = 0;
   __syncthreads();
-  int32_t* positions = p.stage.positions(half) + int64_t{dest} * p.num_tokens;
-  int32_t* tokens = p.stage.tokens(half) + int64_t{dest} * p.num_tokens;
+  int32_t* positions =
+      c.call.scratch(c.buffers.local_base) + int64_t{dest} * c.num_tokens;
   int running = 0;
-  for (int base = 0; base < p.num_tokens; base += kThreads) {
+  for (int base = 0; base < c.num_tokens; base += kThreads) {
     const int t = base + threadIdx.x;
     bool selected = false;
-    if (t < p.num_tokens) {
+    if (t < c.num_tokens) {
       for (int k = 0; k < p.num_topk; ++k) {
         const int local =
             p.topk_idx[int64_t{t} * p.num_topk + k] - dest * num_local;
@@ -203,168 +294,228 @@ __device__ void ScanDestination(const DispatchParams& p, char* half, int dest) {
         }
       }
     }
-    const unsigned mask = __ballot_sync(0xffffffffu, selected);
+    const unsigned mask = __ballot_sync(kFullMask, selected);
     const int before_in_warp = __popc(mask & ((1u << lane) - 1u));
     if (lane == 0) warp_offsets[warp] = __popc(mask);
     __syncthreads();
     if (warp == 0) {
-      const int own = warp_offsets[lane];
+      const int own = lane < kWarps ? warp_offsets[lane] : 0;
       int inclusive = own;
 #pragma unroll
       for (int shift = 1; shift < 32; shift *= 2) {
-        const int other = __shfl_up_sync(0xffffffffu, inclusive, shift);
+        const int other = __shfl_up_sync(kFullMask, inclusive, shift);
         if (lane >= shift) inclusive += other;
       }
-      warp_offsets[lane] = inclusive - own;
+      if (lane < kWarps) warp_offsets[lane] = inclusive - own;
       if (lane == 31) chunk_total = inclusive;
     }
     __syncthreads();
-    const int position = running + warp_offsets[warp] + before_in_warp;
-    if (t < p.num_tokens) {
-      positions[t] = selected ? position : -1;
-      if (selected) tokens[position] = t;
+    if (t < c.num_tokens) {
+      positions[t] = selected ? running + warp_offsets[warp] + before_in_warp
+                              : -1;
     }
     running += chunk_total;
     __syncthreads();
   }
-  if (threadIdx.x == 0) p.stage.counts(half)[dest] = running;
-  int32_t* out = p.stage.expert_counts(half) + dest * num_local;
+  const runtime::BufferLayout& layout = c.buffers.layout;
+  char* const* peer_bases = layout.peer_bases(c.buffers.local_base);
+  const int64_t parity = (SequenceNow(c.buffers) + 1) & 1;
+  const int me = c.buffers.rank;
+  if (threadIdx.x < c.num_ranks) {
+    layout.slot(peer_bases[threadIdx.x], parity, me)[dest] = running;
+  }
+  int32_t* out = layout.slot(peer_bases[dest], parity, me) + c.num_ranks;
   for (int l = threadIdx.x; l < num_local; l += kThreads) out[l] = expert_counts[l];
 }
 
-// Copy blocks: the rows, topk_idx and topk_weights into the half.
-__device__ void CopyInputs(const DispatchParams& p, char* half, int block,
-                           int num_blocks) {
-  const int64_t id = int64_t{block} * kThreads + threadIdx.x;
-  const int64_t count = int64_t{num_blocks} * kThreads;
-  const int64_t topk_bytes = int64_t{p.num_tokens} * p.num_topk * 4;
-  CopyBytes(reinterpret_cast<char*>(p.stage.topk_idx(half)),
-            reinterpret_cast<const char*>(p.topk_idx), topk_bytes, id, count);
-  CopyBytes(reinterpret_cast<char*>(p.stage.topk_weights(half)),
-            reinterpret_cast<const char*>(p.topk_weights), topk_bytes, id,
-            count);
-  for (int i = 0; i < 2; ++i) {
-    CopyBytes(p.stage.rows(half, i), p.rows[i],
-              int64_t{p.num_tokens} * p.stage.row_bytes[i], id, count);
-  }
-}
-
-__global__ void __launch_bounds__(kThreads) StageDispatch(DispatchParams p) {
-  const auto role = [&] {
-    return blockIdx.x < static_cast<unsigned>(p.num_ranks) ? StageRole::kScan
-                                                            : StageRole::kCopy;
-  }();
-  char* half = Half(p.buffers, p.buffers.local_base,
-                    (SequenceNow(p.buffers) + 1) & 1);
-  switch (role) {
-    case StageRole::kScan:
-      ScanDestination(p, half, blockIdx.x);
-      break;
-    case StageRole::kCopy:
-      CopyInputs(p, half, blockIdx.x - p.num_ranks, gridDim.x - p.num_ranks);
-      break;
-  }
-}
-
-// One received row j (a warp): routing, weights and the row itself.
-__device__ void ReceiveRow(const DispatchParams& p, char* const* peer_bases,
-                           int64_t parity, const int* offsets, int j) {
-  const int lane = threadIdx.x % 32;
-  const int rank = p.buffers.rank;
-  const int num_ranks = p.num_ranks;
-  const int total = offsets[num_ranks];
-  const int K = p.num_topk;
-  if (j >= total) {
-    if (lane == 0) p.src_index[j] = num_ranks * p.num_tokens;
-    if (lane < K) {
-      p.recv_topk_idx[int64_t{j} * K + lane] = -1;
-      p.recv_topk_weights[int64_t{j} * K + lane] = 0.0f;
-    }
-    for (int i = 0; i < 2; ++i) {
-      const int64_t rb = p.stage.row_bytes[i];
-      ZeroBytes(p.recv_rows[i] + j * rb, rb, lane, 32);
-    }
-    return;
-  }
-  int source = 0;
-  while (source + 1 < num_ranks && offsets[source + 1] <= j) ++source;
-  char* half = Half(p.buffers, peer_bases[source], parity);
-  int token = 0;
-  if (lane == 0) {
-    token = p.stage.tokens(half)[int64_t{rank} * p.num_tokens + j -
-                                 offsets[source]];
-    p.src_index[j] = source * p.num_tokens + token;
-  }
-  token = __shfl_sync(0xffffffffu, token, 0);
+// Token t's expert ids made local to rank `dest` (else -1) and its weights,
+// lane k < K writing entry k through the given pointers.
+__device__ __forceinline__ void LocalTopk(const DispatchParams& p, int dest,
+                                          int64_t t, int32_t* idx_out,
+                                          float* weights_out) {
+  const int K = p.num_topk, lane = Lane();
   if (lane < K) {
-    const int64_t at = int64_t{token} * K + lane;
     const int num_local = p.num_local_experts;
-    int local = p.stage.topk_idx(half)[at] - rank * num_local;
+    int local = p.topk_idx[t * K + lane] - dest * num_local;
     local = (local >= 0 && local < num_local) ? local : -1;
-    p.recv_topk_idx[int64_t{j} * K + lane] = local;
-    p.recv_topk_weights[int64_t{j} * K + lane] =
-        local >= 0 ? p.stage.topk_weights(half)[at] : 0.0f;
-  }
-  for (int i = 0; i < 2; ++i) {
-    const int64_t rb = p.stage.row_bytes[i];
-    CopyBytes(p.recv_rows[i] + j * rb, p.stage.rows(half, i) + token * rb, rb,
-              lane, 32);
+    idx_out[lane] = local;
+    weights_out[lane] = local >= 0 ? p.topk_weights[t * K + lane] : 0.0f;
   }
 }
 
-__global__ void __launch_bounds__(kThreads) ReceiveDispatch(DispatchParams p) {
-  __shared__ int offsets[runtime::kMaxPeerRanks + 1];
-  __shared__ int counts[runtime::kMaxPeerRanks];
-  const int rank = p.buffers.rank;
-  const int num_ranks = p.num_ranks;
-  const int64_t parity = SequenceNow(p.buffers) & 1;
-  char* const* peer_bases =
-      p.buffers.layout.peer_bases(p.buffers.local_base);
-  if (threadIdx.x < num_ranks) {
-    char* half = Half(p.buffers, peer_bases[threadIdx.x], parity);
-    counts[threadIdx.x] = p.stage.counts(half)[rank];
+// The destination row of token t at rank `dest` (whose rows from this rank
+// start at `offset`), or M when t is not sent there or falls past capacity.
+__device__ __forceinline__ int DestinationRow(const DispatchParams& p, int dest,
+                                              int offset, int t) {
+  const Common& c = p.c;
+  const int position =
+      c.call.scratch(c.buffers.local_base)[int64_t{dest} * c.num_tokens + t];
+  return position >= 0 && int64_t{offset} + position < c.capacity
+             ? offset + position
+             : c.capacity;
+}
+
+__device__ void PushDispatchChunk(const DispatchParams& p, int dest, int chunk,
+                                  int offset, uint64_t seq) {
+  const Common& c = p.c;
+  const int me = c.buffers.rank, q = PeerSlot(me, dest), K = p.num_topk;
+  char* const base = c.buffers.layout.peer_bases(c.buffers.local_base)[dest];
+  int32_t* row_of = c.call.row_of(base, q);
+  int t0, t1;
+  ChunkTokens(c, chunk, &t0, &t1);
+  ForEachToken(
+      t0, t1,
+      [&](int t) {
+        const int row = DestinationRow(p, dest, offset, t);
+        row_of[t] = row;
+        return row;
+      },
+      [&](int t, int row) {
+        if (row == c.capacity) return;
+        LocalTopk(p, dest, t, c.call.topk_idx(base, q) + int64_t{t} * K,
+                  c.call.weights(base, q) + int64_t{t} * K);
+        for (int i = 0; i < 2; ++i) {
+          const int64_t rb = p.row_bytes[i];
+          CopyRow(c.call.rows(base, q, i) + t * rb, p.rows[i] + t * rb, rb);
+        }
+      });
+  ReleaseChunk(Arrival(c, base, me, chunk), seq);
+}
+
+__device__ void ReceiveOwnChunk(const DispatchParams& p, int chunk,
+                                int offset) {
+  const Common& c = p.c;
+  const int me = c.buffers.rank, K = p.num_topk;
+  int t0, t1;
+  ChunkTokens(c, chunk, &t0, &t1);
+  ForEachToken(
+      t0, t1,
+      [&](int t) {
+        const int row = DestinationRow(p, me, offset, t);
+        p.recv_row[int64_t{me} * c.num_tokens + t] = row;
+        return row;
+      },
+      [&](int t, int row) {
+        if (row == c.capacity) return;
+        if (Lane() == 0) p.src_index[row] = me * c.num_tokens + t;
+        LocalTopk(p, me, t, p.recv_topk_idx + int64_t{row} * K,
+                  p.recv_topk_weights + int64_t{row} * K);
+        for (int i = 0; i < 2; ++i) {
+          const int64_t rb = p.row_bytes[i];
+          CopyRow(p.recv_rows[i] + row * rb, p.rows[i] + t * rb, rb);
+        }
+      });
+}
+
+__device__ void ReceivePeerChunk(const DispatchParams& p, int source,
+                                 int chunk) {
+  const Common& c = p.c;
+  const int me = c.buffers.rank, q = PeerSlot(source, me), K = p.num_topk;
+  char* const local = c.buffers.local_base;
+  const int32_t* row_of = c.call.row_of(local, q);
+  int t0, t1;
+  ChunkTokens(c, chunk, &t0, &t1);
+  ForEachToken(
+      t0, t1,
+      [&](int t) {
+        const int row = __ldcg(row_of + t);
+        p.recv_row[int64_t{source} * c.num_tokens + t] = row;
+        return row;
+      },
+      [&](int t, int row) {
+        if (row == c.capacity) return;
+        const int lane = Lane();
+        if (lane == 0) p.src_index[row] = source * c.num_tokens + t;
+        if (lane < K) {
+          const int64_t at = int64_t{t} * K + lane;
+          p.recv_topk_idx[int64_t{row} * K + lane] =
+              __ldcg(c.call.topk_idx(local, q) + at);
+          p.recv_topk_weights[int64_t{row} * K + lane] =
+              __ldcg(c.call.weights(local, q) + at);
+        }
+        for (int i = 0; i < 2; ++i) {
+          const int64_t rb = p.row_bytes[i];
+          CopyRow(p.recv_rows[i] + row * rb, c.call.rows(local, q, i) + t * rb,
+                  rb);
+        }
+      });
+}
+
+__device__ void PadDispatchRow(const DispatchParams& p, int row) {
+  const Common& c = p.c;
+  const int lane = Lane(), K = p.num_topk;
+  if (lane == 0) p.src_index[row] = c.num_ranks * c.num_tokens;
+  if (lane < K) {
+    p.recv_topk_idx[int64_t{row} * K + lane] = -1;
+    p.recv_topk_weights[int64_t{row} * K + lane] = 0.0f;
+  }
+  for (int i = 0; i < 2; ++i) {
+    ZeroRow(p.recv_rows[i] + row * p.row_bytes[i], p.row_bytes[i]);
+  }
+}
+
+__global__ void __launch_bounds__(kThreads) DispatchKernel(DispatchParams p) {
+  // offset_at[d]: where this rank's rows start at rank d; offset_from[s]:
+  // where rank s's rows start here ([R]: the total received).
+  __shared__ int offset_at[runtime::kMaxPeerRanks];
+  __shared__ int offset_from[runtime::kMaxPeerRanks + 1];
+  const Common& c = p.c;
+  const runtime::BufferLayout& layout = c.buffers.layout;
+  char* const local = c.buffers.local_base;
+  const int me = c.buffers.rank, R = c.num_ranks, n = c.num_chunks;
+  const uint64_t seq = SequenceNow(c.buffers);
+  const int64_t parity = seq & 1;
+  if (threadIdx.x < R) {
+    const int x = threadIdx.x;  // count[s][d] = slot(parity, s)[d]
+    int before = 0;
+    for (int s = 0; s < me; ++s) {
+      before += sync::ld_relaxed_sys_global(layout.slot(local, parity, s) + x);
+    }
+    offset_at[x] = before;
+    offset_from[x] =
+        sync::ld_relaxed_sys_global(layout.slot(local, parity, x) + me);
   }
   __syncthreads();
   if (threadIdx.x == 0) {
     int sum = 0;
-    for (int s = 0; s < num_ranks; ++s) {
-      offsets[s] = sum;
-      sum += counts[s];
+    for (int s = 0; s < R; ++s) {
+      const int count = offset_from[s];
+      offset_from[s] = sum;
+      sum += count;
     }
-    offsets[num_ranks] = sum;
+    offset_from[R] = sum;
   }
   __syncthreads();
 
-  // Rows: a warp each.
-  const int warp = blockIdx.x * kWarps + threadIdx.x / 32;
-  const int num_warps = gridDim.x * kWarps;
-  for (int j = warp; j < p.capacity; j += num_warps) {
-    ReceiveRow(p, peer_bases, parity, offsets, j);
+  const WarpRole role = Role(c);
+  if (role.sends) {
+    for (int i = role.id; i < (R - 1) * n; i += role.count) {
+      const int dest = OtherRank(i % (R - 1), me);
+      PushDispatchChunk(p, dest, i / (R - 1), offset_at[dest], seq);
+    }
+    return;
   }
-
-  // recv_row[s, t].
-  const int64_t id = int64_t{blockIdx.x} * kThreads + threadIdx.x;
-  const int64_t count = int64_t{gridDim.x} * kThreads;
-  for (int64_t i = id; i < int64_t{num_ranks} * p.num_tokens; i += count) {
-    const int source = static_cast<int>(i / p.num_tokens);
-    const int64_t t = i % p.num_tokens;
-    char* half = Half(p.buffers, peer_bases[source], parity);
-    const int position =
-        p.stage.positions(half)[int64_t{rank} * p.num_tokens + t];
-    const int64_t row = position >= 0 ? int64_t{offsets[source]} + position
-                                      : int64_t{p.capacity};
-    p.recv_row[i] = static_cast<int32_t>(row < p.capacity ? row : p.capacity);
+  const int total = offset_from[R];
+  for (int row = min(total, c.capacity) + role.id; row < c.capacity;
+       row += role.count) {
+    PadDispatchRow(p, row);
   }
-
-  // Counts.
-  if (blockIdx.x == 0) {
-    if (threadIdx.x == 0) *p.num_recv_tokens = offsets[num_ranks];
-    const int num_local = p.num_local_experts;
-    for (int l = threadIdx.x; l < num_local; l += kThreads) {
+  for (int i = role.id; i < R * n; i += role.count) {
+    if (i < n) {
+      ReceiveOwnChunk(p, i, offset_from[me]);
+    } else {
+      const int source = OtherRank((i - n) % (R - 1), me);
+      const int chunk = (i - n) / (R - 1);
+      WaitChunk(c, Op::kDispatch, source, chunk, seq);
+      ReceivePeerChunk(p, source, chunk);
+    }
+  }
+  if (role.id == 0) {
+    if (Lane() == 0) *p.num_recv_tokens = total;
+    for (int l = Lane(); l < p.num_local_experts; l += 32) {
       int64_t sum = 0;
-      for (int s = 0; s < num_ranks; ++s) {
-        char* half = Half(p.buffers, peer_bases[s], parity);
-        sum += p.stage.expert_counts(half)[rank * num_local + l];
+      for (int s = 0; s < R; ++s) {
+        sum += sync::ld_relaxed_sys_global(layout.slot(local, parity, s) + R + l);
       }
       const int64_t align = p.expert_alignment;
       p.num_recv_per_expert[l] =
@@ -373,37 +524,110 @@ __global__ void __launch_bounds__(kThreads) ReceiveDispatch(DispatchParams p) {
   }
 }
 
+// --- Cached dispatch ----------------------------------------------------------
+
+struct CachedParams {
+  Common c;
+  const char* rows[2];
+  int64_t row_bytes[2];
+  const int32_t* recv_row;
+  const int32_t* num_recv_tokens;
+  char* recv_rows[2];
+};
+
+__global__ void __launch_bounds__(kThreads) StageCached(CachedParams p) {
+  const Common& c = p.c;
+  int32_t* scratch = c.call.scratch(c.buffers.local_base);
+  const int64_t n = int64_t{c.num_ranks} * c.num_tokens;
+  for (int64_t i = int64_t{blockIdx.x} * kThreads + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * kThreads) {
+    scratch[i] = p.recv_row[i];
+  }
+}
+
+// A handle's row, or M for anything outside [0, M): a bad handle must not
+// make the kernel write out of bounds.
+__device__ __forceinline__ int KeptRow(int row, int capacity) {
+  return row >= 0 && row < capacity ? row : capacity;
+}
+
+__global__ void __launch_bounds__(kThreads)
+    CachedDispatchKernel(CachedParams p) {
+  const Common& c = p.c;
+  char* const local = c.buffers.local_base;
+  char* const* peer_bases = c.buffers.layout.peer_bases(local);
+  const int me = c.buffers.rank, R = c.num_ranks, n = c.num_chunks,
+            T = c.num_tokens, M = c.capacity;
+  const uint64_t seq = SequenceNow(c.buffers);
+  const WarpRole role = Role(c);
+  if (role.sends) {
+    for (int i = role.id; i < (R - 1) * n; i += role.count) {
+      const int dest = OtherRank(i % (R - 1), me), chunk = i / (R - 1);
+      const int q = PeerSlot(me, dest);
+      char* const base = peer_bases[dest];
+      const int32_t* staged = c.call.scratch(base) + int64_t{me} * T;
+      int t0, t1;
+      ChunkTokens(c, chunk, &t0, &t1);
+      ForEachToken(
+          t0, t1, [&](int t) { return KeptRow(__ldcg(staged + t), M); },
+          [&](int t, int row) {
+            if (row == M) return;
+            for (int i = 0; i < 2; ++i) {
+              const int64_t rb = p.row_bytes[i];
+              CopyRow(c.call.rows(base, q, i) + t * rb, p.rows[i] + t * rb, rb);
+            }
+          });
+      ReleaseChunk(Arrival(c, base, me, chunk), seq);
+    }
+    return;
+  }
+  const int kept = KeptRow(*p.num_recv_tokens, M);
+  for (int row = kept + role.id; row < M; row += role.count) {
+    for (int i = 0; i < 2; ++i) {
+      ZeroRow(p.recv_rows[i] + row * p.row_bytes[i], p.row_bytes[i]);
+    }
+  }
+  for (int i = role.id; i < R * n; i += role.count) {
+    const int source = i < n ? me : OtherRank((i - n) % (R - 1), me);
+    const int chunk = i < n ? i : (i - n) / (R - 1);
+    if (source != me) WaitChunk(c, Op::kCachedDispatch, source, chunk, seq);
+    const int q = PeerSlot(source, me);
+    int t0, t1;
+    ChunkTokens(c, chunk, &t0, &t1);
+    ForEachToken(
+        t0, t1,
+        [&](int t) {
+          return KeptRow(p.recv_row[int64_t{source} * T + t], M);
+        },
+        [&](int t, int row) {
+          if (row == M) return;
+          for (int i = 0; i < 2; ++i) {
+            const int64_t rb = p.row_bytes[i];
+            const char* src = source == me ? p.rows[i] + t * rb
+                                           : c.call.rows(local, q, i) + t * rb;
+            CopyRow(p.recv_rows[i] + row * rb, src, rb);
+          }
+        });
+  }
+}
+
 // --- Combine ------------------------------------------------------------------
 
 struct CombineParams {
-  runtime::PeerView buffers;
-  CombineStage stage;
+  Common c;
   const char* y;
+  int64_t row_bytes;  // of y
   const int32_t* recv_row;
-  const int32_t* num_recv_tokens;
   const float* bias;
-  int num_tokens, num_channels, num_ranks, capacity;
+  int num_channels;
   char* out;
 };
-
-__global__ void __launch_bounds__(kThreads) StageCombine(CombineParams p) {
-  char* half = Half(p.buffers, p.buffers.local_base,
-                    (SequenceNow(p.buffers) + 1) & 1);
-  const int64_t id = int64_t{blockIdx.x} * kThreads + threadIdx.x;
-  const int64_t count = int64_t{gridDim.x} * kThreads;
-  const int64_t rows = min(int64_t{*p.num_recv_tokens}, int64_t{p.capacity});
-  CopyBytes(reinterpret_cast<char*>(p.stage.recv_row(half)),
-            reinterpret_cast<const char*>(p.recv_row),
-            int64_t{p.num_ranks} * p.num_tokens * 4, id, count);
-  CopyBytes(p.stage.rows(half), p.y, max(rows, int64_t{0}) * p.stage.row_bytes,
-            id, count);
-}
 
 // V elements of type In at `src` as floats (exact: bf16 -> f32 is a shift).
 template <typename In, int V>
 __device__ __forceinline__ void LoadFloats(const char* src, float* out) {
   if constexpr (sizeof(In) == 2 && V == 8) {
-    const int4 raw = *reinterpret_cast<const int4*>(src);
+    const int4 raw = __ldcg(reinterpret_cast<const int4*>(src));
     const uint32_t words[4] = {static_cast<uint32_t>(raw.x),
                                static_cast<uint32_t>(raw.y),
                                static_cast<uint32_t>(raw.z),
@@ -416,99 +640,146 @@ __device__ __forceinline__ void LoadFloats(const char* src, float* out) {
   } else if constexpr (sizeof(In) == 2) {
     static_assert(V == 1);
     out[0] = __uint_as_float(
-        static_cast<uint32_t>(*reinterpret_cast<const uint16_t*>(src)) << 16);
+        static_cast<uint32_t>(__ldcg(reinterpret_cast<const uint16_t*>(src)))
+        << 16);
   } else if constexpr (V == 4) {
-    const float4 raw = *reinterpret_cast<const float4*>(src);
+    const float4 raw = __ldcg(reinterpret_cast<const float4*>(src));
     out[0] = raw.x;
     out[1] = raw.y;
     out[2] = raw.z;
     out[3] = raw.w;
   } else {
     static_assert(V == 1);
-    out[0] = *reinterpret_cast<const float*>(src);
+    out[0] = __ldcg(reinterpret_cast<const float*>(src));
   }
 }
 
-template <typename T>
-__device__ __forceinline__ T FromFloat(float v);
-template <>
-__device__ __forceinline__ __nv_bfloat16 FromFloat(float v) {
-  return __float2bfloat16_rn(v);
-}
-template <>
-__device__ __forceinline__ float FromFloat(float v) {
-  return v;
+// Stores V floats at `dst` as Out, rounding to nearest even once.
+template <typename Out, int V>
+__device__ __forceinline__ void StoreFloats(char* dst, const float* v) {
+  if constexpr (sizeof(Out) == 2 && V == 8) {
+    uint32_t words[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const __nv_bfloat162 pair = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
+      words[i] = *reinterpret_cast<const uint32_t*>(&pair);
+    }
+    *reinterpret_cast<int4*>(dst) = make_int4(words[0], words[1], words[2],
+                                              words[3]);
+  } else if constexpr (sizeof(Out) == 2) {
+    static_assert(V == 1);
+    *reinterpret_cast<__nv_bfloat16*>(dst) = __float2bfloat16_rn(v[0]);
+  } else if constexpr (V % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < V; i += 4) {
+      reinterpret_cast<float4*>(dst)[i / 4] =
+          make_float4(v[i], v[i + 1], v[i + 2], v[i + 3]);
+    }
+  } else {
+    static_assert(V == 1);
+    *reinterpret_cast<float*>(dst) = v[0];
+  }
 }
 
-// Sums `V` consecutive elements starting at element `c` of token t's rows.
+// out[t, c .. c+V) = sum over ranks, in order, of their rows (null: +0.0),
+// plus the bias; one rounding.
 template <typename In, typename Out, int V>
-__device__ __forceinline__ void ReduceChunk(const CombineParams& p,
-                                            char* const* halves,
-                                            const int* rows, int64_t t,
-                                            int64_t c) {
+__device__ __forceinline__ void ReduceElements(const CombineParams& p,
+                                               const char* const* rows,
+                                               int64_t t, int64_t channel) {
   float total[V];
-#pragma unroll
-  for (int i = 0; i < V; ++i) total[i] = 0.0f;
-  for (int r = 0; r < p.num_ranks; ++r) {
+  for (int r = 0; r < p.c.num_ranks; ++r) {
     float v[V];
-    if (rows[r] < p.capacity) {
-      LoadFloats<In, V>(p.stage.rows(halves[r]) +
-                            int64_t{rows[r]} * p.stage.row_bytes +
-                            c * int64_t{sizeof(In)},
-                        v);
+    if (rows[r] != nullptr) {
+      LoadFloats<In, V>(rows[r] + channel * int64_t{sizeof(In)}, v);
     } else {
 #pragma unroll
       for (int i = 0; i < V; ++i) v[i] = 0.0f;
     }
-    // The reference: total = v_0, then total = total + v_r.
 #pragma unroll
     for (int i = 0; i < V; ++i) {
       total[i] = r == 0 ? v[i] : __fadd_rn(total[i], v[i]);
     }
   }
   if (p.bias != nullptr) {
+    const float* bias = p.bias + t * p.num_channels + channel;
 #pragma unroll
-    for (int i = 0; i < V; ++i) {
-      total[i] = __fadd_rn(total[i], p.bias[t * p.num_channels + c + i]);
-    }
+    for (int i = 0; i < V; ++i) total[i] = __fadd_rn(total[i], bias[i]);
   }
-  Out* dst = reinterpret_cast<Out*>(p.out) + t * p.num_channels + c;
-#pragma unroll
-  for (int i = 0; i < V; ++i) dst[i] = FromFloat<Out>(total[i]);
+  StoreFloats<Out, V>(
+      p.out + (t * p.num_channels + channel) * int64_t{sizeof(Out)}, total);
 }
 
 template <typename In, typename Out>
-__global__ void __launch_bounds__(kThreads) ReduceCombine(CombineParams p) {
-  __shared__ char* halves[runtime::kMaxPeerRanks];
-  __shared__ int rows[kWarps][runtime::kMaxPeerRanks];
-  const int lane = threadIdx.x % 32, warp_in_block = threadIdx.x / 32;
-  const int64_t parity = SequenceNow(p.buffers) & 1;
-  char* const* peer_bases = p.buffers.layout.peer_bases(p.buffers.local_base);
-  if (threadIdx.x < p.num_ranks) {
-    halves[threadIdx.x] = Half(p.buffers, peer_bases[threadIdx.x], parity);
-  }
-  __syncthreads();
+__device__ void ReduceToken(const CombineParams& p, const char* const* rows,
+                            int64_t t) {
   constexpr int V = 16 / sizeof(In);
-  const bool vectorized = p.stage.row_bytes % 16 == 0;
-  const int warp = blockIdx.x * kWarps + warp_in_block;
-  const int num_warps = gridDim.x * kWarps;
-  int* my_rows = rows[warp_in_block];
-  for (int t = warp; t < p.num_tokens; t += num_warps) {
-    for (int r = lane; r < p.num_ranks; r += 32) {
-      my_rows[r] = p.stage.recv_row(halves[r])[int64_t{p.buffers.rank} *
-                                                   p.num_tokens + t];
+  const int C = p.num_channels, lane = Lane();
+  if (p.row_bytes % 16 == 0 && Aligned16(p.out) && Aligned16(p.y)) {
+    for (int channel = lane * V; channel < C; channel += 32 * V) {
+      ReduceElements<In, Out, V>(p, rows, t, channel);
     }
-    __syncwarp();
-    if (vectorized) {
-      for (int64_t c = int64_t{lane} * V; c < p.num_channels; c += 32 * V) {
-        ReduceChunk<In, Out, V>(p, halves, my_rows, t, c);
-      }
-    } else {
-      for (int64_t c = lane; c < p.num_channels; c += 32) {
-        ReduceChunk<In, Out, 1>(p, halves, my_rows, t, c);
-      }
+  } else {
+    for (int channel = lane; channel < C; channel += 32) {
+      ReduceElements<In, Out, 1>(p, rows, t, channel);
     }
-    __syncwarp();
+  }
+}
+
+template <typename In, typename Out>
+__global__ void __launch_bounds__(kThreads) CombineKernel(CombineParams p) {
+  __shared__ const char* token_rows[kWarps][runtime::kMaxPeerRanks];
+  const Common& c = p.c;
+  char* const local = c.buffers.local_base;
+  char* const* peer_bases = c.buffers.layout.peer_bases(local);
+  const int me = c.buffers.rank, R = c.num_ranks, n = c.num_chunks,
+            T = c.num_tokens, M = c.capacity;
+  const int64_t rb = p.row_bytes;
+  const uint64_t seq = SequenceNow(c.buffers);
+  const WarpRole role = Role(c);
+  if (role.sends) {
+    for (int i = role.id; i < (R - 1) * n; i += role.count) {
+      const int owner = OtherRank(i % (R - 1), me), chunk = i / (R - 1);
+      const int q = PeerSlot(me, owner);
+      char* const base = peer_bases[owner];
+      int32_t* row_of = c.call.row_of(base, q);
+      int t0, t1;
+      ChunkTokens(c, chunk, &t0, &t1);
+      ForEachToken(
+          t0, t1,
+          [&](int t) {
+            const int row = KeptRow(p.recv_row[int64_t{owner} * T + t], M);
+            row_of[t] = row;
+            return row;
+          },
+          [&](int t, int row) {
+            if (row == M) return;
+            CopyRow(c.call.rows(base, q, 0) + t * rb, p.y + row * rb, rb);
+          });
+      ReleaseChunk(Arrival(c, base, me, chunk), seq);
+    }
+    return;
+  }
+  const char** rows = token_rows[threadIdx.x / 32];
+  for (int chunk = role.id; chunk < n; chunk += role.count) {
+    for (int s = 0; s < R; ++s) {
+      if (s != me) WaitChunk(c, Op::kCombine, s, chunk, seq);
+    }
+    int t0, t1;
+    ChunkTokens(c, chunk, &t0, &t1);
+    for (int t = t0; t < t1; ++t) {
+      for (int r = Lane(); r < R; r += 32) {
+        const int q = PeerSlot(r, me);
+        const int row = r == me ? KeptRow(p.recv_row[int64_t{me} * T + t], M)
+                                : __ldcg(c.call.row_of(local, q) + t);
+        rows[r] = row == M ? nullptr
+                  : r == me ? p.y + row * rb
+                            : c.call.rows(local, q, 0) + t * rb;
+      }
+      __syncwarp();
+      ReduceToken<In, Out>(p, rows, t);
+      __syncwarp();
+    }
   }
 }
 
@@ -518,36 +789,93 @@ Status Fail(const char* op, const std::string& what) {
   return Status::InvalidArgument(std::string("intranode ") + op + ": " + what);
 }
 
-Status CheckRanksAndTimeout(const char* op, const runtime::PeerView& buffers,
-                            int64_t num_ranks, int64_t timeout_ns,
-                            int64_t num_sms) {
+// Checks the sizes every call shares and cuts the work: fills *c but its
+// buffers (already set) and its layout.
+Status Plan(const char* op, int64_t num_ranks, int64_t num_tokens,
+            int64_t capacity, const Tuning& tuning, Common* c) {
+  const runtime::PeerView& buffers = c->buffers;
   if (num_ranks != buffers.layout.num_ranks) {
     return Fail(op, "num_ranks is " + std::to_string(num_ranks) +
                         " but this device's peer buffers were created for " +
                         std::to_string(buffers.layout.num_ranks) + " ranks");
   }
-  if (timeout_ns <= 0) {
-    return Fail(op, "timeout_ns must be > 0, got " + std::to_string(timeout_ns));
+  if (num_tokens < 1 || num_tokens >= (int64_t{1} << 31) / num_ranks ||
+      capacity < 1 || capacity >= (int64_t{1} << 31)) {
+    return Fail(op, "need 1 <= num_tokens < 2^31 / num_ranks and 1 <= "
+                    "capacity < 2^31, got num_tokens=" +
+                        std::to_string(num_tokens) +
+                        ", capacity=" + std::to_string(capacity));
   }
-  if (num_sms < 1 || num_sms > 1024) {
+  if (tuning.timeout_ns <= 0) {
+    return Fail(op, "timeout_ns must be > 0, got " +
+                        std::to_string(tuning.timeout_ns));
+  }
+  if (tuning.num_sms < 1 || tuning.num_sms > 1024) {
     return Fail(op, "num_sms must be in [1, 1024], got " +
-                        std::to_string(num_sms));
+                        std::to_string(tuning.num_sms));
+  }
+  if (tuning.send_warps < 1 || tuning.send_warps >= kWarps) {
+    return Fail(op, "send_warps must be in [1, " + std::to_string(kWarps - 1) +
+                        "], got " + std::to_string(tuning.send_warps));
+  }
+  if (tuning.chunk_tokens < 0) {
+    return Fail(op, "chunk_tokens must be >= 0 (0: automatic), got " +
+                        std::to_string(tuning.chunk_tokens));
+  }
+  // One rank: nothing to push, every warp receives.
+  const int64_t send_warps = num_ranks == 1 ? 0 : tuning.send_warps;
+  int64_t chunk = tuning.chunk_tokens;
+  if (chunk == 0) {
+    // About four chunks per pushing warp, so that receivers start early.
+    const int64_t pushers = tuning.num_sms * std::max<int64_t>(send_warps, 1);
+    const int64_t per_peer =
+        (4 * pushers + num_ranks - 2) / std::max<int64_t>(num_ranks - 1, 1);
+    chunk = (num_tokens + per_peer - 1) / per_peer;
+  }
+  chunk = std::max(chunk, (num_tokens + runtime::kMaxChunks - 1) /
+                              runtime::kMaxChunks);
+  chunk = std::min(chunk, num_tokens);
+  c->num_tokens = static_cast<int>(num_tokens);
+  c->num_ranks = static_cast<int>(num_ranks);
+  c->capacity = static_cast<int>(capacity);
+  c->send_warps = static_cast<int>(send_warps);
+  c->chunk_tokens = static_cast<int>(chunk);
+  c->num_chunks = static_cast<int>((num_tokens + chunk - 1) / chunk);
+  c->timeout_ns = tuning.timeout_ns;
+  return Status();
+}
+
+Status CheckRowBytes(const char* op, const int64_t* row_bytes) {
+  for (int i = 0; i < 2; ++i) {
+    if (row_bytes[i] < 0 || row_bytes[i] % 4 != 0) {
+      return Fail(op, "row bytes must be a multiple of 4, got " +
+                          std::to_string(row_bytes[i]));
+    }
   }
   return Status();
 }
 
 Status CheckFits(const char* op, const runtime::PeerView& buffers,
-                 int64_t stage_bytes) {
-  const int64_t half = StageHalfBytes(buffers.layout.data_bytes);
-  if (stage_bytes > half) {
+                 const CallLayout& call) {
+  if (call.bytes() > buffers.layout.data_bytes) {
     return Fail(op, "the peer buffers' data region (" +
                         std::to_string(buffers.layout.data_bytes) +
-                        " bytes) is too small: this call stages " +
-                        std::to_string(stage_bytes) +
-                        " bytes in each of its two halves; create the "
-                        "buffers with intranode_buffer_bytes(...) bytes");
+                        " bytes) is too small: this call needs " +
+                        std::to_string(call.bytes()) +
+                        " bytes; create the buffers with "
+                        "intranode_buffer_bytes(...) for the largest shapes");
   }
   return Status();
+}
+
+Status Launched(const char* kernel) {
+  return Status::FromCuda(cudaGetLastError(), kernel);
+}
+
+Status LaunchBarrier(const Common& c, Op op, cudaStream_t stream) {
+  Barrier<<<1, runtime::kMaxPeerRanks, 0, stream>>>(c.buffers, c.num_ranks,
+                                                    c.timeout_ns, op);
+  return Launched("Barrier launch");
 }
 
 }  // namespace
@@ -555,125 +883,124 @@ Status CheckFits(const char* op, const runtime::PeerView& buffers,
 Status LaunchDispatch(const runtime::PeerView& buffers, const DispatchArgs& a,
                       cudaStream_t stream) {
   const char* op = "dispatch";
-  if (Status s = CheckRanksAndTimeout(op, buffers, a.num_ranks, a.timeout_ns,
-                                      a.num_sms);
+  Common common{buffers};
+  if (Status s = Plan(op, a.num_ranks, a.num_tokens, a.capacity, a.tuning,
+                      &common);
       !s.ok()) {
     return s;
   }
+  DispatchParams p{common};
   if (a.num_experts < 1 || a.num_experts > runtime::kMaxNotifyExperts ||
       a.num_experts % a.num_ranks != 0) {
     return Fail(op, "num_experts must be a multiple of num_ranks in [1, " +
                         std::to_string(runtime::kMaxNotifyExperts) + "], got " +
                         std::to_string(a.num_experts));
   }
-  if (a.num_tokens < 1 || a.num_tokens >= (int64_t{1} << 31) / a.num_ranks ||
-      a.num_topk < 1 || a.num_topk > kMaxTopk || a.capacity < 1 ||
-      a.capacity >= (int64_t{1} << 31) || a.expert_alignment < 1) {
-    return Fail(op, "need 1 <= T < 2^31 / R, 1 <= K <= 32, 1 <= capacity < "
-                    "2^31 and expert_alignment >= 1, got T=" +
-                        std::to_string(a.num_tokens) + ", K=" +
-                        std::to_string(a.num_topk) + ", capacity=" +
-                        std::to_string(a.capacity));
+  if (a.num_topk < 1 || a.num_topk > kMaxTopk || a.expert_alignment < 1) {
+    return Fail(op, "need 1 <= num_topk <= 32 and expert_alignment >= 1, got "
+                    "num_topk=" + std::to_string(a.num_topk) +
+                        ", expert_alignment=" +
+                        std::to_string(a.expert_alignment));
   }
-  for (int i = 0; i < 2; ++i) {
-    if (a.row_bytes[i] < 0 || a.row_bytes[i] % 4 != 0) {
-      return Fail(op, "row bytes must be a multiple of 4, got " +
-                          std::to_string(a.row_bytes[i]));
-    }
-  }
-  const DispatchStage stage{a.num_tokens, a.num_ranks, a.num_topk,
-                            {a.row_bytes[0], a.row_bytes[1]}};
-  if (Status s = CheckFits(op, buffers, stage.bytes()); !s.ok()) return s;
-  DispatchParams p{buffers, stage};
+  if (Status s = CheckRowBytes(op, a.row_bytes); !s.ok()) return s;
+  p.c.call = CallLayout{a.num_tokens, a.num_ranks, a.num_topk,
+                        {a.row_bytes[0], a.row_bytes[1]}};
+  if (Status s = CheckFits(op, buffers, p.c.call); !s.ok()) return s;
   for (int i = 0; i < 2; ++i) {
     p.rows[i] = static_cast<const char*>(a.rows[i]);
+    p.row_bytes[i] = a.row_bytes[i];
     p.recv_rows[i] = static_cast<char*>(a.recv_rows[i]);
   }
   p.topk_idx = a.topk_idx;
   p.topk_weights = a.topk_weights;
-  p.num_tokens = static_cast<int>(a.num_tokens);
   p.num_topk = static_cast<int>(a.num_topk);
-  p.num_ranks = static_cast<int>(a.num_ranks);
   p.num_local_experts = static_cast<int>(a.num_experts / a.num_ranks);
-  p.capacity = static_cast<int>(a.capacity);
-  p.expert_alignment = static_cast<int>(std::min<int64_t>(a.expert_alignment,
-                                                          1 << 30));
+  p.expert_alignment =
+      static_cast<int>(std::min<int64_t>(a.expert_alignment, 1 << 30));
   p.recv_topk_idx = a.recv_topk_idx;
   p.recv_topk_weights = a.recv_topk_weights;
   p.num_recv_per_expert = a.num_recv_per_expert;
   p.src_index = a.src_index;
   p.recv_row = a.recv_row;
   p.num_recv_tokens = a.num_recv_tokens;
-  const int blocks = static_cast<int>(a.num_sms);
-  StageDispatch<<<p.num_ranks + blocks, kThreads, 0, stream>>>(p);
-  if (Status s = Status::FromCuda(cudaGetLastError(), "StageDispatch launch");
+  StageDispatch<<<p.c.num_ranks, kThreads, 0, stream>>>(p);
+  if (Status s = Launched("StageDispatch launch"); !s.ok()) return s;
+  if (Status s = LaunchBarrier(p.c, Op::kDispatch, stream); !s.ok()) return s;
+  DispatchKernel<<<static_cast<int>(a.tuning.num_sms), kThreads, 0, stream>>>(p);
+  return Launched("DispatchKernel launch");
+}
+
+Status LaunchCachedDispatch(const runtime::PeerView& buffers,
+                            const CachedDispatchArgs& a, cudaStream_t stream) {
+  const char* op = "cached dispatch";
+  Common common{buffers};
+  if (Status s = Plan(op, a.num_ranks, a.num_tokens, a.capacity, a.tuning,
+                      &common);
       !s.ok()) {
     return s;
   }
-  Barrier<<<1, runtime::kMaxPeerRanks, 0, stream>>>(
-      buffers, p.num_ranks, a.timeout_ns, /*combine=*/false);
-  if (Status s = Status::FromCuda(cudaGetLastError(), "Barrier launch");
-      !s.ok()) {
+  CachedParams p{common};
+  if (Status s = CheckRowBytes(op, a.row_bytes); !s.ok()) return s;
+  p.c.call = CallLayout{a.num_tokens, a.num_ranks, 0,
+                        {a.row_bytes[0], a.row_bytes[1]}};
+  if (Status s = CheckFits(op, buffers, p.c.call); !s.ok()) return s;
+  for (int i = 0; i < 2; ++i) {
+    p.rows[i] = static_cast<const char*>(a.rows[i]);
+    p.row_bytes[i] = a.row_bytes[i];
+    p.recv_rows[i] = static_cast<char*>(a.recv_rows[i]);
+  }
+  p.recv_row = a.recv_row;
+  p.num_recv_tokens = a.num_recv_tokens;
+  const int blocks = static_cast<int>(a.tuning.num_sms);
+  StageCached<<<blocks, kThreads, 0, stream>>>(p);
+  if (Status s = Launched("StageCached launch"); !s.ok()) return s;
+  if (Status s = LaunchBarrier(p.c, Op::kCachedDispatch, stream); !s.ok()) {
     return s;
   }
-  ReceiveDispatch<<<blocks, kThreads, 0, stream>>>(p);
-  return Status::FromCuda(cudaGetLastError(), "ReceiveDispatch launch");
+  CachedDispatchKernel<<<blocks, kThreads, 0, stream>>>(p);
+  return Launched("CachedDispatchKernel launch");
 }
 
 Status LaunchCombine(const runtime::PeerView& buffers, const CombineArgs& a,
                      cudaStream_t stream) {
   const char* op = "combine";
-  if (Status s = CheckRanksAndTimeout(op, buffers, a.num_ranks, a.timeout_ns,
-                                      a.num_sms);
+  Common common{buffers};
+  if (Status s = Plan(op, a.num_ranks, a.num_tokens, a.capacity, a.tuning,
+                      &common);
       !s.ok()) {
     return s;
   }
-  if (a.num_tokens < 1 || a.num_tokens >= (int64_t{1} << 31) / a.num_ranks ||
-      a.capacity < 1 || a.capacity >= (int64_t{1} << 31) ||
-      a.num_channels < 1) {
-    return Fail(op, "need 1 <= T < 2^31 / R, 1 <= capacity < 2^31 and C >= 1");
+  CombineParams p{common};
+  if (a.num_channels < 1) {
+    return Fail(op, "need num_channels >= 1, got " +
+                        std::to_string(a.num_channels));
   }
-  const int64_t element = a.y_type == ElementType::kBF16 ? 2 : 4;
   if (a.out_type != ElementType::kF32 && a.out_type != a.y_type) {
     return Fail(op, "the output must be f32 or y's type");
   }
-  const CombineStage stage{a.num_tokens, a.num_ranks, a.capacity,
-                           a.num_channels * element};
-  if (stage.row_bytes % 4 != 0) {
+  const int64_t element = a.y_type == ElementType::kBF16 ? 2 : 4;
+  p.row_bytes = a.num_channels * element;
+  if (p.row_bytes % 4 != 0) {
     return Fail(op, "y's rows must be a multiple of 4 bytes");
   }
-  if (Status s = CheckFits(op, buffers, stage.bytes()); !s.ok()) return s;
-  CombineParams p{buffers, stage};
+  p.c.call = CallLayout{a.num_tokens, a.num_ranks, 0, {p.row_bytes, 0}};
+  if (Status s = CheckFits(op, buffers, p.c.call); !s.ok()) return s;
   p.y = static_cast<const char*>(a.y);
   p.recv_row = a.recv_row;
-  p.num_recv_tokens = a.num_recv_tokens;
   p.bias = a.bias;
-  p.num_tokens = static_cast<int>(a.num_tokens);
   p.num_channels = static_cast<int>(a.num_channels);
-  p.num_ranks = static_cast<int>(a.num_ranks);
-  p.capacity = static_cast<int>(a.capacity);
   p.out = static_cast<char*>(a.out);
-  const int blocks = static_cast<int>(a.num_sms);
-  StageCombine<<<blocks, kThreads, 0, stream>>>(p);
-  if (Status s = Status::FromCuda(cudaGetLastError(), "StageCombine launch");
-      !s.ok()) {
-    return s;
-  }
-  Barrier<<<1, runtime::kMaxPeerRanks, 0, stream>>>(
-      buffers, p.num_ranks, a.timeout_ns, /*combine=*/true);
-  if (Status s = Status::FromCuda(cudaGetLastError(), "Barrier launch");
-      !s.ok()) {
-    return s;
-  }
+  if (Status s = LaunchBarrier(p.c, Op::kCombine, stream); !s.ok()) return s;
+  const int blocks = static_cast<int>(a.tuning.num_sms);
   if (a.y_type == ElementType::kBF16 && a.out_type == ElementType::kF32) {
-    ReduceCombine<__nv_bfloat16, float><<<blocks, kThreads, 0, stream>>>(p);
+    CombineKernel<__nv_bfloat16, float><<<blocks, kThreads, 0, stream>>>(p);
   } else if (a.y_type == ElementType::kBF16) {
-    ReduceCombine<__nv_bfloat16, __nv_bfloat16>
+    CombineKernel<__nv_bfloat16, __nv_bfloat16>
         <<<blocks, kThreads, 0, stream>>>(p);
   } else {
-    ReduceCombine<float, float><<<blocks, kThreads, 0, stream>>>(p);
+    CombineKernel<float, float><<<blocks, kThreads, 0, stream>>>(p);
   }
-  return Status::FromCuda(cudaGetLastError(), "ReduceCombine launch");
+  return Launched("CombineKernel launch");
 }
 
 }  // namespace jax_ep::intranode

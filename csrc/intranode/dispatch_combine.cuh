@@ -1,5 +1,6 @@
-// Intranode (NVLink) normal dispatch and combine: staging layout and host
-// launchers. The protocol is described at the top of dispatch_combine.cu.
+// Intranode (NVLink) normal dispatch, cached dispatch and combine: the data
+// region layout, the arguments and the host launchers. The protocol is
+// described at the top of dispatch_combine.cu.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -12,109 +13,94 @@
 
 namespace jax_ep::intranode {
 
-// The data region of every rank's peer buffer is split into two equal halves;
-// call sequence `seq` stages into half `seq & 1`. The split is fixed by the
-// buffer (not by a call's shapes) so that calls of different shapes never
-// overlap a half a slow peer may still read.
-__host__ __device__ inline int64_t StageHalfBytes(int64_t data_bytes) {
-  return data_bytes / 2 / 256 * 256;
-}
-__host__ __device__ inline char* StageHalf(char* base, int64_t data_bytes,
-                                           int64_t parity) {
-  return base + parity * StageHalfBytes(data_bytes);
+// Slot q of a receiver's data region holds what its q-th other rank sends it.
+__host__ __device__ inline int PeerSlot(int source, int receiver) {
+  return source < receiver ? source : source - 1;
 }
 
-// What a dispatch stages in one half, at offsets every rank computes alike.
+// The data region as one call uses it. Every rank derives the same layout
+// from the call's shapes, so an offset is valid in every peer's region.
+//
+//   scratch  int32[R, T]: a fresh dispatch's positions (read by this rank
+//            only) or a cached dispatch's staged recv_row (read by peers)
+//   R - 1 peer slots, slot PeerSlot(s, me) written by rank s only, each:
+//     rows0    [T, row_bytes[0]]   token t's row at t (x, fp8 rows or y)
+//     rows1    [T, row_bytes[1]]   fp8 scales, or empty
+//     row_of   int32[T]            the receiver's row of token t, or M
+//     topk_idx int32[T, K]         token t's experts, local to the receiver
+//     weights  f32[T, K]
 // Sections are 256-byte aligned.
-struct DispatchStage {
+struct CallLayout {
   int64_t num_tokens;    // T
   int64_t num_ranks;     // R
-  int64_t num_topk;      // K
+  int64_t num_topk;      // K (0 for combine and cached dispatch)
   int64_t row_bytes[2];  // bytes per token of the (up to) two row arrays
 
-  // int32[R]: tokens sent to each destination.
-  __host__ __device__ int64_t counts_offset() const { return 0; }
-  // int32[E] (at most kMaxNotifyExperts): (token, k) selections per expert.
-  __host__ __device__ int64_t expert_counts_offset() const {
-    return runtime::AlignUp(num_ranks * 4, 256);
+  __host__ __device__ int64_t section(int64_t bytes) const {
+    return runtime::AlignUp(bytes, 256);
   }
-  // int32[R, T]: position of token t among those sent to d, or -1.
-  __host__ __device__ int64_t positions_offset() const {
-    return expert_counts_offset() + runtime::kMaxNotifyExperts * 4;
-  }
-  // int32[R, T]: the tokens sent to d, in order (first counts[d] valid).
-  __host__ __device__ int64_t tokens_offset() const {
-    return positions_offset() + runtime::AlignUp(num_ranks * num_tokens * 4, 256);
-  }
-  __host__ __device__ int64_t topk_idx_offset() const {
-    return tokens_offset() + runtime::AlignUp(num_ranks * num_tokens * 4, 256);
-  }
-  __host__ __device__ int64_t topk_weights_offset() const {
-    return topk_idx_offset() + runtime::AlignUp(num_tokens * num_topk * 4, 256);
+  __host__ __device__ int64_t scratch_bytes() const {
+    return section(num_ranks * num_tokens * 4);
   }
   __host__ __device__ int64_t rows_offset(int i) const {
-    const int64_t first =
-        topk_weights_offset() + runtime::AlignUp(num_tokens * num_topk * 4, 256);
-    return i == 0 ? first
-                  : first + runtime::AlignUp(num_tokens * row_bytes[0], 256);
+    return i == 0 ? 0 : section(num_tokens * row_bytes[0]);
+  }
+  __host__ __device__ int64_t row_of_offset() const {
+    return rows_offset(1) + section(num_tokens * row_bytes[1]);
+  }
+  __host__ __device__ int64_t topk_idx_offset() const {
+    return row_of_offset() + section(num_tokens * 4);
+  }
+  __host__ __device__ int64_t weights_offset() const {
+    return topk_idx_offset() + section(num_tokens * num_topk * 4);
+  }
+  __host__ __device__ int64_t slot_bytes() const {
+    return weights_offset() + section(num_tokens * num_topk * 4);
   }
   __host__ __device__ int64_t bytes() const {
-    return rows_offset(1) + runtime::AlignUp(num_tokens * row_bytes[1], 256);
+    return scratch_bytes() + (num_ranks - 1) * slot_bytes();
   }
 
-  __host__ __device__ int32_t* counts(char* half) const {
-    return reinterpret_cast<int32_t*>(half + counts_offset());
+  __host__ __device__ int32_t* scratch(char* base) const {
+    return reinterpret_cast<int32_t*>(base);
   }
-  __host__ __device__ int32_t* expert_counts(char* half) const {
-    return reinterpret_cast<int32_t*>(half + expert_counts_offset());
+  __host__ __device__ char* slot(char* base, int q) const {
+    return base + scratch_bytes() + q * slot_bytes();
   }
-  __host__ __device__ int32_t* positions(char* half) const {
-    return reinterpret_cast<int32_t*>(half + positions_offset());
+  __host__ __device__ char* rows(char* base, int q, int i) const {
+    return slot(base, q) + rows_offset(i);
   }
-  __host__ __device__ int32_t* tokens(char* half) const {
-    return reinterpret_cast<int32_t*>(half + tokens_offset());
+  __host__ __device__ int32_t* row_of(char* base, int q) const {
+    return reinterpret_cast<int32_t*>(slot(base, q) + row_of_offset());
   }
-  __host__ __device__ int32_t* topk_idx(char* half) const {
-    return reinterpret_cast<int32_t*>(half + topk_idx_offset());
+  __host__ __device__ int32_t* topk_idx(char* base, int q) const {
+    return reinterpret_cast<int32_t*>(slot(base, q) + topk_idx_offset());
   }
-  __host__ __device__ float* topk_weights(char* half) const {
-    return reinterpret_cast<float*>(half + topk_weights_offset());
-  }
-  __host__ __device__ char* rows(char* half, int i) const {
-    return half + rows_offset(i);
+  __host__ __device__ float* weights(char* base, int q) const {
+    return reinterpret_cast<float*>(slot(base, q) + weights_offset());
   }
 };
 
-// What a combine stages in one half.
-struct CombineStage {
-  int64_t num_tokens;  // T
-  int64_t num_ranks;   // R
-  int64_t capacity;    // M
-  int64_t row_bytes;   // bytes per row of y
-
-  // int32[R, T]: this rank's handle.recv_row.
-  __host__ __device__ int64_t recv_row_offset() const { return 0; }
-  // [M, row_bytes]: y (only the first min(num_recv, M) rows are written).
-  __host__ __device__ int64_t rows_offset() const {
-    return runtime::AlignUp(num_ranks * num_tokens * 4, 256);
-  }
-  __host__ __device__ int64_t bytes() const {
-    return rows_offset() + runtime::AlignUp(capacity * row_bytes, 256);
-  }
-  __host__ __device__ int32_t* recv_row(char* half) const {
-    return reinterpret_cast<int32_t*>(half + recv_row_offset());
-  }
-  __host__ __device__ char* rows(char* half) const {
-    return half + rows_offset();
-  }
-};
-
-// Data-region bytes (both halves) that dispatch and combine of these shapes
-// need: 2 * max(dispatch stage, combine stage).
-inline int64_t RequiredDataBytes(const DispatchStage& dispatch,
-                                 const CombineStage& combine) {
-  return 2 * (std::max(dispatch.bytes(), combine.bytes()) + 256);
+// Data-region bytes that a dispatch (rows of row_bytes + scale_row_bytes,
+// top-K) and a combine (rows of combine_row_bytes) of T tokens over R ranks
+// need: the larger of the two layouts.
+inline int64_t RequiredDataBytes(int64_t num_tokens, int64_t num_ranks,
+                                 int64_t num_topk, int64_t row_bytes,
+                                 int64_t scale_row_bytes,
+                                 int64_t combine_row_bytes) {
+  const CallLayout dispatch{num_tokens, num_ranks, num_topk,
+                            {row_bytes, scale_row_bytes}};
+  const CallLayout combine{num_tokens, num_ranks, 0, {combine_row_bytes, 0}};
+  return std::max(dispatch.bytes(), combine.bytes());
 }
+
+// How the kernels use the GPU (jax_ep.Config; the autotuner sweeps them).
+struct Tuning {
+  int64_t num_sms;       // blocks of the main kernel, 1 per SM
+  int64_t send_warps;    // warps per block (of 32) that push to peers
+  int64_t chunk_tokens;  // tokens per arrival flag; 0 picks one
+  int64_t timeout_ns;    // per wait for a peer, then report and trap
+};
 
 // One fresh dispatch. Device pointers; every rank calls it with the same
 // sizes, in the same order relative to its other intranode calls.
@@ -129,8 +115,7 @@ struct DispatchArgs {
   int64_t num_experts;            // E, a multiple of R, <= 1024
   int64_t capacity;               // M >= 1
   int64_t expert_alignment;       // >= 1
-  int64_t num_sms;                // blocks of the copy and receive kernels
-  int64_t timeout_ns;             // > 0
+  Tuning tuning;
   void* recv_rows[2];             // [M, row_bytes[i]] out
   int32_t* recv_topk_idx;         // [M, K] out
   float* recv_topk_weights;       // [M, K] out
@@ -140,29 +125,42 @@ struct DispatchArgs {
   int32_t* num_recv_tokens;       // [] out
 };
 
+// A dispatch that replays a handle's routing (the backward of combine).
+struct CachedDispatchArgs {
+  const void* rows[2];            // [T, row_bytes[i]]
+  int64_t row_bytes[2];
+  const int32_t* recv_row;        // [R, T], the handle's
+  const int32_t* num_recv_tokens; // [], the handle's
+  int64_t num_tokens;             // T
+  int64_t num_ranks;              // R
+  int64_t capacity;               // M
+  Tuning tuning;
+  void* recv_rows[2];             // [M, row_bytes[i]] out
+};
+
 // One combine. y's element type: bf16 or f32; out: f32 or y's type.
 enum class ElementType { kBF16, kF32 };
 struct CombineArgs {
   const void* y;                  // [M, C]
   ElementType y_type;
   const int32_t* recv_row;        // [R, T], the dispatch handle's
-  const int32_t* num_recv_tokens; // [], the dispatch handle's
   const float* bias;              // [T, C] or null
   int64_t num_tokens;             // T
   int64_t num_channels;           // C
   int64_t num_ranks;              // R
   int64_t capacity;               // M
-  int64_t num_sms;
-  int64_t timeout_ns;
+  Tuning tuning;
   void* out;                      // [T, C] out
   ElementType out_type;
 };
 
-// Enqueue the dispatch (stage, barrier, receive) or combine (stage, barrier,
-// reduce) kernels on `stream`: no host synchronization, no allocation.
-// InvalidArgument, with nothing enqueued, when the sizes do not fit.
+// Enqueue a call's kernels on `stream`: no host synchronization, no
+// allocation. InvalidArgument, with nothing enqueued, when the sizes do not
+// fit the buffers or the limits.
 Status LaunchDispatch(const runtime::PeerView& buffers, const DispatchArgs& a,
                       cudaStream_t stream);
+Status LaunchCachedDispatch(const runtime::PeerView& buffers,
+                            const CachedDispatchArgs& a, cudaStream_t stream);
 Status LaunchCombine(const runtime::PeerView& buffers, const CombineArgs& a,
                      cudaStream_t stream);
 

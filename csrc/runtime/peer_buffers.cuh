@@ -7,8 +7,9 @@
 //   [0, data_bytes)            data region, for the dispatch/combine kernels
 //   [data_bytes, total_bytes)  control region (ControlLayout): this device's
 //                              call sequence counter, one flag per source
-//                              rank, the notify slots (double-buffered) and
-//                              the R peer base pointers the kernels use.
+//                              rank, the count slots (double-buffered), the
+//                              R peer base pointers the kernels use and the
+//                              chunk arrival flags of dispatch and combine.
 //
 // Peers are opened with cudaIpcOpenMemHandle when they live in another
 // process and by raw pointer plus cudaDeviceEnablePeerAccess when they live
@@ -36,6 +37,9 @@ namespace jax_ep::runtime {
 // Largest EP size and expert count the control region is laid out for.
 inline constexpr int64_t kMaxPeerRanks = 64;
 inline constexpr int64_t kMaxNotifyExperts = 1024;
+// Arrival flags per source rank: the most chunks one dispatch or combine call
+// may split a source's tokens into.
+inline constexpr int64_t kMaxChunks = 4096;
 inline constexpr int64_t kIpcHandleBytes = sizeof(cudaIpcMemHandle_t);
 static_assert(kIpcHandleBytes == 64, "cudaIpcMemHandle_t is 64 bytes");
 
@@ -70,9 +74,12 @@ struct BufferLayout {
   __host__ __device__ int64_t slots_offset() const {
     return peer_bases_offset() + AlignUp(num_ranks * sizeof(void*), 128);
   }
-  __host__ __device__ int64_t total_bytes() const {
+  __host__ __device__ int64_t arrivals_offset() const {
     return slots_offset() +
            AlignUp(2 * num_ranks * slot_ints * sizeof(int32_t), 128);
+  }
+  __host__ __device__ int64_t total_bytes() const {
+    return arrivals_offset() + num_ranks * kMaxChunks * sizeof(uint64_t);
   }
 
   // This device's notify call counter (only this device writes it).
@@ -87,7 +94,13 @@ struct BufferLayout {
   __host__ __device__ char** peer_bases(char* base) const {
     return reinterpret_cast<char**>(base + peer_bases_offset());
   }
-  // The slot rank `source` writes for call sequences of parity `parity`.
+  // arrivals(base)[s * kMaxChunks + c]: the last call sequence for which rank
+  // s finished writing chunk c into this rank's data region.
+  __host__ __device__ uint64_t* arrivals(char* base) const {
+    return reinterpret_cast<uint64_t*>(base + arrivals_offset());
+  }
+  // The count slot rank `source` writes for call sequences of parity
+  // `parity` (notify, and the stage kernel of a fresh dispatch).
   __host__ __device__ int32_t* slot(char* base, int64_t parity,
                                     int64_t source) const {
     return reinterpret_cast<int32_t*>(base + slots_offset()) +

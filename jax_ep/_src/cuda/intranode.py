@@ -1,9 +1,10 @@
-"""Intranode (NVLink) kernels: notify, dispatch and combine (FFI targets
-jax_ep_intranode_notify, jax_ep_intranode_dispatch, jax_ep_intranode_combine).
+"""Intranode (NVLink) kernels: notify, dispatch, cached dispatch and combine
+(FFI targets jax_ep_intranode_notify, jax_ep_intranode_dispatch,
+jax_ep_intranode_cached_dispatch, jax_ep_intranode_combine).
 
 Needs the peer buffers of every EP device (`peer_buffers.create_peer_buffers`)
-to exist before the first call runs; dispatch and combine stage their data in
-the buffers' data region, sized with `intranode_buffer_bytes`.
+to exist before the first call runs; dispatch and combine push rows into the
+buffers' data region, sized with `intranode_buffer_bytes`.
 """
 
 from __future__ import annotations
@@ -19,8 +20,12 @@ from jax_ep._src.handles import DispatchHandle
 
 _NOTIFY_TARGET = "jax_ep_intranode_notify"
 _DISPATCH_TARGET = "jax_ep_intranode_dispatch"
+_CACHED_DISPATCH_TARGET = "jax_ep_intranode_cached_dispatch"
 _COMBINE_TARGET = "jax_ep_intranode_combine"
 DEFAULT_NUM_SMS = 24
+# Of the 16 warps of a block, how many push to peers (the rest receive).
+DEFAULT_SEND_WARPS = 8
+WARPS_PER_BLOCK = 16
 # The control region's limits (csrc/runtime/peer_buffers.cuh).
 MAX_RANKS = 64
 MAX_EXPERTS = 1024
@@ -98,26 +103,25 @@ def _extension(op: str):
 
 
 def intranode_buffer_bytes(num_tokens: int, hidden: int, topk: int,
-                           num_ranks: int, capacity: int | None = None,
-                           dtype=jnp.bfloat16) -> int:
+                           num_ranks: int, dtype=jnp.bfloat16) -> int:
   """Data-region bytes (`create_peer_buffers(..., num_bytes)`) that
-  intranode `dispatch` and `combine` need for these per-rank shapes.
+  intranode `dispatch`, cached dispatch and `combine` need for these per-rank
+  shapes.
 
   Args:
     num_tokens: T, tokens per rank.
     hidden: H, channels per token.
     topk: K.
     num_ranks: R.
-    capacity: M, rows received per rank (default `R*T`).
     dtype: dtype of the dispatched rows: bf16 (f16, f32), or
       `float8_e4m3fn` for fp8 rows with f32 scales `[T, H/128]`. Combine is
       sized for `y` of `max(2, itemsize)` bytes per channel.
 
   Returns:
-    Bytes: two halves (the protocol alternates them call by call), each the
-    larger of what a dispatch and a combine of these shapes stage.
+    Bytes: a slot of T rows (with their routing) for each of the R - 1 peers,
+    plus an int32 [R, T] scratch array. The capacity M does not matter: rows
+    past it are never sent.
   """
-  capacity = num_ranks * num_tokens if capacity is None else capacity
   dtype = jnp.dtype(dtype)
   if dtype == jnp.dtype(FP8_DTYPE):
     row_bytes, scale_bytes, combine_bytes = hidden, hidden // GROUP * 4, 2 * hidden
@@ -126,7 +130,7 @@ def intranode_buffer_bytes(num_tokens: int, hidden: int, topk: int,
     scale_bytes, combine_bytes = 0, hidden * max(2, dtype.itemsize)
   return int(_extension("intranode_buffer_bytes").intranode_data_bytes(
       int(num_tokens), int(num_ranks), int(topk), int(row_bytes),
-      int(scale_bytes), int(capacity), int(combine_bytes)))
+      int(scale_bytes), int(combine_bytes)))
 
 
 def _check_buffers(op: str, buffers, num_ranks: int, needed: int) -> None:
@@ -145,15 +149,58 @@ def _check_buffers(op: str, buffers, num_ranks: int, needed: int) -> None:
         "intranode_buffer_bytes(...) bytes for the largest shapes you run")
 
 
-def _timeout_ns(op: str, timeout_s: float) -> np.int64:
+def _tuning(op: str, num_sms: int, send_warps: int, chunk_tokens: int,
+            timeout_s: float) -> dict[str, np.int64]:
+  """The kernels' tuning attributes (csrc intranode::Tuning), checked."""
+  num_sms = checks.positive_int(op, "num_sms", num_sms)
+  send_warps = checks.positive_int(op, "send_warps", send_warps)
+  if send_warps >= WARPS_PER_BLOCK:
+    raise ValueError(f"jax_ep.{op}: send_warps must be below "
+                     f"{WARPS_PER_BLOCK} (warps per block), got {send_warps}")
+  if not isinstance(chunk_tokens, int) or chunk_tokens < 0:
+    raise ValueError(f"jax_ep.{op}: chunk_tokens must be an int >= 0 (0: "
+                     f"automatic), got {chunk_tokens!r}")
   if not timeout_s > 0:
     raise ValueError(f"jax_ep.{op}: timeout_s must be > 0, got {timeout_s!r}")
-  return np.int64(round(timeout_s * 1e9))
+  return dict(num_sms=np.int64(num_sms), send_warps=np.int64(send_warps),
+              chunk_tokens=np.int64(chunk_tokens),
+              timeout_ns=np.int64(round(timeout_s * 1e9)))
+
+
+def _split_rows(op: str, rows) -> tuple[tuple[jax.Array, ...], int]:
+  """(rows, T) after checking 1 or 2 arrays of T rows of whole 16 bytes."""
+  rows = tuple(rows)
+  if len(rows) not in (1, 2):
+    raise ValueError(f"jax_ep.{op}: rows must hold 1 or 2 arrays, got "
+                     f"{len(rows)}")
+  num_tokens = rows[0].shape[0]
+  checks.has_tokens(op, num_tokens)
+  for i, r in enumerate(rows):
+    checks.array(op, f"rows[{i}]", r, ndim=2, dtypes=(r.dtype,),
+                 shape=(num_tokens, None))
+    checks.row_bytes(op, f"rows[{i}]", r)
+  return rows, num_tokens
+
+
+def _recv_row_types(rows, capacity: int):
+  """Result types of recv_x and recv_scales (`[M, 0]` f32 when no scales)."""
+  scales = rows[1] if len(rows) == 2 else None
+  return (jax.ShapeDtypeStruct((capacity, rows[0].shape[1]), rows[0].dtype),
+          jax.ShapeDtypeStruct((capacity, 0 if scales is None else
+                                scales.shape[1]),
+                               jnp.float32 if scales is None else
+                               scales.dtype))
+
+
+def _scales_arg(rows) -> jax.Array:
+  return rows[1] if len(rows) == 2 else jnp.zeros((rows[0].shape[0], 0),
+                                                  jnp.float32)
 
 
 def dispatch(rows, topk_idx: jax.Array, topk_weights: jax.Array | None, *,
              axis_name: str, num_ranks: int, num_experts: int, capacity: int,
              expert_alignment: int, buffers, num_sms: int = DEFAULT_NUM_SMS,
+             send_warps: int = DEFAULT_SEND_WARPS, chunk_tokens: int = 0,
              timeout_s: float = DEFAULT_TIMEOUT_S):
   """Fresh intranode dispatch on the NVLink kernels, per shard.
 
@@ -173,8 +220,12 @@ def dispatch(rows, topk_idx: jax.Array, topk_weights: jax.Array | None, *,
       R, <= 1024), M, alignment of the per-expert counts.
     buffers: the `PeerBuffers` of the EP devices; their data region must hold
       `intranode_buffer_bytes` for these shapes.
-    num_sms: blocks of the copy and receive kernels.
-    timeout_s: per wait for the peers, then the kernel reports and traps.
+    num_sms: blocks of the main kernel (one per SM).
+    send_warps: warps per block (of 16) that push rows to peers; the others
+      receive.
+    chunk_tokens: tokens per arrival flag (0: about four chunks per pushing
+      warp).
+    timeout_s: per wait for a peer, then the kernel reports and traps.
 
   Returns:
     `(recv_rows, recv_topk_idx int32[M, K], recv_topk_weights f32[M, K] or
@@ -183,16 +234,7 @@ def dispatch(rows, topk_idx: jax.Array, topk_weights: jax.Array | None, *,
   """
   del axis_name
   op = "intranode_dispatch"
-  rows = tuple(rows)
-  if len(rows) not in (1, 2):
-    raise ValueError(f"jax_ep.{op}: rows must hold 1 or 2 arrays, got "
-                     f"{len(rows)}")
-  num_tokens = rows[0].shape[0]
-  checks.has_tokens(op, num_tokens)
-  for i, r in enumerate(rows):
-    checks.array(op, f"rows[{i}]", r, ndim=2, dtypes=(r.dtype,),
-                 shape=(num_tokens, None))
-    checks.row_bytes(op, f"rows[{i}]", r)
+  rows, num_tokens = _split_rows(op, rows)
   num_experts = checks.experts(op, num_experts, num_ranks)
   if num_experts > MAX_EXPERTS or num_ranks > MAX_RANKS:
     raise ValueError(
@@ -203,18 +245,14 @@ def dispatch(rows, topk_idx: jax.Array, topk_weights: jax.Array | None, *,
   capacity = checks.positive_int(op, "capacity", capacity)
   expert_alignment = checks.positive_int(op, "expert_alignment",
                                          expert_alignment)
-  num_sms = checks.positive_int(op, "num_sms", num_sms)
+  tuning = _tuning(op, num_sms, send_warps, chunk_tokens, timeout_s)
   row_bytes = [r.shape[1] * r.dtype.itemsize for r in rows] + [0]
   module = _extension(op)
   _check_buffers(op, buffers, num_ranks, module.intranode_data_bytes(
-      num_tokens, num_ranks, num_topk, row_bytes[0], row_bytes[1], 0, 0))
-  scales = rows[1] if len(rows) == 2 else jnp.zeros((num_tokens, 0),
-                                                     jnp.float32)
+      num_tokens, num_ranks, num_topk, row_bytes[0], row_bytes[1], 0))
   weights = (topk_weights if topk_weights is not None else
              jnp.zeros(topk_idx.shape, jnp.float32))
-  out_types = (
-      jax.ShapeDtypeStruct((capacity, rows[0].shape[1]), rows[0].dtype),
-      jax.ShapeDtypeStruct((capacity, scales.shape[1]), scales.dtype),
+  out_types = _recv_row_types(rows, capacity) + (
       jax.ShapeDtypeStruct((capacity, num_topk), jnp.int32),
       jax.ShapeDtypeStruct((capacity, num_topk), jnp.float32),
       jax.ShapeDtypeStruct((num_experts // num_ranks,), jnp.int32),
@@ -226,11 +264,10 @@ def dispatch(rows, topk_idx: jax.Array, topk_weights: jax.Array | None, *,
   call = jax.ffi.ffi_call(_DISPATCH_TARGET, out_types, has_side_effect=True)
   (recv_x, recv_scales, recv_idx, recv_weights, per_expert, src_index,
    recv_row, num_recv) = call(
-       rows[0], scales, topk_idx, weights,
+       rows[0], _scales_arg(rows), topk_idx, weights,
        num_ranks=np.int64(num_ranks), num_experts=np.int64(num_experts),
        capacity=np.int64(capacity),
-       expert_alignment=np.int64(expert_alignment),
-       num_sms=np.int64(num_sms), timeout_ns=_timeout_ns(op, timeout_s))
+       expert_alignment=np.int64(expert_alignment), **tuning)
   handle = DispatchHandle(src_index, recv_row, num_recv, num_ranks,
                           num_tokens, capacity, num_experts)
   recv_rows = (recv_x,) if len(rows) == 1 else (recv_x, recv_scales)
@@ -239,9 +276,61 @@ def dispatch(rows, topk_idx: jax.Array, topk_weights: jax.Array | None, *,
           handle)
 
 
+def _check_handle(op: str, handle) -> DispatchHandle:
+  if not isinstance(handle, DispatchHandle):
+    raise TypeError(f"jax_ep.{op}: handle must be a DispatchHandle, got "
+                    f"{type(handle)}")
+  return handle
+
+
+def cached_dispatch(rows, handle: DispatchHandle, *, axis_name: str, buffers,
+                    num_sms: int = DEFAULT_NUM_SMS,
+                    send_warps: int = DEFAULT_SEND_WARPS,
+                    chunk_tokens: int = 0,
+                    timeout_s: float = DEFAULT_TIMEOUT_S):
+  """Intranode dispatch that replays `handle`'s routing, per shard (the
+  backward of combine): no routing input, no counting.
+
+  The same rows (bit for bit) as `jax_ep._src.reference.normal.dispatch`
+  with `handle=`: row `handle.recv_row[s, t]` of the result is token t of
+  rank s; rows from `min(num_recv_tokens, M)` on are zero.
+
+  Args:
+    rows: `(x[T, H],)` or fp8 `(e4m3[T, H], f32 scales[T, H/128])`, T the
+      handle's.
+    handle: the `DispatchHandle` of a dispatch over the same ranks.
+    axis_name: the EP axis (unused: the rank comes from the peer buffers).
+    buffers, num_sms, send_warps, chunk_tokens, timeout_s: as `dispatch`.
+
+  Returns:
+    `recv_rows`, a tuple like `rows` of `M` rows.
+  """
+  del axis_name
+  op = "intranode_cached_dispatch"
+  handle = _check_handle(op, handle)
+  rows, num_tokens = _split_rows(op, rows)
+  if num_tokens != handle.num_tokens:
+    raise ValueError(f"jax_ep.{op}: rows have {num_tokens} tokens but the "
+                     f"handle was made for {handle.num_tokens}")
+  tuning = _tuning(op, num_sms, send_warps, chunk_tokens, timeout_s)
+  row_bytes = [r.shape[1] * r.dtype.itemsize for r in rows] + [0]
+  num_ranks, capacity = handle.num_ranks, handle.capacity
+  module = _extension(op)
+  _check_buffers(op, buffers, num_ranks, module.intranode_data_bytes(
+      num_tokens, num_ranks, 0, row_bytes[0], row_bytes[1], 0))
+  call = jax.ffi.ffi_call(_CACHED_DISPATCH_TARGET,
+                          _recv_row_types(rows, capacity),
+                          has_side_effect=True)
+  recv_x, recv_scales = call(
+      rows[0], _scales_arg(rows), handle.recv_row, handle.num_recv_tokens,
+      num_ranks=np.int64(num_ranks), capacity=np.int64(capacity), **tuning)
+  return (recv_x,) if len(rows) == 1 else (recv_x, recv_scales)
+
+
 def combine(y: jax.Array, handle: DispatchHandle, *, axis_name: str, buffers,
             bias: jax.Array | None = None, out_dtype=jnp.float32,
             num_sms: int = DEFAULT_NUM_SMS,
+            send_warps: int = DEFAULT_SEND_WARPS, chunk_tokens: int = 0,
             timeout_s: float = DEFAULT_TIMEOUT_S) -> jax.Array:
   """Intranode combine on the NVLink kernels, per shard.
 
@@ -258,12 +347,11 @@ def combine(y: jax.Array, handle: DispatchHandle, *, axis_name: str, buffers,
     buffers: the EP devices' `PeerBuffers`.
     bias: optional `f32[T, C]`.
     out_dtype: `float32` or `y.dtype`.
+    num_sms, send_warps, chunk_tokens, timeout_s: as `dispatch`.
   """
   del axis_name
   op = "intranode_combine"
-  if not isinstance(handle, DispatchHandle):
-    raise TypeError(f"jax_ep.{op}: handle must be a DispatchHandle, got "
-                    f"{type(handle)}")
+  handle = _check_handle(op, handle)
   checks.array(op, "y", y, ndim=2,
                dtypes=(jnp.bfloat16, jnp.float32), shape=(handle.capacity,
                                                           None))
@@ -280,15 +368,13 @@ def combine(y: jax.Array, handle: DispatchHandle, *, axis_name: str, buffers,
   else:
     checks.array(op, "bias", bias, ndim=2, dtypes=(jnp.float32,),
                  shape=(num_tokens, y.shape[1]))
-  num_sms = checks.positive_int(op, "num_sms", num_sms)
+  tuning = _tuning(op, num_sms, send_warps, chunk_tokens, timeout_s)
   module = _extension(op)
   _check_buffers(op, buffers, num_ranks, module.intranode_data_bytes(
-      num_tokens, num_ranks, 0, 0, 0, handle.capacity,
-      y.shape[1] * y.dtype.itemsize))
+      num_tokens, num_ranks, 0, 0, 0, y.shape[1] * y.dtype.itemsize))
   call = jax.ffi.ffi_call(
       _COMBINE_TARGET,
       jax.ShapeDtypeStruct((num_tokens, y.shape[1]), out_dtype),
       has_side_effect=True)
-  return call(y, handle.recv_row, handle.num_recv_tokens, bias,
-              num_ranks=np.int64(num_ranks), num_sms=np.int64(num_sms),
-              timeout_ns=_timeout_ns(op, timeout_s))
+  return call(y, handle.recv_row, bias, num_ranks=np.int64(num_ranks),
+              **tuning)
