@@ -549,7 +549,7 @@ def test_buffer_on_a_2d_mesh_uses_its_ep_axis():
 # ---------------------------------------------------------------- Config
 
 
-@pytest.mark.parametrize("field", ["num_sms", "nvl_chunk", "nvl_buffer",
+@pytest.mark.parametrize("field", ["num_sms", "nvl_send_warps", "nvl_buffer",
                                    "rdma_chunk", "rdma_buffer"])
 @pytest.mark.parametrize("value", [0, -2, 2.0, True, "8", None])
 def test_config_fields_must_be_positive_ints(field, value):

@@ -1,8 +1,33 @@
-"""Kernel configuration: SM budget and chunking of the communication buffers."""
+"""Kernel configuration (SM budget, chunking) and the tuned-config file.
+
+`python -m jax_ep.tune` measures configurations on the local GPUs and records
+the best one per (device kind, EP size) in a JSON file:
+
+    {"version": 1,
+     "entries": [{"device_kind": "NVIDIA H200", "num_ranks": 2,
+                  "config": {"num_sms": 24, "nvl_send_warps": 4,
+                             "nvl_chunk": 2},
+                  "measured": {...}}]}
+
+`config` holds `Config` fields (the others keep their defaults); `measured`
+is free-form (the figures the choice rests on). The file is
+`$JAX_EP_CONFIG`, or `~/.cache/jax_ep/config.json` when that is unset.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import pathlib
+import tempfile
+from typing import Any
+
+CONFIG_ENV = "JAX_EP_CONFIG"
+DEFAULT_CONFIG_PATH = "~/.cache/jax_ep/config.json"
+FILE_VERSION = 1
+# Of the 16 warps of an intranode block at least one receives.
+MAX_NVL_SEND_WARPS = 15
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -13,7 +38,10 @@ class Config:
     num_sms: streaming multiprocessors a normal kernel may occupy; the rest stay
       free for the model's compute. Must be even (kernels pair a sender and a
       receiver block per channel).
-    nvl_chunk: tokens moved per NVLink flow-control step.
+    nvl_send_warps: warps of each 16-warp intranode block that push rows to
+      peers (1 to 15); the others receive.
+    nvl_chunk: tokens per arrival flag of the intranode kernels (a receiver
+      starts on a chunk once its flag is up); 0: automatic.
     nvl_buffer: tokens held per channel in the NVLink ring buffers.
     rdma_chunk: tokens moved per RDMA flow-control step (internode).
     rdma_buffer: tokens held per channel in the RDMA ring buffers (internode).
@@ -23,6 +51,7 @@ class Config:
   """
 
   num_sms: int = 24
+  nvl_send_warps: int = 4
   nvl_chunk: int = 6
   nvl_buffer: int = 256
   rdma_chunk: int = 16
@@ -31,12 +60,24 @@ class Config:
   def __post_init__(self):
     for field in dataclasses.fields(self):
       value = getattr(self, field.name)
-      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+      is_int = isinstance(value, int) and not isinstance(value, bool)
+      if field.name == "nvl_chunk":
+        if not is_int or value < 0:
+          raise ValueError(
+              "jax_ep.Config: nvl_chunk must be an int >= 0 (0: automatic), "
+              f"got {value!r}")
+      elif not is_int or value < 1:
         raise ValueError(
-            f"jax_ep.Config: {field.name} must be a positive int, got {value!r}")
+            f"jax_ep.Config: {field.name} must be a positive int, got "
+            f"{value!r}")
     if self.num_sms % 2:
       raise ValueError(
           f"jax_ep.Config: num_sms must be even, got {self.num_sms}")
+    if self.nvl_send_warps > MAX_NVL_SEND_WARPS:
+      raise ValueError(
+          f"jax_ep.Config: nvl_send_warps must be at most {MAX_NVL_SEND_WARPS} "
+          f"(a 16-warp block keeps one warp to receive), got "
+          f"{self.nvl_send_warps}")
     if self.nvl_chunk > self.nvl_buffer:
       raise ValueError(
           f"jax_ep.Config: nvl_chunk ({self.nvl_chunk}) must not exceed "
@@ -45,3 +86,126 @@ class Config:
       raise ValueError(
           f"jax_ep.Config: rdma_chunk ({self.rdma_chunk}) must not exceed "
           f"rdma_buffer ({self.rdma_buffer})")
+
+
+def tuned_config_path() -> pathlib.Path:
+  """The tuned-config file: `$JAX_EP_CONFIG` when set (and not empty), else
+  `~/.cache/jax_ep/config.json`."""
+  return pathlib.Path(
+      os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG_PATH).expanduser()
+
+
+def _entry_config(where: str, entry: Any) -> Config:
+  """Checks one entry (`where` names it in errors); returns its `Config`."""
+  if not isinstance(entry, dict):
+    raise ValueError(f"{where} must be an object, got {entry!r}")
+  if not isinstance(entry.get("device_kind"), str):
+    raise ValueError(f"{where}: device_kind must be a string, got "
+                     f"{entry.get('device_kind')!r}")
+  num_ranks = entry.get("num_ranks")
+  if (not isinstance(num_ranks, int) or isinstance(num_ranks, bool)
+      or num_ranks < 1):
+    raise ValueError(
+        f"{where}: num_ranks must be a positive int, got {num_ranks!r}")
+  fields = entry.get("config")
+  if not isinstance(fields, dict):
+    raise ValueError(f"{where}: config must be an object, got {fields!r}")
+  known = {f.name for f in dataclasses.fields(Config)}
+  unknown = sorted(set(fields) - known)
+  if unknown:
+    raise ValueError(f"{where}: unknown config fields {unknown} (known: "
+                     f"{sorted(known)})")
+  try:
+    return Config(**fields)
+  except ValueError as e:
+    raise ValueError(f"{where}: {e}") from None
+
+
+def _read_entries(path: pathlib.Path) -> list[dict] | None:
+  """The checked entries of the file at `path`; None when there is no file."""
+  try:
+    text = path.read_text()
+  except FileNotFoundError:
+    return None
+  try:
+    data = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"jax_ep tuned config {path}: not JSON: {e}") from None
+  if not isinstance(data, dict) or data.get("version") != FILE_VERSION:
+    raise ValueError(
+        f"jax_ep tuned config {path}: expected an object with \"version\": "
+        f"{FILE_VERSION}, got {str(data)[:80]}")
+  entries = data.get("entries")
+  if not isinstance(entries, list):
+    raise ValueError(
+        f"jax_ep tuned config {path}: entries must be a list, got "
+        f"{str(entries)[:80]}")
+  seen = set()
+  for index, entry in enumerate(entries):
+    _entry_config(f"jax_ep tuned config {path}: entry {index}", entry)
+    key = (entry["device_kind"], entry["num_ranks"])
+    if key in seen:
+      raise ValueError(
+          f"jax_ep tuned config {path}: entry {index} repeats device_kind "
+          f"{key[0]!r} with num_ranks {key[1]}")
+    seen.add(key)
+  return entries
+
+
+def tuned_config(device_kind: str, num_ranks: int) -> Config | None:
+  """The tuned `Config` for these GPUs and EP size, from the tuned-config file.
+
+  Args:
+    device_kind: the GPUs' `jax.Device.device_kind`, e.g. "NVIDIA H200".
+    num_ranks: EP size.
+
+  Returns:
+    The matching entry's `Config` (fields it does not set keep their
+    defaults), or None when the file does not exist or has no such entry.
+
+  Raises:
+    ValueError: the file is malformed or an entry has a bad field; the message
+      names the file.
+  """
+  path = tuned_config_path()
+  for entry in _read_entries(path) or []:
+    if (entry["device_kind"], entry["num_ranks"]) == (device_kind, num_ranks):
+      return Config(**entry["config"])  # checked by _read_entries
+  return None
+
+
+def write_tuned_config(path: str | os.PathLike, entry: dict) -> None:
+  """Adds `entry` to the tuned-config file at `path`, atomically.
+
+  An existing entry with the same (device_kind, num_ranks) is replaced; the
+  others are kept. Missing folders are created. Readers see the old file or
+  the new one, never a partial write (temporary file + `os.replace`).
+
+  Args:
+    path: the file, e.g. `tuned_config_path()`.
+    entry: `{"device_kind": str, "num_ranks": int, "config": {Config fields},
+      "measured": {...}}`.
+
+  Raises:
+    ValueError: `entry` is malformed, or the existing file is (it is left as
+      it is).
+  """
+  path = pathlib.Path(path).expanduser()
+  _entry_config(f"jax_ep.write_tuned_config({str(path)!r}): the new entry",
+                entry)
+  key = (entry["device_kind"], entry["num_ranks"])
+  entries = [e for e in _read_entries(path) or []
+             if (e["device_kind"], e["num_ranks"]) != key]
+  entries.append(entry)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  # The temporary file sits next to the target so os.replace stays on one
+  # file system (and is atomic).
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+  try:
+    with os.fdopen(fd, "w") as f:
+      json.dump({"version": FILE_VERSION, "entries": entries}, f, indent=1)
+      f.write("\n")
+    os.replace(tmp, path)
+  except BaseException:
+    os.unlink(tmp)
+    raise

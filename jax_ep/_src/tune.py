@@ -1,0 +1,209 @@
+"""Tunes the intranode kernels on the local GPUs and records the best config.
+
+    python -m jax_ep.tune [--tokens 4096 --hidden 7168 --topk 8 --experts 256
+        --sms 16,24,32 --send-warps 2,4,6,8 --chunks 0,1,2,4,8
+        --calls 10 --reps 5 --out PATH]
+
+One process drives every visible GPU (EP size = number of GPUs). For each SM
+count it times bf16 dispatch and combine (`intranode_timing`) under every
+(send warps, chunk tokens) pair and scores a tuning by dispatch + combine
+time. The chosen config is the fastest one of the smallest SM count whose best
+is within 3% of the overall best: SMs the kernels do not take stay with the
+model's compute. The entry (config and the measured figures) goes into the
+tuned-config file (`jax_ep._src.config`), replacing the one for the same
+device kind and EP size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import sys
+from typing import Callable, Sequence
+
+import jax
+
+from jax_ep._src import native
+from jax_ep._src.config import Config, tuned_config_path, write_tuned_config
+from jax_ep._src.cuda import intranode_timing
+
+# A smaller SM count wins when its best time is within this fraction of the
+# overall best.
+SM_SLACK = 0.03
+
+
+def choose(totals: dict[tuple[int, int, int], float]
+           ) -> tuple[dict[int, tuple[int, int, int]], tuple[int, int, int]]:
+  """The best tuning per SM count, and the chosen one.
+
+  Args:
+    totals: score (lower is better) of each (num_sms, send_warps,
+      chunk_tokens).
+
+  Returns:
+    `(best_per_num_sms, chosen)`: the best tuning of each SM count, and the
+    best tuning of the smallest SM count within `SM_SLACK` of the overall best.
+  """
+  best_per_sms = {}
+  for key, total in sorted(totals.items()):
+    best = best_per_sms.get(key[0])
+    if best is None or total < totals[best]:
+      best_per_sms[key[0]] = key
+  limit = min(totals.values()) * (1 + SM_SLACK)
+  chosen = next(best_per_sms[s] for s in sorted(best_per_sms)
+                if totals[best_per_sms[s]] <= limit)
+  return best_per_sms, chosen
+
+
+def tune(devices: Sequence[jax.Device], *, tokens: int, hidden: int,
+         topk: int, experts: int, num_sms: Sequence[int],
+         send_warps: Sequence[int], chunks: Sequence[int], calls: int = 10,
+         reps: int = 5,
+         report: Callable[[dict], None] | None = None) -> dict:
+  """Times every tuning on `devices` and returns the tuned-config entry.
+
+  Args:
+    devices: the local GPUs, in rank order, all of one kind.
+    tokens, hidden, topk, experts: the shapes timed (T per rank, H, K, E).
+    num_sms, send_warps, chunks: the values swept (every combination).
+    calls, reps: as `intranode_timing.time_intranode`.
+    report: called with each timing record as it is measured.
+
+  Returns:
+    `{"device_kind", "num_ranks", "config", "measured"}` for
+    `write_tuned_config`; `measured` holds the shapes, the chosen tuning's
+    times, one row per tuning and per SM count's best, and every record.
+  """
+  tunings = [dict(num_sms=s, send_warps=w, chunk_tokens=c)
+             for s, w, c in itertools.product(num_sms, send_warps, chunks)]
+  records = intranode_timing.time_intranode(
+      devices, tokens=tokens, hidden=hidden, topk=topk, experts=experts,
+      dtype="bf16", tunings=tunings, reference_too=False,
+      ops=("dispatch", "combine"), calls=calls, reps=reps, report=report)
+  times = {}
+  for r in records:
+    key = tuple(r[f] for f in intranode_timing.TUNING_FIELDS)
+    times.setdefault(key, {})[r["op"]] = r["time_us"]
+  totals = {k: t["dispatch"] + t["combine"] for k, t in times.items()}
+  best_per_sms, chosen = choose(totals)
+
+  def row(key):
+    return dict(zip(intranode_timing.TUNING_FIELDS, key),
+                dispatch_us=times[key]["dispatch"],
+                combine_us=times[key]["combine"],
+                total_us=round(totals[key], 1))
+
+  s, w, c = chosen
+  return dict(
+      device_kind=devices[0].device_kind, num_ranks=len(devices),
+      config=dict(num_sms=s, nvl_send_warps=w, nvl_chunk=c),
+      measured=dict(
+          date=datetime.date.today().isoformat(), jax=jax.__version__,
+          tokens=tokens, hidden=hidden, topk=topk, experts=experts,
+          dtype="bf16", calls=calls, reps=reps,
+          score="dispatch_us + combine_us", chosen=row(chosen),
+          best_per_num_sms=[row(k) for _, k in sorted(best_per_sms.items())],
+          tunings=[row(k) for k in sorted(totals)], records=records))
+
+
+def format_table(entry: dict) -> str:
+  """The entry's per-tuning times as a text table; marks the best tunings."""
+  measured = entry["measured"]
+  best = {tuple(r[f] for f in intranode_timing.TUNING_FIELDS)
+          for r in measured["best_per_num_sms"]}
+  chosen = tuple(measured["chosen"][f] for f in intranode_timing.TUNING_FIELDS)
+  lines = [f"{entry['device_kind']}, {entry['num_ranks']} GPUs, "
+           f"T={measured['tokens']} H={measured['hidden']} "
+           f"K={measured['topk']} E={measured['experts']}, bf16 (µs per call)",
+           f"{'num_sms':>7} {'send_warps':>10} {'chunk':>5} {'dispatch':>9} "
+           f"{'combine':>9} {'total':>9}"]
+  for r in measured["tunings"]:
+    key = tuple(r[f] for f in intranode_timing.TUNING_FIELDS)
+    mark = ("  <- chosen" if key == chosen else
+            "  <- best for its num_sms" if key in best else "")
+    lines.append(f"{r['num_sms']:>7} {r['send_warps']:>10} "
+                 f"{r['chunk_tokens']:>5} {r['dispatch_us']:>9.1f} "
+                 f"{r['combine_us']:>9.1f} {r['total_us']:>9.1f}{mark}")
+  return "\n".join(lines)
+
+
+def _int_list(text: str) -> list[int]:
+  try:
+    return [int(v) for v in text.split(",")]
+  except ValueError:
+    raise argparse.ArgumentTypeError(
+        f"expected comma-separated ints, got {text!r}") from None
+
+
+def _local_gpus() -> list[jax.Device]:
+  """Every visible GPU; exits with a message when there are none."""
+  try:
+    gpus = jax.devices("gpu")
+  except RuntimeError:
+    gpus = []
+  if not gpus:
+    sys.exit("jax_ep.tune: no GPU visible to JAX (devices: "
+             f"{[d.platform for d in jax.devices()]}); the tuner times the "
+             "CUDA kernels and needs at least one GPU")
+  if native.extension() is None:
+    sys.exit("jax_ep.tune: the CUDA extension jax_ep._jax_ep is missing: "
+             f"{native.unavailable_reason()}")
+  kinds = sorted({d.device_kind for d in gpus})
+  if len(kinds) > 1:
+    sys.exit(f"jax_ep.tune: the GPUs are of several kinds {kinds}; limit "
+             "them to one kind with CUDA_VISIBLE_DEVICES")
+  return gpus
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """The command line (see the module docstring); returns the exit status."""
+  ap = argparse.ArgumentParser(
+      prog="python -m jax_ep.tune",
+      description="Times the intranode kernels on every local GPU under each "
+      "tuning, and writes the best config for this GPU kind and EP size to "
+      "the tuned-config file.")
+  ap.add_argument("--tokens", type=int, default=4096, help="tokens per rank")
+  ap.add_argument("--hidden", type=int, default=7168)
+  ap.add_argument("--topk", type=int, default=8)
+  ap.add_argument("--experts", type=int, default=256)
+  ap.add_argument("--sms", type=_int_list, default=[16, 24, 32],
+                  help="SM counts (blocks) to try")
+  ap.add_argument("--send-warps", type=_int_list, default=[2, 4, 6, 8],
+                  help="pushing warps per 16-warp block to try")
+  ap.add_argument("--chunks", type=_int_list, default=[0, 1, 2, 4, 8],
+                  help="tokens per arrival flag to try (0: automatic)")
+  ap.add_argument("--calls", type=int, default=10,
+                  help="chained calls per timed program")
+  ap.add_argument("--reps", type=int, default=5,
+                  help="timed runs per program (the median counts)")
+  ap.add_argument("--out", default=None,
+                  help="tuned-config file to update (default: $JAX_EP_CONFIG "
+                  "or ~/.cache/jax_ep/config.json)")
+  args = ap.parse_args(argv)
+  # Every tuning must make a valid Config; check before any GPU work.
+  for s, w, c in itertools.product(args.sms, args.send_warps, args.chunks):
+    try:
+      Config(num_sms=s, nvl_send_warps=w, nvl_chunk=c)
+    except ValueError as e:
+      ap.error(str(e))
+  gpus = _local_gpus()
+  if args.experts % len(gpus):
+    ap.error(f"--experts ({args.experts}) must be a multiple of the number "
+             f"of GPUs ({len(gpus)})")
+  out = args.out or tuned_config_path()
+
+  def progress(record):
+    print(f"{record['op']:>8}: num_sms {record['num_sms']}, send_warps "
+          f"{record['send_warps']}, chunk {record['chunk_tokens']}: "
+          f"{record['time_us']} µs", file=sys.stderr, flush=True)
+
+  entry = tune(gpus, tokens=args.tokens, hidden=args.hidden, topk=args.topk,
+               experts=args.experts, num_sms=args.sms,
+               send_warps=args.send_warps, chunks=args.chunks,
+               calls=args.calls, reps=args.reps, report=progress)
+  print(format_table(entry))
+  write_tuned_config(out, entry)
+  print(f"wrote {entry['config']} for {entry['device_kind']} x "
+        f"{entry['num_ranks']} to {out}")
+  return 0

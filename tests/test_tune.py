@@ -1,0 +1,238 @@
+"""The autotuner's CPU side: Config fields, the tuned-config file, the choice.
+
+The sweep itself needs GPUs; here `time_intranode` is replaced by made-up
+records, and the command line is only checked for its help and its refusal to
+run without a GPU.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import types
+
+import pytest
+
+import jax_ep
+from jax_ep._src import config as config_lib
+from jax_ep._src import tune
+from jax_ep._src.cuda import intranode_timing
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+H200 = "NVIDIA H200"
+
+
+def esc(message):
+  return re.escape(message)
+
+
+def entry(device_kind=H200, num_ranks=2, **config):
+  return dict(device_kind=device_kind, num_ranks=num_ranks,
+              config=config or dict(num_sms=16, nvl_send_warps=6, nvl_chunk=2),
+              measured=dict(total_us=123.4))
+
+
+@pytest.fixture
+def config_file(tmp_path, monkeypatch):
+  """A tuned-config path in a folder that does not exist yet, set as
+  JAX_EP_CONFIG."""
+  path = tmp_path / "a" / "b" / "config.json"
+  monkeypatch.setenv(config_lib.CONFIG_ENV, str(path))
+  return path
+
+
+# ---------------------------------------------------------------- Config
+
+
+def test_config_defaults():
+  config = jax_ep.Config()
+  assert (config.num_sms, config.nvl_send_warps, config.nvl_chunk) == (24, 4, 6)
+
+
+@pytest.mark.parametrize("warps", [1, 8, 15])
+def test_config_nvl_send_warps_in_range(warps):
+  assert jax_ep.Config(nvl_send_warps=warps).nvl_send_warps == warps
+
+
+@pytest.mark.parametrize("warps,message", [
+    (0, "jax_ep.Config: nvl_send_warps must be a positive int, got 0"),
+    (4.0, "jax_ep.Config: nvl_send_warps must be a positive int, got 4.0"),
+    (16, "jax_ep.Config: nvl_send_warps must be at most 15 (a 16-warp block "
+     "keeps one warp to receive), got 16"),
+])
+def test_config_nvl_send_warps_out_of_range(warps, message):
+  with pytest.raises(ValueError, match=esc(message)):
+    jax_ep.Config(nvl_send_warps=warps)
+
+
+def test_config_nvl_chunk_zero_means_automatic():
+  assert jax_ep.Config(nvl_chunk=0).nvl_chunk == 0
+
+
+@pytest.mark.parametrize("value", [-1, 2.0, True, None])
+def test_config_nvl_chunk_must_be_a_non_negative_int(value):
+  with pytest.raises(ValueError, match=esc(
+      "jax_ep.Config: nvl_chunk must be an int >= 0 (0: automatic), got "
+      f"{value!r}")):
+    jax_ep.Config(nvl_chunk=value)
+
+
+# ---------------------------------------------------------------- the file
+
+
+def test_default_path_is_under_the_home_cache(monkeypatch, tmp_path):
+  monkeypatch.delenv(config_lib.CONFIG_ENV, raising=False)
+  monkeypatch.setenv("HOME", str(tmp_path))
+  assert (config_lib.tuned_config_path()
+          == tmp_path / ".cache" / "jax_ep" / "config.json")
+
+
+def test_missing_file_gives_none(config_file):
+  assert config_lib.tuned_config(H200, 2) is None
+  assert not config_file.exists()
+
+
+def test_round_trip_creates_folders_and_keeps_other_defaults(config_file):
+  config_lib.write_tuned_config(config_file, entry())
+  assert config_lib.tuned_config(H200, 2) == jax_ep.Config(
+      num_sms=16, nvl_send_warps=6, nvl_chunk=2)
+  data = json.loads(config_file.read_text())
+  assert data == {"version": 1, "entries": [entry()]}
+
+
+def test_no_matching_entry_gives_none(config_file):
+  config_lib.write_tuned_config(config_file, entry())
+  assert config_lib.tuned_config("NVIDIA H100 80GB HBM3", 2) is None
+  assert config_lib.tuned_config(H200, 4) is None
+
+
+def test_write_replaces_the_same_device_and_size_only(config_file):
+  config_lib.write_tuned_config(config_file, entry())
+  config_lib.write_tuned_config(config_file, entry(num_ranks=4, num_sms=32))
+  config_lib.write_tuned_config(config_file, entry(num_sms=20, nvl_chunk=0))
+  assert config_lib.tuned_config(H200, 2) == jax_ep.Config(num_sms=20,
+                                                           nvl_chunk=0)
+  assert config_lib.tuned_config(H200, 4) == jax_ep.Config(num_sms=32)
+  assert len(json.loads(config_file.read_text())["entries"]) == 2
+  # The temporary files went into the target (os.replace).
+  assert os.listdir(config_file.parent) == [config_file.name]
+
+
+@pytest.mark.parametrize("text,problem", [
+    ("{not json", "not JSON"),
+    ('{"version": 2, "entries": []}', '"version": 1'),
+    ('[]', '"version": 1'),
+    ('{"version": 1, "entries": {}}', "entries must be a list"),
+    ('{"version": 1, "entries": [3]}', "entry 0 must be an object"),
+    ('{"version": 1, "entries": [{"num_ranks": 2, "config": {}}]}',
+     "entry 0: device_kind must be a string"),
+    ('{"version": 1, "entries": [{"device_kind": "x", "num_ranks": 0, '
+     '"config": {}}]}', "entry 0: num_ranks must be a positive int, got 0"),
+    ('{"version": 1, "entries": [{"device_kind": "x", "num_ranks": 2}]}',
+     "entry 0: config must be an object"),
+    ('{"version": 1, "entries": [{"device_kind": "x", "num_ranks": 2, '
+     '"config": {"sms": 8}}]}', "entry 0: unknown config fields ['sms']"),
+    ('{"version": 1, "entries": [{"device_kind": "x", "num_ranks": 2, '
+     '"config": {"num_sms": 23}}]}',
+     "entry 0: jax_ep.Config: num_sms must be even, got 23"),
+    ('{"version": 1, "entries": [{"device_kind": "x", "num_ranks": 2, '
+     '"config": {}}, {"device_kind": "x", "num_ranks": 2, "config": {}}]}',
+     "entry 1 repeats device_kind 'x' with num_ranks 2"),
+])
+def test_malformed_file_names_the_file_and_the_problem(config_file, text,
+                                                       problem):
+  config_file.parent.mkdir(parents=True)
+  config_file.write_text(text)
+  with pytest.raises(ValueError, match=esc(str(config_file)) + ".*"
+                     + esc(problem)):
+    config_lib.tuned_config(H200, 2)
+  # Writing does not clobber a file it cannot read.
+  with pytest.raises(ValueError, match=esc(str(config_file))):
+    config_lib.write_tuned_config(config_file, entry())
+  assert config_file.read_text() == text
+
+
+def test_write_rejects_a_bad_entry(config_file):
+  with pytest.raises(ValueError, match=esc(
+      "the new entry: jax_ep.Config: nvl_send_warps must be at most 15")):
+    config_lib.write_tuned_config(config_file, entry(nvl_send_warps=16))
+  assert not config_file.parent.exists()
+
+
+# ---------------------------------------------------------------- the choice
+
+
+@pytest.mark.parametrize("t16,t24,chosen", [(102.9, 101.0, (16, 4, 2)),
+                                            (104.0, 101.0, (24, 4, 0)),
+                                            (104.0, 103.5, (32, 8, 0))])
+def test_choose_prefers_fewer_sms_within_three_percent(t16, t24, chosen):
+  totals = {(16, 4, 2): t16, (16, 2, 2): t16 + 5, (24, 4, 0): t24,
+            (32, 8, 0): 100.0, (32, 2, 0): 130.0}
+  best, got = tune.choose(totals)
+  assert best == {16: (16, 4, 2), 24: (24, 4, 0), 32: (32, 8, 0)}
+  assert got == chosen
+
+
+def test_tune_scores_dispatch_plus_combine(monkeypatch, config_file):
+  # Made-up times: dispatch falls with num_sms, combine is best at chunk 2.
+  def fake_time_intranode(devices, *, tunings, ops, dtype, reference_too,
+                          **kwargs):
+    assert dtype == "bf16" and not reference_too
+    assert set(ops) == {"dispatch", "combine"}
+    records = []
+    for t in tunings:
+      for op in ops:
+        time_us = (3000 / t["num_sms"] if op == "dispatch"
+                   else 100 + abs(t["chunk_tokens"] - 2) + t["send_warps"])
+        records.append(dict(op=op, impl="jax_ep", **t, time_us=time_us))
+    return records
+
+  monkeypatch.setattr(intranode_timing, "time_intranode", fake_time_intranode)
+  gpus = [types.SimpleNamespace(device_kind=H200)] * 2
+  result = tune.tune(gpus, tokens=64, hidden=256, topk=2, experts=8,
+                     num_sms=[24, 32], send_warps=[2, 4], chunks=[0, 2])
+  # 32 SMs: 93.75 + 102 = 195.75; 24 SMs: 125 + 102 = 227 (over 3% more).
+  assert result["config"] == dict(num_sms=32, nvl_send_warps=2, nvl_chunk=2)
+  assert (result["device_kind"], result["num_ranks"]) == (H200, 2)
+  measured = result["measured"]
+  assert measured["chosen"]["total_us"] == 195.8
+  assert len(measured["tunings"]) == 8 and len(measured["records"]) == 16
+  assert [r["num_sms"] for r in measured["best_per_num_sms"]] == [24, 32]
+  table = tune.format_table(result)
+  assert "<- chosen" in table and "<- best for its num_sms" in table
+  config_lib.write_tuned_config(config_file, result)
+  assert config_lib.tuned_config(H200, 2) == jax_ep.Config(
+      num_sms=32, nvl_send_warps=2, nvl_chunk=2)
+
+
+# ---------------------------------------------------------------- the CLI
+
+
+def run_tuner(*args, tmp_path):
+  # JAX_PLATFORMS=cpu: the refusal must also show on a GPU machine.
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             JAX_EP_CONFIG=str(tmp_path / "config.json"))
+  return subprocess.run([sys.executable, "-m", "jax_ep.tune", *args],
+                        cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=120, check=False)
+
+
+def test_cli_help_works_without_gpus(tmp_path):
+  result = run_tuner("--help", tmp_path=tmp_path)
+  assert result.returncode == 0, result.stderr
+  for flag in ("--tokens", "--sms", "--send-warps", "--chunks", "--out"):
+    assert flag in result.stdout
+
+
+def test_cli_refuses_to_run_without_a_gpu(tmp_path):
+  result = run_tuner("--tokens", "8", tmp_path=tmp_path)
+  assert result.returncode != 0
+  assert "jax_ep.tune: no GPU visible to JAX" in result.stderr
+  assert not (tmp_path / "config.json").exists()
+
+
+def test_cli_rejects_a_tuning_that_is_not_a_config(tmp_path):
+  result = run_tuner("--sms", "23", tmp_path=tmp_path)
+  assert result.returncode == 2
+  assert "jax_ep.Config: num_sms must be even, got 23" in result.stderr
