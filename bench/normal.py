@@ -128,8 +128,10 @@ def run(mesh, shape: Shape, *, impls, dtypes, ops, seed: int, iters: int,
     # Without its kernel an op would time the reference a second time.
     ops_here = [op for op in ops if impl != "jax_ep" or
                 all(a in KERNEL_OPS for a in api_ops[op])]
-    buffer = jax_ep.Buffer(mesh, "ep", backend=impl if impl == "reference"
-                           else "cuda")
+    buffer = jax_ep.Buffer(
+        mesh, "ep", backend=impl if impl == "reference" else "cuda",
+        num_nvl_bytes=None if impl == "reference" else jax_ep.nvl_buffer_bytes(
+            shape.tokens, shape.hidden, shape.topk, ranks))
     num_sms = buffer.config.num_sms if impl == "jax_ep" else None
     gathered = (ranks - 1) * shape.tokens
 

@@ -8,6 +8,9 @@ a script by it:
         peer buffers through CUDA IPC, kernel dispatch + combine next to the
         reference on fresh routings; each process compares the shards it
         holds, bit for bit; prints "... passed".
+    python intranode_worker.py --seed N --timeout
+        one process, rank 0 of two dispatches alone: its barrier must time
+        out, print rank, phase and peer, and fail (exit 1).
 
 Every check runs the kernels and the pure-JAX reference in one program on the
 same inputs and compares every output (and every handle field) bitwise.
@@ -132,7 +135,7 @@ def _pairs(case: Case, num_ranks: int, buffers, x, scales, idx, w, y, bias):
     pairs.append(("recv_topk_weights", k_w, r_w))
   k_cached = intranode.cached_dispatch(rows, k_h, axis_name=EP,
                                       buffers=buffers, **case.tuning())
-  r_cached = reference.dispatch(rows, handle=r_h, **kw)[0]
+  r_cached = reference.cached_dispatch(rows, r_h, axis_name=EP)
   pairs += [(f"cached recv_rows[{i}]", k, r) for i, (k, r) in
             enumerate(zip(k_cached, r_cached))]
   k_out = intranode.combine(y, k_h, axis_name=EP, buffers=buffers,
@@ -275,12 +278,35 @@ def run_multiprocess(seed: int, steps: int) -> None:
   print(f"{who}: {steps} dispatch/combine steps passed", flush=True)
 
 
+def run_timeout() -> None:
+  """Rank 0 alone calls dispatch: its wait for rank 1 must time out."""
+  from jax_ep._src.cuda import peer_buffers  # pylint: disable=g-import-not-at-top
+  gpus = jax.devices("gpu")[:2]
+  case = Case(16, 2048, 8, 16)
+  buffers = peer_buffers.create_peer_buffers(
+      gpus, intranode.intranode_buffer_bytes(case.tokens, case.hidden,
+                                             case.topk, 2))
+  x = jax.device_put(jnp.ones((case.tokens, case.hidden), jnp.bfloat16),
+                     gpus[0])
+  idx = jax.device_put(jnp.zeros((case.tokens, case.topk), jnp.int32), gpus[0])
+  call = jax.jit(lambda x, idx: intranode.dispatch(
+      (x,), idx, None, axis_name=EP, num_ranks=2, num_experts=case.experts,
+      capacity=2 * case.tokens, expert_alignment=1, buffers=buffers,
+      timeout_s=0.5)[0])
+  jax.block_until_ready(call(x, idx))
+  print("dispatch returned without a timeout", flush=True)
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser()
   parser.add_argument("--seed", type=int, required=True)
   parser.add_argument("--steps", type=int, default=20)
+  parser.add_argument("--timeout", action="store_true")
   args = parser.parse_args(argv)
   try:
+    if args.timeout:
+      run_timeout()
+      return 3  # no timeout is a failure too
     import jax_ep.launch  # pylint: disable=g-import-not-at-top
     jax_ep.launch.initialize()
     run_multiprocess(args.seed, args.steps)

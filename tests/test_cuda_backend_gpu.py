@@ -1,7 +1,8 @@
 """The public API on the "cuda" backend, on every local GPU in one process.
 
-`get_dispatch_layout` must go through the CUDA kernel (its custom call is in
-the compiled program) and agree with the reference backend; ops without a
+`get_dispatch_layout`, `dispatch` and `combine` must go through their CUDA
+kernels (the custom calls are in the compiled program) and agree bit for bit
+with the reference backend, gradients of a small MoE included; ops without a
 kernel yet warn and give the reference's exact results on the GPUs.
 """
 
@@ -71,10 +72,99 @@ def test_layout_runs_the_kernel_and_matches_the_reference(seed):
   assert results["cuda"].num_invalid.sum() == (idx == EXPERTS + 3).sum()
 
 
+def _nvl_buffer(mesh, backend):
+  nvl = jax_ep.nvl_buffer_bytes(TOKENS, HIDDEN, TOPK, len(GPUS))
+  return jax_ep.Buffer(mesh, "ep", backend=backend,
+                       num_nvl_bytes=nvl if backend == "cuda" else None)
+
+
+def _moe_inputs(seed):
+  rng = np.random.default_rng(seed)
+  n = TOKENS * len(GPUS)
+  x = jnp.asarray(rng.standard_normal((n, HIDDEN)), jnp.bfloat16)
+  idx = _routing(rng, n)
+  w = rng.random(idx.shape, dtype=np.float32)
+  scale = jnp.asarray(rng.standard_normal((EXPERTS // len(GPUS) * len(GPUS),)),
+                      jnp.float32)
+  return x, idx, w, scale
+
+
+def _tiny_moe(buffer):
+  """dispatch -> a per-expert scale weighted by the router -> combine; fp8
+  dispatch and a cached dispatch too."""
+  def forward(x, i, w, scale):
+    d = jax_ep.dispatch(buffer, x, i, w, num_experts=EXPERTS,
+                        capacity=len(GPUS) * TOKENS * 3 // 4)
+    local = scale.reshape(len(GPUS), -1)[buffer.rank()]
+    gain = jnp.where(d.topk_idx >= 0, d.topk_weights * local[
+        jnp.maximum(d.topk_idx, 0)], 0.0).sum(-1, keepdims=True)
+    y = (d.x.astype(jnp.float32) * gain).astype(jnp.bfloat16)
+    out = jax_ep.combine(buffer, y, d.handle)
+    q = jax_ep.dispatch(buffer, jax_ep.per_token_cast_to_fp8(x), i,
+                        num_experts=EXPERTS)
+    again = jax_ep.dispatch(buffer, x * 2, handle=d.handle).x
+    return out, q.x, q.scales, again, d.handle.recv_row
+  return forward
+
+
+def test_dispatch_and_combine_run_the_kernels_and_match_the_reference(seed):
+  mesh = _mesh()
+  args = _moe_inputs(seed)
+  outs = {}
+  for backend in ("cuda", "reference"):
+    fn, out, placed = _run(mesh, _tiny_moe(_nvl_buffer(mesh, backend)), *args)
+    hlo = fn.lower(*placed).as_text()
+    for target in ("jax_ep_intranode_dispatch", "jax_ep_intranode_combine",
+                   "jax_ep_intranode_cached_dispatch"):
+      assert (target in hlo) == (backend == "cuda"), (backend, target)
+    outs[backend] = [np.asarray(o) for o in out]
+  for k, (got, want) in enumerate(zip(outs["cuda"], outs["reference"])):
+    bits = {1: np.uint8, 2: np.uint16, 4: np.uint32}[got.dtype.itemsize]
+    assert np.array_equal(got.view(bits), want.view(bits)), f"output {k}"
+
+
+def test_moe_gradients_match_the_reference_backend(seed):
+  mesh = _mesh()
+  args = _moe_inputs(seed)
+  grads = {}
+  for backend in ("cuda", "reference"):
+    forward = _tiny_moe(_nvl_buffer(mesh, backend))
+
+    def loss(x, i, w, scale, forward=forward):
+      out = forward(x, i, w, scale)[0]
+      return jax.lax.psum(jnp.sum(out.astype(jnp.float32) ** 2), "ep")
+
+    def grad(x, i, w, scale, loss=loss):
+      return jax.grad(loss, argnums=(0, 2, 3))(x, i, w, scale)
+
+    fn = jax.jit(jax.shard_map(grad, mesh=mesh, in_specs=P("ep"),
+                               out_specs=(P("ep"), P("ep"), P()),
+                               check_vma=False))
+    placed = [jax.device_put(a, NamedSharding(mesh, P("ep"))) for a in args[:3]]
+    placed.append(jax.device_put(args[3], NamedSharding(mesh, P())))
+    if backend == "cuda":
+      hlo = fn.lower(*placed).as_text()
+      assert "jax_ep_intranode_cached_dispatch" in hlo  # combine's backward
+    grads[backend] = [np.asarray(g) for g in fn(*placed)]
+  for name, got, want in zip(("d_x", "d_weights", "d_scale"), grads["cuda"],
+                             grads["reference"]):
+    np.testing.assert_array_equal(got, want, err_msg=f"{name}, seed={seed}")
+
+
+def test_cuda_dispatch_without_nvl_bytes_says_what_to_pass():
+  mesh = _mesh()
+  buffer = jax_ep.Buffer(mesh, "ep", backend="cuda")
+  x = jnp.zeros((TOKENS * len(GPUS), HIDDEN), jnp.bfloat16)
+  idx = jnp.zeros((TOKENS * len(GPUS), TOPK), jnp.int32)
+  with pytest.raises(ValueError, match="num_nvl_bytes=jax_ep.nvl_buffer_bytes"):
+    _run(mesh, lambda x, i: jax_ep.dispatch(buffer, x, i,
+                                            num_experts=EXPERTS).x, x, idx)
+
+
 def test_ops_without_kernels_warn_and_match_the_reference(seed):
   mesh = _mesh()
   rng = np.random.default_rng(seed)
-  n = TOKENS * len(GPUS)
+  n = 16 * len(GPUS)
   x = jnp.asarray(rng.standard_normal((n, HIDDEN)), jnp.bfloat16)
   idx = _routing(rng, n)
   w = rng.random(idx.shape, dtype=np.float32)
@@ -83,11 +173,13 @@ def test_ops_without_kernels_warn_and_match_the_reference(seed):
     buffer = jax_ep.Buffer(mesh, "ep", backend=backend)
 
     def round_trip(x, i, w, buffer=buffer):
-      d = jax_ep.dispatch(buffer, x, i, w, num_experts=EXPERTS)
-      return d.x, jax_ep.combine(buffer, d.x, d.handle)
+      d = jax_ep.low_latency_dispatch(buffer, x, i, num_experts=EXPERTS,
+                                      num_max_dispatch_tokens_per_rank=16,
+                                      use_fp8=False)
+      return d.x, jax_ep.low_latency_combine(buffer, d.x, i, w, d.handle)
 
     if backend == "cuda":
-      with pytest.warns(UserWarning, match="no CUDA kernel yet"):
+      with pytest.warns(UserWarning, match="no CUDA kernel"):
         _, out, _ = _run(mesh, round_trip, x, idx, w)
     else:
       _, out, _ = _run(mesh, round_trip, x, idx, w)

@@ -681,47 +681,64 @@ __device__ __forceinline__ void StoreFloats(char* dst, const float* v) {
   }
 }
 
-// out[t, c .. c+V) = sum over ranks, in order, of their rows (null: +0.0),
-// plus the bias; one rounding.
-template <typename In, typename Out, int V>
+// out[t, c .. c+V) for the U channel groups c = channel + u * stride (those
+// below C): the sum over ranks, in order, of their rows (null: +0.0), plus
+// the bias; one rounding. A lane keeps U loads per rank in flight.
+template <typename In, typename Out, int V, int U>
 __device__ __forceinline__ void ReduceElements(const CombineParams& p,
                                                const char* const* rows,
-                                               int64_t t, int64_t channel) {
-  float total[V];
+                                               int64_t t, int channel,
+                                               int stride) {
+  const int C = p.num_channels;
+  float total[U][V];
   for (int r = 0; r < p.c.num_ranks; ++r) {
-    float v[V];
-    if (rows[r] != nullptr) {
-      LoadFloats<In, V>(rows[r] + channel * int64_t{sizeof(In)}, v);
-    } else {
+    float v[U][V];
 #pragma unroll
-      for (int i = 0; i < V; ++i) v[i] = 0.0f;
+    for (int u = 0; u < U; ++u) {
+      const int at = channel + u * stride;
+      if (rows[r] != nullptr && at < C) {
+        LoadFloats<In, V>(rows[r] + int64_t{at} * sizeof(In), v[u]);
+      } else {
+#pragma unroll
+        for (int i = 0; i < V; ++i) v[u][i] = 0.0f;
+      }
     }
 #pragma unroll
-    for (int i = 0; i < V; ++i) {
-      total[i] = r == 0 ? v[i] : __fadd_rn(total[i], v[i]);
+    for (int u = 0; u < U; ++u) {
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        total[u][i] = r == 0 ? v[u][i] : __fadd_rn(total[u][i], v[u][i]);
+      }
     }
   }
-  if (p.bias != nullptr) {
-    const float* bias = p.bias + t * p.num_channels + channel;
 #pragma unroll
-    for (int i = 0; i < V; ++i) total[i] = __fadd_rn(total[i], bias[i]);
+  for (int u = 0; u < U; ++u) {
+    const int at = channel + u * stride;
+    if (at >= C) break;
+    const int64_t element = t * C + at;
+    if (p.bias != nullptr) {
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        total[u][i] = __fadd_rn(total[u][i], p.bias[element + i]);
+      }
+    }
+    StoreFloats<Out, V>(p.out + element * int64_t{sizeof(Out)}, total[u]);
   }
-  StoreFloats<Out, V>(
-      p.out + (t * p.num_channels + channel) * int64_t{sizeof(Out)}, total);
 }
 
 template <typename In, typename Out>
 __device__ void ReduceToken(const CombineParams& p, const char* const* rows,
                             int64_t t) {
   constexpr int V = 16 / sizeof(In);
+  constexpr int U = 4;
   const int C = p.num_channels, lane = Lane();
   if (p.row_bytes % 16 == 0 && Aligned16(p.out) && Aligned16(p.y)) {
-    for (int channel = lane * V; channel < C; channel += 32 * V) {
-      ReduceElements<In, Out, V>(p, rows, t, channel);
+    for (int channel = lane * V; channel < C; channel += 32 * V * U) {
+      ReduceElements<In, Out, V, U>(p, rows, t, channel, 32 * V);
     }
   } else {
-    for (int channel = lane; channel < C; channel += 32) {
-      ReduceElements<In, Out, 1>(p, rows, t, channel);
+    for (int channel = lane; channel < C; channel += 32 * U) {
+      ReduceElements<In, Out, 1, U>(p, rows, t, channel, 32);
     }
   }
 }

@@ -131,7 +131,12 @@ def train(cfg, *, backend: str = "auto", devices=None, log=print) -> dict:
   devices = jax.devices() if devices is None else devices
   mesh = jax.make_mesh((len(devices),), ("ep",), devices=devices,
                        axis_types=(jax.sharding.AxisType.Explicit,))
-  buffer = jax_ep.Buffer(mesh, "ep", backend=backend)
+  # The intranode kernels' NVLink buffers, sized for this model's dispatches.
+  nvl_bytes = (jax_ep.nvl_buffer_bytes(cfg.tokens_per_rank, cfg.hidden,
+                                       cfg.topk, len(devices), cfg.dtype)
+               if devices[0].platform == "gpu" and backend != "reference"
+               else None)
+  buffer = jax_ep.Buffer(mesh, "ep", backend=backend, num_nvl_bytes=nvl_bytes)
   ranks, tokens = buffer.num_ranks, cfg.tokens_per_rank
   cap = moe_model.capacity(ranks, tokens, cfg.num_experts, cfg.topk,
                            cfg.capacity_factor)

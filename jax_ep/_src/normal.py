@@ -15,17 +15,61 @@ import jax.numpy as jnp
 from jax.experimental import checkify
 
 from jax_ep._src import checks
+from jax_ep._src.cuda import intranode
 from jax_ep._src.fp8 import FP8_DTYPE, GROUP
 from jax_ep._src.handles import DispatchHandle, Dispatched
 from jax_ep._src.nograd import no_gradient
 from jax_ep._src.reference import normal as reference
-from jax_ep._src.runtime import Buffer
+from jax_ep._src.runtime import Buffer, NvlKernels
+
+
+def _whole_words(a: jax.Array) -> bool:
+  return a.shape[-1] * a.dtype.itemsize % checks.ROW_ALIGN_BYTES == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class _Comm:
+  """How an op moves rows: on the intranode kernels when `nvl` is set, else
+  with the reference's collectives. Both give the same bits, and their
+  handles are interchangeable."""
+  axis_name: str
+  nvl: NvlKernels | None
+
+  def dispatch(self, rows, topk_idx, topk_weights, route: _Route):
+    kw = dict(axis_name=self.axis_name, num_ranks=route.num_ranks,
+              num_experts=route.num_experts, capacity=route.capacity,
+              expert_alignment=route.expert_alignment)
+    if self.nvl is None:
+      return reference.dispatch(rows, topk_idx, topk_weights, **kw)
+    return intranode.dispatch(rows, topk_idx, topk_weights, **kw,
+                              **self.nvl.tuning())
+
+  def cached(self, rows, handle):
+    """Rows along `handle`'s routes (tuple in, tuple out)."""
+    if self.nvl is None or not all(_whole_words(r) for r in rows):
+      return reference.cached_dispatch(rows, handle, axis_name=self.axis_name)
+    return intranode.cached_dispatch(rows, handle, axis_name=self.axis_name,
+                                     **self.nvl.tuning())
+
+  def combine(self, y, handle, bias=None, out_dtype=jnp.float32):
+    """fp32 sum in rank order of every rank's rows for each token, plus the
+    f32 `bias`, rounded once to `out_dtype`."""
+    kernel = (self.nvl is not None and _whole_words(y)
+              and y.dtype in (jnp.bfloat16, jnp.float32)
+              and jnp.dtype(out_dtype) in (jnp.dtype(jnp.float32), y.dtype))
+    if not kernel:
+      total = reference.combine(y, handle, axis_name=self.axis_name)
+      if bias is not None:
+        total = total + bias
+      return total.astype(out_dtype)
+    return intranode.combine(y, handle, axis_name=self.axis_name, bias=bias,
+                             out_dtype=out_dtype, **self.nvl.tuning())
 
 
 @dataclasses.dataclass(frozen=True)
 class _Route:
   """Static parameters of one dispatch, shared by its forward and backward."""
-  axis_name: str
+  comm: _Comm
   num_ranks: int
   num_experts: int
   capacity: int
@@ -94,7 +138,7 @@ def dispatch(buffer: Buffer, x, topk_idx: jax.Array | None = None,
   if fp8:
     rows = no_gradient(rows, f"jax_ep.{op}: fp8 rows are not differentiable; "
                        "dispatch bf16 rows to train through dispatch")
-  buffer.uses_kernel(op)
+  comm = _Comm(buffer.axis_name, buffer.nvl_kernels(op))
   if handle is not None:
     handle = checks.handle(op, handle, DispatchHandle, "dispatch",
                            buffer.num_ranks)
@@ -108,7 +152,7 @@ def dispatch(buffer: Buffer, x, topk_idx: jax.Array | None = None,
       raise ValueError(
           f"jax_ep.{op}: x has {num_tokens} tokens but the handle was made for "
           f"{handle.num_tokens}")
-    recv = _cached_dispatch(buffer.axis_name, rows, handle)
+    recv = _cached_dispatch(comm, rows, handle)
     return Dispatched(recv[0], recv[1] if fp8 else None, None, None,
                       handle.num_recv_tokens, None, handle)
 
@@ -124,8 +168,8 @@ def dispatch(buffer: Buffer, x, topk_idx: jax.Array | None = None,
   capacity = checks.positive_int(op, "capacity", capacity)
   expert_alignment = checks.positive_int(op, "expert_alignment",
                                          expert_alignment)
-  route = _Route(buffer.axis_name, num_ranks, num_experts, capacity,
-                 expert_alignment, fp8)
+  route = _Route(comm, num_ranks, num_experts, capacity, expert_alignment,
+                 fp8)
   recv, recv_idx, recv_weights, per_expert, handle = _dispatch(
       route, rows, topk_idx, topk_weights)
   return Dispatched(recv[0], recv[1] if fp8 else None, recv_idx, recv_weights,
@@ -134,10 +178,7 @@ def dispatch(buffer: Buffer, x, topk_idx: jax.Array | None = None,
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _dispatch(route: _Route, rows, topk_idx, topk_weights):
-  return reference.dispatch(
-      rows, topk_idx, topk_weights, axis_name=route.axis_name,
-      num_ranks=route.num_ranks, num_experts=route.num_experts,
-      capacity=route.capacity, expert_alignment=route.expert_alignment)
+  return route.comm.dispatch(rows, topk_idx, topk_weights, route)
 
 
 def _dispatch_fwd(route, rows, topk_idx, topk_weights):
@@ -149,44 +190,36 @@ def _dispatch_fwd(route, rows, topk_idx, topk_weights):
 def _dispatch_bwd(route, residual, g):
   handle, recv_idx = residual
   g_rows, _, g_weights, _, _ = g
-  d_rows = _rows_cotangent(route.axis_name, g_rows, handle)
+  d_rows = _rows_cotangent(route.comm, g_rows, handle)
   d_weights = None
   if g_weights is not None:
-    d_weights = _combine_sum(route.axis_name,
-                             jnp.where(recv_idx >= 0, g_weights, 0.0), handle)
+    d_weights = route.comm.combine(jnp.where(recv_idx >= 0, g_weights, 0.0),
+                                   handle)
   return d_rows, None, d_weights
 
 
 _dispatch.defvjp(_dispatch_fwd, _dispatch_bwd)
 
 
-def _combine_sum(axis_name, y, handle):
-  return reference.combine(y, handle, axis_name=axis_name)
-
-
-def _rows_cotangent(axis_name, g_rows, handle):
+def _rows_cotangent(comm: _Comm, g_rows, handle):
   """Combine of the received rows' cotangent; fp8 rows (q, scales) get none:
   `no_gradient` has refused any gradient that would need it."""
   if len(g_rows) == 2:
     return (None, None)
-  return (_combine_sum(axis_name, g_rows[0], handle).astype(g_rows[0].dtype),)
-
-
-def _cached_rows(axis_name, rows, handle):
-  return reference.cached_dispatch(rows, handle, axis_name=axis_name)
+  return (comm.combine(g_rows[0], handle, out_dtype=g_rows[0].dtype),)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _cached_dispatch(axis_name, rows, handle):
-  return _cached_rows(axis_name, rows, handle)
+def _cached_dispatch(comm: _Comm, rows, handle):
+  return comm.cached(rows, handle)
 
 
-def _cached_dispatch_fwd(axis_name, rows, handle):
-  return _cached_rows(axis_name, rows, handle), handle
+def _cached_dispatch_fwd(comm, rows, handle):
+  return comm.cached(rows, handle), handle
 
 
-def _cached_dispatch_bwd(axis_name, handle, g):
-  return _rows_cotangent(axis_name, g, handle), None
+def _cached_dispatch_bwd(comm, handle, g):
+  return _rows_cotangent(comm, g, handle), None
 
 
 _cached_dispatch.defvjp(_cached_dispatch_fwd, _cached_dispatch_bwd)
@@ -236,37 +269,33 @@ def combine(buffer: Buffer, y: jax.Array, handle: DispatchHandle,
   biases = _biases(op, bias, (handle.num_tokens, y.shape[1]))
   # Biases enter in fp32, so autodiff casts their cotangent back by itself.
   bias_sum = sum(b.astype(jnp.float32) for b in biases) if biases else None
-  buffer.uses_kernel(op)
-  out, out_weights = _combine(buffer.axis_name, y, handle, topk_weights,
-                              bias_sum)
+  comm = _Comm(buffer.axis_name, buffer.nvl_kernels(op))
+  out, out_weights = _combine(comm, y, handle, topk_weights, bias_sum)
   return out if topk_weights is None else (out, out_weights)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _combine(axis_name, y, handle, topk_weights, bias):
-  total = _combine_sum(axis_name, y, handle)
-  if bias is not None:
-    total = total + bias
+def _combine(comm: _Comm, y, handle, topk_weights, bias):
+  out = comm.combine(y, handle, bias, out_dtype=y.dtype)
   out_weights = None
   if topk_weights is not None:
-    out_weights = _combine_sum(axis_name, topk_weights, handle)
-  return total.astype(y.dtype), out_weights
+    out_weights = comm.combine(topk_weights, handle)
+  return out, out_weights
 
 
-def _combine_fwd(axis_name, y, handle, topk_weights, bias):
+def _combine_fwd(comm, y, handle, topk_weights, bias):
   # The bias's presence travels as a None/array leaf: residuals hold no bools.
   bias_marker = None if bias is None else jnp.zeros((), jnp.float32)
-  return _combine(axis_name, y, handle, topk_weights, bias), (
-      handle, bias_marker)
+  return _combine(comm, y, handle, topk_weights, bias), (handle, bias_marker)
 
 
-def _combine_bwd(axis_name, residual, g):
+def _combine_bwd(comm, residual, g):
   handle, bias_marker = residual
   g_out, g_weights = g
-  d_y, = _cached_rows(axis_name, (g_out,), handle)
+  d_y, = comm.cached((g_out,), handle)
   d_weights = None
   if g_weights is not None:
-    d_weights, = _cached_rows(axis_name, (g_weights,), handle)
+    d_weights, = comm.cached((g_weights,), handle)
   d_bias = None if bias_marker is None else g_out.astype(jnp.float32)
   return d_y, None, d_weights, d_bias
 

@@ -4,9 +4,8 @@ A `Buffer` is created once per process, collectively (every process of the
 mesh creates it with the same arguments), before the ops are traced. It is
 what every op takes first: it tells the op which mesh axis is the EP axis, how
 many ranks there are, how they are grouped into nodes, which backend runs and
-with which `Config`. When the CUDA communication kernels land it will also own
-their GPU buffers (DESIGN.md §3); today the only kernel is the layout kernel,
-which needs none.
+with which `Config`. On the "cuda" backend it also owns the NVLink peer
+buffers of the intranode kernels (DESIGN.md §3), one set per EP group.
 """
 
 from __future__ import annotations
@@ -23,13 +22,16 @@ from jax import lax
 from jax.experimental import multihost_utils
 
 from jax_ep._src import native
-from jax_ep._src.config import Config
+from jax_ep._src.config import Config, tuned_config
 
 Backend = Literal["auto", "cuda", "reference"]
 _BACKENDS = ("auto", "cuda", "reference")
 _NODE_SIZES = (1, 2, 4, 8)
 # Ops with a CUDA kernel; on the "cuda" backend the others run the reference.
-KERNEL_OPS = frozenset({"get_dispatch_layout"})
+KERNEL_OPS = frozenset({"get_dispatch_layout", "dispatch", "combine"})
+# Ops that need the NVLink peer buffers (num_nvl_bytes) on the "cuda" backend.
+NVL_OPS = frozenset({"dispatch", "combine"})
+DEFAULT_TIMEOUT_S = 100.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +97,30 @@ def _topology(mesh, axis_name, ranks_per_node) -> Topology:
                   process_of_rank)
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class NvlKernels:
+  """What the intranode kernels of one Buffer need: its peer buffers (those
+  of the first EP group; every group has the same sizes) and their tuning."""
+
+  buffers: object  # jax_ep._src.cuda.peer_buffers.PeerBuffers
+  num_sms: int
+  send_warps: int
+  chunk_tokens: int
+  timeout_s: float
+
+  def tuning(self) -> dict:
+    return dict(buffers=self.buffers, num_sms=self.num_sms,
+                send_warps=self.send_warps, chunk_tokens=self.chunk_tokens,
+                timeout_s=self.timeout_s)
+
+
+def _ep_groups(mesh: jax.sharding.Mesh, axis_name: str) -> list[list]:
+  """Every EP group's devices in rank order (one group per other-axis index)."""
+  axis = mesh.axis_names.index(axis_name)
+  rows = np.moveaxis(mesh.devices, axis, -1).reshape(-1, mesh.devices.shape[axis])
+  return [list(row) for row in rows]
+
+
 def _resolve_backend(backend: str, devices: list[jax.Device]) -> str:
   if backend not in _BACKENDS:
     raise ValueError(
@@ -130,20 +156,34 @@ class Buffer:
     backend: "reference" runs the pure-JAX implementation (any platform);
       "cuda" runs the CUDA kernels and fails if the extension is not built or
       the mesh is not on GPUs; "auto" picks "cuda" when both hold.
-    config: SM budget and chunking (`Config`); defaults are tuned for 24 SMs.
+    config: SM budget and chunking (`Config`). Default: the entry that
+      `python -m jax_ep.tune` wrote for this device kind and EP size (file
+      `$JAX_EP_CONFIG`, else ~/.cache/jax_ep/config.json), else `Config()`.
     ranks_per_node: ranks per NVLink domain (G). Detected from the hosts of
       the processes by default; set it to simulate several nodes on one host.
+    num_nvl_bytes: size of each rank's NVLink buffer for the intranode
+      dispatch and combine kernels; `jax_ep.nvl_buffer_bytes(...)` computes it
+      from the largest shapes you will run. Needed on the "cuda" backend when
+      the EP axis is on one host; ignored by the reference backend. Allocated
+      here, collectively, outside JAX's memory pool: leave room with
+      `XLA_PYTHON_CLIENT_MEM_FRACTION` (the error says so when it lacks).
+    timeout_s: how long a kernel waits for a peer rank before it prints the
+      rank and phase and fails (instead of hanging).
   """
 
   def __init__(self, mesh: jax.sharding.Mesh, axis_name: str = "ep", *,
                backend: Backend = "auto", config: Config | None = None,
-               ranks_per_node: int | None = None):
+               ranks_per_node: int | None = None,
+               num_nvl_bytes: int | None = None,
+               timeout_s: float = DEFAULT_TIMEOUT_S):
     if axis_name not in mesh.axis_names:
       raise ValueError(
           f"jax_ep.Buffer: axis_name {axis_name!r} is not an axis of the mesh "
           f"(axes {mesh.axis_names})")
     if config is None:
-      config = Config()
+      # The autotuner's entry for these GPUs and this EP size, if any.
+      devices = _ep_devices(mesh, axis_name)
+      config = tuned_config(devices[0].device_kind, len(devices)) or Config()
     if not isinstance(config, Config):
       raise TypeError(
           f"jax_ep.Buffer: config must be a jax_ep.Config, got {type(config)}")
@@ -153,6 +193,26 @@ class Buffer:
     self.topology = _topology(mesh, axis_name, ranks_per_node)
     self.backend = _resolve_backend(backend, _ep_devices(mesh, axis_name))
     self._warned: set[str] = set()
+    if not timeout_s > 0:
+      raise ValueError(
+          f"jax_ep.Buffer: timeout_s must be > 0, got {timeout_s!r}")
+    if num_nvl_bytes is not None and (
+        not isinstance(num_nvl_bytes, (int, np.integer)) or num_nvl_bytes < 0):
+      raise ValueError(
+          "jax_ep.Buffer: num_nvl_bytes must be an int >= 0 (see "
+          f"jax_ep.nvl_buffer_bytes), got {num_nvl_bytes!r}")
+    self.num_nvl_bytes = num_nvl_bytes
+    self._nvl: NvlKernels | None = None
+    self._peer_buffers = []
+    if (self.backend == "cuda" and num_nvl_bytes
+        and self.topology.num_nodes == 1):
+      from jax_ep._src.cuda import peer_buffers  # pylint: disable=g-import-not-at-top
+      for group in _ep_groups(mesh, axis_name):
+        self._peer_buffers.append(
+            peer_buffers.create_peer_buffers(group, int(num_nvl_bytes)))
+      self._nvl = NvlKernels(self._peer_buffers[0], config.num_sms,
+                             config.nvl_send_warps, config.nvl_chunk,
+                             float(timeout_s))
 
   @property
   def num_ranks(self) -> int:
@@ -176,16 +236,41 @@ class Buffer:
           f"Buffer was built for {self.num_ranks} ranks")
 
   def uses_kernel(self, op: str) -> bool:
-    """Whether `op` runs a CUDA kernel; warns once when CUDA must fall back."""
+    """Whether `op` runs a CUDA kernel; warns once when CUDA must fall back.
+
+    Raises:
+      ValueError: `op` needs the NVLink buffers and the Buffer has none.
+    """
     if self.backend != "cuda":
       return False
     has_kernel = op in KERNEL_OPS
+    if op in NVL_OPS:
+      if self.topology.num_nodes > 1:
+        has_kernel = False  # the internode kernels have not landed
+      elif self._nvl is None:
+        raise ValueError(
+            f"jax_ep.{op} on the cuda backend needs the NVLink buffers: create "
+            "the Buffer with num_nvl_bytes=jax_ep.nvl_buffer_bytes(num_tokens, "
+            "hidden, topk, num_ranks) for the largest shapes you run")
     if not has_kernel and op not in self._warned:
       self._warned.add(op)
       warnings.warn(
-          f"jax_ep.{op} has no CUDA kernel yet; it runs the pure-JAX reference "
-          "on the GPUs (see the README's status table)", stacklevel=3)
+          f"jax_ep.{op} has no CUDA kernel for this setup yet; it runs the "
+          "pure-JAX reference on the GPUs (see the README's status table)",
+          stacklevel=3)
     return has_kernel
+
+  def nvl_kernels(self, op: str) -> NvlKernels | None:
+    """The intranode kernels' buffers and tuning when `op` runs on them."""
+    return self._nvl if self.uses_kernel(op) else None
+
+  def close(self) -> None:
+    """Frees the NVLink buffers (collective: once every op has finished on
+    every rank); also runs at interpreter exit."""
+    for buffers in self._peer_buffers:
+      buffers.close()
+    self._peer_buffers = []
+    self._nvl = None
 
   def __repr__(self):
     t = self.topology

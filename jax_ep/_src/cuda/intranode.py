@@ -24,7 +24,7 @@ _CACHED_DISPATCH_TARGET = "jax_ep_intranode_cached_dispatch"
 _COMBINE_TARGET = "jax_ep_intranode_combine"
 DEFAULT_NUM_SMS = 24
 # Of the 16 warps of a block, how many push to peers (the rest receive).
-DEFAULT_SEND_WARPS = 8
+DEFAULT_SEND_WARPS = 4
 WARPS_PER_BLOCK = 16
 # The control region's limits (csrc/runtime/peer_buffers.cuh).
 MAX_RANKS = 64
