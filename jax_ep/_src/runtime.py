@@ -209,7 +209,7 @@ class Buffer:
       from jax_ep._src.cuda import peer_buffers  # pylint: disable=g-import-not-at-top
       for group in _ep_groups(mesh, axis_name):
         self._peer_buffers.append(
-            peer_buffers.create_peer_buffers(group, int(num_nvl_bytes)))
+            peer_buffers.group_peer_buffers(group, int(num_nvl_bytes)))
       self._nvl = NvlKernels(self._peer_buffers[0], config.num_sms,
                              config.nvl_send_warps, config.nvl_chunk,
                              float(timeout_s))
@@ -265,8 +265,9 @@ class Buffer:
     return self._nvl if self.uses_kernel(op) else None
 
   def close(self) -> None:
-    """Frees the NVLink buffers (collective: once every op has finished on
-    every rank); also runs at interpreter exit."""
+    """Frees the NVLink buffers, which every Buffer over the same EP groups
+    shares (collective: once every op has finished on every rank); they are
+    also freed at interpreter exit."""
     for buffers in self._peer_buffers:
       buffers.close()
     self._peer_buffers = []

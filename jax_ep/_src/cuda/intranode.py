@@ -214,8 +214,8 @@ def dispatch(rows, topk_idx: jax.Array, topk_weights: jax.Array | None, *,
     topk_idx: `int32[T, K]`, `-1` (or any id outside `[0, E)`) selects
       nothing, `K <= 32`.
     topk_weights: optional `f32[T, K]`.
-    axis_name: the EP axis (for the signature of the reference; the rank
-      comes from the device's peer buffers).
+    axis_name: the EP axis: the results are marked varying over it (the
+      rank itself comes from the device's peer buffers).
     num_ranks, num_experts, capacity, expert_alignment: R, E (a multiple of
       R, <= 1024), M, alignment of the per-expert counts.
     buffers: the `PeerBuffers` of the EP devices; their data region must hold
@@ -232,7 +232,6 @@ def dispatch(rows, topk_idx: jax.Array, topk_weights: jax.Array | None, *,
     None, num_tokens_per_expert int32[E/R], handle)`, `recv_rows` a tuple like
     `rows` with `M` rows.
   """
-  del axis_name
   op = "intranode_dispatch"
   rows, num_tokens = _split_rows(op, rows)
   num_experts = checks.experts(op, num_experts, num_ranks)
@@ -268,12 +267,30 @@ def dispatch(rows, topk_idx: jax.Array, topk_weights: jax.Array | None, *,
        num_ranks=np.int64(num_ranks), num_experts=np.int64(num_experts),
        capacity=np.int64(capacity),
        expert_alignment=np.int64(expert_alignment), **tuning)
+  (recv_x, recv_scales, recv_idx, recv_weights, per_expert, src_index,
+   recv_row, num_recv) = _varying(axis_name, (
+       recv_x, recv_scales, recv_idx, recv_weights, per_expert, src_index,
+       recv_row, num_recv))
   handle = DispatchHandle(src_index, recv_row, num_recv, num_ranks,
                           num_tokens, capacity, num_experts)
   recv_rows = (recv_x,) if len(rows) == 1 else (recv_x, recv_scales)
   return (recv_rows, recv_idx,
           recv_weights if topk_weights is not None else None, per_expert,
           handle)
+
+
+def _varying(axis_name: str, outputs):
+  """Marks the kernels' results as varying over the EP axis (they differ per
+  rank): shard_map's type checks, e.g. of a custom VJP's cotangents, expect
+  what the reference's collectives produce. Unchanged outside shard_map."""
+  def mark(a):
+    if a is None or axis_name in jax.typeof(a).manual_axis_type.varying:
+      return a
+    try:
+      return jax.lax.pcast(a, axis_name, to="varying")
+    except NameError:  # the axis is not bound: not inside shard_map
+      return a
+  return jax.tree.map(mark, outputs)
 
 
 def _check_handle(op: str, handle) -> DispatchHandle:
@@ -299,13 +316,12 @@ def cached_dispatch(rows, handle: DispatchHandle, *, axis_name: str, buffers,
     rows: `(x[T, H],)` or fp8 `(e4m3[T, H], f32 scales[T, H/128])`, T the
       handle's.
     handle: the `DispatchHandle` of a dispatch over the same ranks.
-    axis_name: the EP axis (unused: the rank comes from the peer buffers).
+    axis_name: the EP axis (results vary over it).
     buffers, num_sms, send_warps, chunk_tokens, timeout_s: as `dispatch`.
 
   Returns:
     `recv_rows`, a tuple like `rows` of `M` rows.
   """
-  del axis_name
   op = "intranode_cached_dispatch"
   handle = _check_handle(op, handle)
   rows, num_tokens = _split_rows(op, rows)
@@ -321,9 +337,9 @@ def cached_dispatch(rows, handle: DispatchHandle, *, axis_name: str, buffers,
   call = jax.ffi.ffi_call(_CACHED_DISPATCH_TARGET,
                           _recv_row_types(rows, capacity),
                           has_side_effect=True)
-  recv_x, recv_scales = call(
+  recv_x, recv_scales = _varying(axis_name, call(
       rows[0], _scales_arg(rows), handle.recv_row, handle.num_recv_tokens,
-      num_ranks=np.int64(num_ranks), capacity=np.int64(capacity), **tuning)
+      num_ranks=np.int64(num_ranks), capacity=np.int64(capacity), **tuning))
   return (recv_x,) if len(rows) == 1 else (recv_x, recv_scales)
 
 
@@ -343,13 +359,12 @@ def combine(y: jax.Array, handle: DispatchHandle, *, axis_name: str, buffers,
   Args:
     y: `bf16[M, C]` or `f32[M, C]`, rows as the dispatch delivered them.
     handle: the dispatch's `DispatchHandle` (kernel or reference made).
-    axis_name: the EP axis (unused: the rank comes from the peer buffers).
+    axis_name: the EP axis (results vary over it).
     buffers: the EP devices' `PeerBuffers`.
     bias: optional `f32[T, C]`.
     out_dtype: `float32` or `y.dtype`.
     num_sms, send_warps, chunk_tokens, timeout_s: as `dispatch`.
   """
-  del axis_name
   op = "intranode_combine"
   handle = _check_handle(op, handle)
   checks.array(op, "y", y, ndim=2,
@@ -376,5 +391,5 @@ def combine(y: jax.Array, handle: DispatchHandle, *, axis_name: str, buffers,
       _COMBINE_TARGET,
       jax.ShapeDtypeStruct((num_tokens, y.shape[1]), out_dtype),
       has_side_effect=True)
-  return call(y, handle.recv_row, bias, num_ranks=np.int64(num_ranks),
-              **tuning)
+  return _varying(axis_name, call(y, handle.recv_row, bias,
+                                  num_ranks=np.int64(num_ranks), **tuning))

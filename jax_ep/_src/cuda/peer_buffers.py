@@ -67,6 +67,10 @@ class PeerBuffers:
   def num_ranks(self) -> int:
     return len(self.devices)
 
+  @property
+  def closed(self) -> bool:
+    return self._closed
+
   def close(self) -> None:
     """Frees this process's buffers and peer mappings (idempotent).
 
@@ -123,6 +127,42 @@ def _all_handles(local: dict[int, bytes], num_ranks: int,
     gathered = gathered.reshape(jax.process_count(), num_ranks, -1)
     rows = gathered[process_of_rank, np.arange(num_ranks)]
   return rows.tobytes()
+
+
+# The live buffers of each EP group this process created through
+# `group_peer_buffers`, keyed by the group's device ids in rank order.
+_GROUPS: dict[tuple[int, ...], PeerBuffers] = {}
+_GROUPS_LOCK = threading.Lock()
+
+
+def group_peer_buffers(devices_in_rank_order: list[jax.Device],
+                       num_bytes: int) -> PeerBuffers:
+  """The group's peer buffers with at least `num_bytes`, made once and shared
+  by every `jax_ep.Buffer` over the same group (collective).
+
+  A device has one set of buffers at a time. When a group needs more bytes,
+  or its devices belong to another group's buffers, those are freed after
+  every device has finished its queued work, then new ones are made; an
+  older `Buffer` over the same group then runs on the new ones.
+  """
+  devices = list(devices_in_rank_order)
+  key = tuple(d.id for d in devices)
+  with _GROUPS_LOCK:
+    live = _GROUPS.get(key)
+    if live is not None and not live.closed and live.num_bytes >= num_bytes:
+      return live
+    stale = [k for k in _GROUPS if set(k) & set(key)]
+    if stale:
+      # No kernel may still touch a buffer we free, on any rank.
+      for d in devices:
+        if d.process_index == jax.process_index():
+          jax.block_until_ready(jax.device_put(np.zeros(()), d) + 0)
+      if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("jax_ep peer buffers: regrow")
+      for k in stale:
+        _GROUPS.pop(k).close()
+    _GROUPS[key] = create_peer_buffers(devices, num_bytes)
+    return _GROUPS[key]
 
 
 def create_peer_buffers(devices_in_rank_order: list[jax.Device],
