@@ -37,10 +37,12 @@ def _routing(rng, n):
   return idx.astype(np.int32)
 
 
-def _run(mesh, fn, *args):
-  sharded = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=P("ep"),
+def _run(mesh, fn, *args, in_specs=None):
+  in_specs = in_specs or (P("ep"),) * len(args)
+  sharded = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=in_specs,
                                   out_specs=P("ep")))
-  args = [jax.device_put(a, NamedSharding(mesh, P("ep"))) for a in args]
+  args = [jax.device_put(a, NamedSharding(mesh, spec))
+          for a, spec in zip(args, in_specs)]
   return sharded, sharded(*args), args
 
 
@@ -124,7 +126,8 @@ def test_dispatch_and_combine_run_the_kernels_and_match_the_reference(seed):
   args = _moe_inputs(seed)
   outs = {}
   for backend in ("cuda", "reference"):
-    fn, out, placed = _run(mesh, _tiny_moe(_nvl_buffer(mesh, backend)), *args)
+    fn, out, placed = _run(mesh, _tiny_moe(_nvl_buffer(mesh, backend)), *args,
+                           in_specs=(P("ep"), P("ep"), P("ep"), P()))
     hlo = fn.lower(*placed).as_text()
     for target in ("jax_ep_intranode_dispatch", "jax_ep_intranode_combine",
                    "jax_ep_intranode_cached_dispatch"):
@@ -150,7 +153,8 @@ def test_moe_gradients_match_the_reference_backend(seed):
       d_x, d_w, d_scale = jax.grad(loss, argnums=(0, 2, 3))(x, i, w, scale)
       return d_x, d_w, d_scale[None]  # each rank's share of d_scale
 
-    fn = jax.jit(jax.shard_map(grad, mesh=mesh, in_specs=P("ep"),
+    fn = jax.jit(jax.shard_map(grad, mesh=mesh,
+                               in_specs=(P("ep"), P("ep"), P("ep"), P()),
                                out_specs=P("ep")))
     placed = [jax.device_put(a, NamedSharding(mesh, P("ep"))) for a in args[:3]]
     placed.append(jax.device_put(args[3], NamedSharding(mesh, P())))
