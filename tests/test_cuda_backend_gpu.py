@@ -162,9 +162,16 @@ def test_moe_gradients_match_the_reference_backend(seed):
       hlo = fn.lower(*placed).as_text()
       assert "jax_ep_intranode_cached_dispatch" in hlo  # combine's backward
     grads[backend] = [np.asarray(g) for g in fn(*placed)]
+  # The communication is bitwise equal (the test above); the elementwise math
+  # around it may fuse differently in the two programs (FMA contraction), so
+  # the gradients agree to rounding.
   for name, got, want in zip(("d_x", "d_weights", "d_scale"), grads["cuda"],
                              grads["reference"]):
-    np.testing.assert_array_equal(got, want, err_msg=f"{name}, seed={seed}")
+    got, want = got.astype(np.float32), want.astype(np.float32)
+    differ = int((got != want).sum())
+    np.testing.assert_allclose(
+        got, want, rtol=1e-2 if name == "d_x" else 1e-5, atol=1e-6,
+        err_msg=f"{name}, seed={seed}: {differ} of {got.size} elements differ")
 
 
 def test_cuda_dispatch_without_nvl_bytes_says_what_to_pass():
