@@ -2,9 +2,10 @@
 
     python scripts/time_intranode.py [--tokens 4096 --hidden 7168 --topk 8
         --experts 256 --calls 20 --reps 10 --fp8
-        --tunings 24:8:0,24:12:0] [--no-reference]
+        --tunings 24:8:0:1,24:4:2:0] [--no-reference]
 
-Each tuning is num_sms:send_warps:chunk_tokens (0: automatic chunks). Prints
+Each tuning is num_sms:send_warps:chunk_tokens[:copy_engine] (chunk 0:
+automatic; copy_engine 1, the default, or 0). Prints
 one JSON record per line; the method and the records' fields are described in
 `jax_ep._src.cuda.intranode_timing`.
 """
@@ -35,8 +36,12 @@ def main() -> None:
   ap.add_argument("--fp8", action="store_true")
   ap.add_argument("--no-reference", action="store_true")
   args = ap.parse_args()
-  tunings = [dict(zip(intranode_timing.TUNING_FIELDS, map(int, t.split(":"))))
-             for t in args.tunings.split(",")]
+  tunings = []
+  for text in args.tunings.split(","):
+    values = [int(v) for v in text.split(":")] + [1]  # copy engine by default
+    tuning = dict(zip(intranode_timing.TUNING_FIELDS, values))
+    tuning["copy_engine"] = bool(tuning["copy_engine"])
+    tunings.append(tuning)
   intranode_timing.time_intranode(
       jax.devices("gpu"), tokens=args.tokens, hidden=args.hidden,
       topk=args.topk, experts=args.experts,

@@ -59,9 +59,10 @@ class Case:
   num_sms: int = 0  # kernel tuning; 0: the defaults
   send_warps: int = 0
   chunk_tokens: int = 0
+  copy_engine: bool = True  # False: warps push the dispatched rows
 
   def tuning(self) -> dict[str, int]:
-    out = dict(chunk_tokens=self.chunk_tokens)
+    out = dict(chunk_tokens=self.chunk_tokens, copy_engine=self.copy_engine)
     if self.num_sms:
       out["num_sms"] = self.num_sms
     if self.send_warps:
@@ -75,7 +76,8 @@ class Case:
             f"{'-skew' if self.skew else ''}"
             f"{f'-sm{self.num_sms}' if self.num_sms else ''}"
             f"{f'-w{self.send_warps}' if self.send_warps else ''}"
-            f"{f'-c{self.chunk_tokens}' if self.chunk_tokens else ''}")
+            f"{f'-c{self.chunk_tokens}' if self.chunk_tokens else ''}"
+            f"{'' if self.copy_engine else '-push'}")
 
 
 def routing(rng: np.random.Generator, num_ranks: int, case: Case) -> np.ndarray:
@@ -250,7 +252,8 @@ def run_multiprocess(seed: int, steps: int) -> None:
   num_ranks = len(devices)
   mesh = Mesh(np.array(devices), (EP,))
   who = f"worker {jax.process_index()}/{jax.process_count()}"
-  cases = [Case(7, 2048, 8, 256), Case(128, 7168, 8, 256, alignment=4),
+  cases = [Case(7, 2048, 8, 256),
+           Case(128, 7168, 8, 256, alignment=4, copy_engine=False),
            Case(300, 2048, 2, num_ranks, capacity=200),
            Case(128, 7168, 8, 256, fp8=True, skew=True),
            Case(1, 2048, 1, 256, weights=False)]

@@ -56,10 +56,18 @@ CASES = [
     Case(4096, 7168, 8, 256, capacity=3000, skew=True),  # overflow
     Case(4096, 7168, 8, 256, fp8=True),
     Case(4096, 2056, 8, 256),  # H not a multiple of 128 (4112-byte rows)
+    # Warps push the dispatched rows (no copy engine).
+    Case(128, 7168, 8, 256, skew=True, copy_engine=False),
+    Case(4096, 7168, 8, 256, capacity=3000, copy_engine=False),
+    Case(128, 7168, 8, 256, fp8=True, copy_engine=False),
     # Tunings the autotuner may pick: one block, lone pusher, tiny chunks.
     Case(128, 2048, 8, 256, num_sms=1, send_warps=1, chunk_tokens=1),
-    Case(4096, 7168, 8, 256, num_sms=8, send_warps=15, chunk_tokens=1),
+    Case(128, 2048, 8, 256, num_sms=1, send_warps=1, chunk_tokens=1,
+         copy_engine=False),
+    Case(4096, 7168, 8, 256, num_sms=8, send_warps=15, chunk_tokens=1,
+         copy_engine=False),
     Case(1000, 2048, 8, 256, num_sms=64, send_warps=4, chunk_tokens=1000),
+    Case(4096, 2048, 8, 256, chunk_tokens=4096),  # one chunk, one piece
 ]
 CASES = [c for c in CASES if c.topk <= c.experts]  # the ops need K <= E
 SCAN_CASE = Case(128, 2048, 8, 256)

@@ -175,7 +175,8 @@ def test_choose_prefers_fewer_sms_within_three_percent(t16, t24, chosen):
 
 
 def test_tune_scores_dispatch_plus_combine(monkeypatch, config_file):
-  # Made-up times: dispatch falls with num_sms, combine is best at chunk 2.
+  # Made-up times: dispatch falls with num_sms and halves with the copy
+  # engine, combine is best at chunk 2.
   def fake_time_intranode(devices, *, tunings, ops, dtype, reference_too,
                           **kwargs):
     assert dtype == "bf16" and not reference_too
@@ -183,7 +184,8 @@ def test_tune_scores_dispatch_plus_combine(monkeypatch, config_file):
     records = []
     for t in tunings:
       for op in ops:
-        time_us = (3000 / t["num_sms"] if op == "dispatch"
+        time_us = (3000 / t["num_sms"] / (2 if t["copy_engine"] else 1)
+                   if op == "dispatch"
                    else 100 + abs(t["chunk_tokens"] - 2) + t["send_warps"])
         records.append(dict(op=op, impl="jax_ep", **t, time_us=time_us))
     return records
@@ -191,19 +193,21 @@ def test_tune_scores_dispatch_plus_combine(monkeypatch, config_file):
   monkeypatch.setattr(intranode_timing, "time_intranode", fake_time_intranode)
   gpus = [types.SimpleNamespace(device_kind=H200)] * 2
   result = tune.tune(gpus, tokens=64, hidden=256, topk=2, experts=8,
-                     num_sms=[24, 32], send_warps=[2, 4], chunks=[0, 2])
-  # 32 SMs: 93.75 + 102 = 195.75; 24 SMs: 125 + 102 = 227 (over 3% more).
-  assert result["config"] == dict(num_sms=32, nvl_send_warps=2, nvl_chunk=2)
+                     num_sms=[24, 32], send_warps=[2, 4], chunks=[0, 2],
+                     copy_engine=[True, False])
+  # 32 SMs: 46.875 + 102 = 148.875; 24 SMs: 62.5 + 102 = 164.5 (over 3%).
+  assert result["config"] == dict(num_sms=32, nvl_send_warps=2, nvl_chunk=2,
+                                  nvl_copy_engine=True)
   assert (result["device_kind"], result["num_ranks"]) == (H200, 2)
   measured = result["measured"]
-  assert measured["chosen"]["total_us"] == 195.8
-  assert len(measured["tunings"]) == 8 and len(measured["records"]) == 16
+  assert measured["chosen"]["total_us"] == 148.9
+  assert len(measured["tunings"]) == 16 and len(measured["records"]) == 32
   assert [r["num_sms"] for r in measured["best_per_num_sms"]] == [24, 32]
   table = tune.format_table(result)
   assert "<- chosen" in table and "<- best for its num_sms" in table
   config_lib.write_tuned_config(config_file, result)
   assert config_lib.tuned_config(H200, 2) == jax_ep.Config(
-      num_sms=32, nvl_send_warps=2, nvl_chunk=2)
+      num_sms=32, nvl_send_warps=2, nvl_chunk=2, nvl_copy_engine=True)
 
 
 # ---------------------------------------------------------------- the CLI

@@ -8,7 +8,8 @@
 //   num_recv_tokens  s32[]              argument (the dispatch handle's)
 //   num_ranks        int64              attribute, R
 //   capacity         int64              attribute, M
-//   num_sms, send_warps, chunk_tokens, timeout_ns   int64 attributes:
+//   num_sms, send_warps, chunk_tokens, timeout_ns, copy_engine   int64
+//                                           attributes:
 //                                       intranode::Tuning
 //   recv_x           [M, C0] x's type   result
 //   recv_scales      [M, C1]            result
@@ -43,7 +44,7 @@ ffi::Error IntranodeCachedDispatchImpl(
     ffi::AnyBuffer scales, ffi::Buffer<ffi::S32> recv_row,
     ffi::Buffer<ffi::S32> num_recv_tokens, int64_t num_ranks, int64_t capacity,
     int64_t num_sms, int64_t send_warps, int64_t chunk_tokens,
-    int64_t timeout_ns, ffi::Result<ffi::AnyBuffer> recv_x,
+    int64_t timeout_ns, int64_t copy_engine, ffi::Result<ffi::AnyBuffer> recv_x,
     ffi::Result<ffi::AnyBuffer> recv_scales) {
   for (auto error : {ExpectRank(kOp, "x", x.dimensions(), 2),
                      ExpectRank(kOp, "scales", scales.dimensions(), 2)}) {
@@ -85,11 +86,11 @@ ffi::Error IntranodeCachedDispatchImpl(
   a.num_tokens = T;
   a.num_ranks = num_ranks;
   a.capacity = capacity;
-  a.tuning = {num_sms, send_warps, chunk_tokens, timeout_ns};
+  a.tuning = {num_sms, send_warps, chunk_tokens, timeout_ns, copy_engine};
   a.recv_rows[0] = recv_x->untyped_data();
   a.recv_rows[1] = recv_scales->untyped_data();
   return ffi_checks::ToFfiError(
-      intranode::LaunchCachedDispatch(buffers->view(), a, stream));
+      intranode::LaunchCachedDispatch(*buffers, a, stream));
 }
 
 }  // namespace
@@ -112,6 +113,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Attr<int64_t>("send_warps")
         .Attr<int64_t>("chunk_tokens")
         .Attr<int64_t>("timeout_ns")
+        .Attr<int64_t>("copy_engine")
         .Ret<xla::ffi::AnyBuffer>()                     // recv_x
         .Ret<xla::ffi::AnyBuffer>(),                    // recv_scales
     {xla::ffi::Traits::kCmdBufferCompatible});

@@ -5,7 +5,8 @@
 //   recv_row         s32[R, T]          argument (the dispatch handle's)
 //   bias             f32[T, C]          argument ([T, 0] when unused)
 //   num_ranks        int64              attribute, R
-//   num_sms, send_warps, chunk_tokens, timeout_ns   int64 attributes:
+//   num_sms, send_warps, chunk_tokens, timeout_ns, copy_engine   int64
+//                                           attributes:
 //                                       intranode::Tuning
 //   out              f32 or y's type [T, C]  result
 //
@@ -51,7 +52,8 @@ ffi::Error IntranodeCombineImpl(
     cudaStream_t stream, int32_t device_ordinal, ffi::AnyBuffer y,
     ffi::Buffer<ffi::S32> recv_row, ffi::Buffer<ffi::F32> bias,
     int64_t num_ranks, int64_t num_sms, int64_t send_warps,
-    int64_t chunk_tokens, int64_t timeout_ns, ffi::Result<ffi::AnyBuffer> out) {
+    int64_t chunk_tokens, int64_t timeout_ns, int64_t copy_engine,
+    ffi::Result<ffi::AnyBuffer> out) {
   if (auto e = ExpectRank(kOp, "y", y.dimensions(), 2); e.failure()) return e;
   if (auto e = ExpectRank(kOp, "recv_row", recv_row.dimensions(), 2);
       e.failure()) {
@@ -88,10 +90,10 @@ ffi::Error IntranodeCombineImpl(
   a.num_channels = C;
   a.num_ranks = num_ranks;
   a.capacity = M;
-  a.tuning = {num_sms, send_warps, chunk_tokens, timeout_ns};
+  a.tuning = {num_sms, send_warps, chunk_tokens, timeout_ns, copy_engine};
   a.out = out->untyped_data();
   return ffi_checks::ToFfiError(
-      intranode::LaunchCombine(buffers->view(), a, stream));
+      intranode::LaunchCombine(*buffers, a, stream));
 }
 
 }  // namespace
@@ -112,5 +114,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Attr<int64_t>("send_warps")
         .Attr<int64_t>("chunk_tokens")
         .Attr<int64_t>("timeout_ns")
+        .Attr<int64_t>("copy_engine")
         .Ret<xla::ffi::AnyBuffer>(),                    // out
     {xla::ffi::Traits::kCmdBufferCompatible});

@@ -9,7 +9,8 @@
 //   num_experts         int64               attribute, E
 //   capacity            int64               attribute, M
 //   expert_alignment    int64               attribute
-//   num_sms, send_warps, chunk_tokens, timeout_ns   int64 attributes:
+//   num_sms, send_warps, chunk_tokens, timeout_ns, copy_engine   int64
+//                                           attributes:
 //                                           intranode::Tuning
 //   recv_x              [M, C0] x's type    result
 //   recv_scales         [M, C1]             result
@@ -50,6 +51,7 @@ ffi::Error IntranodeDispatchImpl(
     ffi::Buffer<ffi::F32> topk_weights, int64_t num_ranks, int64_t num_experts,
     int64_t capacity, int64_t expert_alignment, int64_t num_sms,
     int64_t send_warps, int64_t chunk_tokens, int64_t timeout_ns,
+    int64_t copy_engine,
     ffi::Result<ffi::AnyBuffer> recv_x,
     ffi::Result<ffi::AnyBuffer> recv_scales,
     ffi::ResultBuffer<ffi::S32> recv_topk_idx,
@@ -124,7 +126,7 @@ ffi::Error IntranodeDispatchImpl(
   a.num_experts = num_experts;
   a.capacity = capacity;
   a.expert_alignment = expert_alignment;
-  a.tuning = {num_sms, send_warps, chunk_tokens, timeout_ns};
+  a.tuning = {num_sms, send_warps, chunk_tokens, timeout_ns, copy_engine};
   a.recv_rows[0] = recv_x->untyped_data();
   a.recv_rows[1] = recv_scales->untyped_data();
   a.recv_topk_idx = recv_topk_idx->typed_data();
@@ -134,7 +136,7 @@ ffi::Error IntranodeDispatchImpl(
   a.recv_row = recv_row->typed_data();
   a.num_recv_tokens = num_recv_tokens->typed_data();
   return ffi_checks::ToFfiError(
-      intranode::LaunchDispatch(buffers->view(), a, stream));
+      intranode::LaunchDispatch(*buffers, a, stream));
 }
 
 }  // namespace
@@ -160,6 +162,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Attr<int64_t>("send_warps")
         .Attr<int64_t>("chunk_tokens")
         .Attr<int64_t>("timeout_ns")
+        .Attr<int64_t>("copy_engine")
         .Ret<xla::ffi::AnyBuffer>()                     // recv_x
         .Ret<xla::ffi::AnyBuffer>()                     // recv_scales
         .Ret<xla::ffi::Buffer<xla::ffi::S32>>()         // recv_topk_idx

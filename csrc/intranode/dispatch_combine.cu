@@ -35,23 +35,30 @@
 // notify.cu argues why two parities suffice). After the barrier each rank
 // knows the whole count matrix, hence where every source's rows start in
 // every destination's output: rows ordered by source, then token.
-// DispatchKernel: each block (16 warps) has `send_warps` pushing warps and the rest
-// receiving. A pushing warp takes (chunk, destination) items: for the
-// chunk's tokens it writes row_of[t] (the destination row, or M when t is
-// not sent or falls past the capacity), and for each kept token the row,
-// the expert ids made local to the destination, and the weights into the
-// destination's slot; then it releases the chunk's arrival flag
-// (__syncwarp, __threadfence_system, st.release.sys). A receiving warp
-// first fills the padding rows [min(total, M), M), then takes chunks:
-// its own (copied from x directly), then the peers' in chunk order, each
-// after an acquire wait on the chunk's flag; it writes recv_row[s, t],
-// src_index, topk and the row. Pushers never wait, so with all blocks
-// resident no rank can block another's progress.
+// Two ways move the rows and routing into a destination's slot:
+//   copy engines (Tuning::copy_engine): a side stream forked off XLA's after
+//     the barrier copies ALL T rows, the routing (positions[d], topk_idx,
+//     weights) and, piece by piece, releases the arrival flags of the
+//     piece's chunks with a one-block kernel (ForkCopies); XLA's stream
+//     waits for it after the main kernel. No warp pushes.
+//   pushing warps: each block has `send_warps` pushing warps; a pushing warp
+//     takes (chunk, destination) items: it writes the chunk's positions,
+//     and for each token kept at the destination the row, expert ids and
+//     weights, then releases the chunk's arrival flag (__syncwarp,
+//     __threadfence_system, st.release.sys).
+// DispatchKernel's receiving warps first fill the padding rows
+// [min(total, M), M), then take chunks: their own (copied from x directly),
+// then the peers' in chunk order, each after an acquire wait on the chunk's
+// flag; they write recv_row[s, t] (off[s] + position, or M), src_index, the
+// expert ids made local, the weights and the row. Nothing that pushes ever
+// waits, so with all blocks resident no rank can block another's progress.
 //
-// Cached dispatch (the backward of combine) replays a handle: StageCached
-// copies the handle's recv_row into the scratch; after the barrier a pusher
-// reads its destination's staged recv_row[me, t] and sends the kept rows;
-// receivers place them (and their own) at recv_row[s, t].
+// Cached dispatch (the backward of combine) replays a handle. With the copy
+// engines every row goes to every peer as above. With pushing warps,
+// StageCached first copies the handle's recv_row into the scratch; after
+// the barrier a pusher reads its destination's staged recv_row[me, t] and
+// sends the kept rows. Receivers place them (and their own) at
+// recv_row[s, t].
 //
 // Combine. A pushing warp on rank r sends, for each owner s and chunk, the
 // rows y[recv_row[s, t]] into s's slot at t and row_of[t] = recv_row[s, t];
@@ -101,7 +108,7 @@ __device__ __forceinline__ uint64_t SequenceNow(const runtime::PeerView& v) {
 }
 
 // The q-th rank other than `me` (the inverse of PeerSlot).
-__device__ __forceinline__ int OtherRank(int q, int me) {
+__host__ __device__ __forceinline__ int OtherRank(int q, int me) {
   return q < me ? q : q + 1;
 }
 
@@ -328,18 +335,22 @@ __global__ void __launch_bounds__(kThreads) StageDispatch(DispatchParams p) {
   for (int l = threadIdx.x; l < num_local; l += kThreads) out[l] = expert_counts[l];
 }
 
-// Token t's expert ids made local to rank `dest` (else -1) and its weights,
-// lane k < K writing entry k through the given pointers.
-__device__ __forceinline__ void LocalTopk(const DispatchParams& p, int dest,
-                                          int64_t t, int32_t* idx_out,
-                                          float* weights_out) {
+// Row `row` of recv_topk_idx / recv_topk_weights (lane k < K writes entry
+// k): token t's expert ids from `idx` made local to this rank (else -1) and
+// its weights from `weights` (0 where not local).
+__device__ __forceinline__ void ReceiveTopk(const DispatchParams& p,
+                                            const int32_t* idx,
+                                            const float* weights, int64_t t,
+                                            int row) {
   const int K = p.num_topk, lane = Lane();
   if (lane < K) {
     const int num_local = p.num_local_experts;
-    int local = p.topk_idx[t * K + lane] - dest * num_local;
+    const int64_t at = t * K + lane;
+    int local = __ldcg(idx + at) - p.c.buffers.rank * num_local;
     local = (local >= 0 && local < num_local) ? local : -1;
-    idx_out[lane] = local;
-    weights_out[lane] = local >= 0 ? p.topk_weights[t * K + lane] : 0.0f;
+    p.recv_topk_idx[int64_t{row} * K + lane] = local;
+    p.recv_topk_weights[int64_t{row} * K + lane] =
+        local >= 0 ? __ldcg(weights + at) : 0.0f;
   }
 }
 
@@ -360,20 +371,24 @@ __device__ void PushDispatchChunk(const DispatchParams& p, int dest, int chunk,
   const Common& c = p.c;
   const int me = c.buffers.rank, q = PeerSlot(me, dest), K = p.num_topk;
   char* const base = c.buffers.layout.peer_bases(c.buffers.local_base)[dest];
+  const int32_t* positions =
+      c.call.scratch(c.buffers.local_base) + int64_t{dest} * c.num_tokens;
   int32_t* row_of = c.call.row_of(base, q);
   int t0, t1;
   ChunkTokens(c, chunk, &t0, &t1);
   ForEachToken(
       t0, t1,
       [&](int t) {
-        const int row = DestinationRow(p, dest, offset, t);
-        row_of[t] = row;
-        return row;
+        row_of[t] = positions[t];
+        return DestinationRow(p, dest, offset, t);
       },
       [&](int t, int row) {
         if (row == c.capacity) return;
-        LocalTopk(p, dest, t, c.call.topk_idx(base, q) + int64_t{t} * K,
-                  c.call.weights(base, q) + int64_t{t} * K);
+        if (Lane() < K) {
+          const int64_t at = int64_t{t} * K + Lane();
+          c.call.topk_idx(base, q)[at] = p.topk_idx[at];
+          c.call.weights(base, q)[at] = p.topk_weights[at];
+        }
         for (int i = 0; i < 2; ++i) {
           const int64_t rb = p.row_bytes[i];
           CopyRow(c.call.rows(base, q, i) + t * rb, p.rows[i] + t * rb, rb);
@@ -385,7 +400,7 @@ __device__ void PushDispatchChunk(const DispatchParams& p, int dest, int chunk,
 __device__ void ReceiveOwnChunk(const DispatchParams& p, int chunk,
                                 int offset) {
   const Common& c = p.c;
-  const int me = c.buffers.rank, K = p.num_topk;
+  const int me = c.buffers.rank;
   int t0, t1;
   ChunkTokens(c, chunk, &t0, &t1);
   ForEachToken(
@@ -398,8 +413,7 @@ __device__ void ReceiveOwnChunk(const DispatchParams& p, int chunk,
       [&](int t, int row) {
         if (row == c.capacity) return;
         if (Lane() == 0) p.src_index[row] = me * c.num_tokens + t;
-        LocalTopk(p, me, t, p.recv_topk_idx + int64_t{row} * K,
-                  p.recv_topk_weights + int64_t{row} * K);
+        ReceiveTopk(p, p.topk_idx, p.topk_weights, t, row);
         for (int i = 0; i < 2; ++i) {
           const int64_t rb = p.row_bytes[i];
           CopyRow(p.recv_rows[i] + row * rb, p.rows[i] + t * rb, rb);
@@ -408,17 +422,20 @@ __device__ void ReceiveOwnChunk(const DispatchParams& p, int chunk,
 }
 
 __device__ void ReceivePeerChunk(const DispatchParams& p, int source,
-                                 int chunk) {
+                                 int chunk, int offset) {
   const Common& c = p.c;
-  const int me = c.buffers.rank, q = PeerSlot(source, me), K = p.num_topk;
+  const int me = c.buffers.rank, q = PeerSlot(source, me);
   char* const local = c.buffers.local_base;
-  const int32_t* row_of = c.call.row_of(local, q);
+  const int32_t* positions = c.call.row_of(local, q);
   int t0, t1;
   ChunkTokens(c, chunk, &t0, &t1);
   ForEachToken(
       t0, t1,
       [&](int t) {
-        const int row = __ldcg(row_of + t);
+        const int position = __ldcg(positions + t);
+        const int row = position >= 0 && int64_t{offset} + position < c.capacity
+                            ? offset + position
+                            : c.capacity;
         p.recv_row[int64_t{source} * c.num_tokens + t] = row;
         return row;
       },
@@ -426,13 +443,8 @@ __device__ void ReceivePeerChunk(const DispatchParams& p, int source,
         if (row == c.capacity) return;
         const int lane = Lane();
         if (lane == 0) p.src_index[row] = source * c.num_tokens + t;
-        if (lane < K) {
-          const int64_t at = int64_t{t} * K + lane;
-          p.recv_topk_idx[int64_t{row} * K + lane] =
-              __ldcg(c.call.topk_idx(local, q) + at);
-          p.recv_topk_weights[int64_t{row} * K + lane] =
-              __ldcg(c.call.weights(local, q) + at);
-        }
+        ReceiveTopk(p, c.call.topk_idx(local, q), c.call.weights(local, q), t,
+                    row);
         for (int i = 0; i < 2; ++i) {
           const int64_t rb = p.row_bytes[i];
           CopyRow(p.recv_rows[i] + row * rb, c.call.rows(local, q, i) + t * rb,
@@ -507,7 +519,7 @@ __global__ void __launch_bounds__(kThreads) DispatchKernel(DispatchParams p) {
       const int source = OtherRank((i - n) % (R - 1), me);
       const int chunk = (i - n) / (R - 1);
       WaitChunk(c, Op::kDispatch, source, chunk, seq);
-      ReceivePeerChunk(p, source, chunk);
+      ReceivePeerChunk(p, source, chunk, offset_from[source]);
     }
   }
   if (role.id == 0) {
@@ -807,9 +819,11 @@ Status Fail(const char* op, const std::string& what) {
 }
 
 // Checks the sizes every call shares and cuts the work: fills *c but its
-// buffers (already set) and its layout.
+// buffers (already set) and its layout. `warps_push`: whether warps push to
+// peers (else the copy engines do, or there is no peer).
 Status Plan(const char* op, int64_t num_ranks, int64_t num_tokens,
-            int64_t capacity, const Tuning& tuning, Common* c) {
+            int64_t capacity, const Tuning& tuning, bool warps_push,
+            Common* c) {
   const runtime::PeerView& buffers = c->buffers;
   if (num_ranks != buffers.layout.num_ranks) {
     return Fail(op, "num_ranks is " + std::to_string(num_ranks) +
@@ -839,15 +853,18 @@ Status Plan(const char* op, int64_t num_ranks, int64_t num_tokens,
     return Fail(op, "chunk_tokens must be >= 0 (0: automatic), got " +
                         std::to_string(tuning.chunk_tokens));
   }
-  // One rank: nothing to push, every warp receives.
-  const int64_t send_warps = num_ranks == 1 ? 0 : tuning.send_warps;
+  const int64_t send_warps = num_ranks > 1 && warps_push ? tuning.send_warps : 0;
   int64_t chunk = tuning.chunk_tokens;
-  if (chunk == 0) {
+  if (chunk == 0 && send_warps > 0) {
     // About four chunks per pushing warp, so that receivers start early.
-    const int64_t pushers = tuning.num_sms * std::max<int64_t>(send_warps, 1);
-    const int64_t per_peer =
-        (4 * pushers + num_ranks - 2) / std::max<int64_t>(num_ranks - 1, 1);
+    const int64_t pushers = tuning.num_sms * send_warps;
+    const int64_t per_peer = (4 * pushers + num_ranks - 2) / (num_ranks - 1);
     chunk = (num_tokens + per_peer - 1) / per_peer;
+  } else if (chunk == 0) {
+    // About two chunks per receiving warp.
+    const int64_t per_source =
+        (2 * tuning.num_sms * kWarps + num_ranks - 1) / num_ranks;
+    chunk = (num_tokens + per_source - 1) / per_source;
   }
   chunk = std::max(chunk, (num_tokens + runtime::kMaxChunks - 1) /
                               runtime::kMaxChunks);
@@ -895,14 +912,114 @@ Status LaunchBarrier(const Common& c, Op op, cudaStream_t stream) {
   return Launched("Barrier launch");
 }
 
+// Releases arrival flags [first, last) of this rank in a peer's control
+// region (`flags` points there) for the current call, after the copy-engine
+// transfers before it on the copy queue have completed.
+__global__ void ReleaseChunks(runtime::PeerView v, uint64_t* flags, int first,
+                              int last) {
+  const uint64_t seq = SequenceNow(v);
+  __threadfence_system();
+  for (int chunk = first + threadIdx.x; chunk < last; chunk += blockDim.x) {
+    sync::st_release_sys_global(flags + chunk, seq);
+  }
+}
+
+// What a dispatch moves with the copy engines: every token's rows, and for
+// a fresh dispatch its routing (positions, expert ids, weights).
+struct CopyPlan {
+  const char* rows[2];
+  int64_t row_bytes[2];
+  bool routing;
+  const int32_t* topk_idx;
+  const float* topk_weights;
+  int64_t num_topk;
+};
+
+// Forks the copy queue off `stream` after the barrier and enqueues, piece
+// by piece (a piece: consecutive chunks) and peer by peer, the piece's rows
+// into the peer's slot for this rank, then a kernel that releases the
+// piece's arrival flags there; the routing goes with the first piece. The
+// main kernel runs meanwhile; JoinCopies makes `stream` wait for the queue.
+Status ForkCopies(const runtime::PeerBuffers& buffers, const Common& c,
+                  const CopyPlan& plan, cudaStream_t stream) {
+  const runtime::CopyQueue& queue = buffers.copy_queue();
+  const runtime::BufferLayout& layout = buffers.layout();
+  if (Status s = Status::FromCuda(cudaEventRecord(queue.fork, stream),
+                                  "cudaEventRecord (fork)");
+      !s.ok()) {
+    return s;
+  }
+  if (Status s = Status::FromCuda(
+          cudaStreamWaitEvent(queue.stream, queue.fork, 0),
+          "cudaStreamWaitEvent (fork)");
+      !s.ok()) {
+    return s;
+  }
+  const int me = c.buffers.rank, T = c.num_tokens;
+  const int pieces = std::min(c.num_chunks, 8);
+  const int chunks_per_piece = (c.num_chunks + pieces - 1) / pieces;
+  auto copy = [&](void* dst, const void* src, int64_t bytes) {
+    return bytes == 0 ? Status()
+                      : Status::FromCuda(
+                            cudaMemcpyAsync(dst, src, bytes,
+                                            cudaMemcpyDeviceToDevice,
+                                            queue.stream),
+                            "cudaMemcpyAsync (copy engine)");
+  };
+  for (int first = 0; first < c.num_chunks; first += chunks_per_piece) {
+    const int last = std::min(c.num_chunks, first + chunks_per_piece);
+    const int64_t t0 = int64_t{first} * c.chunk_tokens;
+    const int64_t t1 = std::min<int64_t>(T, int64_t{last} * c.chunk_tokens);
+    for (int q = 0; q < c.num_ranks - 1; ++q) {
+      const int dest = OtherRank(q, me);
+      char* base = buffers.peer_base(dest);
+      const int slot = PeerSlot(me, dest);
+      if (plan.routing && first == 0) {
+        const int64_t topk_bytes = T * plan.num_topk * 4;
+        for (Status s : {
+                 copy(c.call.row_of(base, slot),
+                      c.call.scratch(buffers.base()) + int64_t{dest} * T,
+                      T * 4),
+                 copy(c.call.topk_idx(base, slot), plan.topk_idx, topk_bytes),
+                 copy(c.call.weights(base, slot), plan.topk_weights,
+                      topk_bytes)}) {
+          if (!s.ok()) return s;
+        }
+      }
+      for (int i = 0; i < 2; ++i) {
+        const int64_t rb = plan.row_bytes[i];
+        if (Status s = copy(c.call.rows(base, slot, i) + t0 * rb,
+                            plan.rows[i] + t0 * rb, (t1 - t0) * rb);
+            !s.ok()) {
+          return s;
+        }
+      }
+      ReleaseChunks<<<1, 256, 0, queue.stream>>>(
+          c.buffers, layout.arrivals(base) + int64_t{me} * runtime::kMaxChunks,
+          first, last);
+      if (Status s = Launched("ReleaseChunks launch"); !s.ok()) return s;
+    }
+  }
+  return Status::FromCuda(cudaEventRecord(queue.join, queue.stream),
+                          "cudaEventRecord (join)");
+}
+
+Status JoinCopies(const runtime::PeerBuffers& buffers, cudaStream_t stream) {
+  return Status::FromCuda(
+      cudaStreamWaitEvent(stream, buffers.copy_queue().join, 0),
+      "cudaStreamWaitEvent (join)");
+}
+
 }  // namespace
 
-Status LaunchDispatch(const runtime::PeerView& buffers, const DispatchArgs& a,
-                      cudaStream_t stream) {
+Status LaunchDispatch(const runtime::PeerBuffers& peer_buffers,
+                      const DispatchArgs& a, cudaStream_t stream) {
   const char* op = "dispatch";
+  const runtime::PeerView buffers = peer_buffers.view();
+  const bool copy_engine = a.tuning.copy_engine != 0 && a.num_ranks > 1;
   Common common{buffers};
   if (Status s = Plan(op, a.num_ranks, a.num_tokens, a.capacity, a.tuning,
-                      &common);
+                      !copy_engine, &common);
       !s.ok()) {
     return s;
   }
@@ -943,16 +1060,30 @@ Status LaunchDispatch(const runtime::PeerView& buffers, const DispatchArgs& a,
   StageDispatch<<<p.c.num_ranks, kThreads, 0, stream>>>(p);
   if (Status s = Launched("StageDispatch launch"); !s.ok()) return s;
   if (Status s = LaunchBarrier(p.c, Op::kDispatch, stream); !s.ok()) return s;
+  if (copy_engine) {
+    const CopyPlan plan{{p.rows[0], p.rows[1]},
+                        {p.row_bytes[0], p.row_bytes[1]},
+                        /*routing=*/true,
+                        a.topk_idx,
+                        a.topk_weights,
+                        a.num_topk};
+    if (Status s = ForkCopies(peer_buffers, p.c, plan, stream); !s.ok()) {
+      return s;
+    }
+  }
   DispatchKernel<<<static_cast<int>(a.tuning.num_sms), kThreads, 0, stream>>>(p);
-  return Launched("DispatchKernel launch");
+  if (Status s = Launched("DispatchKernel launch"); !s.ok()) return s;
+  return copy_engine ? JoinCopies(peer_buffers, stream) : Status();
 }
 
-Status LaunchCachedDispatch(const runtime::PeerView& buffers,
+Status LaunchCachedDispatch(const runtime::PeerBuffers& peer_buffers,
                             const CachedDispatchArgs& a, cudaStream_t stream) {
   const char* op = "cached dispatch";
+  const runtime::PeerView buffers = peer_buffers.view();
+  const bool copy_engine = a.tuning.copy_engine != 0 && a.num_ranks > 1;
   Common common{buffers};
   if (Status s = Plan(op, a.num_ranks, a.num_tokens, a.capacity, a.tuning,
-                      &common);
+                      !copy_engine, &common);
       !s.ok()) {
     return s;
   }
@@ -969,21 +1100,33 @@ Status LaunchCachedDispatch(const runtime::PeerView& buffers,
   p.recv_row = a.recv_row;
   p.num_recv_tokens = a.num_recv_tokens;
   const int blocks = static_cast<int>(a.tuning.num_sms);
-  StageCached<<<blocks, kThreads, 0, stream>>>(p);
-  if (Status s = Launched("StageCached launch"); !s.ok()) return s;
+  if (!copy_engine) {  // pushers read the destinations' staged recv_row
+    StageCached<<<blocks, kThreads, 0, stream>>>(p);
+    if (Status s = Launched("StageCached launch"); !s.ok()) return s;
+  }
   if (Status s = LaunchBarrier(p.c, Op::kCachedDispatch, stream); !s.ok()) {
     return s;
   }
+  if (copy_engine) {
+    const CopyPlan plan{{p.rows[0], p.rows[1]},
+                        {p.row_bytes[0], p.row_bytes[1]},
+                        /*routing=*/false, nullptr, nullptr, 0};
+    if (Status s = ForkCopies(peer_buffers, p.c, plan, stream); !s.ok()) {
+      return s;
+    }
+  }
   CachedDispatchKernel<<<blocks, kThreads, 0, stream>>>(p);
-  return Launched("CachedDispatchKernel launch");
+  if (Status s = Launched("CachedDispatchKernel launch"); !s.ok()) return s;
+  return copy_engine ? JoinCopies(peer_buffers, stream) : Status();
 }
 
-Status LaunchCombine(const runtime::PeerView& buffers, const CombineArgs& a,
-                     cudaStream_t stream) {
+Status LaunchCombine(const runtime::PeerBuffers& peer_buffers,
+                     const CombineArgs& a, cudaStream_t stream) {
   const char* op = "combine";
+  const runtime::PeerView buffers = peer_buffers.view();
   Common common{buffers};
   if (Status s = Plan(op, a.num_ranks, a.num_tokens, a.capacity, a.tuning,
-                      &common);
+                      /*warps_push=*/true, &common);
       !s.ok()) {
     return s;
   }

@@ -26,9 +26,11 @@ __host__ __device__ inline int PeerSlot(int source, int receiver) {
 //   R - 1 peer slots, slot PeerSlot(s, me) written by rank s only, each:
 //     rows0    [T, row_bytes[0]]   token t's row at t (x, fp8 rows or y)
 //     rows1    [T, row_bytes[1]]   fp8 scales, or empty
-//     row_of   int32[T]            the receiver's row of token t, or M
-//     topk_idx int32[T, K]         token t's experts, local to the receiver
-//     weights  f32[T, K]
+//     row_of   int32[T]            dispatch: t's position among the tokens s
+//                                  sends here (-1: none); combine: t's row
+//                                  at s, or M
+//     topk_idx int32[T, K]         dispatch: token t's expert ids
+//     weights  f32[T, K]           dispatch: token t's weights
 // Sections are 256-byte aligned.
 struct CallLayout {
   int64_t num_tokens;    // T
@@ -97,9 +99,13 @@ inline int64_t RequiredDataBytes(int64_t num_tokens, int64_t num_ranks,
 // How the kernels use the GPU (jax_ep.Config; the autotuner sweeps them).
 struct Tuning {
   int64_t num_sms;       // blocks of the main kernel, 1 per SM
-  int64_t send_warps;    // warps per block (of 32) that push to peers
+  int64_t send_warps;    // warps per block (of 16) that push to peers
   int64_t chunk_tokens;  // tokens per arrival flag; 0 picks one
   int64_t timeout_ns;    // per wait for a peer, then report and trap
+  // Dispatches only: 1 moves every token's row and routing to each peer with
+  // the copy engines (no SM pushes, every warp receives); 0 pushes the
+  // selected rows with `send_warps` warps per block.
+  int64_t copy_engine;
 };
 
 // One fresh dispatch. Device pointers; every rank calls it with the same
@@ -157,11 +163,11 @@ struct CombineArgs {
 // Enqueue a call's kernels on `stream`: no host synchronization, no
 // allocation. InvalidArgument, with nothing enqueued, when the sizes do not
 // fit the buffers or the limits.
-Status LaunchDispatch(const runtime::PeerView& buffers, const DispatchArgs& a,
-                      cudaStream_t stream);
-Status LaunchCachedDispatch(const runtime::PeerView& buffers,
+Status LaunchDispatch(const runtime::PeerBuffers& buffers,
+                      const DispatchArgs& a, cudaStream_t stream);
+Status LaunchCachedDispatch(const runtime::PeerBuffers& buffers,
                             const CachedDispatchArgs& a, cudaStream_t stream);
-Status LaunchCombine(const runtime::PeerView& buffers, const CombineArgs& a,
+Status LaunchCombine(const runtime::PeerBuffers& buffers, const CombineArgs& a,
                      cudaStream_t stream);
 
 }  // namespace jax_ep::intranode

@@ -123,12 +123,31 @@ Status PeerBuffers::Create(int32_t device, int64_t data_bytes, int32_t rank,
       !status.ok()) {
     return status;
   }
+  CopyQueue& queue = buffers->copy_queue_;
+  for (Status status : {
+           Status::FromCuda(cudaStreamCreateWithFlags(&queue.stream,
+                                                      cudaStreamNonBlocking),
+                            "cudaStreamCreate (copy queue)"),
+           Status::FromCuda(cudaEventCreateWithFlags(&queue.fork,
+                                                     cudaEventDisableTiming),
+                            "cudaEventCreate (copy queue)"),
+           Status::FromCuda(cudaEventCreateWithFlags(&queue.join,
+                                                     cudaEventDisableTiming),
+                            "cudaEventCreate (copy queue)")}) {
+    if (!status.ok()) return status;
+  }
   *out = std::move(buffers);
   return Status();
 }
 
 PeerBuffers::~PeerBuffers() {
   DeviceGuard guard(device_);
+  if (copy_queue_.stream != nullptr) {
+    cudaStreamSynchronize(copy_queue_.stream);
+    cudaStreamDestroy(copy_queue_.stream);
+  }
+  if (copy_queue_.fork != nullptr) cudaEventDestroy(copy_queue_.fork);
+  if (copy_queue_.join != nullptr) cudaEventDestroy(copy_queue_.join);
   for (char* mapped : ipc_mapped_) cudaIpcCloseMemHandle(mapped);
   if (base_ != nullptr) cudaFree(base_);
   cudaGetLastError();  // a destructor has nobody to report to

@@ -108,6 +108,15 @@ struct BufferLayout {
   }
 };
 
+// A side stream of the device, for copy-engine transfers into the peers'
+// buffers that overlap the kernels on XLA's stream: `fork` is recorded on
+// XLA's stream and waited for here, `join` the other way round.
+struct CopyQueue {
+  cudaStream_t stream = nullptr;
+  cudaEvent_t fork = nullptr;
+  cudaEvent_t join = nullptr;
+};
+
 // What a kernel needs to reach this rank's and its peers' buffers.
 struct PeerView {
   char* local_base;  // this rank's allocation (device pointer)
@@ -143,6 +152,10 @@ class PeerBuffers {
   char* base() const { return base_; }
   bool is_open() const { return open_; }
   PeerView view() const { return PeerView{base_, layout_, rank_}; }
+  // Rank r's allocation as this device addresses it (host side of the
+  // table the kernels read), once open.
+  char* peer_base(int r) const { return peer_bases_[r]; }
+  const CopyQueue& copy_queue() const { return copy_queue_; }
 
  private:
   friend Status OpenPeerBuffers(int32_t device, const std::vector<Peer>& peers,
@@ -158,6 +171,7 @@ class PeerBuffers {
   std::vector<char*> peer_bases_;      // indexed by rank
   std::vector<char*> ipc_mapped_;      // to close with cudaIpcCloseMemHandle
   bool open_ = false;
+  CopyQueue copy_queue_;
 };
 
 // --- Registry: one PeerBuffers per CUDA device ordinal of this process. ------

@@ -42,6 +42,10 @@ class Config:
       peers (1 to 15); the others receive.
     nvl_chunk: tokens per arrival flag of the intranode kernels (a receiver
       starts on a chunk once its flag is up); 0: automatic.
+    nvl_copy_engine: intranode dispatches move every token's row to each
+      peer with the GPU's copy engines, so no SM pushes and every warp
+      receives; False: `nvl_send_warps` warps per block push the selected
+      rows. Combine always pushes with warps.
     nvl_buffer: tokens held per channel in the NVLink ring buffers.
     rdma_chunk: tokens moved per RDMA flow-control step (internode).
     rdma_buffer: tokens held per channel in the RDMA ring buffers (internode).
@@ -53,6 +57,7 @@ class Config:
   num_sms: int = 24
   nvl_send_warps: int = 4
   nvl_chunk: int = 6
+  nvl_copy_engine: bool = True
   nvl_buffer: int = 256
   rdma_chunk: int = 16
   rdma_buffer: int = 128
@@ -61,7 +66,11 @@ class Config:
     for field in dataclasses.fields(self):
       value = getattr(self, field.name)
       is_int = isinstance(value, int) and not isinstance(value, bool)
-      if field.name == "nvl_chunk":
+      if field.name == "nvl_copy_engine":
+        if not isinstance(value, bool):
+          raise ValueError(
+              f"jax_ep.Config: nvl_copy_engine must be a bool, got {value!r}")
+      elif field.name == "nvl_chunk":
         if not is_int or value < 0:
           raise ValueError(
               "jax_ep.Config: nvl_chunk must be an int >= 0 (0: automatic), "

@@ -107,11 +107,12 @@ class NvlKernels:
   send_warps: int
   chunk_tokens: int
   timeout_s: float
+  copy_engine: bool
 
   def tuning(self) -> dict:
     return dict(buffers=self.buffers, num_sms=self.num_sms,
                 send_warps=self.send_warps, chunk_tokens=self.chunk_tokens,
-                timeout_s=self.timeout_s)
+                timeout_s=self.timeout_s, copy_engine=self.copy_engine)
 
 
 def _ep_groups(mesh: jax.sharding.Mesh, axis_name: str) -> list[list]:
@@ -212,7 +213,7 @@ class Buffer:
             peer_buffers.group_peer_buffers(group, int(num_nvl_bytes)))
       self._nvl = NvlKernels(self._peer_buffers[0], config.num_sms,
                              config.nvl_send_warps, config.nvl_chunk,
-                             float(timeout_s))
+                             float(timeout_s), config.nvl_copy_engine)
 
   @property
   def num_ranks(self) -> int:

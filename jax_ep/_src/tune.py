@@ -33,13 +33,12 @@ from jax_ep._src.cuda import intranode_timing
 SM_SLACK = 0.03
 
 
-def choose(totals: dict[tuple[int, int, int], float]
-           ) -> tuple[dict[int, tuple[int, int, int]], tuple[int, int, int]]:
+def choose(totals: dict[tuple, float]) -> tuple[dict[int, tuple], tuple]:
   """The best tuning per SM count, and the chosen one.
 
   Args:
     totals: score (lower is better) of each (num_sms, send_warps,
-      chunk_tokens).
+      chunk_tokens, copy_engine).
 
   Returns:
     `(best_per_num_sms, chosen)`: the best tuning of each SM count, and the
@@ -58,7 +57,8 @@ def choose(totals: dict[tuple[int, int, int], float]
 
 def tune(devices: Sequence[jax.Device], *, tokens: int, hidden: int,
          topk: int, experts: int, num_sms: Sequence[int],
-         send_warps: Sequence[int], chunks: Sequence[int], calls: int = 10,
+         send_warps: Sequence[int], chunks: Sequence[int],
+         copy_engine: Sequence[bool] = (True, False), calls: int = 10,
          reps: int = 5,
          report: Callable[[dict], None] | None = None) -> dict:
   """Times every tuning on `devices` and returns the tuned-config entry.
@@ -66,7 +66,8 @@ def tune(devices: Sequence[jax.Device], *, tokens: int, hidden: int,
   Args:
     devices: the local GPUs, in rank order, all of one kind.
     tokens, hidden, topk, experts: the shapes timed (T per rank, H, K, E).
-    num_sms, send_warps, chunks: the values swept (every combination).
+    num_sms, send_warps, chunks, copy_engine: the values swept (every
+      combination).
     calls, reps: as `intranode_timing.time_intranode`.
     report: called with each timing record as it is measured.
 
@@ -75,8 +76,9 @@ def tune(devices: Sequence[jax.Device], *, tokens: int, hidden: int,
     `write_tuned_config`; `measured` holds the shapes, the chosen tuning's
     times, one row per tuning and per SM count's best, and every record.
   """
-  tunings = [dict(num_sms=s, send_warps=w, chunk_tokens=c)
-             for s, w, c in itertools.product(num_sms, send_warps, chunks)]
+  tunings = [dict(num_sms=s, send_warps=w, chunk_tokens=c, copy_engine=e)
+             for s, w, c, e in itertools.product(num_sms, send_warps, chunks,
+                                                 copy_engine)]
   records = intranode_timing.time_intranode(
       devices, tokens=tokens, hidden=hidden, topk=topk, experts=experts,
       dtype="bf16", tunings=tunings, reference_too=False,
@@ -94,10 +96,11 @@ def tune(devices: Sequence[jax.Device], *, tokens: int, hidden: int,
                 combine_us=times[key]["combine"],
                 total_us=round(totals[key], 1))
 
-  s, w, c = chosen
+  s, w, c, e = chosen
   return dict(
       device_kind=devices[0].device_kind, num_ranks=len(devices),
-      config=dict(num_sms=s, nvl_send_warps=w, nvl_chunk=c),
+      config=dict(num_sms=s, nvl_send_warps=w, nvl_chunk=c,
+                  nvl_copy_engine=bool(e)),
       measured=dict(
           date=datetime.date.today().isoformat(), jax=jax.__version__,
           tokens=tokens, hidden=hidden, topk=topk, experts=experts,
@@ -116,14 +119,15 @@ def format_table(entry: dict) -> str:
   lines = [f"{entry['device_kind']}, {entry['num_ranks']} GPUs, "
            f"T={measured['tokens']} H={measured['hidden']} "
            f"K={measured['topk']} E={measured['experts']}, bf16 (µs per call)",
-           f"{'num_sms':>7} {'send_warps':>10} {'chunk':>5} {'dispatch':>9} "
-           f"{'combine':>9} {'total':>9}"]
+           f"{'num_sms':>7} {'send_warps':>10} {'chunk':>5} {'copy_eng':>8} "
+           f"{'dispatch':>9} {'combine':>9} {'total':>9}"]
   for r in measured["tunings"]:
     key = tuple(r[f] for f in intranode_timing.TUNING_FIELDS)
     mark = ("  <- chosen" if key == chosen else
             "  <- best for its num_sms" if key in best else "")
     lines.append(f"{r['num_sms']:>7} {r['send_warps']:>10} "
-                 f"{r['chunk_tokens']:>5} {r['dispatch_us']:>9.1f} "
+                 f"{r['chunk_tokens']:>5} {int(r['copy_engine']):>8} "
+                 f"{r['dispatch_us']:>9.1f} "
                  f"{r['combine_us']:>9.1f} {r['total_us']:>9.1f}{mark}")
   return "\n".join(lines)
 
@@ -173,6 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                   help="pushing warps per 16-warp block to try")
   ap.add_argument("--chunks", type=_int_list, default=[0, 1, 2, 4, 8],
                   help="tokens per arrival flag to try (0: automatic)")
+  ap.add_argument("--copy-engine", type=_int_list, default=[1, 0],
+                  help="dispatch by copy engine (1) or pushing warps (0)")
   ap.add_argument("--calls", type=int, default=10,
                   help="chained calls per timed program")
   ap.add_argument("--reps", type=int, default=5,
@@ -195,12 +201,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   def progress(record):
     print(f"{record['op']:>8}: num_sms {record['num_sms']}, send_warps "
-          f"{record['send_warps']}, chunk {record['chunk_tokens']}: "
+          f"{record['send_warps']}, chunk {record['chunk_tokens']}, copy "
+          f"engine {int(record['copy_engine'])}: "
           f"{record['time_us']} µs", file=sys.stderr, flush=True)
 
   entry = tune(gpus, tokens=args.tokens, hidden=args.hidden, topk=args.topk,
                experts=args.experts, num_sms=args.sms,
                send_warps=args.send_warps, chunks=args.chunks,
+               copy_engine=[bool(e) for e in args.copy_engine],
                calls=args.calls, reps=args.reps, report=progress)
   print(format_table(entry))
   write_tuned_config(out, entry)

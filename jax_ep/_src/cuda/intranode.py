@@ -150,7 +150,7 @@ def _check_buffers(op: str, buffers, num_ranks: int, needed: int) -> None:
 
 
 def _tuning(op: str, num_sms: int, send_warps: int, chunk_tokens: int,
-            timeout_s: float) -> dict[str, np.int64]:
+            timeout_s: float, copy_engine: bool) -> dict[str, np.int64]:
   """The kernels' tuning attributes (csrc intranode::Tuning), checked."""
   num_sms = checks.positive_int(op, "num_sms", num_sms)
   send_warps = checks.positive_int(op, "send_warps", send_warps)
@@ -162,9 +162,13 @@ def _tuning(op: str, num_sms: int, send_warps: int, chunk_tokens: int,
                      f"automatic), got {chunk_tokens!r}")
   if not timeout_s > 0:
     raise ValueError(f"jax_ep.{op}: timeout_s must be > 0, got {timeout_s!r}")
+  if not isinstance(copy_engine, (bool, np.bool_)):
+    raise TypeError(f"jax_ep.{op}: copy_engine must be a bool, got "
+                    f"{copy_engine!r}")
   return dict(num_sms=np.int64(num_sms), send_warps=np.int64(send_warps),
               chunk_tokens=np.int64(chunk_tokens),
-              timeout_ns=np.int64(round(timeout_s * 1e9)))
+              timeout_ns=np.int64(round(timeout_s * 1e9)),
+              copy_engine=np.int64(bool(copy_engine)))
 
 
 def _split_rows(op: str, rows) -> tuple[tuple[jax.Array, ...], int]:
@@ -201,7 +205,7 @@ def dispatch(rows, topk_idx: jax.Array, topk_weights: jax.Array | None, *,
              axis_name: str, num_ranks: int, num_experts: int, capacity: int,
              expert_alignment: int, buffers, num_sms: int = DEFAULT_NUM_SMS,
              send_warps: int = DEFAULT_SEND_WARPS, chunk_tokens: int = 0,
-             timeout_s: float = DEFAULT_TIMEOUT_S):
+             timeout_s: float = DEFAULT_TIMEOUT_S, copy_engine: bool = True):
   """Fresh intranode dispatch on the NVLink kernels, per shard.
 
   Same contract and results (bit for bit) as
@@ -224,8 +228,12 @@ def dispatch(rows, topk_idx: jax.Array, topk_weights: jax.Array | None, *,
     send_warps: warps per block (of 16) that push rows to peers; the others
       receive.
     chunk_tokens: tokens per arrival flag (0: about four chunks per pushing
-      warp).
+      warp, or two per receiving warp with the copy engines).
     timeout_s: per wait for a peer, then the kernel reports and traps.
+    copy_engine: move every token's row and routing to each peer with the
+      GPU's copy engines, leaving every warp to receive (no SM pushes; sends
+      all T rows, so best when most tokens go to every peer, as at R=2);
+      else warps push the selected rows.
 
   Returns:
     `(recv_rows, recv_topk_idx int32[M, K], recv_topk_weights f32[M, K] or
@@ -244,7 +252,8 @@ def dispatch(rows, topk_idx: jax.Array, topk_weights: jax.Array | None, *,
   capacity = checks.positive_int(op, "capacity", capacity)
   expert_alignment = checks.positive_int(op, "expert_alignment",
                                          expert_alignment)
-  tuning = _tuning(op, num_sms, send_warps, chunk_tokens, timeout_s)
+  tuning = _tuning(op, num_sms, send_warps, chunk_tokens, timeout_s,
+                   copy_engine)
   row_bytes = [r.shape[1] * r.dtype.itemsize for r in rows] + [0]
   module = _extension(op)
   _check_buffers(op, buffers, num_ranks, module.intranode_data_bytes(
@@ -304,7 +313,8 @@ def cached_dispatch(rows, handle: DispatchHandle, *, axis_name: str, buffers,
                     num_sms: int = DEFAULT_NUM_SMS,
                     send_warps: int = DEFAULT_SEND_WARPS,
                     chunk_tokens: int = 0,
-                    timeout_s: float = DEFAULT_TIMEOUT_S):
+                    timeout_s: float = DEFAULT_TIMEOUT_S,
+                    copy_engine: bool = True):
   """Intranode dispatch that replays `handle`'s routing, per shard (the
   backward of combine): no routing input, no counting.
 
@@ -317,7 +327,8 @@ def cached_dispatch(rows, handle: DispatchHandle, *, axis_name: str, buffers,
       handle's.
     handle: the `DispatchHandle` of a dispatch over the same ranks.
     axis_name: the EP axis (results vary over it).
-    buffers, num_sms, send_warps, chunk_tokens, timeout_s: as `dispatch`.
+    buffers, num_sms, send_warps, chunk_tokens, timeout_s, copy_engine: as
+      `dispatch`.
 
   Returns:
     `recv_rows`, a tuple like `rows` of `M` rows.
@@ -328,7 +339,8 @@ def cached_dispatch(rows, handle: DispatchHandle, *, axis_name: str, buffers,
   if num_tokens != handle.num_tokens:
     raise ValueError(f"jax_ep.{op}: rows have {num_tokens} tokens but the "
                      f"handle was made for {handle.num_tokens}")
-  tuning = _tuning(op, num_sms, send_warps, chunk_tokens, timeout_s)
+  tuning = _tuning(op, num_sms, send_warps, chunk_tokens, timeout_s,
+                   copy_engine)
   row_bytes = [r.shape[1] * r.dtype.itemsize for r in rows] + [0]
   num_ranks, capacity = handle.num_ranks, handle.capacity
   module = _extension(op)
@@ -347,7 +359,8 @@ def combine(y: jax.Array, handle: DispatchHandle, *, axis_name: str, buffers,
             bias: jax.Array | None = None, out_dtype=jnp.float32,
             num_sms: int = DEFAULT_NUM_SMS,
             send_warps: int = DEFAULT_SEND_WARPS, chunk_tokens: int = 0,
-            timeout_s: float = DEFAULT_TIMEOUT_S) -> jax.Array:
+            timeout_s: float = DEFAULT_TIMEOUT_S,
+            copy_engine: bool = True) -> jax.Array:
   """Intranode combine on the NVLink kernels, per shard.
 
   With the defaults, the same result (bit for bit) as
@@ -364,6 +377,8 @@ def combine(y: jax.Array, handle: DispatchHandle, *, axis_name: str, buffers,
     bias: optional `f32[T, C]`.
     out_dtype: `float32` or `y.dtype`.
     num_sms, send_warps, chunk_tokens, timeout_s: as `dispatch`.
+    copy_engine: accepted for a uniform tuning; combine always pushes with
+      warps (the rows an owner needs are not at static places).
   """
   op = "intranode_combine"
   handle = _check_handle(op, handle)
@@ -383,7 +398,8 @@ def combine(y: jax.Array, handle: DispatchHandle, *, axis_name: str, buffers,
   else:
     checks.array(op, "bias", bias, ndim=2, dtypes=(jnp.float32,),
                  shape=(num_tokens, y.shape[1]))
-  tuning = _tuning(op, num_sms, send_warps, chunk_tokens, timeout_s)
+  tuning = _tuning(op, num_sms, send_warps, chunk_tokens, timeout_s,
+                   copy_engine)
   module = _extension(op)
   _check_buffers(op, buffers, num_ranks, module.intranode_data_bytes(
       num_tokens, num_ranks, 0, 0, 0, y.shape[1] * y.dtype.itemsize))

@@ -34,7 +34,7 @@ from jax_ep._src.fp8 import FP8_DTYPE, GROUP, per_token_cast_to_fp8
 from jax_ep._src.reference import normal as reference
 
 OPS = ("dispatch", "cached_dispatch", "combine")
-TUNING_FIELDS = ("num_sms", "send_warps", "chunk_tokens")
+TUNING_FIELDS = ("num_sms", "send_warps", "chunk_tokens", "copy_engine")
 _EP = "ep"
 
 
@@ -55,8 +55,8 @@ def time_intranode(devices: Sequence[jax.Device], *, tokens: int, hidden: int,
     dtype: rows of dispatch and cached dispatch: "bf16" or "fp8" (e4m3 with
       f32 scales, cast outside the timed loop). Combine is always bf16.
     tunings: keyword arguments of the kernels, each a dict of `num_sms`,
-      `send_warps` and `chunk_tokens`; every tuning shares one set of peer
-      buffers.
+      `send_warps`, `chunk_tokens` and `copy_engine`; every tuning shares one
+      set of peer buffers.
     reference_too: time the pure-JAX reference as well (impl "reference").
     ops: which of "dispatch", "cached_dispatch", "combine" to time.
     calls: calls per timed program.
