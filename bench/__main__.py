@@ -30,13 +30,21 @@ def _csv(choices):
   return parse
 
 
+def _ints(text):
+  return [int(v) for v in text.split(",")]
+
+
 def main(argv=None) -> None:
   from jax_ep.launch import initialize  # pylint: disable=g-import-not-at-top
   initialize()
   parser = argparse.ArgumentParser(prog="python -m bench",
                                    description=__doc__.splitlines()[0])
   parser.add_argument("--shape", choices=sorted(SHAPES), default="dsv3")
-  parser.add_argument("--tokens", type=int, help="override tokens per rank")
+  parser.add_argument("--tokens", type=_ints,
+                      help="override tokens per rank; a comma list sweeps")
+  parser.add_argument("--num-sms", type=_ints, default=[None],
+                      help="SM counts to time jax_ep with (comma list; "
+                      "default: the Buffer's config)")
   parser.add_argument("--hidden", type=int, help="override the hidden size")
   parser.add_argument("--impls", type=_csv(_IMPLS), default=list(_IMPLS))
   parser.add_argument("--ops", type=_csv(_OPS), default=list(_OPS))
@@ -52,19 +60,22 @@ def main(argv=None) -> None:
                       "<shape>_r<ranks>.json)")
   args = parser.parse_args(argv)
 
-  shape = SHAPES[args.shape]
-  shape = dataclasses.replace(
-      shape, **{k: v for k, v in (("tokens", args.tokens),
-                                  ("hidden", args.hidden)) if v})
+  base = SHAPES[args.shape]
+  if args.hidden:
+    base = dataclasses.replace(base, hidden=args.hidden)
   mesh = jax.make_mesh((jax.device_count(),), ("ep",))
   impls = list(args.impls)
   if "jax_ep" in impls and jax_ep_backend(mesh) != "cuda":
     impls.remove("jax_ep")  # without kernels it would time the reference twice
   if jax.process_index() == 0:
     harness.print_header()
-  records = normal.run(mesh, shape, impls=impls, dtypes=args.dtypes,
-                       ops=args.ops, seed=args.seed, iters=args.iters,
-                       reps=args.reps, warmup=args.warmup)
+  records = []
+  for tokens in args.tokens or [base.tokens]:
+    shape = dataclasses.replace(base, tokens=tokens)
+    records += normal.run(mesh, shape, impls=impls, dtypes=args.dtypes,
+                          ops=args.ops, seed=args.seed, iters=args.iters,
+                          reps=args.reps, warmup=args.warmup,
+                          num_sms=args.num_sms)
   if jax.process_index() == 0:
     device = harness.device_name().replace(" ", "_")
     out = args.out or (f"bench/results/{datetime.date.today().isoformat()}_"

@@ -114,13 +114,15 @@ def write_records(records: list[Record], path: str) -> None:
 
 def print_header() -> None:
   print(f"{'op':<18}{'impl':<19}{'dtype':<6}{'ranks':>6}{'tokens':>7}"
-        f"{'hidden':>7}{'time_us':>10}{'logical':>9}{'link':>8}", flush=True)
+        f"{'hidden':>7}{'sms':>5}{'time_us':>10}{'logical':>9}{'link':>8}",
+        flush=True)
 
 
 def print_row(r: Record) -> None:
   fmt = lambda v: "-" if v is None else f"{v:.1f}"
+  sms = "-" if r.num_sms is None else str(r.num_sms)
   print(f"{r.op:<18}{r.impl:<19}{r.dtype:<6}{r.ranks:>6}{r.tokens:>7}"
-        f"{r.hidden:>7}{r.time_us:>10.1f}{fmt(r.logical_gbps):>9}"
+        f"{r.hidden:>7}{sms:>5}{r.time_us:>10.1f}{fmt(r.logical_gbps):>9}"
         f"{fmt(r.link_gbps):>8}", flush=True)
 
 

@@ -98,7 +98,9 @@ def _unlead(tree):
 
 
 def run(mesh, shape: Shape, *, impls, dtypes, ops, seed: int, iters: int,
-        reps: int, warmup: int) -> list[harness.Record]:
+        reps: int, warmup: int, num_sms=(None,)) -> list[harness.Record]:
+  """Times every impl and op on one shape; jax_ep once per SM count in
+  `num_sms` (None: the Buffer's default config)."""
   problem = Problem(mesh, shape, seed)
   ranks = problem.ranks
   records = []
@@ -116,7 +118,9 @@ def run(mesh, shape: Shape, *, impls, dtypes, ops, seed: int, iters: int,
 
   api_ops = {"layout": ("get_dispatch_layout",), "dispatch": ("dispatch",),
              "combine": ("combine",), "dispatch_combine": ("dispatch", "combine")}
-  for impl in impls:
+  runs = [(impl, sms) for impl in impls
+          for sms in (num_sms if impl == "jax_ep" else (None,))]
+  for impl, sms in runs:
     if impl == "ragged_all_to_all":
       _run_ragged(problem, ops, record, timing)
       continue
@@ -131,7 +135,8 @@ def run(mesh, shape: Shape, *, impls, dtypes, ops, seed: int, iters: int,
     buffer = jax_ep.Buffer(
         mesh, "ep", backend=impl if impl == "reference" else "cuda",
         num_nvl_bytes=None if impl == "reference" else jax_ep.nvl_buffer_bytes(
-            shape.tokens, shape.hidden, shape.topk, ranks))
+            shape.tokens, shape.hidden, shape.topk, ranks),
+        config=None if sms is None else jax_ep.Config(num_sms=sms))
     num_sms = buffer.config.num_sms if impl == "jax_ep" else None
     gathered = (ranks - 1) * shape.tokens
 

@@ -15,7 +15,6 @@ benchmark therefore times it in one process driving every local GPU.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 

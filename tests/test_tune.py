@@ -47,7 +47,8 @@ def config_file(tmp_path, monkeypatch):
 
 def test_config_defaults():
   config = jax_ep.Config()
-  assert (config.num_sms, config.nvl_send_warps, config.nvl_chunk) == (24, 4, 6)
+  assert (config.num_sms, config.nvl_send_warps, config.nvl_chunk,
+          config.nvl_copy_engine) == (24, 4, 4, False)
 
 
 @pytest.mark.parametrize("warps", [1, 8, 15])
