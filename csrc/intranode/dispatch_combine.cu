@@ -189,16 +189,55 @@ __device__ __forceinline__ void ChunkTokens(const Common& c, int chunk,
 }
 
 // Walks tokens [t0, t1) with a warp: lane i evaluates row_of(t) for the i-th
-// token of each group of 32 (so the loads run in parallel), then body(t, row)
+// token of each group of 32 (so the loads run in parallel), group(base, n,
+// mine) sees the whole group (lane u's row in `mine`), then body(t, row)
 // runs for each token in order with the whole warp (row is warp-uniform).
-template <typename RowOf, typename Body>
+template <typename RowOf, typename Group, typename Body>
 __device__ __forceinline__ void ForEachToken(int t0, int t1, RowOf row_of,
-                                             Body body) {
+                                             Group group, Body body) {
   for (int base = t0; base < t1; base += 32) {
     const int t = base + Lane();
     const int mine = t < t1 ? row_of(t) : 0;
     const int n = min(32, t1 - base);
+    group(base, n, mine);
     for (int u = 0; u < n; ++u) body(base + u, __shfl_sync(kFullMask, mine, u));
+  }
+}
+template <typename RowOf, typename Body>
+__device__ __forceinline__ void ForEachToken(int t0, int t1, RowOf row_of,
+                                             Body body) {
+  ForEachToken(t0, t1, row_of, [](int, int, int) {}, body);
+}
+
+// Moves the top-k entries of a group of n tokens (from ForEachToken: token
+// base + u has row `mine` of lane u; rows equal to `skip` move nothing):
+// lane j of a pass takes entry j % K of token j / K, and a pass issues all
+// its loads before its stores, so the warp waits for memory once per group,
+// not once per token. load(t, k, &id, &weight); store(t, row, k, id, weight).
+template <typename Load, typename Store>
+__device__ __forceinline__ void MoveTopk(int base, int n, int mine, int K,
+                                         int skip, Load load, Store store) {
+  constexpr int kBatch = 4;
+  const int total = n * K;
+  for (int j0 = 0; j0 < total; j0 += 32 * kBatch) {
+    int32_t ids[kBatch];
+    float weights[kBatch];
+    int rows[kBatch];
+#pragma unroll
+    for (int b = 0; b < kBatch; ++b) {
+      const int j = j0 + b * 32 + Lane();
+      rows[b] = __shfl_sync(kFullMask, mine, min(j / K, n - 1));
+      if (j < total && rows[b] != skip) {
+        load(base + j / K, j % K, &ids[b], &weights[b]);
+      }
+    }
+#pragma unroll
+    for (int b = 0; b < kBatch; ++b) {
+      const int j = j0 + b * 32 + Lane();
+      if (j < total && rows[b] != skip) {
+        store(base + j / K, rows[b], j % K, ids[b], weights[b]);
+      }
+    }
   }
 }
 
@@ -335,23 +374,26 @@ __global__ void __launch_bounds__(kThreads) StageDispatch(DispatchParams p) {
   for (int l = threadIdx.x; l < num_local; l += kThreads) out[l] = expert_counts[l];
 }
 
-// Row `row` of recv_topk_idx / recv_topk_weights (lane k < K writes entry
-// k): token t's expert ids from `idx` made local to this rank (else -1) and
-// its weights from `weights` (0 where not local).
-__device__ __forceinline__ void ReceiveTopk(const DispatchParams& p,
-                                            const int32_t* idx,
-                                            const float* weights, int64_t t,
-                                            int row) {
-  const int K = p.num_topk, lane = Lane();
-  if (lane < K) {
-    const int num_local = p.num_local_experts;
-    const int64_t at = t * K + lane;
-    int local = __ldcg(idx + at) - p.c.buffers.rank * num_local;
-    local = (local >= 0 && local < num_local) ? local : -1;
-    p.recv_topk_idx[int64_t{row} * K + lane] = local;
-    p.recv_topk_weights[int64_t{row} * K + lane] =
-        local >= 0 ? __ldcg(weights + at) : 0.0f;
-  }
+// Entry k of row `row` of recv_topk_idx / recv_topk_weights: expert id `id`
+// made local to this rank (else -1) and its weight (0 where not local).
+__device__ __forceinline__ void StoreLocalTopk(const DispatchParams& p, int row,
+                                               int k, int id, float weight) {
+  const int num_local = p.num_local_experts;
+  int local = id - p.c.buffers.rank * num_local;
+  local = (local >= 0 && local < num_local) ? local : -1;
+  const int64_t at = int64_t{row} * p.num_topk + k;
+  p.recv_topk_idx[at] = local;
+  p.recv_topk_weights[at] = local >= 0 ? weight : 0.0f;
+}
+
+// MoveTopk's load from [T, K] arrays `idx` and `weights`.
+__device__ __forceinline__ auto LoadTopk(const int32_t* idx,
+                                         const float* weights, int K) {
+  return [=](int t, int k, int32_t* id, float* weight) {
+    const int64_t at = int64_t{t} * K + k;
+    *id = __ldcg(idx + at);
+    *weight = __ldcg(weights + at);
+  };
 }
 
 // The destination row of token t at rank `dest` (whose rows from this rank
@@ -382,13 +424,17 @@ __device__ void PushDispatchChunk(const DispatchParams& p, int dest, int chunk,
         row_of[t] = positions[t];
         return DestinationRow(p, dest, offset, t);
       },
+      [&](int group, int n, int mine) {
+        MoveTopk(group, n, mine, K, c.capacity,
+                 LoadTopk(p.topk_idx, p.topk_weights, K),
+                 [&](int t, int, int k, int32_t id, float weight) {
+                   const int64_t at = int64_t{t} * K + k;
+                   c.call.topk_idx(base, q)[at] = id;
+                   c.call.weights(base, q)[at] = weight;
+                 });
+      },
       [&](int t, int row) {
         if (row == c.capacity) return;
-        if (Lane() < K) {
-          const int64_t at = int64_t{t} * K + Lane();
-          c.call.topk_idx(base, q)[at] = p.topk_idx[at];
-          c.call.weights(base, q)[at] = p.topk_weights[at];
-        }
         for (int i = 0; i < 2; ++i) {
           const int64_t rb = p.row_bytes[i];
           CopyRow(c.call.rows(base, q, i) + t * rb, p.rows[i] + t * rb, rb);
@@ -408,12 +454,18 @@ __device__ void ReceiveOwnChunk(const DispatchParams& p, int chunk,
       [&](int t) {
         const int row = DestinationRow(p, me, offset, t);
         p.recv_row[int64_t{me} * c.num_tokens + t] = row;
+        if (row < c.capacity) p.src_index[row] = me * c.num_tokens + t;
         return row;
+      },
+      [&](int group, int n, int mine) {
+        MoveTopk(group, n, mine, p.num_topk, c.capacity,
+                 LoadTopk(p.topk_idx, p.topk_weights, p.num_topk),
+                 [&](int, int row, int k, int32_t id, float weight) {
+                   StoreLocalTopk(p, row, k, id, weight);
+                 });
       },
       [&](int t, int row) {
         if (row == c.capacity) return;
-        if (Lane() == 0) p.src_index[row] = me * c.num_tokens + t;
-        ReceiveTopk(p, p.topk_idx, p.topk_weights, t, row);
         for (int i = 0; i < 2; ++i) {
           const int64_t rb = p.row_bytes[i];
           CopyRow(p.recv_rows[i] + row * rb, p.rows[i] + t * rb, rb);
@@ -437,14 +489,19 @@ __device__ void ReceivePeerChunk(const DispatchParams& p, int source,
                             ? offset + position
                             : c.capacity;
         p.recv_row[int64_t{source} * c.num_tokens + t] = row;
+        if (row < c.capacity) p.src_index[row] = source * c.num_tokens + t;
         return row;
+      },
+      [&](int group, int n, int mine) {
+        MoveTopk(group, n, mine, p.num_topk, c.capacity,
+                 LoadTopk(c.call.topk_idx(local, q), c.call.weights(local, q),
+                          p.num_topk),
+                 [&](int, int row, int k, int32_t id, float weight) {
+                   StoreLocalTopk(p, row, k, id, weight);
+                 });
       },
       [&](int t, int row) {
         if (row == c.capacity) return;
-        const int lane = Lane();
-        if (lane == 0) p.src_index[row] = source * c.num_tokens + t;
-        ReceiveTopk(p, c.call.topk_idx(local, q), c.call.weights(local, q), t,
-                    row);
         for (int i = 0; i < 2; ++i) {
           const int64_t rb = p.row_bytes[i];
           CopyRow(p.recv_rows[i] + row * rb, c.call.rows(local, q, i) + t * rb,
@@ -796,17 +853,23 @@ __global__ void __launch_bounds__(kThreads) CombineKernel(CombineParams p) {
     }
     int t0, t1;
     ChunkTokens(c, chunk, &t0, &t1);
-    for (int t = t0; t < t1; ++t) {
-      for (int r = Lane(); r < R; r += 32) {
-        const int q = PeerSlot(r, me);
+    // The rows of `group` tokens at a time, one (token, rank) per lane, so
+    // the warp waits for their loads once per group.
+    const int group = max(1, 32 / R);
+    for (int base = t0; base < t1; base += group) {
+      const int n = min(group, t1 - base);
+      for (int j = Lane(); j < n * R; j += 32) {
+        const int t = base + j / R, r = j % R, q = PeerSlot(r, me);
         const int row = r == me ? KeptRow(p.recv_row[int64_t{me} * T + t], M)
                                 : __ldcg(c.call.row_of(local, q) + t);
-        rows[r] = row == M ? nullptr
+        rows[j] = row == M ? nullptr
                   : r == me ? p.y + row * rb
                             : c.call.rows(local, q, 0) + t * rb;
       }
       __syncwarp();
-      ReduceToken<In, Out>(p, rows, t);
+      for (int u = 0; u < n; ++u) {
+        ReduceToken<In, Out>(p, rows + u * R, base + u);
+      }
       __syncwarp();
     }
   }
