@@ -2,7 +2,8 @@
 
 Left: time per call against tokens per rank, one line per (impl, op, dtype)
 at the default SM count. Right: jax_ep's time against its SM count at the
-largest token count timed. Needs matplotlib (not a dependency of jax_ep).
+token count timed with the most SM counts. Needs matplotlib (not a
+dependency of jax_ep).
 """
 
 from __future__ import annotations
@@ -31,14 +32,19 @@ def main(argv=None) -> None:
 
   by_tokens = collections.defaultdict(list)
   by_sms = collections.defaultdict(list)
-  top_tokens = max(r["tokens"] for r in records)
+  sms_by_tokens = collections.defaultdict(set)
+  for r in records:
+    if r["impl"] == "jax_ep":
+      sms_by_tokens[r["tokens"]].add(r["num_sms"])
+  sweep_tokens = max(sms_by_tokens or [None],
+                     key=lambda t: len(sms_by_tokens.get(t, ())))
   for r in records:
     if r["op"] == "layout":
       continue
     key = f"{r['impl']} {r['op']} {r['dtype']}"
     if r["num_sms"] in (None, default_sms):
       by_tokens[key].append((r["tokens"], r["time_us"]))
-    if r["impl"] == "jax_ep" and r["tokens"] == top_tokens:
+    if r["impl"] == "jax_ep" and r["tokens"] == sweep_tokens:
       by_sms[key].append((r["num_sms"], r["time_us"]))
 
   fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
@@ -54,7 +60,7 @@ def main(argv=None) -> None:
     points.sort()
     right.plot(*zip(*points), marker="o", label=key)
   right.set(xlabel="SMs (jax_ep)", ylabel="µs per call",
-            title=f"jax_ep against its SM budget, {top_tokens} tokens/rank")
+            title=f"jax_ep against its SM budget, {sweep_tokens} tokens/rank")
   right.legend(fontsize=7)
   first = records[0]
   fig.suptitle(f"{first['device']} x{first['ranks']}, H={first['hidden']}, "
