@@ -58,6 +58,38 @@ inline int64_t RowBytes(const ffi::AnyBuffer& b) {
              : 0;
 }
 
+// The row arrays of a dispatch: x [T, C0] and scales [T, C1] (C1 may be 0)
+// in, recv_x [M, C0] and recv_scales [M, C1] of the same types out.
+inline ffi::Error ExpectDispatchRows(std::string_view op,
+                                     const ffi::AnyBuffer& x,
+                                     const ffi::AnyBuffer& scales,
+                                     const ffi::AnyBuffer& recv_x,
+                                     const ffi::AnyBuffer& recv_scales,
+                                     int64_t capacity) {
+  for (auto error : {ExpectRank(op, "x", x.dimensions(), 2),
+                     ExpectRank(op, "scales", scales.dimensions(), 2)}) {
+    if (error.failure()) return error;
+  }
+  const int64_t T = x.dimensions()[0];
+  for (auto error : {
+           ExpectShape(op, "scales", scales.dimensions(),
+                       {T, scales.dimensions()[1]}),
+           ExpectShape(op, "recv_x", recv_x.dimensions(),
+                       {capacity, x.dimensions()[1]}),
+           ExpectShape(op, "recv_scales", recv_scales.dimensions(),
+                       {capacity, scales.dimensions()[1]}),
+       }) {
+    if (error.failure()) return error;
+  }
+  if (recv_x.element_type() != x.element_type() ||
+      recv_scales.element_type() != scales.element_type()) {
+    return ffi::Error::InvalidArgument(
+        std::string(op) + ": recv_x and recv_scales must have the types of "
+                          "x and scales");
+  }
+  return ffi::Error::Success();
+}
+
 inline ffi::Error ToFfiError(const Status& status) {
   switch (status.code()) {
     case StatusCode::kOk:

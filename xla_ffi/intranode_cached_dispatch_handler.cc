@@ -34,7 +34,6 @@ namespace jax_ep {
 namespace {
 
 namespace ffi = ::xla::ffi;
-using ffi_checks::ExpectRank;
 using ffi_checks::ExpectShape;
 
 constexpr char kOp[] = "jax_ep_intranode_cached_dispatch";
@@ -46,30 +45,19 @@ ffi::Error IntranodeCachedDispatchImpl(
     int64_t num_sms, int64_t send_warps, int64_t chunk_tokens,
     int64_t timeout_ns, int64_t copy_engine, ffi::Result<ffi::AnyBuffer> recv_x,
     ffi::Result<ffi::AnyBuffer> recv_scales) {
-  for (auto error : {ExpectRank(kOp, "x", x.dimensions(), 2),
-                     ExpectRank(kOp, "scales", scales.dimensions(), 2)}) {
-    if (error.failure()) return error;
+  const int64_t M = capacity;
+  if (auto e = ffi_checks::ExpectDispatchRows(kOp, x, scales, *recv_x,
+                                              *recv_scales, M);
+      e.failure()) {
+    return e;
   }
   const int64_t T = x.dimensions()[0];
-  const int64_t M = capacity;
   for (auto error : {
-           ExpectShape(kOp, "scales", scales.dimensions(),
-                       {T, scales.dimensions()[1]}),
            ExpectShape(kOp, "recv_row", recv_row.dimensions(), {num_ranks, T}),
            ExpectShape(kOp, "num_recv_tokens", num_recv_tokens.dimensions(),
                        {}),
-           ExpectShape(kOp, "recv_x", recv_x->dimensions(),
-                       {M, x.dimensions()[1]}),
-           ExpectShape(kOp, "recv_scales", recv_scales->dimensions(),
-                       {M, scales.dimensions()[1]}),
        }) {
     if (error.failure()) return error;
-  }
-  if (recv_x->element_type() != x.element_type() ||
-      recv_scales->element_type() != scales.element_type()) {
-    return ffi::Error::InvalidArgument(
-        std::string(kOp) + ": recv_x and recv_scales must have the types of "
-                           "x and scales");
   }
   std::shared_ptr<const runtime::PeerBuffers> buffers;
   if (auto error = ffi_checks::FindPeerBuffers(kOp, device_ordinal, &buffers);

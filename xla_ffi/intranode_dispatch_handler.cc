@@ -66,8 +66,9 @@ ffi::Error IntranodeDispatchImpl(
         ") must be a multiple of num_ranks (" + std::to_string(num_ranks) +
         ")");
   }
-  if (auto e = ExpectRank(kOp, "x", x.dimensions(), 2); e.failure()) return e;
-  if (auto e = ExpectRank(kOp, "scales", scales.dimensions(), 2);
+  const int64_t M = capacity;
+  if (auto e = ffi_checks::ExpectDispatchRows(kOp, x, scales, *recv_x,
+                                              *recv_scales, M);
       e.failure()) {
     return e;
   }
@@ -77,16 +78,9 @@ ffi::Error IntranodeDispatchImpl(
   }
   const int64_t T = x.dimensions()[0];
   const int64_t K = topk_idx.dimensions()[1];
-  const int64_t M = capacity;
   for (auto error : {
-           ExpectShape(kOp, "scales", scales.dimensions(),
-                       {T, scales.dimensions()[1]}),
            ExpectShape(kOp, "topk_idx", topk_idx.dimensions(), {T, K}),
            ExpectShape(kOp, "topk_weights", topk_weights.dimensions(), {T, K}),
-           ExpectShape(kOp, "recv_x", recv_x->dimensions(),
-                       {M, x.dimensions()[1]}),
-           ExpectShape(kOp, "recv_scales", recv_scales->dimensions(),
-                       {M, scales.dimensions()[1]}),
            ExpectShape(kOp, "recv_topk_idx", recv_topk_idx->dimensions(),
                        {M, K}),
            ExpectShape(kOp, "recv_topk_weights",
@@ -101,12 +95,6 @@ ffi::Error IntranodeDispatchImpl(
                        {}),
        }) {
     if (error.failure()) return error;
-  }
-  if (recv_x->element_type() != x.element_type() ||
-      recv_scales->element_type() != scales.element_type()) {
-    return ffi::Error::InvalidArgument(
-        std::string(kOp) + ": recv_x and recv_scales must have the types of "
-                           "x and scales");
   }
   std::shared_ptr<const runtime::PeerBuffers> buffers;
   if (auto error = ffi_checks::FindPeerBuffers(kOp, device_ordinal, &buffers);

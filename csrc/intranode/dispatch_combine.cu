@@ -443,42 +443,21 @@ __device__ void PushDispatchChunk(const DispatchParams& p, int dest, int chunk,
   ReleaseChunk(Arrival(c, base, me, chunk), seq);
 }
 
-__device__ void ReceiveOwnChunk(const DispatchParams& p, int chunk,
-                                int offset) {
-  const Common& c = p.c;
-  const int me = c.buffers.rank;
-  int t0, t1;
-  ChunkTokens(c, chunk, &t0, &t1);
-  ForEachToken(
-      t0, t1,
-      [&](int t) {
-        const int row = DestinationRow(p, me, offset, t);
-        p.recv_row[int64_t{me} * c.num_tokens + t] = row;
-        if (row < c.capacity) p.src_index[row] = me * c.num_tokens + t;
-        return row;
-      },
-      [&](int group, int n, int mine) {
-        MoveTopk(group, n, mine, p.num_topk, c.capacity,
-                 LoadTopk(p.topk_idx, p.topk_weights, p.num_topk),
-                 [&](int, int row, int k, int32_t id, float weight) {
-                   StoreLocalTopk(p, row, k, id, weight);
-                 });
-      },
-      [&](int t, int row) {
-        if (row == c.capacity) return;
-        for (int i = 0; i < 2; ++i) {
-          const int64_t rb = p.row_bytes[i];
-          CopyRow(p.recv_rows[i] + row * rb, p.rows[i] + t * rb, rb);
-        }
-      });
-}
-
-__device__ void ReceivePeerChunk(const DispatchParams& p, int source,
-                                 int chunk, int offset) {
+// Receives chunk `chunk` of rank `source`'s tokens, whose rows start at
+// `offset` here: `positions` (position among the tokens source sends here,
+// or -1), the routing and the rows are this rank's own inputs when source is
+// this rank, else what source wrote into its slot.
+__device__ void ReceiveChunk(const DispatchParams& p, int source, int chunk,
+                             int offset) {
   const Common& c = p.c;
   const int me = c.buffers.rank, q = PeerSlot(source, me);
   char* const local = c.buffers.local_base;
-  const int32_t* positions = c.call.row_of(local, q);
+  const bool own = source == me;
+  const int32_t* positions =
+      own ? c.call.scratch(local) + int64_t{me} * c.num_tokens
+          : c.call.row_of(local, q);
+  const int32_t* topk_idx = own ? p.topk_idx : c.call.topk_idx(local, q);
+  const float* weights = own ? p.topk_weights : c.call.weights(local, q);
   int t0, t1;
   ChunkTokens(c, chunk, &t0, &t1);
   ForEachToken(
@@ -494,8 +473,7 @@ __device__ void ReceivePeerChunk(const DispatchParams& p, int source,
       },
       [&](int group, int n, int mine) {
         MoveTopk(group, n, mine, p.num_topk, c.capacity,
-                 LoadTopk(c.call.topk_idx(local, q), c.call.weights(local, q),
-                          p.num_topk),
+                 LoadTopk(topk_idx, weights, p.num_topk),
                  [&](int, int row, int k, int32_t id, float weight) {
                    StoreLocalTopk(p, row, k, id, weight);
                  });
@@ -504,8 +482,8 @@ __device__ void ReceivePeerChunk(const DispatchParams& p, int source,
         if (row == c.capacity) return;
         for (int i = 0; i < 2; ++i) {
           const int64_t rb = p.row_bytes[i];
-          CopyRow(p.recv_rows[i] + row * rb, c.call.rows(local, q, i) + t * rb,
-                  rb);
+          const char* rows = own ? p.rows[i] : c.call.rows(local, q, i);
+          CopyRow(p.recv_rows[i] + row * rb, rows + t * rb, rb);
         }
       });
 }
@@ -570,14 +548,10 @@ __global__ void __launch_bounds__(kThreads) DispatchKernel(DispatchParams p) {
     PadDispatchRow(p, row);
   }
   for (int i = role.id; i < R * n; i += role.count) {
-    if (i < n) {
-      ReceiveOwnChunk(p, i, offset_from[me]);
-    } else {
-      const int source = OtherRank((i - n) % (R - 1), me);
-      const int chunk = (i - n) / (R - 1);
-      WaitChunk(c, Op::kDispatch, source, chunk, seq);
-      ReceivePeerChunk(p, source, chunk, offset_from[source]);
-    }
+    const int source = i < n ? me : OtherRank((i - n) % (R - 1), me);
+    const int chunk = i < n ? i : (i - n) / (R - 1);
+    if (source != me) WaitChunk(c, Op::kDispatch, source, chunk, seq);
+    ReceiveChunk(p, source, chunk, offset_from[source]);
   }
   if (role.id == 0) {
     if (Lane() == 0) *p.num_recv_tokens = total;
@@ -965,6 +939,25 @@ Status CheckFits(const char* op, const runtime::PeerView& buffers,
   return Status();
 }
 
+// The row arrays a dispatch moves: checks them, lays the call out, and fills
+// the kernels' row pointers.
+Status SetRows(const char* op, const runtime::PeerView& buffers,
+               const void* const rows[2], const int64_t row_bytes[2],
+               void* const recv_rows[2], int64_t num_topk, Common* c,
+               const char* rows_out[2], int64_t row_bytes_out[2],
+               char* recv_rows_out[2]) {
+  if (Status s = CheckRowBytes(op, row_bytes); !s.ok()) return s;
+  c->call = CallLayout{c->num_tokens, c->num_ranks, num_topk,
+                       {row_bytes[0], row_bytes[1]}};
+  if (Status s = CheckFits(op, buffers, c->call); !s.ok()) return s;
+  for (int i = 0; i < 2; ++i) {
+    rows_out[i] = static_cast<const char*>(rows[i]);
+    row_bytes_out[i] = row_bytes[i];
+    recv_rows_out[i] = static_cast<char*>(recv_rows[i]);
+  }
+  return Status();
+}
+
 Status Launched(const char* kernel) {
   return Status::FromCuda(cudaGetLastError(), kernel);
 }
@@ -1099,14 +1092,10 @@ Status LaunchDispatch(const runtime::PeerBuffers& peer_buffers,
                         ", expert_alignment=" +
                         std::to_string(a.expert_alignment));
   }
-  if (Status s = CheckRowBytes(op, a.row_bytes); !s.ok()) return s;
-  p.c.call = CallLayout{a.num_tokens, a.num_ranks, a.num_topk,
-                        {a.row_bytes[0], a.row_bytes[1]}};
-  if (Status s = CheckFits(op, buffers, p.c.call); !s.ok()) return s;
-  for (int i = 0; i < 2; ++i) {
-    p.rows[i] = static_cast<const char*>(a.rows[i]);
-    p.row_bytes[i] = a.row_bytes[i];
-    p.recv_rows[i] = static_cast<char*>(a.recv_rows[i]);
+  if (Status s = SetRows(op, buffers, a.rows, a.row_bytes, a.recv_rows,
+                         a.num_topk, &p.c, p.rows, p.row_bytes, p.recv_rows);
+      !s.ok()) {
+    return s;
   }
   p.topk_idx = a.topk_idx;
   p.topk_weights = a.topk_weights;
@@ -1151,14 +1140,10 @@ Status LaunchCachedDispatch(const runtime::PeerBuffers& peer_buffers,
     return s;
   }
   CachedParams p{common};
-  if (Status s = CheckRowBytes(op, a.row_bytes); !s.ok()) return s;
-  p.c.call = CallLayout{a.num_tokens, a.num_ranks, 0,
-                        {a.row_bytes[0], a.row_bytes[1]}};
-  if (Status s = CheckFits(op, buffers, p.c.call); !s.ok()) return s;
-  for (int i = 0; i < 2; ++i) {
-    p.rows[i] = static_cast<const char*>(a.rows[i]);
-    p.row_bytes[i] = a.row_bytes[i];
-    p.recv_rows[i] = static_cast<char*>(a.recv_rows[i]);
+  if (Status s = SetRows(op, buffers, a.rows, a.row_bytes, a.recv_rows, 0,
+                         &p.c, p.rows, p.row_bytes, p.recv_rows);
+      !s.ok()) {
+    return s;
   }
   p.recv_row = a.recv_row;
   p.num_recv_tokens = a.num_recv_tokens;
