@@ -46,7 +46,10 @@ class Config:
       peer with the GPU's copy engines, so no SM pushes and every warp
       receives; False (the default, faster on 2xH200): `nvl_send_warps` warps
       per block push the selected rows. Combine always pushes with warps.
-    nvl_buffer: tokens held per channel in the NVLink ring buffers.
+    nvl_buffer: tokens per channel of an NVLink ring buffer. The intranode
+      kernels do not use it: their buffer holds a whole call (sized with
+      `nvl_buffer_bytes`), so no sender ever waits for a receiver. It only
+      bounds `nvl_chunk`.
     rdma_chunk: tokens moved per RDMA flow-control step (internode).
     rdma_buffer: tokens held per channel in the RDMA ring buffers (internode).
 
