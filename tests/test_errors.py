@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import jax_ep
+from jax_ep._src import native
 from ep_testing import BF16, Ep, cpu_devices
 
 R, T, H, K, E = 2, 4, 64, 2, 8  # the valid base case, per rank
@@ -502,6 +503,13 @@ def _mesh(n, names=("ep",)):
      "ranks_per_node must be a positive divisor of the EP size 4, got '2'"),
     (dict(ranks_per_node=8), ValueError,
      "ranks_per_node must be a positive divisor of the EP size 4, got 8"),
+    (dict(num_nvl_bytes=-1), ValueError,
+     "jax_ep.Buffer: num_nvl_bytes must be an int >= 0 (see "
+     "jax_ep.nvl_buffer_bytes), got -1"),
+    (dict(num_nvl_bytes=1.5), ValueError,
+     "num_nvl_bytes must be an int >= 0"),
+    (dict(timeout_s=0), ValueError,
+     "jax_ep.Buffer: timeout_s must be > 0, got 0"),
 ])
 def test_buffer_bad_arguments(kwargs, exc, message):
   kwargs = dict(kwargs)
@@ -515,6 +523,50 @@ def test_buffer_node_size_must_be_supported():
       "jax_ep.Buffer: ranks_per_node must be one of (1, 2, 4, 8) when the EP "
       "axis spans several nodes, got 3")):
     jax_ep.Buffer(_mesh(6), "ep", ranks_per_node=3)
+
+
+def test_reference_backend_ignores_num_nvl_bytes():
+  buffer = jax_ep.Buffer(_mesh(2), "ep", backend="reference",
+                         num_nvl_bytes=1 << 20)
+  assert buffer.nvl_kernels("dispatch") is None
+
+
+@pytest.mark.skipif(native.extension() is None,
+                    reason="needs the compiled extension")
+def test_nvl_buffer_bytes_follows_the_slot_layout():
+  # slots of T rows with their routing (position + K ids + K
+  # weights), plus an int32 [R, T] scratch; sections 256-byte aligned.
+  T, H, K = 4096, 7168, 8
+  for R in (1, 2, 8):
+    assert jax_ep.nvl_buffer_bytes(T, H, K, R) == (
+        R * T * 4 + (R - 1) * T * (2 * H + 4 + 8 * K))
+  fp8 = jax_ep.nvl_buffer_bytes(T, H, K, 2, jnp.float8_e4m3fn)
+  assert fp8 < jax_ep.nvl_buffer_bytes(T, H, K, 2)  # combine rows are bf16
+
+
+@pytest.mark.parametrize("tuning,exc,message", [
+    (dict(send_warps=16), ValueError,
+     "jax_ep.intranode_dispatch: send_warps must be below 16 (warps per "
+     "block), got 16"),
+    (dict(send_warps=0), ValueError, "send_warps"),
+    (dict(num_sms=0), ValueError, "num_sms"),
+    (dict(chunk_tokens=-1), ValueError,
+     "jax_ep.intranode_dispatch: chunk_tokens must be an int >= 0 (0: "
+     "automatic), got -1"),
+    (dict(copy_engine="yes"), TypeError,
+     "jax_ep.intranode_dispatch: copy_engine must be a bool, got 'yes'"),
+    (dict(timeout_s=0.0), ValueError,
+     "jax_ep.intranode_dispatch: timeout_s must be > 0, got 0.0"),
+])
+def test_intranode_kernel_tuning_is_checked_at_trace_time(tuning, exc,
+                                                          message):
+  from jax_ep._src.cuda import intranode  # pylint: disable=g-import-not-at-top
+  x = jax.ShapeDtypeStruct((16, 256), jnp.bfloat16)
+  idx = jax.ShapeDtypeStruct((16, 2), jnp.int32)
+  with pytest.raises(exc, match=esc(message)):
+    jax.eval_shape(lambda x, idx: intranode.dispatch(
+        (x,), idx, None, axis_name="ep", num_ranks=2, num_experts=8,
+        capacity=32, expert_alignment=1, buffers=None, **tuning), x, idx)
 
 
 def test_buffer_cuda_backend_on_cpu_is_a_clear_error():
