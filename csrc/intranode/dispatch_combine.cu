@@ -916,6 +916,27 @@ Status Plan(const char* op, int64_t num_ranks, int64_t num_tokens,
   return Status();
 }
 
+// Receivers spin on chunks that pushers in other blocks (on every GPU)
+// release, so every block of the main kernel must be resident at once: one
+// 512-thread block per SM, at most the GPU's SM count.
+Status CheckResident(const char* op, const runtime::PeerBuffers& buffers,
+                     int64_t num_sms) {
+  int sms = 0;
+  if (Status s = Status::FromCuda(
+          cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount,
+                                 buffers.device()),
+          "cudaDeviceGetAttribute (SM count)");
+      !s.ok()) {
+    return s;
+  }
+  if (num_sms > sms) {
+    return Fail(op, "num_sms is " + std::to_string(num_sms) + " but the GPU "
+                    "has " + std::to_string(sms) + " SMs; the kernel needs "
+                    "all its blocks resident at once");
+  }
+  return Status();
+}
+
 Status CheckRowBytes(const char* op, const int64_t* row_bytes) {
   for (int i = 0; i < 2; ++i) {
     if (row_bytes[i] < 0 || row_bytes[i] % 4 != 0) {
@@ -1072,6 +1093,9 @@ Status LaunchDispatch(const runtime::PeerBuffers& peer_buffers,
                       const DispatchArgs& a, cudaStream_t stream) {
   const char* op = "dispatch";
   const runtime::PeerView buffers = peer_buffers.view();
+  if (Status s = CheckResident(op, peer_buffers, a.tuning.num_sms); !s.ok()) {
+    return s;
+  }
   const bool copy_engine = a.tuning.copy_engine != 0 && a.num_ranks > 1;
   Common common{buffers};
   if (Status s = Plan(op, a.num_ranks, a.num_tokens, a.capacity, a.tuning,
@@ -1132,6 +1156,9 @@ Status LaunchCachedDispatch(const runtime::PeerBuffers& peer_buffers,
                             const CachedDispatchArgs& a, cudaStream_t stream) {
   const char* op = "cached dispatch";
   const runtime::PeerView buffers = peer_buffers.view();
+  if (Status s = CheckResident(op, peer_buffers, a.tuning.num_sms); !s.ok()) {
+    return s;
+  }
   const bool copy_engine = a.tuning.copy_engine != 0 && a.num_ranks > 1;
   Common common{buffers};
   if (Status s = Plan(op, a.num_ranks, a.num_tokens, a.capacity, a.tuning,
@@ -1172,6 +1199,9 @@ Status LaunchCombine(const runtime::PeerBuffers& peer_buffers,
                      const CombineArgs& a, cudaStream_t stream) {
   const char* op = "combine";
   const runtime::PeerView buffers = peer_buffers.view();
+  if (Status s = CheckResident(op, peer_buffers, a.tuning.num_sms); !s.ok()) {
+    return s;
+  }
   Common common{buffers};
   if (Status s = Plan(op, a.num_ranks, a.num_tokens, a.capacity, a.tuning,
                       /*warps_push=*/true, &common);
