@@ -35,9 +35,10 @@ class Config:
   """How a communication kernel uses the GPU (DESIGN.md §7).
 
   Attributes:
-    num_sms: streaming multiprocessors a normal kernel may occupy; the rest stay
-      free for the model's compute. Must be even (kernels pair a sender and a
-      receiver block per channel).
+    num_sms: streaming multiprocessors a normal kernel may occupy (one block
+      each, at most the GPU's SM count); the rest stay free for the model's
+      compute. Must be even, as DESIGN.md's configs are (the internode
+      kernels will pair a sender and a receiver block per channel).
     nvl_send_warps: warps of each 16-warp intranode block that push rows to
       peers (1 to 15); the others receive.
     nvl_chunk: tokens per arrival flag of the intranode kernels (a receiver
