@@ -396,16 +396,14 @@ __device__ __forceinline__ auto LoadTopk(const int32_t* idx,
   };
 }
 
-// The destination row of token t at rank `dest` (whose rows from this rank
-// start at `offset`), or M when t is not sent there or falls past capacity.
-__device__ __forceinline__ int DestinationRow(const DispatchParams& p, int dest,
-                                              int offset, int t) {
-  const Common& c = p.c;
-  const int position =
-      c.call.scratch(c.buffers.local_base)[int64_t{dest} * c.num_tokens + t];
-  return position >= 0 && int64_t{offset} + position < c.capacity
+// The row at the destination of a token at `position` among the tokens this
+// source sends there (-1: none), the source's rows starting at `offset`: M
+// when the token is not sent or falls past the capacity.
+__device__ __forceinline__ int DestinationRow(int position, int offset,
+                                              int capacity) {
+  return position >= 0 && int64_t{offset} + position < capacity
              ? offset + position
-             : c.capacity;
+             : capacity;
 }
 
 __device__ void PushDispatchChunk(const DispatchParams& p, int dest, int chunk,
@@ -421,8 +419,9 @@ __device__ void PushDispatchChunk(const DispatchParams& p, int dest, int chunk,
   ForEachToken(
       t0, t1,
       [&](int t) {
-        row_of[t] = positions[t];
-        return DestinationRow(p, dest, offset, t);
+        const int position = positions[t];
+        row_of[t] = position;
+        return DestinationRow(position, offset, c.capacity);
       },
       [&](int group, int n, int mine) {
         MoveTopk(group, n, mine, K, c.capacity,
@@ -463,10 +462,8 @@ __device__ void ReceiveChunk(const DispatchParams& p, int source, int chunk,
   ForEachToken(
       t0, t1,
       [&](int t) {
-        const int position = __ldcg(positions + t);
-        const int row = position >= 0 && int64_t{offset} + position < c.capacity
-                            ? offset + position
-                            : c.capacity;
+        const int row =
+            DestinationRow(__ldcg(positions + t), offset, c.capacity);
         p.recv_row[int64_t{source} * c.num_tokens + t] = row;
         if (row < c.capacity) p.src_index[row] = source * c.num_tokens + t;
         return row;
