@@ -852,12 +852,34 @@ Status Fail(const char* op, const std::string& what) {
   return Status::InvalidArgument(std::string("intranode ") + op + ": " + what);
 }
 
+// Receivers spin on chunks that pushers in other blocks (on every GPU)
+// release, so every block of the main kernel must be resident at once: one
+// 512-thread block per SM, at most the GPU's SM count.
+Status CheckResident(const char* op, const runtime::PeerBuffers& buffers,
+                     int64_t num_sms) {
+  int sms = 0;
+  if (Status s = Status::FromCuda(
+          cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount,
+                                 buffers.device()),
+          "cudaDeviceGetAttribute (SM count)");
+      !s.ok()) {
+    return s;
+  }
+  if (num_sms > sms) {
+    return Fail(op, "num_sms is " + std::to_string(num_sms) + " but the GPU "
+                    "has " + std::to_string(sms) + " SMs; the kernel needs "
+                    "all its blocks resident at once");
+  }
+  return Status();
+}
+
 // Checks the sizes every call shares and cuts the work: fills *c but its
-// buffers (already set) and its layout. `warps_push`: whether warps push to
-// peers (else the copy engines do, or there is no peer).
-Status Plan(const char* op, int64_t num_ranks, int64_t num_tokens,
-            int64_t capacity, const Tuning& tuning, bool warps_push,
-            Common* c) {
+// buffers (already set to `peer_buffers`' view) and its layout.
+// `warps_push`: whether warps push to peers (else the copy engines do, or
+// there is no peer).
+Status Plan(const char* op, const runtime::PeerBuffers& peer_buffers,
+            int64_t num_ranks, int64_t num_tokens, int64_t capacity,
+            const Tuning& tuning, bool warps_push, Common* c) {
   const runtime::PeerView& buffers = c->buffers;
   if (num_ranks != buffers.layout.num_ranks) {
     return Fail(op, "num_ranks is " + std::to_string(num_ranks) +
@@ -878,6 +900,9 @@ Status Plan(const char* op, int64_t num_ranks, int64_t num_tokens,
   if (tuning.num_sms < 1 || tuning.num_sms > 1024) {
     return Fail(op, "num_sms must be in [1, 1024], got " +
                         std::to_string(tuning.num_sms));
+  }
+  if (Status s = CheckResident(op, peer_buffers, tuning.num_sms); !s.ok()) {
+    return s;
   }
   if (tuning.send_warps < 1 || tuning.send_warps >= kWarps) {
     return Fail(op, "send_warps must be in [1, " + std::to_string(kWarps - 1) +
@@ -910,27 +935,6 @@ Status Plan(const char* op, int64_t num_ranks, int64_t num_tokens,
   c->chunk_tokens = static_cast<int>(chunk);
   c->num_chunks = static_cast<int>((num_tokens + chunk - 1) / chunk);
   c->timeout_ns = tuning.timeout_ns;
-  return Status();
-}
-
-// Receivers spin on chunks that pushers in other blocks (on every GPU)
-// release, so every block of the main kernel must be resident at once: one
-// 512-thread block per SM, at most the GPU's SM count.
-Status CheckResident(const char* op, const runtime::PeerBuffers& buffers,
-                     int64_t num_sms) {
-  int sms = 0;
-  if (Status s = Status::FromCuda(
-          cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount,
-                                 buffers.device()),
-          "cudaDeviceGetAttribute (SM count)");
-      !s.ok()) {
-    return s;
-  }
-  if (num_sms > sms) {
-    return Fail(op, "num_sms is " + std::to_string(num_sms) + " but the GPU "
-                    "has " + std::to_string(sms) + " SMs; the kernel needs "
-                    "all its blocks resident at once");
-  }
   return Status();
 }
 
@@ -1090,13 +1094,10 @@ Status LaunchDispatch(const runtime::PeerBuffers& peer_buffers,
                       const DispatchArgs& a, cudaStream_t stream) {
   const char* op = "dispatch";
   const runtime::PeerView buffers = peer_buffers.view();
-  if (Status s = CheckResident(op, peer_buffers, a.tuning.num_sms); !s.ok()) {
-    return s;
-  }
   const bool copy_engine = a.tuning.copy_engine != 0 && a.num_ranks > 1;
   Common common{buffers};
-  if (Status s = Plan(op, a.num_ranks, a.num_tokens, a.capacity, a.tuning,
-                      !copy_engine, &common);
+  if (Status s = Plan(op, peer_buffers, a.num_ranks, a.num_tokens,
+                      a.capacity, a.tuning, !copy_engine, &common);
       !s.ok()) {
     return s;
   }
@@ -1153,13 +1154,10 @@ Status LaunchCachedDispatch(const runtime::PeerBuffers& peer_buffers,
                             const CachedDispatchArgs& a, cudaStream_t stream) {
   const char* op = "cached dispatch";
   const runtime::PeerView buffers = peer_buffers.view();
-  if (Status s = CheckResident(op, peer_buffers, a.tuning.num_sms); !s.ok()) {
-    return s;
-  }
   const bool copy_engine = a.tuning.copy_engine != 0 && a.num_ranks > 1;
   Common common{buffers};
-  if (Status s = Plan(op, a.num_ranks, a.num_tokens, a.capacity, a.tuning,
-                      !copy_engine, &common);
+  if (Status s = Plan(op, peer_buffers, a.num_ranks, a.num_tokens,
+                      a.capacity, a.tuning, !copy_engine, &common);
       !s.ok()) {
     return s;
   }
@@ -1196,12 +1194,9 @@ Status LaunchCombine(const runtime::PeerBuffers& peer_buffers,
                      const CombineArgs& a, cudaStream_t stream) {
   const char* op = "combine";
   const runtime::PeerView buffers = peer_buffers.view();
-  if (Status s = CheckResident(op, peer_buffers, a.tuning.num_sms); !s.ok()) {
-    return s;
-  }
   Common common{buffers};
-  if (Status s = Plan(op, a.num_ranks, a.num_tokens, a.capacity, a.tuning,
-                      /*warps_push=*/true, &common);
+  if (Status s = Plan(op, peer_buffers, a.num_ranks, a.num_tokens,
+                      a.capacity, a.tuning, /*warps_push=*/true, &common);
       !s.ok()) {
     return s;
   }
