@@ -64,11 +64,17 @@ def _host_ids() -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(own)).reshape(-1)
 
 
-def _ep_devices(mesh: jax.sharding.Mesh, axis_name: str) -> list[jax.Device]:
-  """Devices of the EP ranks, in rank order, along the first other-axis row."""
+def _ep_groups(mesh: jax.sharding.Mesh, axis_name: str) -> list[list]:
+  """Every EP group's devices in rank order (one group per other-axis index)."""
   axis = mesh.axis_names.index(axis_name)
-  row = np.moveaxis(mesh.devices, axis, 0).reshape(mesh.devices.shape[axis], -1)
-  return list(row[:, 0])
+  rows = np.moveaxis(mesh.devices, axis, -1).reshape(
+      -1, mesh.devices.shape[axis])
+  return [list(row) for row in rows]
+
+
+def _ep_devices(mesh: jax.sharding.Mesh, axis_name: str) -> list[jax.Device]:
+  """Devices of the EP ranks, in rank order, of the first EP group."""
+  return _ep_groups(mesh, axis_name)[0]
 
 
 def _topology(mesh, axis_name, ranks_per_node) -> Topology:
@@ -113,13 +119,6 @@ class NvlKernels:
     return dict(buffers=self.buffers, num_sms=self.num_sms,
                 send_warps=self.send_warps, chunk_tokens=self.chunk_tokens,
                 timeout_s=self.timeout_s, copy_engine=self.copy_engine)
-
-
-def _ep_groups(mesh: jax.sharding.Mesh, axis_name: str) -> list[list]:
-  """Every EP group's devices in rank order (one group per other-axis index)."""
-  axis = mesh.axis_names.index(axis_name)
-  rows = np.moveaxis(mesh.devices, axis, -1).reshape(-1, mesh.devices.shape[axis])
-  return [list(row) for row in rows]
 
 
 def _resolve_backend(backend: str, devices: list[jax.Device]) -> str:
