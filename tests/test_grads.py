@@ -151,7 +151,6 @@ def test_combine_vjp_is_cached_dispatch(seed, num_ranks, bias_dtype):
   idx = routing(rng, num_ranks, shape.tokens, shape.topk, shape.experts,
                 "hot")
   x = normal(rng, (num_ranks, shape.tokens, shape.hidden), BF16)
-  routes = dm.dispatch([x], idx, None, num_experts=shape.experts, capacity=6)
   y = normal(rng, (num_ranks, 6, shape.hidden), BF16)
   w = weights(rng, (num_ranks, 6, shape.topk))
   b = normal(rng, x.shape, bias_dtype)
