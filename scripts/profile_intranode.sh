@@ -49,7 +49,8 @@ rows = [r for r in csv.DictReader(
 times = collections.defaultdict(list)
 for r in rows:
   name = r["Kernel Name"].split("(")[0].split("::")[-1]
-  scale = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3}[r["Metric Unit"]]
+  scale = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0,
+           "ms": 1e3, "msecond": 1e3}[r["Metric Unit"]]
   times[name].append(float(r["Metric Value"].replace(",", "")) * scale)
 for name, ts in sorted(times.items()):
   print(f"{name:<40} {len(ts):>4} launches, median {statistics.median(ts):9.1f} us")

@@ -1,15 +1,25 @@
 """One dispatch, cached dispatch and combine on the intranode kernels, small,
-for compute-sanitizer (one process over the visible GPUs, R = their count):
+for compute-sanitizer. R is the number of GPUs of the run:
 
-    compute-sanitizer --tool memcheck python3 scripts/sanitize_intranode.py
-    compute-sanitizer --tool racecheck python3 scripts/sanitize_intranode.py
+    compute-sanitizer --tool memcheck --report-api-errors no \
+        python3 scripts/sanitize_intranode.py
+    python3 -m jax_ep.launch -n 2 -- compute-sanitizer --tool racecheck \
+        python3 scripts/sanitize_intranode.py --ways push
+
+memcheck runs in one process over every GPU. racecheck serializes a process's
+kernels, so a rank's kernel that waits for a peer in the same process would
+wait forever: run it one process per GPU, and on the push way only (the
+copy-engine way's flag kernel runs beside the main kernel on a side stream).
+`--report-api-errors no` hides the cudaErrorPeerAccessAlreadyEnabled that
+enabling peer access returns when XLA did it first; it is expected.
 
 Random routing with -1 entries and a capacity below the received rows, so
-padding, drops and every path of the kernels run; both ways of moving rows.
+padding, drops and every path of the kernels run.
 """
 
 from __future__ import annotations
 
+import argparse
 import pathlib
 import sys
 
@@ -20,28 +30,39 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+import jax_ep.launch
 from jax_ep._src.cuda import intranode, peer_buffers
 
 EP = "ep"
 
 
 def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--ways", choices=("push", "both"), default="both",
+                      help="push only, or push and the copy engine")
+  args = parser.parse_args()
+  jax_ep.launch.initialize()
   gpus = jax.devices("gpu")
   R, T, H, K, E = len(gpus), 64, 256, 4, 8 * len(gpus)
   mesh = Mesh(np.array(gpus), (EP,))
-  rng = np.random.default_rng(0)
-  idx = rng.integers(-1, E, (R * T, K)).astype(np.int32)
-  put = lambda a: jax.device_put(a, NamedSharding(mesh, P(EP)))
-  x = put(jnp.asarray(rng.standard_normal((R * T, H)), jnp.bfloat16))
+  rng = np.random.default_rng(0)  # the same inputs on every process
+
+  def put(a):
+    sharding = NamedSharding(mesh, P(EP))
+    return jax.make_array_from_callback(a.shape, sharding, lambda i: a[i])
+
+  x = put(np.asarray(rng.standard_normal((R * T, H)), jnp.bfloat16))
+  idx = put(rng.integers(-1, E, (R * T, K)).astype(np.int32))
   w = put(rng.random((R * T, K)).astype(np.float32))
   buffers = peer_buffers.create_peer_buffers(
       gpus, intranode.intranode_buffer_bytes(T, H, K, R))
   kw = dict(axis_name=EP, num_ranks=R, num_experts=E, capacity=R * T * 3 // 4,
             expert_alignment=4, buffers=buffers, num_sms=4, chunk_tokens=5)
+  ways = (False,) if args.ways == "push" else (False, True)
 
   def per_shard(x, idx, w):
     outs = []
-    for copy_engine in (False, True):
+    for copy_engine in ways:
       rows, _, _, _, h = intranode.dispatch((x,), idx, w, **kw,
                                             copy_engine=copy_engine)
       back = intranode.cached_dispatch((x,), h, axis_name=EP, buffers=buffers,
@@ -52,12 +73,15 @@ def main() -> None:
     return tuple(outs)
 
   out = jax.jit(jax.shard_map(per_shard, mesh=mesh, in_specs=P(EP),
-                              out_specs=P(EP)))(x, put(idx), w)
+                              out_specs=P(EP)))(x, idx, w)
   jax.block_until_ready(out)
-  same = all(np.array_equal(np.asarray(a), np.asarray(b))
-             for a, b in zip(out[:3], out[3:]))
+  local = [[np.asarray(s.data) for s in a.addressable_shards] for a in out]
+  same = all(all(np.array_equal(p, q) for p, q in zip(a, b))
+             for a, b in zip(local[:3], local[3:]))
   buffers.close()
-  print(f"sanitize_intranode: R={R} done; both ways agree: {same}", flush=True)
+  print(f"sanitize_intranode: R={R}, process {jax.process_index()} done; "
+        f"ways {args.ways}" + (f", both agree: {same}" if len(ways) > 1 else ""),
+        flush=True)
 
 
 if __name__ == "__main__":
