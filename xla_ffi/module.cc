@@ -31,7 +31,12 @@ NB_MODULE(_jax_ep, m) {
     targets["jax_ep_intranode_cached_dispatch"] =
         Capsule(JaxEpIntranodeCachedDispatch);
     targets["jax_ep_intranode_combine"] = Capsule(JaxEpIntranodeCombine);
+    targets["jax_ep_ll_dispatch_send"] = Capsule(JaxEpLowLatencyDispatchSend);
+    targets["jax_ep_ll_dispatch_recv"] = Capsule(JaxEpLowLatencyDispatchRecv);
+    targets["jax_ep_ll_combine_send"] = Capsule(JaxEpLowLatencyCombineSend);
+    targets["jax_ep_ll_combine_recv"] = Capsule(JaxEpLowLatencyCombineRecv);
     return targets;
   });
   jax_ep::BindPeerBuffers(m);
+  jax_ep::BindNvshmem(m);
 }

@@ -17,6 +17,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from jax_ep._src import checks
+from jax_ep._src.cuda import low_latency as cuda_ll
+from jax_ep._src.cuda.low_latency import LlKernels
 from jax_ep._src.fp8 import check_fp8_hidden
 from jax_ep._src.handles import LowLatencyDispatched, LowLatencyHandle
 from jax_ep._src.nograd import no_gradient
@@ -50,39 +52,64 @@ class RecvHook:
 
 
 @dataclasses.dataclass(frozen=True)
-class _DispatchReceive:
+class _DispatchSend:
+  """The send half: on the kernels when `kernels` is set, else the reference.
+  Its result, the pending value of a hook, is the kernels' ticket or the
+  reference's gathered rows."""
   axis_name: str
   num_ranks: int
   num_experts: int
   max_tokens: int
   use_fp8: bool
-
-  def __call__(self, pending) -> LowLatencyDispatched:
-    recv, count, handle = reference.dispatch_receive(
-        pending, axis_name=self.axis_name, num_ranks=self.num_ranks,
-        num_experts=self.num_experts, max_tokens=self.max_tokens)
-    return LowLatencyDispatched(recv[0], recv[1] if self.use_fp8 else None,
-                                count, handle)
-
-
-@dataclasses.dataclass(frozen=True)
-class _DispatchSend:
-  axis_name: str
-  use_fp8: bool
   round_scale: bool
   use_ue8m0: bool
+  kernels: LlKernels | None
 
   def __call__(self, x, topk_idx):
+    if self.kernels is not None:
+      return cuda_ll.dispatch_send(
+          x, topk_idx, num_ranks=self.num_ranks, num_experts=self.num_experts,
+          max_tokens=self.max_tokens, use_fp8=self.use_fp8,
+          round_scale=self.round_scale or self.use_ue8m0,
+          kernels=self.kernels)
     return reference.dispatch_send(
         x, topk_idx, axis_name=self.axis_name, use_fp8=self.use_fp8,
         round_scale=self.round_scale, use_ue8m0=self.use_ue8m0)
+
+
+@dataclasses.dataclass(frozen=True)
+class _DispatchReceive:
+  send: _DispatchSend
+  num_tokens: int
+  num_topk: int
+  hidden: int
+  zero_padding: bool
+
+  def __call__(self, pending) -> LowLatencyDispatched:
+    s = self.send
+    if s.kernels is not None:
+      x, scales, count, src_index, slot = cuda_ll.dispatch_recv(
+          pending, axis_name=s.axis_name, num_ranks=s.num_ranks,
+          num_experts=s.num_experts, max_tokens=s.max_tokens,
+          num_tokens=self.num_tokens, num_topk=self.num_topk,
+          hidden=self.hidden, use_fp8=s.use_fp8, use_ue8m0=s.use_ue8m0,
+          zero_padding=self.zero_padding, kernels=s.kernels)
+      handle = LowLatencyHandle(src_index, slot, s.num_ranks, s.num_experts,
+                                s.max_tokens, self.num_tokens, self.hidden)
+      return LowLatencyDispatched(x, scales, count, handle)
+    recv, count, handle = reference.dispatch_receive(
+        pending, axis_name=s.axis_name, num_ranks=s.num_ranks,
+        num_experts=s.num_experts, max_tokens=s.max_tokens)
+    return LowLatencyDispatched(recv[0], recv[1] if s.use_fp8 else None,
+                                count, handle)
 
 
 def low_latency_dispatch(buffer: Buffer, x: jax.Array, topk_idx: jax.Array, *,
                          num_max_dispatch_tokens_per_rank: int,
                          num_experts: int, use_fp8: bool = True,
                          round_scale: bool = False, use_ue8m0: bool = False,
-                         return_recv_hook: bool = False):
+                         return_recv_hook: bool = False,
+                         zero_padding: bool = True):
   """Sends one row per (token, expert) into that expert's slots.
 
   Call inside `jax.shard_map` over `buffer.axis_name`; shapes are per rank.
@@ -101,6 +128,10 @@ def low_latency_dispatch(buffer: Buffer, x: jax.Array, topk_idx: jax.Array, *,
       H must be a multiple of 512).
     return_recv_hook: return a `RecvHook` instead of the result; the result
       comes from calling it (not differentiable).
+    zero_padding: zero the rows (and scales) past each expert's count. With
+      False the kernels leave them as they were, which saves writing all
+      `E * Tmax` rows per call (most of them padding); the reference always
+      zeros.
 
   Returns:
     a `LowLatencyDispatched`, or a `RecvHook` that returns one. Differentiable
@@ -126,10 +157,13 @@ def low_latency_dispatch(buffer: Buffer, x: jax.Array, topk_idx: jax.Array, *,
   elif round_scale or use_ue8m0:
     raise ValueError(
         f"jax_ep.{op}: round_scale and use_ue8m0 need use_fp8=True")
-  buffer.uses_kernel(op)
-  send = _DispatchSend(buffer.axis_name, use_fp8, round_scale, use_ue8m0)
-  receive = _DispatchReceive(buffer.axis_name, num_ranks, num_experts,
-                             max_tokens, use_fp8)
+  if not isinstance(zero_padding, bool):
+    raise TypeError(
+        f"jax_ep.{op}: zero_padding must be a bool, got {zero_padding!r}")
+  send = _DispatchSend(buffer.axis_name, num_ranks, num_experts, max_tokens,
+                       use_fp8, round_scale, use_ue8m0, buffer.ll_kernels(op))
+  receive = _DispatchReceive(send, num_tokens, topk_idx.shape[1], hidden,
+                             zero_padding)
   if return_recv_hook:
     x = no_gradient(x, _HOOK_NO_GRAD.format(op=op))
     return RecvHook(send(x, topk_idx), receive)
@@ -154,8 +188,8 @@ def _ll_dispatch_bwd(send, receive, residual, g):
   handle, topk_idx = residual
   if send.use_fp8:  # no_gradient has refused any gradient that needs this
     return None, None
-  d_x = _weighted_combine(send.axis_name, g.x, topk_idx,
-                          _first_selections(topk_idx), handle)
+  d_x = _weighted_combine(_Combine(send.axis_name, send.kernels), g.x,
+                          topk_idx, _first_selections(topk_idx), handle)
   return d_x, None
 
 
@@ -170,18 +204,40 @@ def _first_selections(topk_idx):
   return (~repeated).astype(jnp.float32)
 
 
-def _weighted_combine(axis_name, y, topk_idx, topk_weights, handle):
-  partials = reference.combine_send(y, topk_idx, topk_weights, handle,
-                                    axis_name=axis_name)
-  return reference.combine_receive(partials, y.dtype)
-
-
 @dataclasses.dataclass(frozen=True)
-class _CombineReceive:
-  dtype: Any
+class _Combine:
+  """Both halves of a combine: on the kernels when `kernels` is set, else the
+  reference. The pending value is `(ticket, topk_idx, topk_weights)` on the
+  kernels, the reference's per-rank partial sums otherwise."""
+  axis_name: str
+  kernels: LlKernels | None
+  zero_copy: bool = False
 
-  def __call__(self, pending):
-    return reference.combine_receive(pending, self.dtype)
+  def send(self, y, topk_idx, topk_weights, handle):
+    if self.kernels is None:
+      return reference.combine_send(y, topk_idx, topk_weights, handle,
+                                    axis_name=self.axis_name)
+    ticket = cuda_ll.combine_send(
+        y, handle.src_index, num_ranks=handle.num_ranks,
+        num_experts=handle.num_experts, max_tokens=handle.max_tokens,
+        zero_copy=self.zero_copy, kernels=self.kernels)
+    return ticket, topk_idx, topk_weights, handle
+
+  def receive(self, pending):
+    if self.kernels is None:
+      return reference.combine_receive(pending, jnp.bfloat16)
+    ticket, topk_idx, topk_weights, handle = pending
+    return cuda_ll.combine_recv(
+        ticket, topk_idx, topk_weights, axis_name=self.axis_name,
+        num_ranks=handle.num_ranks, num_experts=handle.num_experts,
+        max_tokens=handle.max_tokens, hidden=handle.hidden,
+        kernels=self.kernels)
+
+  __call__ = receive
+
+
+def _weighted_combine(combine: _Combine, y, topk_idx, topk_weights, handle):
+  return combine.receive(combine.send(y, topk_idx, topk_weights, handle))
 
 
 def low_latency_combine(buffer: Buffer, y: jax.Array, topk_idx: jax.Array,
@@ -222,29 +278,27 @@ def low_latency_combine(buffer: Buffer, y: jax.Array, topk_idx: jax.Array,
     raise ValueError(f"jax_ep.{op}: topk_weights is required")
   if not isinstance(zero_copy, bool):
     raise TypeError(f"jax_ep.{op}: zero_copy must be a bool, got {zero_copy!r}")
-  buffer.uses_kernel(op)
+  combine = _Combine(buffer.axis_name, buffer.ll_kernels(op), zero_copy)
   if return_recv_hook:
     y, topk_weights = no_gradient((y, topk_weights), _HOOK_NO_GRAD.format(op=op))
-    pending = reference.combine_send(y, topk_idx, topk_weights, handle,
-                                     axis_name=buffer.axis_name)
-    return RecvHook(pending, _CombineReceive(jnp.dtype(y.dtype)))
-  return _ll_combine(buffer.axis_name, y, topk_idx, topk_weights, handle)
+    return RecvHook(combine.send(y, topk_idx, topk_weights, handle), combine)
+  return _ll_combine(combine, y, topk_idx, topk_weights, handle)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _ll_combine(axis_name, y, topk_idx, topk_weights, handle):
-  return _weighted_combine(axis_name, y, topk_idx, topk_weights, handle)
+def _ll_combine(combine, y, topk_idx, topk_weights, handle):
+  return _weighted_combine(combine, y, topk_idx, topk_weights, handle)
 
 
-def _ll_combine_fwd(axis_name, y, topk_idx, topk_weights, handle):
-  out = _ll_combine(axis_name, y, topk_idx, topk_weights, handle)
+def _ll_combine_fwd(combine, y, topk_idx, topk_weights, handle):
+  out = _ll_combine(combine, y, topk_idx, topk_weights, handle)
   return out, (y, topk_idx, topk_weights, handle)
 
 
-def _ll_combine_bwd(axis_name, residual, g):
+def _ll_combine_bwd(combine, residual, g):
   y, topk_idx, topk_weights, handle = residual
   d_y, d_weights = reference.combine_grads(g, y, topk_idx, topk_weights,
-                                           handle, axis_name=axis_name)
+                                           handle, axis_name=combine.axis_name)
   return d_y, None, d_weights, None
 
 

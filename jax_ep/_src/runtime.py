@@ -28,9 +28,13 @@ Backend = Literal["auto", "cuda", "reference"]
 _BACKENDS = ("auto", "cuda", "reference")
 _NODE_SIZES = (1, 2, 4, 8)
 # Ops with a CUDA kernel; on the "cuda" backend the others run the reference.
-KERNEL_OPS = frozenset({"get_dispatch_layout", "dispatch", "combine"})
+KERNEL_OPS = frozenset({"get_dispatch_layout", "dispatch", "combine",
+                        "low_latency_dispatch", "low_latency_combine"})
 # Ops that need the NVLink peer buffers (num_nvl_bytes) on the "cuda" backend.
 NVL_OPS = frozenset({"dispatch", "combine"})
+# Ops that need the NVSHMEM heap (num_ll_bytes) on the "cuda" backend.
+LL_OPS = frozenset({"low_latency_dispatch", "low_latency_combine"})
+_LL_TRANSPORTS = ("auto", "put")
 DEFAULT_TIMEOUT_S = 100.0
 
 
@@ -167,6 +171,14 @@ class Buffer:
       the EP axis is on one host; ignored by the reference backend. Allocated
       here, collectively, outside JAX's memory pool: leave room with
       `XLA_PYTHON_CLIENT_MEM_FRACTION` (the error says so when it lacks).
+    num_ll_bytes: size of the NVSHMEM symmetric heap of the low-latency
+      kernels; `jax_ep.ll_buffer_bytes(...)` computes it from the largest
+      shapes you will run. Needed by the low-latency ops on the "cuda"
+      backend, which run one process per GPU. Allocated here, collectively,
+      outside JAX's memory pool (JAX's default 75% leaves room on 80 GB GPUs).
+    ll_transport: "auto" writes to peers that NVLink reaches with plain
+      stores and uses NVSHMEM puts for the others; "put" uses puts for every
+      peer (to test that path on one host).
     timeout_s: how long a kernel waits for a peer rank before it prints the
       rank and phase and fails (instead of hanging).
   """
@@ -175,6 +187,8 @@ class Buffer:
                backend: Backend = "auto", config: Config | None = None,
                ranks_per_node: int | None = None,
                num_nvl_bytes: int | None = None,
+               num_ll_bytes: int | None = None,
+               ll_transport: str = "auto",
                timeout_s: float = DEFAULT_TIMEOUT_S):
     if axis_name not in mesh.axis_names:
       raise ValueError(
@@ -196,13 +210,22 @@ class Buffer:
     if not timeout_s > 0:
       raise ValueError(
           f"jax_ep.Buffer: timeout_s must be > 0, got {timeout_s!r}")
-    if num_nvl_bytes is not None and (
-        not isinstance(num_nvl_bytes, (int, np.integer)) or num_nvl_bytes < 0):
+    for name, value in (("num_nvl_bytes", num_nvl_bytes),
+                        ("num_ll_bytes", num_ll_bytes)):
+      if value is not None and (
+          not isinstance(value, (int, np.integer)) or value < 0):
+        raise ValueError(
+            f"jax_ep.Buffer: {name} must be an int >= 0 (see "
+            f"jax_ep.{name[4:-6]}_buffer_bytes), got {value!r}")
+    if ll_transport not in _LL_TRANSPORTS:
       raise ValueError(
-          "jax_ep.Buffer: num_nvl_bytes must be an int >= 0 (see "
-          f"jax_ep.nvl_buffer_bytes), got {num_nvl_bytes!r}")
+          f"jax_ep.Buffer: ll_transport must be one of {_LL_TRANSPORTS}, got "
+          f"{ll_transport!r}")
     self.num_nvl_bytes = num_nvl_bytes
+    self.num_ll_bytes = num_ll_bytes
     self._nvl: NvlKernels | None = None
+    self._ll = None
+    self._heap = None
     self._peer_buffers = []
     if (self.backend == "cuda" and num_nvl_bytes
         and self.topology.num_nodes == 1):
@@ -213,6 +236,16 @@ class Buffer:
       self._nvl = NvlKernels(self._peer_buffers[0], config.num_sms,
                              config.nvl_send_warps, config.nvl_chunk,
                              float(timeout_s), config.nvl_copy_engine)
+    if self.backend == "cuda" and num_ll_bytes:
+      from jax_ep._src.cuda import low_latency, nvshmem  # pylint: disable=g-import-not-at-top
+      groups = _ep_groups(mesh, axis_name)
+      if len(groups) > 1:
+        raise ValueError(
+            "jax_ep.Buffer: the low-latency kernels (num_ll_bytes) support "
+            f"one EP group per job; the mesh has {len(groups)} along the "
+            "other axes")
+      self._heap = nvshmem.open_heap(groups[0], int(num_ll_bytes))
+      self._ll = low_latency.LlKernels(ll_transport == "put", float(timeout_s))
 
   @property
   def num_ranks(self) -> int:
@@ -239,7 +272,8 @@ class Buffer:
     """Whether `op` runs a CUDA kernel; warns once when CUDA must fall back.
 
     Raises:
-      ValueError: `op` needs the NVLink buffers and the Buffer has none.
+      ValueError: `op` needs the NVLink buffers or the NVSHMEM heap and the
+        Buffer has none.
     """
     if self.backend != "cuda":
       return False
@@ -252,6 +286,11 @@ class Buffer:
             f"jax_ep.{op} on the cuda backend needs the NVLink buffers: create "
             "the Buffer with num_nvl_bytes=jax_ep.nvl_buffer_bytes(num_tokens, "
             "hidden, topk, num_ranks) for the largest shapes you run")
+    if op in LL_OPS and self._ll is None:
+      raise ValueError(
+          f"jax_ep.{op} on the cuda backend needs the NVSHMEM heap: create the "
+          "Buffer with num_ll_bytes=jax_ep.ll_buffer_bytes(max_tokens, hidden, "
+          "num_experts) for the largest shapes you run (one process per GPU)")
     if not has_kernel and op not in self._warned:
       self._warned.add(op)
       warnings.warn(
@@ -264,14 +303,22 @@ class Buffer:
     """The intranode kernels' buffers and tuning when `op` runs on them."""
     return self._nvl if self.uses_kernel(op) else None
 
+  def ll_kernels(self, op: str):
+    """The low-latency kernels' options (`LlKernels`) when `op` runs on them."""
+    return self._ll if self.uses_kernel(op) else None
+
   def close(self) -> None:
     """Frees the NVLink buffers, which every Buffer over the same EP groups
-    shares (collective: once every op has finished on every rank); they are
-    also freed at interpreter exit."""
+    shares, and the NVSHMEM heap (collective: once every op has finished on
+    every rank); they are also freed at interpreter exit."""
     for buffers in self._peer_buffers:
       buffers.close()
     self._peer_buffers = []
     self._nvl = None
+    if self._heap is not None:
+      self._heap.close()
+    self._heap = None
+    self._ll = None
 
   def __repr__(self):
     t = self.topology

@@ -279,7 +279,7 @@ def dispatch(rows, topk_idx: jax.Array, topk_weights: jax.Array | None, *,
        capacity=np.int64(capacity),
        expert_alignment=np.int64(expert_alignment), **tuning)
   (recv_x, recv_scales, recv_idx, recv_weights, per_expert, src_index,
-   recv_row, num_recv) = _varying(axis_name, (
+   recv_row, num_recv) = mark_varying(axis_name, (
        recv_x, recv_scales, recv_idx, recv_weights, per_expert, src_index,
        recv_row, num_recv))
   handle = DispatchHandle(src_index, recv_row, num_recv, num_ranks,
@@ -290,7 +290,7 @@ def dispatch(rows, topk_idx: jax.Array, topk_weights: jax.Array | None, *,
           handle)
 
 
-def _varying(axis_name: str, outputs):
+def mark_varying(axis_name: str, outputs):
   """Marks the kernels' results as varying over the EP axis (they differ per
   rank): shard_map's type checks, e.g. of a custom VJP's cotangents, expect
   what the reference's collectives produce. Unchanged outside shard_map."""
@@ -351,7 +351,7 @@ def cached_dispatch(rows, handle: DispatchHandle, *, axis_name: str, buffers,
   call = jax.ffi.ffi_call(_CACHED_DISPATCH_TARGET,
                           _recv_row_types(rows, capacity),
                           has_side_effect=True)
-  recv_x, recv_scales = _varying(axis_name, call(
+  recv_x, recv_scales = mark_varying(axis_name, call(
       rows[0], _scales_arg(rows), handle.recv_row, handle.num_recv_tokens,
       num_ranks=np.int64(num_ranks), capacity=np.int64(capacity), **tuning))
   return (recv_x,) if len(rows) == 1 else (recv_x, recv_scales)
@@ -410,5 +410,5 @@ def combine(y: jax.Array, handle: DispatchHandle, *, axis_name: str, buffers,
       _COMBINE_TARGET,
       jax.ShapeDtypeStruct((num_tokens, y.shape[1]), out_dtype),
       has_side_effect=True)
-  return _varying(axis_name, call(y, handle.recv_row, bias,
+  return mark_varying(axis_name, call(y, handle.recv_row, bias,
                                   num_ranks=np.int64(num_ranks), **tuning))

@@ -1,0 +1,752 @@
+// Low-latency dispatch and combine over NVSHMEM (DESIGN.md §5).
+//
+// Protocol. Every call (a send half, then its receive half) takes the next
+// sequence number `seq` from device memory (State): the send kernel's blocks
+// read it when they start and the last block to finish stores it, so no host
+// code runs per call and CUDA-graph replays count correctly. `seq & 1` picks
+// the buffer set; the send returns `seq` as a ticket that the receive takes.
+//
+// Flags are never cleared: a flag or count signal holds the sequence number of
+// the call that wrote it, so a receiver waits until it reaches `seq`. A value
+// above `seq` means a send two calls later reused the set before this receive
+// ran (more than one op between a send and its receive): the kernel reports
+// it and traps rather than read overwritten rows.
+//
+// Dispatch. The send kernel casts each token once (fp8 per 128 channels, or
+// the bf16 row as is), then one warp per (token, distinct expert) writes the
+// row into the expert's rank at message slot (l * R + me) * Tmax + t and
+// raises that slot's flag, and blocks send every expert's count (tokens of
+// this rank that selected it) as (seq << 24) | count. The receive kernel, one
+// block per local expert, waits for the R counts, then for that many flags per
+// source, packs the rows by (source rank, token) into the XLA outputs and
+// writes the handle. Nothing depends on arrival order: the result is
+// deterministic.
+//
+// Combine. The send kernel writes each received row's expert output back to
+// its source at (global expert, token), flagged. The receive kernel, one
+// block per token, waits for the token's distinct experts and sums in fp32:
+// per rank, in rank order, the k-ordered weighted rows, then the ranks' sums,
+// rounded once to bf16 — the reference's order (reference/low_latency.py).
+//
+// Transports. A peer whose memory nvshmem_ptr maps (NVLink P2P) gets plain
+// stores, then a system-scope release of the flag; any other peer (or every
+// peer with Options::force_put) gets nvshmemx_putmem_signal_nbi_warp, which
+// delivers the flag after the data.
+
+#include <cuda_bf16.h>
+#include <cuda_fp8.h>
+#include <cuda_runtime_api.h>
+#include <nvshmem.h>
+#include <nvshmemx.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
+#include <string>
+
+#include "low_latency/low_latency.cuh"
+#include "runtime/sync.cuh"
+
+namespace jax_ep::low_latency {
+namespace {
+
+constexpr int kThreads = 512;
+constexpr int kWarps = kThreads / 32;
+constexpr int kMaxTopk = 32;
+constexpr int kMaxRanks = 64;
+// Tokens per source are swept 32 at a time with one bit per sweep and lane.
+constexpr int64_t kMaxTokens = 32 * 32;
+constexpr float kFp8Max = 448.0f;
+constexpr float kAmaxFloor = 1e-4f;
+
+// --- Sets, sequence numbers and waits -------------------------------------------
+
+struct SetPointers {
+  char* flags;
+  char* data;
+};
+
+__device__ __forceinline__ SetPointers SetOf(char* base, int64_t set_bytes,
+                                             uint64_t seq) {
+  char* set = base + static_cast<int64_t>(seq & 1) * set_bytes;
+  return {set, set + set_bytes / kFlagShare};
+}
+
+__device__ __forceinline__ uint64_t TicketSequence(const uint32_t* ticket) {
+  return static_cast<uint64_t>(ticket[0]) |
+         (static_cast<uint64_t>(ticket[1]) << 32);
+}
+
+// Every block reads the call's sequence number first; block 0 hands it out.
+__device__ __forceinline__ uint64_t BeginSend(const State* state,
+                                              uint32_t* ticket) {
+  __shared__ uint64_t seq;
+  if (threadIdx.x == 0) {
+    seq = *reinterpret_cast<const volatile unsigned long long*>(
+              &state->sequence) + 1;
+    if (blockIdx.x == 0) {
+      ticket[0] = static_cast<uint32_t>(seq);
+      ticket[1] = static_cast<uint32_t>(seq >> 32);
+    }
+  }
+  __syncthreads();
+  return seq;
+}
+
+// The last block to finish stores the sequence number: every block has read
+// the old one by then, and the next call's kernel starts after this one.
+__device__ __forceinline__ void EndSend(State* state, uint64_t seq) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    if (atomicAdd(&state->blocks_done, 1u) == gridDim.x - 1) {
+      state->blocks_done = 0;
+      state->sequence = seq;
+    }
+  }
+}
+
+struct Site {
+  const char* op;
+  const char* phase;
+  int rank;
+  int peer;
+  int64_t index;  // the expert, token or slot waited for
+};
+
+__device__ __noinline__ void Report(const Site& site, const char* what,
+                                    uint64_t expected, uint64_t seen) {
+  printf("jax_ep %s %s: rank %d, phase '%s', peer %d, index %lld: expected "
+         "sequence %llu, seen %llu\n",
+         site.op, what, site.rank, site.phase, site.peer,
+         static_cast<long long>(site.index),
+         static_cast<unsigned long long>(expected),
+         static_cast<unsigned long long>(seen));
+  __trap();
+}
+
+// The sequence part of a flag value (`shift` drops a packed count).
+__device__ __forceinline__ bool Arrived(uint64_t value, int shift, uint64_t seq,
+                                        const Site& site) {
+  const uint64_t got = value >> shift;
+  if (got > seq) {
+    Report(site, "overrun (a later call reused this buffer set before the "
+           "receive; at most one op may run between a send and its receive)",
+           seq, got);
+  }
+  return got == seq;
+}
+
+// Spins until the flag carries `seq`; returns its value.
+__device__ __forceinline__ uint64_t WaitFlag(const uint64_t* flag, int shift,
+                                             uint64_t seq, int64_t timeout_ns,
+                                             const Site& site) {
+  uint64_t value = sync::ld_acquire_sys_global(flag);
+  if (Arrived(value, shift, seq, site)) return value;
+  const uint64_t start = sync::global_timer_ns();
+  while (!Arrived(value = sync::ld_acquire_sys_global(flag), shift, seq,
+                  site)) {
+    if (static_cast<int64_t>(sync::global_timer_ns() - start) > timeout_ns) {
+      Report(site, "timeout", seq, value >> shift);
+    }
+  }
+  return value;
+}
+
+// --- Moving rows ----------------------------------------------------------------
+
+// One warp copies `bytes` (a multiple of 16) from `src` to `dst`, then raises
+// `flag` to `value` after the data, by P2P stores when `peer_dst` (the
+// nvshmem_ptr mapping of `dst`) is set, else by an NVSHMEM put with signal.
+__device__ __forceinline__ void WarpSend(void* dst, void* peer_dst,
+                                         const void* src, int64_t bytes,
+                                         uint64_t* flag, uint64_t* peer_flag,
+                                         uint64_t value, int pe, int lane) {
+  if (peer_dst != nullptr) {
+    const int4* s = static_cast<const int4*>(src);
+    int4* d = static_cast<int4*>(peer_dst);
+    for (int64_t i = lane; i < bytes / 16; i += 32) d[i] = s[i];
+    __threadfence_system();
+    __syncwarp();
+    if (lane == 0) sync::st_release_sys_global(peer_flag, value);
+  } else {
+    nvshmemx_putmem_signal_nbi_warp(dst, src, bytes, flag, value,
+                                    NVSHMEM_SIGNAL_SET, pe);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ T* PeerPtr(T* p, int pe, bool force_put) {
+  return force_put ? nullptr : static_cast<T*>(nvshmem_ptr(p, pe));
+}
+
+__device__ __forceinline__ bool ValidExpert(int32_t e, int64_t num_experts) {
+  return e >= 0 && e < num_experts;
+}
+
+// Whether k is the first of the token's columns to choose a valid expert.
+__device__ __forceinline__ bool FirstChoice(const int32_t* row, int k,
+                                            int64_t num_experts) {
+  const int32_t e = row[k];
+  if (!ValidExpert(e, num_experts)) return false;
+  for (int j = 0; j < k; ++j) {
+    if (row[j] == e) return false;
+  }
+  return true;
+}
+
+// --- fp8 cast (jax_ep/_src/fp8.py, bit for bit) --------------------------------
+
+__device__ __forceinline__ float RoundUpPow2(float scale) {
+  const uint32_t bits = __float_as_uint(scale);
+  const uint32_t exponent = (bits >> 23) + ((bits & 0x7FFFFF) != 0 ? 1 : 0);
+  return __uint_as_float(exponent << 23);
+}
+
+// Casts the 8 channels of one int4 of bf16; 16 consecutive lanes hold one
+// 128-channel group. All 32 lanes must call it (the amax is shuffled).
+__device__ __forceinline__ void CastChunk(int4 in, bool active, bool round_scale,
+                                          uint2* out, float* scale_out) {
+  const __nv_bfloat16* v = reinterpret_cast<const __nv_bfloat16*>(&in);
+  float f[8];
+  float amax = 0.0f;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    f[i] = __bfloat162float(v[i]);
+    amax = fmaxf(amax, fabsf(f[i]));
+  }
+#pragma unroll
+  for (int offset = 8; offset > 0; offset /= 2) {
+    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
+  }
+  float scale = fmaxf(amax, kAmaxFloor) * (1.0f / kFp8Max);
+  if (round_scale) scale = RoundUpPow2(scale);
+  const float inv = 1.0f / scale;
+  if (!active) return;
+  uint8_t q[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    q[i] = static_cast<uint8_t>(
+        __nv_cvt_float_to_fp8(f[i] * inv, __NV_SATFINITE, __NV_E4M3));
+  }
+  *out = *reinterpret_cast<uint2*>(q);
+  if (scale_out != nullptr) *scale_out = scale;
+}
+
+// --- Dispatch send ----------------------------------------------------------------
+
+struct DispatchSendParams {
+  Shape shape;
+  char* heap;
+  int64_t set_bytes;
+  State* state;
+  uint32_t* ticket;
+  const __nv_bfloat16* x;
+  const int32_t* topk_idx;
+  bool use_fp8;
+  bool round_scale;
+  bool force_put;
+  int rank;
+};
+
+__global__ void __launch_bounds__(kThreads, 1)
+    DispatchSendKernel(DispatchSendParams p) {
+  const Shape& sh = p.shape;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const uint64_t seq = BeginSend(p.state, p.ticket);
+  const SetLayout layout{sh};
+  const SetPointers set = SetOf(p.heap, p.set_bytes, seq);
+  const int64_t L = sh.num_local(), R = sh.num_ranks, K = sh.num_topk;
+  const int64_t T = sh.num_tokens, H = sh.hidden;
+
+  // Count signals: one warp per expert counts this rank's tokens choosing it.
+  for (int64_t e = blockIdx.x * kWarps + warp; e < sh.num_experts;
+       e += static_cast<int64_t>(gridDim.x) * kWarps) {
+    int count = 0;
+    for (int64_t t0 = 0; t0 < T; t0 += 32) {
+      bool chosen = false;
+      if (t0 + lane < T) {
+        for (int64_t k = 0; k < K; ++k) {
+          chosen |= p.topk_idx[(t0 + lane) * K + k] == e;
+        }
+      }
+      count += __popc(__ballot_sync(0xffffffffu, chosen));
+    }
+    if (lane == 0) {
+      const int pe = static_cast<int>(e / L);
+      uint64_t* signal = reinterpret_cast<uint64_t*>(
+          set.flags + layout.counts() + ((e % L) * R + p.rank) * 8);
+      const uint64_t value = (seq << kCountBits) | count;
+      uint64_t* peer = PeerPtr(signal, pe, p.force_put);
+      if (peer != nullptr) {
+        sync::st_release_sys_global(peer, value);
+      } else {
+        nvshmemx_signal_op(signal, value, NVSHMEM_SIGNAL_SET, pe);
+      }
+    }
+  }
+
+  const int64_t message = sh.message_bytes();
+  const int64_t payload = p.use_fp8 ? AlignUp(H + H / kScaleGroup * 4, 16)
+                                    : 2 * H;
+  for (int64_t t = blockIdx.x; t < T; t += gridDim.x) {
+    // The row goes out from the symmetric heap, which puts can read: cast
+    // there (fp8) or copied there (bf16), once per token.
+    const __nv_bfloat16* row = p.x + t * H;
+    char* stage = set.data + layout.dispatch_stage() + t * message;
+    const int64_t chunks = H / 8;
+    for (int64_t base = 0; base < chunks; base += kThreads) {
+      const int64_t c = base + threadIdx.x;
+      const bool active = c < chunks;
+      const int4 in = active ? reinterpret_cast<const int4*>(row)[c]
+                             : make_int4(0, 0, 0, 0);
+      if (!p.use_fp8) {
+        if (active) reinterpret_cast<int4*>(stage)[c] = in;
+        continue;
+      }
+      const bool group_lead = c % (kScaleGroup / 8) == 0;
+      float* scales = reinterpret_cast<float*>(stage + H);
+      CastChunk(in, active, p.round_scale, reinterpret_cast<uint2*>(stage) + c,
+                group_lead ? scales + c / (kScaleGroup / 8) : nullptr);
+    }
+    __syncthreads();
+    const int32_t* choices = p.topk_idx + t * K;
+    for (int k = warp; k < K; k += kWarps) {
+      if (!FirstChoice(choices, k, sh.num_experts)) continue;
+      const int32_t e = choices[k];
+      const int pe = static_cast<int>(e / L);
+      const int64_t slot = ((e % L) * R + p.rank) * sh.max_tokens + t;
+      char* dst = set.data + layout.dispatch_data() + slot * message;
+      uint64_t* flag = reinterpret_cast<uint64_t*>(
+          set.flags + layout.dispatch_flags() + slot * 8);
+      WarpSend(dst, PeerPtr(dst, pe, p.force_put), stage, payload, flag,
+               PeerPtr(flag, pe, p.force_put), seq, pe, lane);
+    }
+  }
+  nvshmem_quiet();
+  EndSend(p.state, seq);
+}
+
+// --- Dispatch receive -------------------------------------------------------------
+
+struct DispatchRecvParams {
+  Shape shape;
+  char* heap;
+  int64_t set_bytes;
+  const uint32_t* ticket;
+  bool use_fp8;
+  bool use_ue8m0;
+  bool zero_padding;
+  int64_t timeout_ns;
+  int rank;
+  void* recv_x;
+  void* recv_scales;
+  int32_t* count;
+  int32_t* src_index;
+  int32_t* slot;
+};
+
+__device__ __forceinline__ void ZeroBytes(char* p, int64_t bytes) {
+  // Both ends are 16-byte aligned: rows are multiples of 16 bytes, scales of 4
+  // (handled by the word loop).
+  for (int64_t i = threadIdx.x; i < bytes / 16; i += kThreads) {
+    reinterpret_cast<int4*>(p)[i] = make_int4(0, 0, 0, 0);
+  }
+  for (int64_t i = bytes / 16 * 4 + threadIdx.x; i < bytes / 4; i += kThreads) {
+    reinterpret_cast<int32_t*>(p)[i] = 0;
+  }
+}
+
+__global__ void __launch_bounds__(kThreads, 1)
+    DispatchRecvKernel(DispatchRecvParams p) {
+  const Shape& sh = p.shape;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const uint64_t seq = TicketSequence(p.ticket);
+  const SetLayout layout{sh};
+  const SetPointers set = SetOf(p.heap, p.set_bytes, seq);
+  const int64_t L = sh.num_local(), R = sh.num_ranks, Tmax = sh.max_tokens;
+  const int64_t S = R * Tmax, H = sh.hidden;
+  const int64_t row_bytes = p.use_fp8 ? H : 2 * H;
+  const int64_t scale_bytes =
+      !p.use_fp8 ? 0 : (p.use_ue8m0 ? H / kScaleGroup : H / kScaleGroup * 4);
+
+  __shared__ int32_t source_of[kMaxSlotsPerExpert];  // s * Tmax + t per row
+  __shared__ int32_t counts[kMaxRanks];
+  __shared__ int32_t offsets[kMaxRanks + 1];
+
+  for (int64_t l = blockIdx.x; l < L; l += gridDim.x) {
+    for (int64_t s = threadIdx.x; s < R; s += kThreads) {
+      const uint64_t* signal = reinterpret_cast<const uint64_t*>(
+          set.flags + layout.counts() + (l * R + s) * 8);
+      const Site site{"low_latency_dispatch", "wait for the count of a local "
+                      "expert", p.rank, static_cast<int>(s), l};
+      counts[s] = static_cast<int32_t>(
+          WaitFlag(signal, kCountBits, seq, p.timeout_ns, site) &
+          ((1ull << kCountBits) - 1));
+    }
+    // Every slot empty until the packing below fills it.
+    for (int64_t i = threadIdx.x; i < S; i += kThreads) {
+      p.slot[l * S + i] = static_cast<int32_t>(S);
+      p.src_index[l * S + i] = static_cast<int32_t>(S);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      offsets[0] = 0;
+      for (int64_t s = 0; s < R; ++s) offsets[s + 1] = offsets[s] + counts[s];
+      p.count[l] = offsets[R];
+    }
+    __syncthreads();
+
+    // Per source, one warp waits for its `counts[s]` flags and packs them in
+    // token order.
+    for (int64_t s = warp; s < R; s += kWarps) {
+      const uint64_t* flags = reinterpret_cast<const uint64_t*>(
+          set.flags + layout.dispatch_flags()) + (l * R + s) * Tmax;
+      const Site site{"low_latency_dispatch", "wait for the rows of a local "
+                      "expert", p.rank, static_cast<int>(s), l};
+      uint32_t arrived = 0;  // bit j: token j * 32 + lane has arrived
+      int found = 0;
+      const uint64_t start = sync::global_timer_ns();
+      while (found < counts[s]) {
+        found = 0;
+        for (int64_t j = 0; j * 32 < Tmax; ++j) {
+          const int64_t t = j * 32 + lane;
+          if (t < Tmax && !(arrived >> j & 1) &&
+              Arrived(sync::ld_acquire_sys_global(flags + t), 0, seq, site)) {
+            arrived |= 1u << j;
+          }
+          found += __popc(__ballot_sync(0xffffffffu, arrived >> j & 1));
+        }
+        if (found < counts[s] &&
+            static_cast<int64_t>(sync::global_timer_ns() - start) >
+                p.timeout_ns) {
+          Report(site, "timeout", seq, static_cast<uint64_t>(found));
+        }
+      }
+      int packed = offsets[s];
+      for (int64_t j = 0; j * 32 < Tmax; ++j) {
+        const uint32_t here = __ballot_sync(0xffffffffu, arrived >> j & 1);
+        if (arrived >> j & 1) {
+          const int row = packed + __popc(here & ((1u << lane) - 1));
+          const int32_t source = static_cast<int32_t>(s * Tmax + j * 32 + lane);
+          source_of[row] = source;
+          p.src_index[l * S + row] = source;
+          p.slot[l * S + source] = row;
+        }
+        packed += __popc(here);
+      }
+    }
+    __syncthreads();
+
+    const int total = offsets[R];
+    for (int64_t i = warp; i < total; i += kWarps) {
+      const int64_t source = source_of[i];
+      const char* message = set.data + layout.dispatch_data() +
+                            (l * S + source) * sh.message_bytes();
+      char* out = static_cast<char*>(p.recv_x) + (l * S + i) * row_bytes;
+      for (int64_t c = lane; c < row_bytes / 16; c += 32) {
+        reinterpret_cast<int4*>(out)[c] =
+            reinterpret_cast<const int4*>(message)[c];
+      }
+      if (!p.use_fp8) continue;
+      const float* scales = reinterpret_cast<const float*>(message + H);
+      char* scale_out = static_cast<char*>(p.recv_scales) + (l * S + i) * scale_bytes;
+      if (p.use_ue8m0) {  // four exponent bytes per int32, little-endian
+        for (int64_t w = lane; w < H / kScaleGroup / 4; w += 32) {
+          uint32_t word = 0;
+          for (int b = 0; b < 4; ++b) {
+            word |= (__float_as_uint(scales[w * 4 + b]) >> 23) << (8 * b);
+          }
+          reinterpret_cast<uint32_t*>(scale_out)[w] = word;
+        }
+      } else {
+        for (int64_t g = lane; g < H / kScaleGroup; g += 32) {
+          reinterpret_cast<float*>(scale_out)[g] = scales[g];
+        }
+      }
+    }
+    if (p.zero_padding) {
+      ZeroBytes(static_cast<char*>(p.recv_x) + (l * S + total) * row_bytes,
+                (S - total) * row_bytes);
+      if (p.use_fp8) {
+        ZeroBytes(static_cast<char*>(p.recv_scales) + (l * S + total) * scale_bytes,
+                  (S - total) * scale_bytes);
+      }
+    }
+    __syncthreads();  // shared memory is reused by the next expert
+  }
+}
+
+// --- Combine send -------------------------------------------------------------------
+
+struct CombineSendParams {
+  Shape shape;
+  char* heap;
+  int64_t set_bytes;
+  State* state;
+  uint32_t* ticket;
+  const char* y;
+  const int32_t* src_index;
+  bool zero_copy;
+  bool force_put;
+  int rank;
+};
+
+__global__ void __launch_bounds__(kThreads, 1)
+    CombineSendKernel(CombineSendParams p) {
+  const Shape& sh = p.shape;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const uint64_t seq = BeginSend(p.state, p.ticket);
+  const SetLayout layout{sh};
+  const SetPointers set = SetOf(p.heap, p.set_bytes, seq);
+  const int64_t L = sh.num_local(), Tmax = sh.max_tokens;
+  const int64_t S = sh.num_ranks * Tmax, row_bytes = sh.combine_row_bytes();
+
+  for (int64_t g = blockIdx.x * kWarps + warp; g < L * S;
+       g += static_cast<int64_t>(gridDim.x) * kWarps) {
+    const int32_t source = p.src_index[g];
+    if (source >= S) continue;  // an empty slot
+    const int64_t l = g / S;
+    const int pe = static_cast<int>(source / Tmax);
+    const int64_t slot = (p.rank * L + l) * Tmax + source % Tmax;
+    char* dst = set.data + layout.combine_data() + slot * row_bytes;
+    uint64_t* flag = reinterpret_cast<uint64_t*>(
+        set.flags + layout.combine_flags() + slot * 8);
+    char* peer_dst = PeerPtr(dst, pe, p.force_put);
+    const char* src = p.y + g * row_bytes;
+    if (peer_dst == nullptr && !p.zero_copy) {
+      // Puts read a registered buffer: stage y's row in the symmetric heap.
+      char* stage = set.data + layout.combine_stage() + g * row_bytes;
+      for (int64_t c = lane; c < row_bytes / 16; c += 32) {
+        reinterpret_cast<int4*>(stage)[c] = reinterpret_cast<const int4*>(src)[c];
+      }
+      __syncwarp();
+      src = stage;
+    }
+    WarpSend(dst, peer_dst, src, row_bytes, flag, PeerPtr(flag, pe, p.force_put),
+             seq, pe, lane);
+  }
+  nvshmem_quiet();
+  EndSend(p.state, seq);
+}
+
+// --- Combine receive ----------------------------------------------------------------
+
+struct CombineRecvParams {
+  Shape shape;
+  char* heap;
+  int64_t set_bytes;
+  const uint32_t* ticket;
+  const int32_t* topk_idx;
+  const float* weights;
+  int64_t timeout_ns;
+  int rank;
+  __nv_bfloat16* out;
+};
+
+__global__ void __launch_bounds__(kThreads, 1)
+    CombineRecvKernel(CombineRecvParams p) {
+  const Shape& sh = p.shape;
+  const uint64_t seq = TicketSequence(p.ticket);
+  const SetLayout layout{sh};
+  const SetPointers set = SetOf(p.heap, p.set_bytes, seq);
+  const int64_t L = sh.num_local(), K = sh.num_topk, H = sh.hidden;
+  const int64_t row_bytes = sh.combine_row_bytes();
+
+  // The token's valid choices ordered by (rank, k): the reference's order.
+  __shared__ int32_t order[kMaxTopk];
+  __shared__ int num_valid;
+
+  for (int64_t t = blockIdx.x; t < sh.num_tokens; t += gridDim.x) {
+    const int32_t* choices = p.topk_idx + t * K;
+    if (threadIdx.x < K && FirstChoice(choices, threadIdx.x, sh.num_experts)) {
+      const int32_t e = choices[threadIdx.x];
+      const uint64_t* flag = reinterpret_cast<const uint64_t*>(
+          set.flags + layout.combine_flags() + (e * sh.max_tokens + t) * 8);
+      const Site site{"low_latency_combine", "wait for an expert's row",
+                      p.rank, static_cast<int>(e / L), e};
+      WaitFlag(flag, 0, seq, p.timeout_ns, site);
+    }
+    if (threadIdx.x == 0) {
+      int n = 0;
+      for (int64_t r = 0; r < sh.num_ranks; ++r) {
+        for (int k = 0; k < K; ++k) {
+          const int32_t e = choices[k];
+          if (ValidExpert(e, sh.num_experts) && e / L == r) order[n++] = k;
+        }
+      }
+      num_valid = n;
+    }
+    __syncthreads();
+
+    for (int64_t c = threadIdx.x; c < H / 8; c += kThreads) {
+      float total[8], partial[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) total[i] = partial[i] = 0.0f;
+      int64_t rank = -1;
+      for (int j = 0; j < num_valid; ++j) {
+        const int k = order[j];
+        const int32_t e = choices[k];
+        if (e / L != rank) {
+          if (rank >= 0) {
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+              total[i] += partial[i];
+              partial[i] = 0.0f;
+            }
+          }
+          rank = e / L;
+        }
+        const int4 raw = reinterpret_cast<const int4*>(
+            set.data + layout.combine_data() +
+            (e * sh.max_tokens + t) * row_bytes)[c];
+        const __nv_bfloat16* y = reinterpret_cast<const __nv_bfloat16*>(&raw);
+        const float w = p.weights[t * K + k];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          partial[i] = __fmaf_rn(w, __bfloat162float(y[i]), partial[i]);
+        }
+      }
+      alignas(16) __nv_bfloat16 result[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        result[i] = __float2bfloat16_rn(total[i] + partial[i]);
+      }
+      reinterpret_cast<int4*>(p.out + t * H)[c] =
+          *reinterpret_cast<const int4*>(result);
+    }
+    __syncthreads();  // `order` is reused by the next token
+  }
+}
+
+// --- Launchers ------------------------------------------------------------------------
+
+Status CheckShape(const char* op, const Heap& heap, const Shape& sh) {
+  auto bad = [op](const std::string& what) {
+    return Status::InvalidArgument(std::string(op) + ": " + what);
+  };
+  if (sh.num_ranks != heap.num_ranks) {
+    return bad("the EP axis has " + std::to_string(sh.num_ranks) +
+               " ranks but NVSHMEM has " + std::to_string(heap.num_ranks) +
+               " PEs");
+  }
+  if (sh.num_experts <= 0 || sh.num_experts % sh.num_ranks != 0) {
+    return bad("num_experts must be a positive multiple of the ranks, got " +
+               std::to_string(sh.num_experts));
+  }
+  if (sh.max_tokens < 1 || sh.max_tokens > kMaxTokens ||
+      sh.num_tokens > sh.max_tokens) {
+    return bad("need 1 <= T <= Tmax <= " + std::to_string(kMaxTokens) +
+               ", got T=" + std::to_string(sh.num_tokens) +
+               ", Tmax=" + std::to_string(sh.max_tokens));
+  }
+  if (sh.num_ranks > kMaxRanks ||
+      sh.num_ranks * sh.max_tokens > kMaxSlotsPerExpert) {
+    return bad("R * Tmax must be <= " + std::to_string(kMaxSlotsPerExpert) +
+               " and R <= " + std::to_string(kMaxRanks));
+  }
+  if (sh.num_topk < 1 || sh.num_topk > kMaxTopk) {
+    return bad("topk must be in [1, " + std::to_string(kMaxTopk) + "], got " +
+               std::to_string(sh.num_topk));
+  }
+  if (sh.hidden <= 0 || sh.hidden % 8 != 0) {
+    return bad("the hidden size must be a positive multiple of 8, got " +
+               std::to_string(sh.hidden));
+  }
+  const SetLayout layout{sh};
+  const int64_t flags_region = heap.set_bytes / kFlagShare;
+  if (layout.flags_bytes() > flags_region ||
+      layout.data_bytes() > heap.set_bytes - flags_region) {
+    return bad("the NVSHMEM heap (" + std::to_string(2 * heap.set_bytes) +
+               " bytes) is too small for this call, which needs " +
+               std::to_string(HeapBytes(sh)) +
+               ": size the Buffer's num_ll_bytes with jax_ep.ll_buffer_bytes "
+               "for the largest shapes you run");
+  }
+  return Status();
+}
+
+int Grid(const Heap& heap, int64_t work) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(work, heap.num_sms)));
+}
+
+Status Launched(const char* what) {
+  return Status::FromCuda(cudaGetLastError(), what);
+}
+
+}  // namespace
+
+int64_t HeapBytes(const Shape& shape) {
+  const SetLayout layout{shape};
+  const int64_t unit = kFlagShare * kAlign;
+  // The flags fit in set / kFlagShare, the data in the rest.
+  const int64_t set = std::max(layout.flags_bytes() * kFlagShare,
+                               (layout.data_bytes() * kFlagShare +
+                                kFlagShare - 2) / (kFlagShare - 1));
+  return 2 * AlignUp(set, unit);
+}
+
+Status LaunchDispatchSend(const Heap& heap, const DispatchSendArgs& a,
+                          cudaStream_t stream) {
+  if (Status s = CheckShape("jax_ep_ll_dispatch_send", heap, a.shape); !s.ok()) {
+    return s;
+  }
+  if (a.use_fp8 && a.shape.hidden % kScaleGroup != 0) {
+    return Status::InvalidArgument(
+        "jax_ep_ll_dispatch_send: fp8 needs the hidden size to be a multiple "
+        "of 128");
+  }
+  DispatchSendParams p{a.shape, heap.base, heap.set_bytes, heap.state, a.ticket,
+                       static_cast<const __nv_bfloat16*>(a.x), a.topk_idx,
+                       a.use_fp8, a.round_scale, a.options.force_put, heap.rank};
+  const int64_t count_blocks = (a.shape.num_experts + kWarps - 1) / kWarps;
+  DispatchSendKernel<<<Grid(heap, std::max(a.shape.num_tokens, count_blocks)),
+                       kThreads, 0, stream>>>(p);
+  return Launched("DispatchSendKernel launch");
+}
+
+Status LaunchDispatchRecv(const Heap& heap, const DispatchRecvArgs& a,
+                          cudaStream_t stream) {
+  if (Status s = CheckShape("jax_ep_ll_dispatch_recv", heap, a.shape); !s.ok()) {
+    return s;
+  }
+  if (a.use_ue8m0 && a.shape.hidden % (4 * kScaleGroup) != 0) {
+    return Status::InvalidArgument(
+        "jax_ep_ll_dispatch_recv: UE8M0 scales need the hidden size to be a "
+        "multiple of 512");
+  }
+  DispatchRecvParams p{a.shape, heap.base, heap.set_bytes, a.ticket, a.use_fp8,
+                       a.use_ue8m0, a.zero_padding, a.options.timeout_ns,
+                       heap.rank, a.recv_x, a.recv_scales, a.count,
+                       a.src_index, a.slot};
+  DispatchRecvKernel<<<Grid(heap, a.shape.num_local()), kThreads, 0, stream>>>(p);
+  return Launched("DispatchRecvKernel launch");
+}
+
+Status LaunchCombineSend(const Heap& heap, const CombineSendArgs& a,
+                         cudaStream_t stream) {
+  if (Status s = CheckShape("jax_ep_ll_combine_send", heap, a.shape); !s.ok()) {
+    return s;
+  }
+  CombineSendParams p{a.shape, heap.base, heap.set_bytes, heap.state, a.ticket,
+                      static_cast<const char*>(a.y), a.src_index, a.zero_copy,
+                      a.options.force_put, heap.rank};
+  const int64_t rows = a.shape.num_experts * a.shape.max_tokens;
+  CombineSendKernel<<<Grid(heap, (rows + kWarps - 1) / kWarps), kThreads, 0,
+                      stream>>>(p);
+  return Launched("CombineSendKernel launch");
+}
+
+Status LaunchCombineRecv(const Heap& heap, const CombineRecvArgs& a,
+                         cudaStream_t stream) {
+  if (Status s = CheckShape("jax_ep_ll_combine_recv", heap, a.shape); !s.ok()) {
+    return s;
+  }
+  CombineRecvParams p{a.shape, heap.base, heap.set_bytes, a.ticket, a.topk_idx,
+                      a.weights, a.options.timeout_ns, heap.rank,
+                      static_cast<__nv_bfloat16*>(a.out)};
+  CombineRecvKernel<<<Grid(heap, a.shape.num_tokens), kThreads, 0, stream>>>(p);
+  return Launched("CombineRecvKernel launch");
+}
+
+}  // namespace jax_ep::low_latency

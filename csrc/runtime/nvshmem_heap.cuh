@@ -1,0 +1,35 @@
+// The NVSHMEM runtime of the low-latency kernels: one NVSHMEM job per process
+// group (one process per GPU), bootstrapped from a unique id that the Python
+// side shares through the jax.distributed key-value store, and one symmetric
+// allocation split into the two buffer sets of low_latency.cuh.
+//
+// A process has at most one open heap, for its one GPU; the FFI handlers take
+// it from CurrentHeap. Closing is collective (nvshmem_finalize) and must come
+// after every rank's last low-latency kernel.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "common/status.h"
+#include "low_latency/low_latency.cuh"
+
+namespace jax_ep::runtime {
+
+// NVSHMEM's unique id, as bytes, for rank 0 to share.
+Status NvshmemUniqueId(std::string* id);
+
+// Initializes NVSHMEM as PE `rank` of `num_ranks` on CUDA device `device` and
+// allocates `heap_bytes` of symmetric memory (zeroed; every PE has returned
+// from the zeroing before any returns from this call). NVSHMEM reads its
+// environment (e.g. NVSHMEM_SYMMETRIC_SIZE) here.
+Status OpenNvshmemHeap(const std::string& unique_id, int rank, int num_ranks,
+                       int device, int64_t heap_bytes);
+
+// Frees the heap and finalizes NVSHMEM (collective). A no-op when none is open.
+Status CloseNvshmemHeap();
+
+// The open heap, or InvalidArgument naming `op` when there is none.
+Status CurrentHeap(const char* op, low_latency::Heap* heap);
+
+}  // namespace jax_ep::runtime

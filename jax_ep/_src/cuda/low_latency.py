@@ -1,0 +1,108 @@
+"""Low-latency kernels: the send and receive halves of dispatch and combine
+(FFI targets jax_ep_ll_dispatch_send, jax_ep_ll_dispatch_recv,
+jax_ep_ll_combine_send, jax_ep_ll_combine_recv).
+
+A send half returns a ticket (uint32[2], the call's sequence number, made on
+the device) that its receive half takes: the receive reads the buffer set the
+send filled. Between them no SM is held, so compute placed there overlaps the
+transfer. Every rank must issue the same sends in the same order; at most one
+other low-latency op may run between a send and its receive (the kernels trap
+with a message otherwise). Needs this process's NVSHMEM heap
+(`nvshmem.open_heap`), sized with `nvshmem.heap_bytes`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_ep._src import native
+from jax_ep._src.cuda.intranode import mark_varying
+from jax_ep._src.fp8 import FP8_DTYPE, GROUP
+
+_TICKET = jax.ShapeDtypeStruct((2,), jnp.uint32)
+
+
+@dataclasses.dataclass(frozen=True)
+class LlKernels:
+  """How a Buffer's low-latency ops run on the kernels."""
+
+  force_put: bool  # NVSHMEM puts even to peers that P2P stores reach
+  timeout_s: float
+
+  @property
+  def timeout_ns(self) -> np.int64:
+    return np.int64(round(self.timeout_s * 1e9))
+
+
+def _call(target: str, out_types, *args, **attrs):
+  if not native.register_targets():
+    raise RuntimeError(f"jax_ep {target}: the CUDA extension is missing: "
+                       f"{native.unavailable_reason()}")
+  attrs = {k: np.int64(v) for k, v in attrs.items()}
+  return jax.ffi.ffi_call(target, out_types, has_side_effect=True)(*args, **attrs)
+
+
+def dispatch_send(x, topk_idx, *, num_ranks: int, num_experts: int,
+                  max_tokens: int, use_fp8: bool, round_scale: bool,
+                  kernels: LlKernels) -> jax.Array:
+  """Sends each token (cast to fp8 when asked) to its experts' ranks."""
+  return _call("jax_ep_ll_dispatch_send", _TICKET, x, topk_idx,
+               num_experts=num_experts, max_tokens=max_tokens,
+               num_ranks=num_ranks, use_fp8=use_fp8, round_scale=round_scale,
+               force_put=kernels.force_put)
+
+
+def dispatch_recv(ticket, *, axis_name: str, num_ranks: int, num_experts: int,
+                  max_tokens: int, num_tokens: int, num_topk: int, hidden: int,
+                  use_fp8: bool, use_ue8m0: bool, zero_padding: bool,
+                  kernels: LlKernels):
+  """Packs the received rows; returns `(x, scales or None, count, src_index,
+  slot)` with the shapes of `LowLatencyDispatched`."""
+  num_local = num_experts // num_ranks
+  slots = num_ranks * max_tokens
+  if not use_fp8:
+    x_type, scales_type = jnp.bfloat16, jax.ShapeDtypeStruct((0,), jnp.uint8)
+  elif use_ue8m0:
+    x_type = FP8_DTYPE
+    scales_type = jax.ShapeDtypeStruct((num_local, slots, hidden // (4 * GROUP)),
+                                       jnp.int32)
+  else:
+    x_type = FP8_DTYPE
+    scales_type = jax.ShapeDtypeStruct((num_local, slots, hidden // GROUP),
+                                       jnp.float32)
+  per_slot = jax.ShapeDtypeStruct((num_local, slots), jnp.int32)
+  out_types = (jax.ShapeDtypeStruct((num_local, slots, hidden), x_type),
+               scales_type, jax.ShapeDtypeStruct((num_local,), jnp.int32),
+               per_slot, per_slot)
+  x, scales, count, src_index, slot = mark_varying(axis_name, _call(
+      "jax_ep_ll_dispatch_recv", out_types, ticket, num_experts=num_experts,
+      max_tokens=max_tokens, num_ranks=num_ranks, num_tokens=num_tokens,
+      num_topk=num_topk, use_fp8=use_fp8, use_ue8m0=use_ue8m0,
+      zero_padding=zero_padding, timeout_ns=kernels.timeout_ns))
+  return x, (scales if use_fp8 else None), count, src_index, slot
+
+
+def combine_send(y, src_index, *, num_ranks: int, num_experts: int,
+                 max_tokens: int, zero_copy: bool,
+                 kernels: LlKernels) -> jax.Array:
+  """Sends every received row's expert output back to its source rank."""
+  return _call("jax_ep_ll_combine_send", _TICKET, y, src_index,
+               num_experts=num_experts, max_tokens=max_tokens,
+               num_ranks=num_ranks, zero_copy=zero_copy,
+               force_put=kernels.force_put)
+
+
+def combine_recv(ticket, topk_idx, topk_weights, *, axis_name: str,
+                 num_ranks: int, num_experts: int, max_tokens: int,
+                 hidden: int, kernels: LlKernels) -> jax.Array:
+  """Sums each token's weighted expert outputs (the reference's order)."""
+  out_type = jax.ShapeDtypeStruct((topk_idx.shape[0], hidden), jnp.bfloat16)
+  return mark_varying(axis_name, _call(
+      "jax_ep_ll_combine_recv", out_type, ticket, topk_idx,
+      topk_weights.astype(jnp.float32), num_experts=num_experts,
+      max_tokens=max_tokens, num_ranks=num_ranks,
+      timeout_ns=kernels.timeout_ns))

@@ -1,0 +1,115 @@
+"""The NVSHMEM heap of the low-latency kernels (csrc/runtime/nvshmem_heap.cuh).
+
+`open_heap` is collective over the processes of the EP axis, which must each
+drive exactly one of its GPUs (NVSHMEM runs one PE per process). EP rank 0
+draws NVSHMEM's unique id and shares it through the `jax.distributed`
+key-value store; every process then initializes NVSHMEM as PE = its EP rank
+and allocates the symmetric heap, zeroed.
+
+NVSHMEM maps its heap outside JAX's memory pool: JAX must leave that much GPU
+memory free (its default preallocation of 75% does on 80 GB and larger GPUs;
+otherwise lower `XLA_PYTHON_CLIENT_MEM_FRACTION`). NVSHMEM and JAX's CUDA
+plugin share one `libnvshmem_host.so.3` (the pip package's); XLA initializes
+NVSHMEM only for its own NVSHMEM collectives, which jax_ep's heap and those
+cannot both use in one process.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+
+import jax
+
+from jax_ep._src import native
+
+_KEY = "jax_ep/nvshmem_unique_id/{}"
+_UID_TIMEOUT_MS = 300_000
+# NVSHMEM's own allocations (signals, teams) on top of our heap.
+_HEAP_SLACK = 256 << 20
+
+_lock = threading.Lock()
+_bootstraps = itertools.count()
+_open: "NvshmemHeap | None" = None
+
+
+def heap_bytes(max_tokens: int, hidden: int, num_experts: int) -> int:
+  """Bytes of symmetric heap that low-latency calls of these shapes need."""
+  module = native.extension()
+  if module is None:
+    raise RuntimeError(
+        "jax_ep.ll_buffer_bytes needs the CUDA extension jax_ep._jax_ep: "
+        f"{native.unavailable_reason()}")
+  return int(module.ll_heap_bytes(max_tokens, hidden, num_experts))
+
+
+class NvshmemHeap:
+  """This process's open NVSHMEM heap; `close()` (collective) finalizes it."""
+
+  def __init__(self, rank: int, num_ranks: int, num_bytes: int):
+    self.rank = rank
+    self.num_ranks = num_ranks
+    self.num_bytes = num_bytes
+    self.closed = False
+
+  def close(self) -> None:
+    global _open
+    with _lock:
+      if self.closed:
+        return
+      self.closed = True
+      _open = None
+    native.extension().nvshmem_close()
+
+
+def _share_unique_id(module, rank: int, round_index: int) -> bytes:
+  client = jax._src.distributed.global_state.client  # pylint: disable=protected-access
+  key = _KEY.format(round_index)
+  if client is None:  # a lone process: nobody to share with
+    return module.nvshmem_unique_id()
+  if rank == 0:
+    uid = module.nvshmem_unique_id()
+    client.key_value_set_bytes(key, uid)
+    return uid
+  return client.blocking_key_value_get_bytes(key, _UID_TIMEOUT_MS)
+
+
+def open_heap(devices_in_rank_order: list[jax.Device], num_bytes: int) -> NvshmemHeap:
+  """Initializes NVSHMEM over the EP devices and allocates the heap (collective).
+
+  Raises:
+    ValueError: a process drives more or fewer than one EP device, a heap is
+      already open with other sizes, or NVSHMEM refused (the message says why).
+  """
+  global _open
+  devices = list(devices_in_rank_order)
+  mine = [r for r, d in enumerate(devices)
+          if d.process_index == jax.process_index()]
+  processes = [d.process_index for d in devices]
+  if len(mine) != 1 or len(set(processes)) != len(devices):
+    raise ValueError(
+        "jax_ep low-latency kernels (NVSHMEM) need one process per GPU of the "
+        f"EP axis; this process drives {len(mine)} of its {len(devices)} "
+        "devices. Launch one process per GPU (e.g. python -m jax_ep.launch -n "
+        "<GPUs> -- ...) or use the reference backend")
+  rank = mine[0]
+  with _lock:
+    if _open is not None and not _open.closed:
+      if _open.num_bytes >= num_bytes and _open.num_ranks == len(devices):
+        return _open
+      raise ValueError(
+          "jax_ep: an NVSHMEM heap of "
+          f"{_open.num_bytes} bytes is already open in this process; close "
+          "its Buffer before opening one with other sizes")
+    module = native.extension()
+    # NVSHMEM sizes its symmetric region from the environment at init.
+    os.environ.setdefault("NVSHMEM_SYMMETRIC_SIZE", str(num_bytes + _HEAP_SLACK))
+    os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
+    uid = _share_unique_id(module, rank, next(_bootstraps))
+    module.nvshmem_open(uid, rank, len(devices),
+                        devices[rank].local_hardware_id, int(num_bytes))
+    # Not closed at exit: nvshmem_finalize waits for every PE, and a peer
+    # that failed would hang this one; the process's end frees the heap.
+    _open = NvshmemHeap(rank, len(devices), int(num_bytes))
+    return _open

@@ -1,0 +1,51 @@
+// Python bindings of the NVSHMEM runtime (csrc/runtime/nvshmem_heap.cuh), used
+// by jax_ep/_src/cuda/nvshmem.py: nvshmem_unique_id, nvshmem_open,
+// nvshmem_close and ll_heap_bytes. Failures raise ValueError (bad arguments)
+// or RuntimeError (CUDA, NVSHMEM) with csrc's message.
+
+#include <cstdint>
+#include <string>
+
+#include "bindings.h"
+#include "low_latency/low_latency.cuh"
+#include "nanobind/nanobind.h"
+#include "runtime/nvshmem_heap.cuh"
+
+namespace nb = nanobind;
+
+namespace jax_ep {
+namespace {
+
+void RaiseUnlessOk(const Status& status) {
+  if (status.ok()) return;
+  const std::string message = "jax_ep NVSHMEM: " + status.message();
+  if (status.code() == StatusCode::kInvalidArgument) {
+    throw nb::value_error(message.c_str());
+  }
+  throw std::runtime_error(message);
+}
+
+}  // namespace
+
+void BindNvshmem(nb::module_& m) {
+  m.def("nvshmem_unique_id", [] {
+    std::string id;
+    RaiseUnlessOk(runtime::NvshmemUniqueId(&id));
+    return nb::bytes(id.data(), id.size());
+  });
+  m.def("nvshmem_open", [](nb::bytes unique_id, int rank, int num_ranks,
+                           int device, int64_t heap_bytes) {
+    RaiseUnlessOk(runtime::OpenNvshmemHeap(
+        std::string(unique_id.c_str(), unique_id.size()), rank, num_ranks,
+        device, heap_bytes));
+  });
+  m.def("nvshmem_close", [] { RaiseUnlessOk(runtime::CloseNvshmemHeap()); });
+  m.def("ll_heap_bytes", [](int64_t max_tokens, int64_t hidden,
+                            int64_t num_experts) {
+    // R does not change the sizes: L * R = E.
+    return low_latency::HeapBytes(
+        {max_tokens, max_tokens, hidden, 1, num_experts, 1});
+  });
+}
+
+}  // namespace jax_ep
