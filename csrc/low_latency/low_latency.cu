@@ -50,8 +50,12 @@
 namespace jax_ep::low_latency {
 namespace {
 
+// Send kernels and the combine receive: one block of 512 per SM; the
+// dispatch receive: blocks of 256, two per SM, one per local expert.
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
+constexpr int kRecvThreads = 256;
+constexpr int kRecvWarps = kRecvThreads / 32;
 constexpr int kMaxTopk = 32;
 constexpr int kMaxRanks = 64;
 // Tokens per source are swept 32 at a time with one bit per sweep and lane.
@@ -155,24 +159,47 @@ __device__ __forceinline__ uint64_t WaitFlag(const uint64_t* flag, int shift,
 
 // --- Moving rows ----------------------------------------------------------------
 
+// One warp copies `n` int4s, `kUnroll` loads in flight per lane before their
+// stores: a load-then-store loop would wait out the memory latency per int4.
+template <int kUnroll = 4>
+__device__ __forceinline__ void WarpCopy(int4* __restrict__ dst,
+                                         const int4* __restrict__ src,
+                                         int64_t n, int lane) {
+  for (int64_t base = 0; base < n; base += 32 * kUnroll) {
+    int4 v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = base + u * 32 + lane;
+      if (i < n) v[u] = src[i];
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = base + u * 32 + lane;
+      if (i < n) dst[i] = v[u];
+    }
+  }
+}
+
 // One warp copies `bytes` (a multiple of 16) from `src` to `dst`, then raises
 // `flag` to `value` after the data, by P2P stores when `peer_dst` (the
 // nvshmem_ptr mapping of `dst`) is set, else by an NVSHMEM put with signal.
-__device__ __forceinline__ void WarpSend(void* dst, void* peer_dst,
+// Returns whether it issued a put (the warp must then nvshmem_quiet before
+// the kernel ends). The lanes' stores precede the release through the warp
+// barrier: the flag store is cumulative over what the warp wrote.
+__device__ __forceinline__ bool WarpSend(void* dst, void* peer_dst,
                                          const void* src, int64_t bytes,
                                          uint64_t* flag, uint64_t* peer_flag,
                                          uint64_t value, int pe, int lane) {
   if (peer_dst != nullptr) {
-    const int4* s = static_cast<const int4*>(src);
-    int4* d = static_cast<int4*>(peer_dst);
-    for (int64_t i = lane; i < bytes / 16; i += 32) d[i] = s[i];
-    __threadfence_system();
+    WarpCopy(static_cast<int4*>(peer_dst), static_cast<const int4*>(src),
+             bytes / 16, lane);
     __syncwarp();
     if (lane == 0) sync::st_release_sys_global(peer_flag, value);
-  } else {
-    nvshmemx_putmem_signal_nbi_warp(dst, src, bytes, flag, value,
-                                    NVSHMEM_SIGNAL_SET, pe);
+    return false;
   }
+  nvshmemx_putmem_signal_nbi_warp(dst, src, bytes, flag, value,
+                                  NVSHMEM_SIGNAL_SET, pe);
+  return true;
 }
 
 template <typename T>
@@ -282,10 +309,12 @@ __global__ void __launch_bounds__(kThreads, 1)
         sync::st_release_sys_global(peer, value);
       } else {
         nvshmemx_signal_op(signal, value, NVSHMEM_SIGNAL_SET, pe);
+        nvshmem_quiet();
       }
     }
   }
 
+  bool put = false;  // whether this thread's warp issued NVSHMEM puts
   const int64_t message = sh.message_bytes();
   const int64_t payload = p.use_fp8 ? AlignUp(H + H / kScaleGroup * 4, 16)
                                     : 2 * H;
@@ -319,11 +348,11 @@ __global__ void __launch_bounds__(kThreads, 1)
       char* dst = set.data + layout.dispatch_data() + slot * message;
       uint64_t* flag = reinterpret_cast<uint64_t*>(
           set.flags + layout.dispatch_flags() + slot * 8);
-      WarpSend(dst, PeerPtr(dst, pe, p.force_put), stage, payload, flag,
-               PeerPtr(flag, pe, p.force_put), seq, pe, lane);
+      put |= WarpSend(dst, PeerPtr(dst, pe, p.force_put), stage, payload, flag,
+                      PeerPtr(flag, pe, p.force_put), seq, pe, lane);
     }
   }
-  nvshmem_quiet();
+  if (put) nvshmem_quiet();
   EndSend(p.state, seq);
 }
 
@@ -349,15 +378,15 @@ struct DispatchRecvParams {
 __device__ __forceinline__ void ZeroBytes(char* p, int64_t bytes) {
   // Both ends are 16-byte aligned: rows are multiples of 16 bytes, scales of 4
   // (handled by the word loop).
-  for (int64_t i = threadIdx.x; i < bytes / 16; i += kThreads) {
+  for (int64_t i = threadIdx.x; i < bytes / 16; i += blockDim.x) {
     reinterpret_cast<int4*>(p)[i] = make_int4(0, 0, 0, 0);
   }
-  for (int64_t i = bytes / 16 * 4 + threadIdx.x; i < bytes / 4; i += kThreads) {
+  for (int64_t i = bytes / 16 * 4 + threadIdx.x; i < bytes / 4; i += blockDim.x) {
     reinterpret_cast<int32_t*>(p)[i] = 0;
   }
 }
 
-__global__ void __launch_bounds__(kThreads, 1)
+__global__ void __launch_bounds__(kRecvThreads, 2)
     DispatchRecvKernel(DispatchRecvParams p) {
   const Shape& sh = p.shape;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -375,7 +404,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   __shared__ int32_t offsets[kMaxRanks + 1];
 
   for (int64_t l = blockIdx.x; l < L; l += gridDim.x) {
-    for (int64_t s = threadIdx.x; s < R; s += kThreads) {
+    for (int64_t s = threadIdx.x; s < R; s += kRecvThreads) {
       const uint64_t* signal = reinterpret_cast<const uint64_t*>(
           set.flags + layout.counts() + (l * R + s) * 8);
       const Site site{"low_latency_dispatch", "wait for the count of a local "
@@ -385,7 +414,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           ((1ull << kCountBits) - 1));
     }
     // Every slot empty until the packing below fills it.
-    for (int64_t i = threadIdx.x; i < S; i += kThreads) {
+    for (int64_t i = threadIdx.x; i < S; i += kRecvThreads) {
       p.slot[l * S + i] = static_cast<int32_t>(S);
       p.src_index[l * S + i] = static_cast<int32_t>(S);
     }
@@ -399,7 +428,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     // Per source, one warp waits for its `counts[s]` flags and packs them in
     // token order.
-    for (int64_t s = warp; s < R; s += kWarps) {
+    for (int64_t s = warp; s < R; s += kRecvWarps) {
       const uint64_t* flags = reinterpret_cast<const uint64_t*>(
           set.flags + layout.dispatch_flags()) + (l * R + s) * Tmax;
       const Site site{"low_latency_dispatch", "wait for the rows of a local "
@@ -439,15 +468,13 @@ __global__ void __launch_bounds__(kThreads, 1)
     __syncthreads();
 
     const int total = offsets[R];
-    for (int64_t i = warp; i < total; i += kWarps) {
+    for (int64_t i = warp; i < total; i += kRecvWarps) {
       const int64_t source = source_of[i];
       const char* message = set.data + layout.dispatch_data() +
                             (l * S + source) * sh.message_bytes();
       char* out = static_cast<char*>(p.recv_x) + (l * S + i) * row_bytes;
-      for (int64_t c = lane; c < row_bytes / 16; c += 32) {
-        reinterpret_cast<int4*>(out)[c] =
-            reinterpret_cast<const int4*>(message)[c];
-      }
+      WarpCopy(reinterpret_cast<int4*>(out),
+               reinterpret_cast<const int4*>(message), row_bytes / 16, lane);
       if (!p.use_fp8) continue;
       const float* scales = reinterpret_cast<const float*>(message + H);
       char* scale_out = static_cast<char*>(p.recv_scales) + (l * S + i) * scale_bytes;
@@ -502,31 +529,43 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int64_t L = sh.num_local(), Tmax = sh.max_tokens;
   const int64_t S = sh.num_ranks * Tmax, row_bytes = sh.combine_row_bytes();
 
-  for (int64_t g = blockIdx.x * kWarps + warp; g < L * S;
-       g += static_cast<int64_t>(gridDim.x) * kWarps) {
-    const int32_t source = p.src_index[g];
-    if (source >= S) continue;  // an empty slot
-    const int64_t l = g / S;
-    const int pe = static_cast<int>(source / Tmax);
-    const int64_t slot = (p.rank * L + l) * Tmax + source % Tmax;
-    char* dst = set.data + layout.combine_data() + slot * row_bytes;
-    uint64_t* flag = reinterpret_cast<uint64_t*>(
-        set.flags + layout.combine_flags() + slot * 8);
-    char* peer_dst = PeerPtr(dst, pe, p.force_put);
-    const char* src = p.y + g * row_bytes;
-    if (peer_dst == nullptr && !p.zero_copy) {
-      // Puts read a registered buffer: stage y's row in the symmetric heap.
-      char* stage = set.data + layout.combine_stage() + g * row_bytes;
-      for (int64_t c = lane; c < row_bytes / 16; c += 32) {
-        reinterpret_cast<int4*>(stage)[c] = reinterpret_cast<const int4*>(src)[c];
+  // Warp w of W takes slots w, w + W, w + 2W, ... (filled slots sit at the
+  // front of each expert's range, so this spreads them over the warps), 32
+  // at a time, and sends the rows of the filled ones.
+  bool put = false;
+  const int64_t num_warps = static_cast<int64_t>(gridDim.x) * kWarps;
+  for (int64_t g0 = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
+       g0 < L * S; g0 += 32 * num_warps) {
+    const int64_t mine_g = g0 + lane * num_warps;
+    const int32_t mine = mine_g < L * S ? p.src_index[mine_g]
+                                        : static_cast<int32_t>(S);
+    uint32_t filled = __ballot_sync(0xffffffffu, mine < S);
+    while (filled != 0) {
+      const int j = __ffs(filled) - 1;
+      filled &= filled - 1;
+      const int64_t g = g0 + j * num_warps;
+      const int32_t source = __shfl_sync(0xffffffffu, mine, j);
+      const int64_t l = g / S;
+      const int pe = static_cast<int>(source / Tmax);
+      const int64_t slot = (p.rank * L + l) * Tmax + source % Tmax;
+      char* dst = set.data + layout.combine_data() + slot * row_bytes;
+      uint64_t* flag = reinterpret_cast<uint64_t*>(
+          set.flags + layout.combine_flags() + slot * 8);
+      char* peer_dst = PeerPtr(dst, pe, p.force_put);
+      const char* src = p.y + g * row_bytes;
+      if (peer_dst == nullptr && !p.zero_copy) {
+        // Puts read a registered buffer: stage y's row in the symmetric heap.
+        char* stage = set.data + layout.combine_stage() + g * row_bytes;
+        WarpCopy(reinterpret_cast<int4*>(stage),
+                 reinterpret_cast<const int4*>(src), row_bytes / 16, lane);
+        __syncwarp();
+        src = stage;
       }
-      __syncwarp();
-      src = stage;
+      put |= WarpSend(dst, peer_dst, src, row_bytes, flag,
+                      PeerPtr(flag, pe, p.force_put), seq, pe, lane);
     }
-    WarpSend(dst, peer_dst, src, row_bytes, flag, PeerPtr(flag, pe, p.force_put),
-             seq, pe, lane);
   }
-  nvshmem_quiet();
+  if (put) nvshmem_quiet();
   EndSend(p.state, seq);
 }
 
@@ -553,58 +592,77 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int64_t L = sh.num_local(), K = sh.num_topk, H = sh.hidden;
   const int64_t row_bytes = sh.combine_row_bytes();
 
-  // The token's valid choices ordered by (rank, k): the reference's order.
-  __shared__ int32_t order[kMaxTopk];
+  // The token's valid choices ordered by (rank, k), the reference's order:
+  // expert, weight and rank of the j-th, and how many there are.
+  __shared__ int32_t expert[kMaxTopk];
+  __shared__ float weight[kMaxTopk];
+  __shared__ int32_t rank_of[kMaxTopk];
   __shared__ int num_valid;
 
   for (int64_t t = blockIdx.x; t < sh.num_tokens; t += gridDim.x) {
     const int32_t* choices = p.topk_idx + t * K;
-    if (threadIdx.x < K && FirstChoice(choices, threadIdx.x, sh.num_experts)) {
-      const int32_t e = choices[threadIdx.x];
-      const uint64_t* flag = reinterpret_cast<const uint64_t*>(
-          set.flags + layout.combine_flags() + (e * sh.max_tokens + t) * 8);
-      const Site site{"low_latency_combine", "wait for an expert's row",
-                      p.rank, static_cast<int>(e / L), e};
-      WaitFlag(flag, 0, seq, p.timeout_ns, site);
-    }
-    if (threadIdx.x == 0) {
-      int n = 0;
-      for (int64_t r = 0; r < sh.num_ranks; ++r) {
-        for (int k = 0; k < K; ++k) {
-          const int32_t e = choices[k];
-          if (ValidExpert(e, sh.num_experts) && e / L == r) order[n++] = k;
+    if (threadIdx.x == 0) num_valid = 0;
+    __syncthreads();
+    if (threadIdx.x < K) {
+      const int k = threadIdx.x;
+      const int32_t e = choices[k];
+      if (ValidExpert(e, sh.num_experts)) {
+        // Position among the valid choices by (rank, k).
+        int j = 0;
+        for (int k2 = 0; k2 < K; ++k2) {
+          const int32_t e2 = choices[k2];
+          j += ValidExpert(e2, sh.num_experts) &&
+               (e2 / L < e / L || (e2 / L == e / L && k2 < k));
+        }
+        expert[j] = e;
+        weight[j] = p.weights[t * K + k];
+        rank_of[j] = static_cast<int32_t>(e / L);
+        atomicAdd(&num_valid, 1);
+        if (FirstChoice(choices, k, sh.num_experts)) {
+          const uint64_t* flag = reinterpret_cast<const uint64_t*>(
+              set.flags + layout.combine_flags() + (e * sh.max_tokens + t) * 8);
+          const Site site{"low_latency_combine", "wait for an expert's row",
+                          p.rank, static_cast<int>(e / L), e};
+          WaitFlag(flag, 0, seq, p.timeout_ns, site);
         }
       }
-      num_valid = n;
     }
     __syncthreads();
 
+    const int n = num_valid;
     for (int64_t c = threadIdx.x; c < H / 8; c += kThreads) {
       float total[8], partial[8];
 #pragma unroll
       for (int i = 0; i < 8; ++i) total[i] = partial[i] = 0.0f;
-      int64_t rank = -1;
-      for (int j = 0; j < num_valid; ++j) {
-        const int k = order[j];
-        const int32_t e = choices[k];
-        if (e / L != rank) {
-          if (rank >= 0) {
+      // kBatch rows' loads in flight at once, then their sums in order.
+      constexpr int kBatch = 4;
+      for (int j0 = 0; j0 < n; j0 += kBatch) {
+        int4 raw[kBatch];
+#pragma unroll
+        for (int u = 0; u < kBatch; ++u) {
+          if (j0 + u < n) {
+            raw[u] = reinterpret_cast<const int4*>(
+                set.data + layout.combine_data() +
+                (expert[j0 + u] * sh.max_tokens + t) * row_bytes)[c];
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < kBatch; ++u) {
+          const int j = j0 + u;
+          if (j >= n) break;
+          if (j > 0 && rank_of[j] != rank_of[j - 1]) {
 #pragma unroll
             for (int i = 0; i < 8; ++i) {
               total[i] += partial[i];
               partial[i] = 0.0f;
             }
           }
-          rank = e / L;
-        }
-        const int4 raw = reinterpret_cast<const int4*>(
-            set.data + layout.combine_data() +
-            (e * sh.max_tokens + t) * row_bytes)[c];
-        const __nv_bfloat16* y = reinterpret_cast<const __nv_bfloat16*>(&raw);
-        const float w = p.weights[t * K + k];
+          const __nv_bfloat16* y =
+              reinterpret_cast<const __nv_bfloat16*>(&raw[u]);
 #pragma unroll
-        for (int i = 0; i < 8; ++i) {
-          partial[i] = __fmaf_rn(w, __bfloat162float(y[i]), partial[i]);
+          for (int i = 0; i < 8; ++i) {
+            partial[i] = __fmaf_rn(weight[j], __bfloat162float(y[i]), partial[i]);
+          }
         }
       }
       alignas(16) __nv_bfloat16 result[8];
@@ -615,7 +673,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       reinterpret_cast<int4*>(p.out + t * H)[c] =
           *reinterpret_cast<const int4*>(result);
     }
-    __syncthreads();  // `order` is reused by the next token
+    __syncthreads();  // the shared choices are reused by the next token
   }
 }
 
@@ -666,8 +724,10 @@ Status CheckShape(const char* op, const Heap& heap, const Shape& sh) {
   return Status();
 }
 
-int Grid(const Heap& heap, int64_t work) {
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(work, heap.num_sms)));
+// Blocks for `work` items, at most what is resident at once.
+int Grid(const Heap& heap, int64_t work, int blocks_per_sm = 1) {
+  return static_cast<int>(std::max<int64_t>(
+      1, std::min<int64_t>(work, int64_t{heap.num_sms} * blocks_per_sm)));
 }
 
 Status Launched(const char* what) {
@@ -719,7 +779,8 @@ Status LaunchDispatchRecv(const Heap& heap, const DispatchRecvArgs& a,
                        a.use_ue8m0, a.zero_padding, a.options.timeout_ns,
                        heap.rank, a.recv_x, a.recv_scales, a.count,
                        a.src_index, a.slot};
-  DispatchRecvKernel<<<Grid(heap, a.shape.num_local()), kThreads, 0, stream>>>(p);
+  DispatchRecvKernel<<<Grid(heap, a.shape.num_local(), 2), kRecvThreads, 0,
+                       stream>>>(p);
   return Launched("DispatchRecvKernel launch");
 }
 
