@@ -160,8 +160,13 @@ def low_latency_dispatch(buffer: Buffer, x: jax.Array, topk_idx: jax.Array, *,
   if not isinstance(zero_padding, bool):
     raise TypeError(
         f"jax_ep.{op}: zero_padding must be a bool, got {zero_padding!r}")
+  kernels = buffer.ll_kernels(op)
+  if kernels is not None:
+    cuda_ll.check_shapes(op, kernels, max_tokens=max_tokens, hidden=hidden,
+                         topk=topk_idx.shape[1], num_experts=num_experts,
+                         num_ranks=num_ranks)
   send = _DispatchSend(buffer.axis_name, num_ranks, num_experts, max_tokens,
-                       use_fp8, round_scale, use_ue8m0, buffer.ll_kernels(op))
+                       use_fp8, round_scale, use_ue8m0, kernels)
   receive = _DispatchReceive(send, num_tokens, topk_idx.shape[1], hidden,
                              zero_padding)
   if return_recv_hook:
@@ -278,7 +283,13 @@ def low_latency_combine(buffer: Buffer, y: jax.Array, topk_idx: jax.Array,
     raise ValueError(f"jax_ep.{op}: topk_weights is required")
   if not isinstance(zero_copy, bool):
     raise TypeError(f"jax_ep.{op}: zero_copy must be a bool, got {zero_copy!r}")
-  combine = _Combine(buffer.axis_name, buffer.ll_kernels(op), zero_copy)
+  kernels = buffer.ll_kernels(op)
+  if kernels is not None:
+    cuda_ll.check_shapes(op, kernels, max_tokens=handle.max_tokens,
+                         hidden=handle.hidden, topk=topk_idx.shape[1],
+                         num_experts=handle.num_experts,
+                         num_ranks=handle.num_ranks)
+  combine = _Combine(buffer.axis_name, kernels, zero_copy)
   if return_recv_hook:
     y, topk_weights = no_gradient((y, topk_weights), _HOOK_NO_GRAD.format(op=op))
     return RecvHook(combine.send(y, topk_idx, topk_weights, handle), combine)
@@ -297,8 +308,19 @@ def _ll_combine_fwd(combine, y, topk_idx, topk_weights, handle):
 
 def _ll_combine_bwd(combine, residual, g):
   y, topk_idx, topk_weights, handle = residual
-  d_y, d_weights = reference.combine_grads(g, y, topk_idx, topk_weights,
-                                           handle, axis_name=combine.axis_name)
+  g_at_slots = None
+  if combine.kernels is not None:
+    # The rows of g at the forward's slots: a bf16 dispatch of g with the
+    # same routing (the packing is deterministic, so the slots agree).
+    send = _DispatchSend(combine.axis_name, handle.num_ranks,
+                         handle.num_experts, handle.max_tokens, False, False,
+                         False, combine.kernels)
+    receive = _DispatchReceive(send, handle.num_tokens, topk_idx.shape[1],
+                               handle.hidden, True)
+    g_at_slots = receive(send(g, topk_idx)).x
+  d_y, d_weights = reference.combine_grads(
+      g, y, topk_idx, topk_weights, handle, axis_name=combine.axis_name,
+      g_at_slots=g_at_slots)
   return d_y, None, d_weights, None
 
 

@@ -245,7 +245,8 @@ class Buffer:
             f"one EP group per job; the mesh has {len(groups)} along the "
             "other axes")
       self._heap = nvshmem.open_heap(groups[0], int(num_ll_bytes))
-      self._ll = low_latency.LlKernels(ll_transport == "put", float(timeout_s))
+      self._ll = low_latency.LlKernels(ll_transport == "put", float(timeout_s),
+                                       int(num_ll_bytes))
 
   @property
   def num_ranks(self) -> int:

@@ -24,6 +24,11 @@ from jax_ep._src.cuda.intranode import mark_varying
 from jax_ep._src.fp8 import FP8_DTYPE, GROUP
 
 _TICKET = jax.ShapeDtypeStruct((2,), jnp.uint32)
+# The kernels' limits (csrc/low_latency/low_latency.cu).
+MAX_TOKENS = 1024
+MAX_SLOTS_PER_EXPERT = 8192  # R * Tmax
+MAX_TOPK = 32
+MAX_RANKS = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,10 +37,38 @@ class LlKernels:
 
   force_put: bool  # NVSHMEM puts even to peers that P2P stores reach
   timeout_s: float
+  heap_bytes: int  # the Buffer's num_ll_bytes
 
   @property
   def timeout_ns(self) -> np.int64:
     return np.int64(round(self.timeout_s * 1e9))
+
+
+def check_shapes(op: str, kernels: LlKernels, *, max_tokens: int,
+                 hidden: int, topk: int, num_experts: int,
+                 num_ranks: int) -> None:
+  """Trace-time refusal of shapes the kernels or the heap cannot take."""
+  limits = (
+      (max_tokens <= MAX_TOKENS, "num_max_dispatch_tokens_per_rank",
+       max_tokens, f"<= {MAX_TOKENS}"),
+      (num_ranks * max_tokens <= MAX_SLOTS_PER_EXPERT,
+       "num_ranks * num_max_dispatch_tokens_per_rank", num_ranks * max_tokens,
+       f"<= {MAX_SLOTS_PER_EXPERT}"),
+      (num_ranks <= MAX_RANKS, "the EP size", num_ranks, f"<= {MAX_RANKS}"),
+      (topk <= MAX_TOPK, "topk", topk, f"<= {MAX_TOPK}"),
+  )
+  for ok, name, value, limit in limits:
+    if not ok:
+      raise ValueError(f"jax_ep.{op}: the low-latency kernels need {name} "
+                       f"{limit}, got {value}")
+  from jax_ep._src.cuda import nvshmem  # pylint: disable=g-import-not-at-top
+  need = nvshmem.heap_bytes(max_tokens, hidden, num_experts)
+  if need > kernels.heap_bytes:
+    raise ValueError(
+        f"jax_ep.{op}: the Buffer's num_ll_bytes ({kernels.heap_bytes}) is "
+        f"too small for Tmax={max_tokens}, H={hidden}, E={num_experts}, which "
+        f"need {need}: size it with jax_ep.ll_buffer_bytes for the largest "
+        "shapes you run")
 
 
 def _call(target: str, out_types, *args, **attrs):

@@ -99,35 +99,41 @@ def combine_receive(partials, dtype):
 
 
 def combine_grads(g_out, y, topk_idx, topk_weights, handle: LowLatencyHandle,
-                  *, axis_name: str):
+                  *, axis_name: str, g_at_slots=None):
   """Cotangents of `y` and `topk_weights` for `combine_*` given `g_out[T, H]`.
 
   `d_y[l, slot] = g_out[t] * (sum of w[t, k] over the k choosing expert l)`
-  on the rank holding l; `d_w[t, k] = <g_out[t], y[row of (t, k)]>`.
+  on the rank holding l; `d_w[t, k] = <g_out[t], y[row of (t, k)]>`, summed
+  on the expert's rank and sent home. `g_at_slots[L, R*Tmax, H]`, the rows of
+  `g_out` at the dispatch's slots (zero in empty ones), is what a dispatch of
+  `g_out` with the same routing returns; gathered here when not given.
   """
   num_ranks = handle.num_ranks
   num_tokens = topk_idx.shape[0]
   num_local, slots, hidden = y.shape
   rank = lax.axis_index(axis_name)
-  g_all = lax.all_gather(g_out, axis_name, tiled=True).astype(jnp.float32)
   local = local_expert_ids(lax.all_gather(topk_idx, axis_name, tiled=True),
                            rank, num_local)
   weights = lax.all_gather(topk_weights, axis_name, tiled=True)
 
   row = _slot_rows(handle.src_index, num_tokens, handle.max_tokens,
                    num_ranks).reshape(-1)
+  if g_at_slots is None:
+    g_all = lax.all_gather(g_out, axis_name, tiled=True)
+    g_at_slots = gather_rows(g_all, row).reshape(num_local, slots, hidden)
+  g_at_slots = g_at_slots.astype(jnp.float32)
   slot_ids = gather_rows(local, row, fill=-1).reshape(num_local, slots, -1)
   slot_weights = gather_rows(weights, row).reshape(num_local, slots, -1)
   chosen = slot_ids == jnp.arange(num_local)[:, None, None]
   scale = jnp.where(chosen, slot_weights, 0.0).sum(-1)
-  d_y = gather_rows(g_all, row).reshape(num_local, slots, hidden)
-  d_y = (d_y * scale[..., None]).astype(y.dtype)
+  d_y = (g_at_slots * scale[..., None]).astype(y.dtype)
 
+  # <g_out[t], y[slot]> per slot, then per (source token, k) on this rank.
+  slot_dots = jnp.einsum("lsh,lsh->ls", g_at_slots,
+                         y.astype(jnp.float32)).reshape(-1)
   rows = _expert_rows(handle, local, num_tokens)
-  table = y.reshape(-1, hidden)
-  dots = jnp.stack([
-      jnp.einsum("th,th->t", g_all, gather_rows(table, rows[:, k]).astype(
-          jnp.float32)) for k in range(local.shape[1])], axis=-1)
+  dots = jnp.stack([gather_rows(slot_dots, rows[:, k])
+                    for k in range(local.shape[1])], axis=-1)
   dots = dots.reshape(num_ranks, num_tokens, local.shape[1])
   dots = lax.all_to_all(dots, axis_name, 0, 0)
   return d_y, dots.sum(0)
