@@ -276,3 +276,22 @@ def assert_close(got, want, what: str, ctx: str, *, rtol: float,
 def context(seed: int, **params) -> str:
   extra = ", ".join(f"{k}={v}" for k, v in params.items())
   return f"seed={seed} (rerun with JAX_EP_TEST_SEED={seed}){', ' + extra if extra else ''}"
+
+
+# Low-latency dispatch modes, by name.
+FP8_MODES = {
+    "bf16": dict(use_fp8=False),
+    "fp8": dict(use_fp8=True),
+    "fp8_round_scale": dict(use_fp8=True, round_scale=True),
+    "fp8_ue8m0": dict(use_fp8=True, use_ue8m0=True),
+    "fp8_round_scale_ue8m0": dict(use_fp8=True, round_scale=True,
+                                  use_ue8m0=True),
+}
+
+
+def ll_tokens(rng, num_ranks, num_tokens, hidden):
+  """bf16 rows with per-token magnitudes from 2^-12 to 2^12; one zero row."""
+  x = normal(rng, (num_ranks, num_tokens, hidden)) * np.exp2(
+      rng.integers(-12, 13, size=(num_ranks, num_tokens, 1))).astype(np.float32)
+  x[0, 0] = 0.0  # amax floor
+  return x.astype(BF16)

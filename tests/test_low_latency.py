@@ -18,27 +18,12 @@ import pytest
 
 import dense_model as dm
 import jax_ep
-from ep_testing import (BF16, ROUTINGS, Ep, assert_bf16_sum, assert_same,
-                        context, dyadic, flat, normal, routing, weights)
+from ep_testing import (BF16, FP8_MODES, ROUTINGS, Ep, assert_bf16_sum,
+                        assert_same, context, dyadic, flat, ll_tokens as tokens,
+                        normal, routing, weights)
 from specs import RANKS, SPECS, params
 
 F32 = np.float32
-FP8_MODES = {
-    "bf16": dict(use_fp8=False),
-    "fp8": dict(use_fp8=True),
-    "fp8_round_scale": dict(use_fp8=True, round_scale=True),
-    "fp8_ue8m0": dict(use_fp8=True, use_ue8m0=True),
-    "fp8_round_scale_ue8m0": dict(use_fp8=True, round_scale=True,
-                                  use_ue8m0=True),
-}
-
-
-def tokens(rng, num_ranks, num_tokens, hidden):
-  """bf16 rows with per-token magnitudes from 2^-12 to 2^12; one zero row."""
-  x = normal(rng, (num_ranks, num_tokens, hidden)) * np.exp2(
-      rng.integers(-12, 13, size=(num_ranks, num_tokens, 1))).astype(F32)
-  x[0, 0] = 0.0  # amax floor
-  return x.astype(BF16)
 
 
 def check_ll_dispatched(got, want: dm.LowLatencyDispatch, ctx, *, fp8,

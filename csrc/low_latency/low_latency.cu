@@ -7,10 +7,11 @@
 // the buffer set; the send returns `seq` as a ticket that the receive takes.
 //
 // Flags are never cleared: a flag or count signal holds the sequence number of
-// the call that wrote it, so a receiver waits until it reaches `seq`. A value
-// above `seq` means a send two calls later reused the set before this receive
-// ran (more than one op between a send and its receive): the kernel reports
-// it and traps rather than read overwritten rows.
+// the call that wrote it, so a receiver waits until it reaches `seq`. A set is
+// reused two calls later: before a send writes to the peers, it waits until
+// every peer has received the call that last used the set (each receive
+// kernel's last block tells every peer so, in `received`). A flag above `seq`
+// would mean that handshake failed: the kernel reports it and traps.
 //
 // Dispatch. The send kernel casts each token once (fp8 per 128 channels, or
 // the bf16 row as is), then one warp per (token, distinct expert) writes the
@@ -57,7 +58,6 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kRecvThreads = 256;
 constexpr int kRecvWarps = kRecvThreads / 32;
 constexpr int kMaxTopk = 32;
-constexpr int kMaxRanks = 64;
 // Tokens per source are swept 32 at a time with one bit per sweep and lane.
 constexpr int64_t kMaxTokens = 32 * 32;
 constexpr float kFp8Max = 448.0f;
@@ -81,32 +81,25 @@ __device__ __forceinline__ uint64_t TicketSequence(const uint32_t* ticket) {
          (static_cast<uint64_t>(ticket[1]) << 32);
 }
 
-// Every block reads the call's sequence number first; block 0 hands it out.
-__device__ __forceinline__ uint64_t BeginSend(const State* state,
-                                              uint32_t* ticket) {
-  __shared__ uint64_t seq;
+// The last block of a kernel to arrive at `done` gets true (and resets it):
+// every other block has finished its memory operations by then.
+__device__ __forceinline__ bool LastBlock(unsigned int* done) {
+  __shared__ bool last;
+  __syncthreads();
   if (threadIdx.x == 0) {
-    seq = *reinterpret_cast<const volatile unsigned long long*>(
-              &state->sequence) + 1;
-    if (blockIdx.x == 0) {
-      ticket[0] = static_cast<uint32_t>(seq);
-      ticket[1] = static_cast<uint32_t>(seq >> 32);
-    }
+    __threadfence();
+    last = atomicAdd(done, 1u) == gridDim.x - 1;
+    if (last) *done = 0;
   }
   __syncthreads();
-  return seq;
+  return last;
 }
 
 // The last block to finish stores the sequence number: every block has read
 // the old one by then, and the next call's kernel starts after this one.
 __device__ __forceinline__ void EndSend(State* state, uint64_t seq) {
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    __threadfence();
-    if (atomicAdd(&state->blocks_done, 1u) == gridDim.x - 1) {
-      state->blocks_done = 0;
-      state->sequence = seq;
-    }
+  if (LastBlock(&state->send_blocks_done) && threadIdx.x == 0) {
+    state->sequence = seq;
   }
 }
 
@@ -134,9 +127,9 @@ __device__ __forceinline__ bool Arrived(uint64_t value, int shift, uint64_t seq,
                                         const Site& site) {
   const uint64_t got = value >> shift;
   if (got > seq) {
-    Report(site, "overrun (a later call reused this buffer set before the "
-           "receive; at most one op may run between a send and its receive)",
-           seq, got);
+    // The send handshake makes this impossible; it would be a protocol bug.
+    Report(site, "overrun (a later call wrote this buffer set before the "
+           "receive)", seq, got);
   }
   return got == seq;
 }
@@ -155,6 +148,60 @@ __device__ __forceinline__ uint64_t WaitFlag(const uint64_t* flag, int shift,
     }
   }
   return value;
+}
+
+// Every block reads the call's sequence number first; block 0 hands it out.
+// Then it waits until every peer has received the call that last used this
+// buffer set (seq - 2), so that nothing it writes overwrites unread rows.
+__device__ __forceinline__ uint64_t BeginSend(const State* state,
+                                              uint32_t* ticket, char* heap,
+                                              int64_t set_bytes, int rank,
+                                              int num_ranks, int64_t timeout_ns,
+                                              const char* op) {
+  __shared__ uint64_t seq;
+  if (threadIdx.x == 0) {
+    seq = *reinterpret_cast<const volatile unsigned long long*>(
+              &state->sequence) + 1;
+    if (blockIdx.x == 0) {
+      ticket[0] = static_cast<uint32_t>(seq);
+      ticket[1] = static_cast<uint32_t>(seq >> 32);
+    }
+  }
+  __syncthreads();
+  if (seq > 2 && threadIdx.x < num_ranks) {
+    const uint64_t* received = reinterpret_cast<const uint64_t*>(
+        SetOf(heap, set_bytes, seq).flags + SetLayout{}.received()) +
+        threadIdx.x;
+    const sync::WaitSite site{op, "wait for the peers to receive the buffer "
+                              "set's last call (at most two sends may wait "
+                              "for their receives)",
+                              rank, static_cast<int>(threadIdx.x)};
+    sync::wait_at_least_acquire_sys(received, seq - 2, timeout_ns, site);
+  }
+  __syncthreads();
+  return seq;
+}
+
+// A receive kernel's last block tells every peer that this rank has received
+// call `seq` from the set, so that their sends may reuse it.
+__device__ __forceinline__ void EndRecv(State* state, char* set_flags,
+                                        uint64_t seq, int rank, int num_ranks,
+                                        bool force_put) {
+  if (!LastBlock(&state->recv_blocks_done) ||
+      threadIdx.x >= static_cast<unsigned>(num_ranks)) {
+    return;
+  }
+  const int pe = threadIdx.x;
+  uint64_t* word = reinterpret_cast<uint64_t*>(
+                       set_flags + SetLayout{}.received()) + rank;
+  uint64_t* peer = force_put ? nullptr
+                             : static_cast<uint64_t*>(nvshmem_ptr(word, pe));
+  if (peer != nullptr) {
+    sync::st_release_sys_global(peer, seq);
+  } else {
+    nvshmemx_signal_op(word, seq, NVSHMEM_SIGNAL_SET, pe);
+    nvshmem_quiet();
+  }
 }
 
 // --- Moving rows ----------------------------------------------------------------
@@ -273,6 +320,7 @@ struct DispatchSendParams {
   bool use_fp8;
   bool round_scale;
   bool force_put;
+  int64_t timeout_ns;
   int rank;
 };
 
@@ -280,7 +328,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     DispatchSendKernel(DispatchSendParams p) {
   const Shape& sh = p.shape;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const uint64_t seq = BeginSend(p.state, p.ticket);
+  const uint64_t seq =
+      BeginSend(p.state, p.ticket, p.heap, p.set_bytes, p.rank, sh.num_ranks,
+                p.timeout_ns, "low_latency_dispatch");
   const SetLayout layout{sh};
   const SetPointers set = SetOf(p.heap, p.set_bytes, seq);
   const int64_t L = sh.num_local(), R = sh.num_ranks, K = sh.num_topk;
@@ -367,6 +417,8 @@ struct DispatchRecvParams {
   bool use_ue8m0;
   bool zero_padding;
   int64_t timeout_ns;
+  State* state;
+  bool force_put;
   int rank;
   void* recv_x;
   void* recv_scales;
@@ -502,6 +554,7 @@ __global__ void __launch_bounds__(kRecvThreads, 2)
     }
     __syncthreads();  // shared memory is reused by the next expert
   }
+  EndRecv(p.state, set.flags, seq, p.rank, R, p.force_put);
 }
 
 // --- Combine send -------------------------------------------------------------------
@@ -516,6 +569,7 @@ struct CombineSendParams {
   const int32_t* src_index;
   bool zero_copy;
   bool force_put;
+  int64_t timeout_ns;
   int rank;
 };
 
@@ -523,7 +577,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     CombineSendKernel(CombineSendParams p) {
   const Shape& sh = p.shape;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const uint64_t seq = BeginSend(p.state, p.ticket);
+  const uint64_t seq =
+      BeginSend(p.state, p.ticket, p.heap, p.set_bytes, p.rank, sh.num_ranks,
+                p.timeout_ns, "low_latency_combine");
   const SetLayout layout{sh};
   const SetPointers set = SetOf(p.heap, p.set_bytes, seq);
   const int64_t L = sh.num_local(), Tmax = sh.max_tokens;
@@ -579,6 +635,8 @@ struct CombineRecvParams {
   const int32_t* topk_idx;
   const float* weights;
   int64_t timeout_ns;
+  State* state;
+  bool force_put;
   int rank;
   __nv_bfloat16* out;
 };
@@ -675,6 +733,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     __syncthreads();  // the shared choices are reused by the next token
   }
+  EndRecv(p.state, set.flags, seq, p.rank, sh.num_ranks, p.force_put);
 }
 
 // --- Launchers ------------------------------------------------------------------------
@@ -688,8 +747,10 @@ Status CheckShape(const char* op, const Heap& heap, const Shape& sh) {
                " ranks but NVSHMEM has " + std::to_string(heap.num_ranks) +
                " PEs");
   }
-  if (sh.num_experts <= 0 || sh.num_experts % sh.num_ranks != 0) {
-    return bad("num_experts must be a positive multiple of the ranks, got " +
+  if (sh.num_experts <= 0 || sh.num_experts % sh.num_ranks != 0 ||
+      sh.num_experts > kMaxExperts) {
+    return bad("num_experts must be a positive multiple of the ranks, at most " +
+               std::to_string(kMaxExperts) + ", got " +
                std::to_string(sh.num_experts));
   }
   if (sh.max_tokens < 1 || sh.max_tokens > kMaxTokens ||
@@ -758,7 +819,8 @@ Status LaunchDispatchSend(const Heap& heap, const DispatchSendArgs& a,
   }
   DispatchSendParams p{a.shape, heap.base, heap.set_bytes, heap.state, a.ticket,
                        static_cast<const __nv_bfloat16*>(a.x), a.topk_idx,
-                       a.use_fp8, a.round_scale, a.options.force_put, heap.rank};
+                       a.use_fp8, a.round_scale, a.options.force_put,
+                       a.options.timeout_ns, heap.rank};
   const int64_t count_blocks = (a.shape.num_experts + kWarps - 1) / kWarps;
   DispatchSendKernel<<<Grid(heap, std::max(a.shape.num_tokens, count_blocks)),
                        kThreads, 0, stream>>>(p);
@@ -777,8 +839,8 @@ Status LaunchDispatchRecv(const Heap& heap, const DispatchRecvArgs& a,
   }
   DispatchRecvParams p{a.shape, heap.base, heap.set_bytes, a.ticket, a.use_fp8,
                        a.use_ue8m0, a.zero_padding, a.options.timeout_ns,
-                       heap.rank, a.recv_x, a.recv_scales, a.count,
-                       a.src_index, a.slot};
+                       heap.state, a.options.force_put, heap.rank, a.recv_x,
+                       a.recv_scales, a.count, a.src_index, a.slot};
   DispatchRecvKernel<<<Grid(heap, a.shape.num_local(), 2), kRecvThreads, 0,
                        stream>>>(p);
   return Launched("DispatchRecvKernel launch");
@@ -791,7 +853,7 @@ Status LaunchCombineSend(const Heap& heap, const CombineSendArgs& a,
   }
   CombineSendParams p{a.shape, heap.base, heap.set_bytes, heap.state, a.ticket,
                       static_cast<const char*>(a.y), a.src_index, a.zero_copy,
-                      a.options.force_put, heap.rank};
+                      a.options.force_put, a.options.timeout_ns, heap.rank};
   const int64_t rows = a.shape.num_experts * a.shape.max_tokens;
   CombineSendKernel<<<Grid(heap, (rows + kWarps - 1) / kWarps), kThreads, 0,
                       stream>>>(p);
@@ -804,7 +866,8 @@ Status LaunchCombineRecv(const Heap& heap, const CombineRecvArgs& a,
     return s;
   }
   CombineRecvParams p{a.shape, heap.base, heap.set_bytes, a.ticket, a.topk_idx,
-                      a.weights, a.options.timeout_ns, heap.rank,
+                      a.weights, a.options.timeout_ns, heap.state,
+                      a.options.force_put, heap.rank,
                       static_cast<__nv_bfloat16*>(a.out)};
   CombineRecvKernel<<<Grid(heap, a.shape.num_tokens), kThreads, 0, stream>>>(p);
   return Launched("CombineRecvKernel launch");

@@ -18,6 +18,8 @@ constexpr int64_t kScaleGroup = 128;  // channels per fp8 scale
 constexpr int kCountBits = 24;
 // R * Tmax slots per local expert are indexed in shared memory (int32 each).
 constexpr int64_t kMaxSlotsPerExpert = 8192;
+constexpr int64_t kMaxRanks = 64;
+constexpr int64_t kMaxExperts = 4096;
 
 __host__ __device__ inline int64_t AlignUp(int64_t v, int64_t a) {
   return (v + a - 1) / a * a;
@@ -44,13 +46,17 @@ struct Shape {
 
 // One buffer set of the symmetric heap (two sets alternate, by sequence
 // parity). Flags come first, in a region of a fixed share of the set, so that
-// calls of different shapes never read another call's data as a flag.
+// calls of different shapes never read another call's data as a flag. The
+// words whose values are not plain sequence numbers sit at fixed offsets, so
+// that no call reads another shape's count signal as a flag.
 //
 //   flags region (set_bytes / kFlagShare):
+//     received        u64[kMaxRanks]    the last call rank s has received
+//                                       from this set, at s
+//     counts          u64[kMaxExperts]  count signal of (l, s) at l * R + s
 //     dispatch_flags  u64[E, Tmax]   message (local expert l of the receiver,
 //                                    source s, token t) at (l * R + s) * Tmax + t
 //     combine_flags   u64[E, Tmax]   combine row (global expert e, token t)
-//     counts          u64[E]         count signal of (l, s) at l * R + s
 //   data region:
 //     dispatch_data   [E * Tmax] messages, indexed like dispatch_flags
 //     combine_data    [E * Tmax] bf16 rows of H, indexed like combine_flags
@@ -61,12 +67,17 @@ constexpr int64_t kFlagShare = 64;
 
 struct SetLayout {
   Shape shape;
-  __host__ __device__ int64_t flags_bytes() const {
-    return AlignUp((2 * shape.num_slots() + shape.num_experts) * 8, kAlign);
+  __host__ __device__ int64_t received() const { return 0; }
+  __host__ __device__ int64_t counts() const { return kMaxRanks * 8; }
+  __host__ __device__ int64_t dispatch_flags() const {
+    return (kMaxRanks + kMaxExperts) * 8;
   }
-  __host__ __device__ int64_t dispatch_flags() const { return 0; }
-  __host__ __device__ int64_t combine_flags() const { return shape.num_slots() * 8; }
-  __host__ __device__ int64_t counts() const { return 2 * shape.num_slots() * 8; }
+  __host__ __device__ int64_t combine_flags() const {
+    return dispatch_flags() + shape.num_slots() * 8;
+  }
+  __host__ __device__ int64_t flags_bytes() const {
+    return AlignUp(combine_flags() + shape.num_slots() * 8, kAlign);
+  }
   // Offsets from the start of the data region.
   __host__ __device__ int64_t dispatch_data() const { return 0; }
   __host__ __device__ int64_t combine_data() const {
@@ -96,11 +107,13 @@ struct SetView {
 };
 
 // Device-resident state shared by every low-latency call of this process:
-// the sequence number of the last send (its parity picks the set) and the
-// finished-block count the send kernels use to advance it once.
+// the sequence number of the last send (its parity picks the set), and the
+// finished-block counts the send kernels use to advance it once and the
+// receive kernels to tell the peers once that they are done.
 struct State {
   unsigned long long sequence;
-  unsigned int blocks_done;
+  unsigned int send_blocks_done;
+  unsigned int recv_blocks_done;
 };
 
 // The heap as the launchers get it from the runtime (csrc/runtime/nvshmem_heap).

@@ -38,7 +38,9 @@ class RecvHook:
   `hook(*after)` issues the receive and returns the op's result. Arrays in
   `after` (e.g. the outputs of compute placed between send and receive) are
   tied to the receive with `lax.optimization_barrier`, which pins it after
-  that compute in XLA's schedule. A pytree: it may cross `jit` boundaries.
+  that compute in XLA's schedule. XLA drops from the barrier arrays that
+  nothing else uses (and then never computes them): pass arrays the program
+  goes on to use. A pytree: it may cross `jit` boundaries.
   """
 
   pending: Any

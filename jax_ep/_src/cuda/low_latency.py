@@ -5,9 +5,10 @@ jax_ep_ll_combine_send, jax_ep_ll_combine_recv).
 A send half returns a ticket (uint32[2], the call's sequence number, made on
 the device) that its receive half takes: the receive reads the buffer set the
 send filled. Between them no SM is held, so compute placed there overlaps the
-transfer. Every rank must issue the same sends in the same order; at most one
-other low-latency op may run between a send and its receive (the kernels trap
-with a message otherwise). Needs this process's NVSHMEM heap
+transfer. Every rank must issue the same sends in the same order. Two buffer
+sets alternate: a send waits until every peer has received the call that last
+used its set, so at most two sends may wait for their receives (a third times
+out with a message). Needs this process's NVSHMEM heap
 (`nvshmem.open_heap`), sized with `nvshmem.heap_bytes`.
 """
 
@@ -29,6 +30,7 @@ MAX_TOKENS = 1024
 MAX_SLOTS_PER_EXPERT = 8192  # R * Tmax
 MAX_TOPK = 32
 MAX_RANKS = 64
+MAX_EXPERTS = 4096
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +57,8 @@ def check_shapes(op: str, kernels: LlKernels, *, max_tokens: int,
        "num_ranks * num_max_dispatch_tokens_per_rank", num_ranks * max_tokens,
        f"<= {MAX_SLOTS_PER_EXPERT}"),
       (num_ranks <= MAX_RANKS, "the EP size", num_ranks, f"<= {MAX_RANKS}"),
+      (num_experts <= MAX_EXPERTS, "num_experts", num_experts,
+       f"<= {MAX_EXPERTS}"),
       (topk <= MAX_TOPK, "topk", topk, f"<= {MAX_TOPK}"),
   )
   for ok, name, value, limit in limits:

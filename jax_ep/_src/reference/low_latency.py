@@ -84,7 +84,10 @@ def combine_send(y, topk_idx, topk_weights, handle: LowLatencyHandle, *,
   rows = _expert_rows(handle, local, num_tokens)
   partial = jnp.zeros((num_ranks * num_tokens, y.shape[-1]), jnp.float32)
   for k in range(local.shape[1]):
-    partial = partial + weights[:, k:k + 1] * gather_rows(
+    # A zero weight where k has no row here: w * 0 would be -0 for w < 0,
+    # which XLA may keep as the sum when it folds away the `0 +`.
+    weight = jnp.where(rows[:, k] < table.shape[0], weights[:, k], 0.0)
+    partial = partial + weight[:, None] * gather_rows(
         table, rows[:, k]).astype(jnp.float32)
   partial = partial.reshape(num_ranks, num_tokens, y.shape[-1])
   return lax.all_to_all(partial, axis_name, 0, 0)
