@@ -3,6 +3,10 @@
 Run it as one process per GPU through the launcher, e.g. on two GPUs:
   python -m jax_ep.launch -n 2 -- python -m bench --shape dsv3
 or in one process driving every local GPU: python -m bench --shape dsv3
+The low-latency ops run when listed (jax_ep's LL kernels need one process
+per GPU):
+  python -m jax_ep.launch -n 2 -- python -m bench --shape dsv3_ll \
+      --ops ll_dispatch,ll_combine,ll_dispatch_combine,ll_overlap
 """
 
 from __future__ import annotations
@@ -13,11 +17,12 @@ import datetime
 
 import jax
 
-from bench import harness, normal
+from bench import harness, low_latency, normal
 from bench.shapes import SHAPES
 
 _IMPLS = ("jax_ep", "reference", "all_to_all", "ragged_all_to_all")
-_OPS = ("layout", "dispatch", "combine", "dispatch_combine")
+_NORMAL_OPS = ("layout", "dispatch", "combine", "dispatch_combine")
+_OPS = _NORMAL_OPS + low_latency.OPS
 
 
 def _csv(choices):
@@ -47,7 +52,9 @@ def main(argv=None) -> None:
                       "default: the Buffer's config)")
   parser.add_argument("--hidden", type=int, help="override the hidden size")
   parser.add_argument("--impls", type=_csv(_IMPLS), default=list(_IMPLS))
-  parser.add_argument("--ops", type=_csv(_OPS), default=list(_OPS))
+  parser.add_argument("--ops", type=_csv(_OPS), default=list(_NORMAL_OPS),
+                      help="default: the normal ops; the low-latency ones "
+                      f"({','.join(low_latency.OPS)}) run when listed")
   parser.add_argument("--dtypes", type=_csv(("bf16", "fp8")),
                       default=["bf16", "fp8"])
   parser.add_argument("--iters", type=int, default=10,
@@ -67,15 +74,24 @@ def main(argv=None) -> None:
   impls = list(args.impls)
   if "jax_ep" in impls and jax_ep_backend(mesh) != "cuda":
     impls.remove("jax_ep")  # without kernels it would time the reference twice
+    if jax.process_index() == 0:
+      print("jax_ep: skipped (no CUDA kernels here: its backend would be "
+            "the reference)")
+  normal_ops = [op for op in args.ops if op in _NORMAL_OPS]
+  ll_ops = [op for op in args.ops if op in low_latency.OPS]
   if jax.process_index() == 0:
     harness.print_header()
   records = []
+  common = dict(seed=args.seed, iters=args.iters, reps=args.reps,
+                warmup=args.warmup)
   for tokens in args.tokens or [base.tokens]:
     shape = dataclasses.replace(base, tokens=tokens)
-    records += normal.run(mesh, shape, impls=impls, dtypes=args.dtypes,
-                          ops=args.ops, seed=args.seed, iters=args.iters,
-                          reps=args.reps, warmup=args.warmup,
-                          num_sms=args.num_sms)
+    if normal_ops:
+      records += normal.run(mesh, shape, impls=impls, dtypes=args.dtypes,
+                            ops=normal_ops, num_sms=args.num_sms, **common)
+    if ll_ops:
+      records += low_latency.run(mesh, shape, impls=impls, dtypes=args.dtypes,
+                                 ops=ll_ops, **common)
   if jax.process_index() == 0:
     device = harness.device_name().replace(" ", "_")
     out = args.out or (f"bench/results/{datetime.date.today().isoformat()}_"

@@ -90,6 +90,9 @@ class Record:
       default_factory=lambda: datetime.date.today().isoformat())
   command: str = dataclasses.field(default_factory=lambda: _command())
   processes: int = dataclasses.field(default_factory=jax.process_count)
+  # What the figure needs said beside it (an option that differs from the
+  # peers', what an overlap hid); None for most records.
+  note: str | None = None
 
 
 def _command() -> str:
@@ -113,7 +116,7 @@ def write_records(records: list[Record], path: str) -> None:
 
 
 def print_header() -> None:
-  print(f"{'op':<18}{'impl':<19}{'dtype':<6}{'ranks':>6}{'tokens':>7}"
+  print(f"{'op':<21}{'impl':<19}{'dtype':<6}{'ranks':>6}{'tokens':>7}"
         f"{'hidden':>7}{'sms':>5}{'time_us':>10}{'logical':>9}{'link':>8}",
         flush=True)
 
@@ -121,9 +124,9 @@ def print_header() -> None:
 def print_row(r: Record) -> None:
   fmt = lambda v: "-" if v is None else f"{v:.1f}"
   sms = "-" if r.num_sms is None else str(r.num_sms)
-  print(f"{r.op:<18}{r.impl:<19}{r.dtype:<6}{r.ranks:>6}{r.tokens:>7}"
+  print(f"{r.op:<21}{r.impl:<19}{r.dtype:<6}{r.ranks:>6}{r.tokens:>7}"
         f"{r.hidden:>7}{sms:>5}{r.time_us:>10.1f}{fmt(r.logical_gbps):>9}"
-        f"{fmt(r.link_gbps):>8}", flush=True)
+        f"{fmt(r.link_gbps):>8}{'  ' + r.note if r.note else ''}", flush=True)
 
 
 def random_routing(rng: np.random.Generator, tokens: int, topk: int,

@@ -5,8 +5,8 @@
 // send:  y bf16[L, R*Tmax, H], src_index s32[L, R*Tmax]  ->  ticket u32[2]
 // recv:  ticket u32[2], topk_idx s32[T, K], topk_weights f32[T, K]
 //        ->  out bf16[T, H]
-// Attributes: num_experts, max_tokens, num_ranks (both); zero_copy, force_put
-// (send); timeout_ns (recv) (int64).
+// Attributes: num_experts, max_tokens, num_ranks, timeout_ns (both);
+// zero_copy, force_put (send) (int64).
 
 #include <cuda_runtime_api.h>
 
@@ -34,7 +34,7 @@ ffi::Error CombineSendImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> y,
                            ffi::Buffer<ffi::S32> src_index,
                            int64_t num_experts, int64_t max_tokens,
                            int64_t num_ranks, int64_t zero_copy,
-                           int64_t force_put,
+                           int64_t force_put, int64_t timeout_ns,
                            ffi::Result<ffi::Buffer<ffi::U32>> ticket) {
   if (auto e = ExpectRank(kSend, "y", y.dimensions(), 3); e.failure()) return e;
   const int64_t L = y.dimensions()[0], S = num_ranks * max_tokens;
@@ -55,6 +55,7 @@ ffi::Error CombineSendImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> y,
   a.src_index = src_index.typed_data();
   a.zero_copy = zero_copy != 0;
   a.options.force_put = force_put != 0;
+  a.options.timeout_ns = timeout_ns;
   a.ticket = ticket->typed_data();
   return ToFfiError(low_latency::LaunchCombineSend(heap, a, stream));
 }
@@ -105,6 +106,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Attr<int64_t>("num_ranks")
         .Attr<int64_t>("zero_copy")
         .Attr<int64_t>("force_put")
+        .Attr<int64_t>("timeout_ns")
         .Ret<xla::ffi::Buffer<xla::ffi::U32>>(),  // ticket
     {xla::ffi::Traits::kCmdBufferCompatible});
 

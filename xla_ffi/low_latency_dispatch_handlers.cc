@@ -7,8 +7,9 @@
 //        recv_scales (f32[L, R*Tmax, H/128], s32[L, R*Tmax, H/512] with
 //        UE8M0, or u8[0] without fp8), count s32[L], src_index s32[L, R*Tmax],
 //        slot s32[L, R*Tmax]
-// Attributes (both): num_experts, max_tokens, num_ranks, use_fp8, round_scale,
-// use_ue8m0, zero_padding, force_put, timeout_ns (int64).
+// Attributes: num_experts, max_tokens, num_ranks, use_fp8, timeout_ns (both);
+// round_scale, force_put (send); num_tokens, num_topk, use_ue8m0,
+// zero_padding (recv) (int64).
 
 #include <cuda_runtime_api.h>
 
@@ -36,7 +37,7 @@ ffi::Error DispatchSendImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> x,
                             ffi::Buffer<ffi::S32> topk_idx, int64_t num_experts,
                             int64_t max_tokens, int64_t num_ranks,
                             int64_t use_fp8, int64_t round_scale,
-                            int64_t force_put,
+                            int64_t force_put, int64_t timeout_ns,
                             ffi::Result<ffi::Buffer<ffi::U32>> ticket) {
   for (auto e : {ExpectRank(kSend, "x", x.dimensions(), 2),
                  ExpectRank(kSend, "topk_idx", topk_idx.dimensions(), 2)}) {
@@ -60,6 +61,7 @@ ffi::Error DispatchSendImpl(cudaStream_t stream, ffi::Buffer<ffi::BF16> x,
   a.use_fp8 = use_fp8 != 0;
   a.round_scale = round_scale != 0;
   a.options.force_put = force_put != 0;
+  a.options.timeout_ns = timeout_ns;
   a.ticket = ticket->typed_data();
   return ToFfiError(low_latency::LaunchDispatchSend(heap, a, stream));
 }
@@ -141,6 +143,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Attr<int64_t>("use_fp8")
         .Attr<int64_t>("round_scale")
         .Attr<int64_t>("force_put")
+        .Attr<int64_t>("timeout_ns")
         .Ret<xla::ffi::Buffer<xla::ffi::U32>>(),  // ticket
     {xla::ffi::Traits::kCmdBufferCompatible});
 

@@ -90,7 +90,7 @@ def dispatch_send(x, topk_idx, *, num_ranks: int, num_experts: int,
   return _call("jax_ep_ll_dispatch_send", _TICKET, x, topk_idx,
                num_experts=num_experts, max_tokens=max_tokens,
                num_ranks=num_ranks, use_fp8=use_fp8, round_scale=round_scale,
-               force_put=kernels.force_put)
+               force_put=kernels.force_put, timeout_ns=kernels.timeout_ns)
 
 
 def dispatch_recv(ticket, *, axis_name: str, num_ranks: int, num_experts: int,
@@ -130,7 +130,7 @@ def combine_send(y, src_index, *, num_ranks: int, num_experts: int,
   return _call("jax_ep_ll_combine_send", _TICKET, y, src_index,
                num_experts=num_experts, max_tokens=max_tokens,
                num_ranks=num_ranks, zero_copy=zero_copy,
-               force_put=kernels.force_put)
+               force_put=kernels.force_put, timeout_ns=kernels.timeout_ns)
 
 
 def combine_recv(ticket, topk_idx, topk_weights, *, axis_name: str,

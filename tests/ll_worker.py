@@ -1,0 +1,339 @@
+"""Low-latency dispatch/combine kernels on GPUs: a worker, one process per GPU.
+
+The LL kernels use NVSHMEM, which needs one process per GPU, so
+test_low_latency_gpu.py runs this script through
+`gpu_testing.launch_per_gpu`:
+
+    python ll_worker.py --seed N [--transport auto|put]
+        every case of CASES on two fresh draws of inputs: the kernels (a
+        Buffer with backend "cuda") and the pure-JAX reference (a second
+        Buffer) in one program on the same inputs. Each process checks the
+        ranks it holds: count, handle.src_index and handle.slot bit for bit,
+        then scales and x (fp8 as bits; with zero_padding=False only the rows
+        below each expert's count), then the combine against the fp32 dense
+        model, exact but for rounding ties (as in test_low_latency.py); it
+        prints how many combine elements differ from the reference's, then
+        "worker i/2: <case> passed".
+    python ll_worker.py --seed N --repeat STEPS
+        STEPS jitted dispatch/combine pairs with fresh routings, enqueued back
+        to back, on values whose combine sums are exact in fp32, so every
+        output must equal the reference's bits; prints the sha256 of the
+        kernels' outputs (two runs must print the same), then
+        "worker i/2: repeat STEPS passed".
+    python ll_worker.py --seed N --timeout
+        rank 1 never calls; rank 0's dispatch must time out, print its rank
+        and phase, and fail (exit 1; 3 means it returned).
+
+A hidden `--backend reference` runs the "kernel" side on the reference too,
+to check this script without GPUs:
+    python -m jax_ep.launch -n 2 -- python tests/ll_worker.py --seed 0 \\
+        --backend reference
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import os
+import pathlib
+import sys
+import time
+import traceback
+
+_TESTS = pathlib.Path(__file__).resolve().parent
+for _path in (_TESTS.parent, _TESTS):
+  if str(_path) not in sys.path:
+    sys.path.insert(0, str(_path))
+
+import jax  # pylint: disable=g-import-not-at-top
+import numpy as np
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+import dense_model as dm
+import intranode_worker
+import jax_ep
+import jax_ep.launch
+from ep_testing import (BF16, FP8_MODES, assert_bf16_sum, assert_same, dyadic,
+                        flat, ll_tokens, normal, weights)
+
+EP = "ep"
+# Rows of random expert outputs drawn per case; see `expert_outputs`.
+_POOL_ROWS = 4096
+# The timeout check: rank 0's wait, and how long rank 1 stays away.
+_TIMEOUT_S = 2.0
+_ABSENT_S = 60.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  tokens: int
+  hidden: int
+  topk: int
+  experts: int
+  max_tokens: int = 0  # Tmax; 0: `tokens`
+  mode: str = "fp8"  # a key of test_low_latency.FP8_MODES
+  skew: bool = False  # most tokens on expert 0 (intranode_worker.routing)
+  hooks: bool = False  # return_recv_hook, each hook called after other work
+  zero_copy: bool = False
+  zero_padding: bool = True  # False: rows past each count are unspecified
+
+  @property
+  def tmax(self) -> int:
+    return self.max_tokens or self.tokens
+
+  def name(self) -> str:
+    return (f"T{self.tokens}-Tmax{self.tmax}-H{self.hidden}-K{self.topk}-"
+            f"E{self.experts}-{self.mode}{'-skew' if self.skew else ''}"
+            f"{'-hooks' if self.hooks else ''}"
+            f"{'-zero_copy' if self.zero_copy else ''}"
+            f"{'' if self.zero_padding else '-no_zero_padding'}")
+
+
+CASES = [
+    Case(1, 2048, 1, 2),
+    Case(1, 7168, 8, 288, mode="bf16"),
+    Case(1, 4096, 8, 288, mode="bf16", zero_padding=False),
+    Case(3, 4096, 8, 288, mode="fp8_round_scale", skew=True),
+    Case(3, 2048, 1, 2, max_tokens=128, mode="bf16"),
+    Case(3, 7168, 8, 288, max_tokens=128, hooks=True),
+    Case(128, 7168, 8, 288),  # DeepSeek-V3 decoding (bench shape dsv3_ll)
+    Case(128, 7168, 8, 288, mode="bf16", skew=True, zero_copy=True),
+    Case(128, 7168, 8, 288, hooks=True, zero_padding=False),
+    Case(128, 4096, 8, 288, mode="fp8_ue8m0"),
+    Case(128, 4096, 1, 288, mode="bf16", zero_copy=True, zero_padding=False),
+    Case(128, 2048, 8, 288, mode="fp8_round_scale_ue8m0", skew=True,
+         hooks=True),
+    Case(128, 2048, 1, 2, skew=True),
+]
+# --repeat: small, since every step's outputs stay on the GPU until the end.
+REPEAT_CASE = Case(8, 2048, 8, 16)
+
+
+def expert_outputs(rng, num_ranks: int, case: Case, *, exact=False):
+  """bf16 y[R, L, R*Tmax, H], every slot filled, empty ones too.
+
+  Each slot holds a row drawn from a pool of random rows (a fresh row per
+  slot takes seconds at the DeepSeek-V3 shape), so reading a wrong slot shows
+  unless it drew the same row. With `exact`, dyadic values whose weighted
+  sums with `dyadic` weights are exact in fp32.
+  """
+  slots = (num_ranks, case.experts // num_ranks, num_ranks * case.tmax)
+  shape = (min(_POOL_ROWS, int(np.prod(slots))), case.hidden)
+  pool = dyadic(rng, shape) if exact else normal(rng, shape, BF16)
+  return pool[rng.integers(len(pool), size=slots)]
+
+
+def token_inputs(rng, num_ranks: int, case: Case, *, exact=False):
+  """Global numpy inputs by rank: x bf16[R, T, H], topk_idx int32[R, T, K]
+  (-1, repeated and out-of-range ids) and topk_weights f32[R, T, K]."""
+  x = ll_tokens(rng, num_ranks, case.tokens, case.hidden)
+  idx = intranode_worker.routing(rng, num_ranks, case)
+  if exact:  # k/8 times y's j/16: exact products and sums
+    w = dyadic(rng, idx.shape, np.float32, bits=3)
+  else:
+    w = weights(rng, idx.shape)
+  return x, idx, w
+
+
+def ops(kern: jax_ep.Buffer, ref: jax_ep.Buffer, case: Case):
+  """Per shard: (x, idx, w, y) -> dict of the kernels' and the reference's
+  dispatch ("got", "want") and combine ("out", "ref_out")."""
+  options = dict(num_max_dispatch_tokens_per_rank=case.tmax,
+                 num_experts=case.experts, **FP8_MODES[case.mode])
+  kernel_options = {}
+  if kern.backend == "cuda":  # the reference always zeros the padding
+    kernel_options["zero_padding"] = case.zero_padding
+
+  def run(x, idx, w, y):
+    dispatched = jax_ep.low_latency_dispatch(
+        kern, x, idx, **options, **kernel_options,
+        return_recv_hook=case.hooks)
+    want = jax_ep.low_latency_dispatch(ref, x, idx, **options)
+    # With hooks, the reference's op is the work between send and receive.
+    got = dispatched(want.x) if case.hooks else dispatched
+    combined = jax_ep.low_latency_combine(kern, y, idx, w, got.handle,
+                                          zero_copy=case.zero_copy,
+                                          return_recv_hook=case.hooks)
+    ref_out = jax_ep.low_latency_combine(ref, y, idx, w, want.handle)
+    out = combined(ref_out) if case.hooks else combined
+    return dict(got=got, want=want, out=out, ref_out=ref_out)
+
+  return run
+
+
+def _lead(tree):
+  """A leading rank axis on every leaf, so shard_map can return it."""
+  return jax.tree.map(lambda a: a[None], tree)
+
+
+def case_program(mesh: Mesh, kern, ref, case: Case):
+  """jit(shard_map(ops)): global x[R*T, H], idx, w [R*T, K], y[R*L, S, H]
+  -> `ops`' dict, every leaf [R, ...]."""
+  return jax.jit(jax.shard_map(
+      lambda *a: _lead(ops(kern, ref, case)(*a)), mesh=mesh,
+      in_specs=P(EP), out_specs=P(EP)))
+
+
+def by_rank(*arrays):
+  """(rank, values...) for each shard this process holds of `arrays`, all
+  [R, ...] and split over the ranks alike."""
+  for shards in zip(*(a.addressable_shards for a in arrays)):
+    yield (shards[0].index[0].start,
+           *[np.asarray(s.data)[0] for s in shards])
+
+
+def check_dispatch(got, want, case: Case, ctx: str) -> None:
+  """Every output and handle field equal, bit for bit; the rows past each
+  expert's count only with zero_padding."""
+  assert (got.scales is None) == (want.scales is None), ctx
+  exact = {"count": (got.count, want.count),
+           "handle.src_index": (got.handle.src_index, want.handle.src_index),
+           "handle.slot": (got.handle.slot, want.handle.slot)}
+  for name, (g, w) in exact.items():
+    for rank, gv, wv in by_rank(g, w):
+      assert_same(gv, wv, f"{name} (rank {rank})", ctx)
+  rows = {"x": (got.x, want.x)}
+  if want.scales is not None:  # first: a wrong scale explains wrong rows
+    rows = {"scales": (got.scales, want.scales), **rows}
+  for name, (g, w) in rows.items():
+    for rank, gv, wv, count in by_rank(g, w, want.count):
+      if not case.zero_padding:
+        valid = np.arange(gv.shape[1]) < count[:, None]  # [L, S]
+        gv, wv = gv[valid], wv[valid]
+      assert_same(gv, wv, f"{name} (rank {rank})", ctx)
+
+
+def check_combine(out, ref_out, truth, num_topk: int, ctx: str) -> str:
+  """`out` is the fp32 `truth` rounded once, except on rounding ties (see
+  `ep_testing.assert_bf16_sum`); says how many elements differ from the
+  reference's output."""
+  total, abs_sum = truth
+  differ = checked = 0
+  for rank, o, r in by_rank(out, ref_out):
+    assert_bf16_sum(o, total[rank], abs_sum[rank], num_topk,
+                    f"combine (rank {rank})", ctx)
+    differ += int(np.count_nonzero(intranode_worker.bits(o) !=
+                                   intranode_worker.bits(r)))
+    checked += o.size
+  return f"{differ} of {checked} elements differ from the reference's"
+
+
+def kernel_buffer(mesh: Mesh, backend: str, cases, transport: str,
+                  **kwargs) -> jax_ep.Buffer:
+  """The Buffer under test, its LL buffers sized for every case."""
+  if backend == "reference":
+    return jax_ep.Buffer(mesh, EP, backend="reference", **kwargs)
+  num_bytes = max(jax_ep.ll_buffer_bytes(c.tmax, c.hidden, c.experts)
+                  for c in cases)
+  return jax_ep.Buffer(mesh, EP, backend="cuda", num_ll_bytes=num_bytes,
+                       ll_transport=transport, **kwargs)
+
+
+def run_cases(mesh: Mesh, kern, ref, seed: int, who: str) -> None:
+  num_ranks = mesh.devices.size
+  rng = np.random.default_rng(seed)  # the same draws on every process
+  for case in CASES:
+    program = case_program(mesh, kern, ref, case)
+    for call in range(2):
+      ctx = f"{who}, seed={seed}, call {call}, {case.name()}"
+      x, idx, w = token_inputs(rng, num_ranks, case)
+      y = expert_outputs(rng, num_ranks, case)
+      result = program(*[intranode_worker.global_array(mesh, a, P(EP))
+                         for a in (flat(x), flat(idx), flat(w), flat(y))])
+      check_dispatch(result["got"], result["want"], case, ctx)
+      routes = dm.low_latency_dispatch(x, idx, num_experts=case.experts,
+                                       max_tokens=case.tmax)
+      truth = dm.low_latency_combine_f32(y, idx, w, routes)
+      differ = check_combine(result["out"], result["ref_out"], truth,
+                             case.topk, ctx)
+      print(f"{ctx}: combine: {differ}", flush=True)
+    print(f"{who}: {case.name()} passed", flush=True)
+
+
+def run_repeat(mesh: Mesh, kern, ref, seed: int, steps: int,
+               who: str) -> None:
+  num_ranks = mesh.devices.size
+  case = REPEAT_CASE
+  rng = np.random.default_rng(seed)
+  put = lambda a: intranode_worker.global_array(mesh, flat(a), P(EP))
+  draws = [[put(a) for a in token_inputs(rng, num_ranks, case, exact=True)]
+           for _ in range(steps)]
+  # One y for every step: each step's routing reads other slots of it.
+  y = put(expert_outputs(rng, num_ranks, case, exact=True))
+  program = case_program(mesh, kern, ref, case)
+  # Enqueued back to back: nothing waits on the host between steps. (A
+  # lax.scan stacking every step's outputs runs in quadratic time on CPUs.)
+  results = [program(*draw, y) for draw in draws]
+  digest = hashlib.sha256()
+  for result in results:
+    for leaf in jax.tree.leaves((result["got"], result["out"])):
+      for _, values in by_rank(leaf):
+        digest.update(values.tobytes())
+  print(f"{who}: repeat {steps} sha256 {digest.hexdigest()}", flush=True)
+  for step, result in enumerate(results):
+    ctx = f"{who}, seed={seed}, step {step} of {steps}, {case.name()}"
+    check_dispatch(result["got"], result["want"], case, ctx)
+    for rank, o, r in by_rank(result["out"], result["ref_out"]):
+      assert_same(o, r, f"combine (rank {rank}, exact sums)", ctx)
+  print(f"{who}: repeat {steps} passed", flush=True)
+
+
+def run_timeout(mesh: Mesh, transport: str) -> int:
+  """Rank 0 dispatches alone: its wait for rank 1 must time out."""
+  case = Case(16, 2048, 8, 16)
+  kern = kernel_buffer(mesh, "cuda", [case], transport, timeout_s=_TIMEOUT_S)
+  if jax.process_index() != 0:
+    time.sleep(_ABSENT_S)  # never calls; rank 0 must have failed by now
+    return 3
+  x, idx, _ = token_inputs(np.random.default_rng(0), mesh.devices.size, case)
+  dispatch = jax.jit(jax.shard_map(
+      lambda x, i: jax_ep.low_latency_dispatch(
+          kern, x, i, num_max_dispatch_tokens_per_rank=case.tmax,
+          num_experts=case.experts).x[None],
+      mesh=mesh, in_specs=P(EP), out_specs=P(EP)))
+  jax.block_until_ready(dispatch(
+      intranode_worker.global_array(mesh, flat(x), P(EP)),
+      intranode_worker.global_array(mesh, flat(idx), P(EP))))
+  print("low_latency_dispatch returned without a timeout", flush=True)
+  return 3
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--seed", type=int, required=True)
+  parser.add_argument("--transport", choices=("auto", "put"), default="auto",
+                      help="the kernel Buffer's ll_transport")
+  parser.add_argument("--repeat", type=int, default=0, metavar="STEPS",
+                      help="STEPS dispatch/combine pairs back to back "
+                      "instead of CASES")
+  parser.add_argument("--timeout", action="store_true",
+                      help="rank 0 dispatches alone and must time out")
+  parser.add_argument("--backend", choices=("cuda", "reference"),
+                      default="cuda", help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+  jax_ep.launch.initialize()  # before any JAX call
+  try:
+    mesh = Mesh(np.array(jax.devices()), (EP,))
+    if args.timeout:
+      return run_timeout(mesh, args.transport)
+    who = f"worker {jax.process_index()}/{jax.process_count()}"
+    cases = [REPEAT_CASE] if args.repeat else CASES
+    kern = kernel_buffer(mesh, args.backend, cases, args.transport)
+    ref = jax_ep.Buffer(mesh, EP, backend="reference")
+    if args.repeat:
+      run_repeat(mesh, kern, ref, args.seed, args.repeat, who)
+    else:
+      run_cases(mesh, kern, ref, args.seed, who)
+    kern.close()  # collective: every process is past its last op
+  except BaseException:  # pylint: disable=broad-except
+    traceback.print_exc()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)  # skip jax.distributed's shutdown wait for the peer
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
