@@ -309,30 +309,15 @@ __device__ __forceinline__ void CastChunk(int4 in, bool active, bool round_scale
 
 // --- Dispatch send ----------------------------------------------------------------
 
-struct DispatchSendParams {
-  Shape shape;
-  char* heap;
-  int64_t set_bytes;
-  State* state;
-  uint32_t* ticket;
-  const __nv_bfloat16* x;
-  const int32_t* topk_idx;
-  bool use_fp8;
-  bool round_scale;
-  bool force_put;
-  int64_t timeout_ns;
-  int rank;
-};
-
 __global__ void __launch_bounds__(kThreads, 1)
-    DispatchSendKernel(DispatchSendParams p) {
-  const Shape& sh = p.shape;
+    DispatchSendKernel(const Heap heap, const DispatchSendArgs a) {
+  const Shape& sh = a.shape;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const uint64_t seq =
-      BeginSend(p.state, p.ticket, p.heap, p.set_bytes, p.rank, sh.num_ranks,
-                p.timeout_ns, "low_latency_dispatch");
+      BeginSend(heap.state, a.ticket, heap.base, heap.set_bytes, heap.rank, sh.num_ranks,
+                a.options.timeout_ns, "low_latency_dispatch");
   const SetLayout layout{sh};
-  const SetPointers set = SetOf(p.heap, p.set_bytes, seq);
+  const SetPointers set = SetOf(heap.base, heap.set_bytes, seq);
   const int64_t L = sh.num_local(), R = sh.num_ranks, K = sh.num_topk;
   const int64_t T = sh.num_tokens, H = sh.hidden;
 
@@ -344,7 +329,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       bool chosen = false;
       if (t0 + lane < T) {
         for (int64_t k = 0; k < K; ++k) {
-          chosen |= p.topk_idx[(t0 + lane) * K + k] == e;
+          chosen |= a.topk_idx[(t0 + lane) * K + k] == e;
         }
       }
       count += __popc(__ballot_sync(0xffffffffu, chosen));
@@ -352,9 +337,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (lane == 0) {
       const int pe = static_cast<int>(e / L);
       uint64_t* signal = reinterpret_cast<uint64_t*>(
-          set.flags + layout.counts() + ((e % L) * R + p.rank) * 8);
+          set.flags + layout.counts() + ((e % L) * R + heap.rank) * 8);
       const uint64_t value = (seq << kCountBits) | count;
-      uint64_t* peer = PeerPtr(signal, pe, p.force_put);
+      uint64_t* peer = PeerPtr(signal, pe, a.options.force_put);
       if (peer != nullptr) {
         sync::st_release_sys_global(peer, value);
       } else {
@@ -366,12 +351,12 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   bool put = false;  // whether this thread's warp issued NVSHMEM puts
   const int64_t message = sh.message_bytes();
-  const int64_t payload = p.use_fp8 ? AlignUp(H + H / kScaleGroup * 4, 16)
+  const int64_t payload = a.use_fp8 ? AlignUp(H + H / kScaleGroup * 4, 16)
                                     : 2 * H;
   for (int64_t t = blockIdx.x; t < T; t += gridDim.x) {
     // The row goes out from the symmetric heap, which puts can read: cast
     // there (fp8) or copied there (bf16), once per token.
-    const __nv_bfloat16* row = p.x + t * H;
+    const __nv_bfloat16* row = static_cast<const __nv_bfloat16*>(a.x) + t * H;
     char* stage = set.data + layout.dispatch_stage() + t * message;
     const int64_t chunks = H / 8;
     for (int64_t base = 0; base < chunks; base += kThreads) {
@@ -379,53 +364,34 @@ __global__ void __launch_bounds__(kThreads, 1)
       const bool active = c < chunks;
       const int4 in = active ? reinterpret_cast<const int4*>(row)[c]
                              : make_int4(0, 0, 0, 0);
-      if (!p.use_fp8) {
+      if (!a.use_fp8) {
         if (active) reinterpret_cast<int4*>(stage)[c] = in;
         continue;
       }
       const bool group_lead = c % (kScaleGroup / 8) == 0;
       float* scales = reinterpret_cast<float*>(stage + H);
-      CastChunk(in, active, p.round_scale, reinterpret_cast<uint2*>(stage) + c,
+      CastChunk(in, active, a.round_scale, reinterpret_cast<uint2*>(stage) + c,
                 group_lead ? scales + c / (kScaleGroup / 8) : nullptr);
     }
     __syncthreads();
-    const int32_t* choices = p.topk_idx + t * K;
+    const int32_t* choices = a.topk_idx + t * K;
     for (int k = warp; k < K; k += kWarps) {
       if (!FirstChoice(choices, k, sh.num_experts)) continue;
       const int32_t e = choices[k];
       const int pe = static_cast<int>(e / L);
-      const int64_t slot = ((e % L) * R + p.rank) * sh.max_tokens + t;
+      const int64_t slot = ((e % L) * R + heap.rank) * sh.max_tokens + t;
       char* dst = set.data + layout.dispatch_data() + slot * message;
       uint64_t* flag = reinterpret_cast<uint64_t*>(
           set.flags + layout.dispatch_flags() + slot * 8);
-      put |= WarpSend(dst, PeerPtr(dst, pe, p.force_put), stage, payload, flag,
-                      PeerPtr(flag, pe, p.force_put), seq, pe, lane);
+      put |= WarpSend(dst, PeerPtr(dst, pe, a.options.force_put), stage, payload, flag,
+                      PeerPtr(flag, pe, a.options.force_put), seq, pe, lane);
     }
   }
   if (put) nvshmem_quiet();
-  EndSend(p.state, seq);
+  EndSend(heap.state, seq);
 }
 
 // --- Dispatch receive -------------------------------------------------------------
-
-struct DispatchRecvParams {
-  Shape shape;
-  char* heap;
-  int64_t set_bytes;
-  const uint32_t* ticket;
-  bool use_fp8;
-  bool use_ue8m0;
-  bool zero_padding;
-  int64_t timeout_ns;
-  State* state;
-  bool force_put;
-  int rank;
-  void* recv_x;
-  void* recv_scales;
-  int32_t* count;
-  int32_t* src_index;
-  int32_t* slot;
-};
 
 __device__ __forceinline__ void ZeroBytes(char* p, int64_t bytes) {
   // Both ends are 16-byte aligned: rows are multiples of 16 bytes, scales of 4
@@ -439,17 +405,17 @@ __device__ __forceinline__ void ZeroBytes(char* p, int64_t bytes) {
 }
 
 __global__ void __launch_bounds__(kRecvThreads, 2)
-    DispatchRecvKernel(DispatchRecvParams p) {
-  const Shape& sh = p.shape;
+    DispatchRecvKernel(const Heap heap, const DispatchRecvArgs a) {
+  const Shape& sh = a.shape;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const uint64_t seq = TicketSequence(p.ticket);
+  const uint64_t seq = TicketSequence(a.ticket);
   const SetLayout layout{sh};
-  const SetPointers set = SetOf(p.heap, p.set_bytes, seq);
+  const SetPointers set = SetOf(heap.base, heap.set_bytes, seq);
   const int64_t L = sh.num_local(), R = sh.num_ranks, Tmax = sh.max_tokens;
   const int64_t S = R * Tmax, H = sh.hidden;
-  const int64_t row_bytes = p.use_fp8 ? H : 2 * H;
+  const int64_t row_bytes = a.use_fp8 ? H : 2 * H;
   const int64_t scale_bytes =
-      !p.use_fp8 ? 0 : (p.use_ue8m0 ? H / kScaleGroup : H / kScaleGroup * 4);
+      !a.use_fp8 ? 0 : (a.use_ue8m0 ? H / kScaleGroup : H / kScaleGroup * 4);
 
   __shared__ int32_t source_of[kMaxSlotsPerExpert];  // s * Tmax + t per row
   __shared__ int32_t counts[kMaxRanks];
@@ -460,21 +426,21 @@ __global__ void __launch_bounds__(kRecvThreads, 2)
       const uint64_t* signal = reinterpret_cast<const uint64_t*>(
           set.flags + layout.counts() + (l * R + s) * 8);
       const Site site{"low_latency_dispatch", "wait for the count of a local "
-                      "expert", p.rank, static_cast<int>(s), l};
+                      "expert", heap.rank, static_cast<int>(s), l};
       counts[s] = static_cast<int32_t>(
-          WaitFlag(signal, kCountBits, seq, p.timeout_ns, site) &
+          WaitFlag(signal, kCountBits, seq, a.options.timeout_ns, site) &
           ((1ull << kCountBits) - 1));
     }
     // Every slot empty until the packing below fills it.
     for (int64_t i = threadIdx.x; i < S; i += kRecvThreads) {
-      p.slot[l * S + i] = static_cast<int32_t>(S);
-      p.src_index[l * S + i] = static_cast<int32_t>(S);
+      a.slot[l * S + i] = static_cast<int32_t>(S);
+      a.src_index[l * S + i] = static_cast<int32_t>(S);
     }
     __syncthreads();
     if (threadIdx.x == 0) {
       offsets[0] = 0;
       for (int64_t s = 0; s < R; ++s) offsets[s + 1] = offsets[s] + counts[s];
-      p.count[l] = offsets[R];
+      a.count[l] = offsets[R];
     }
     __syncthreads();
 
@@ -484,7 +450,7 @@ __global__ void __launch_bounds__(kRecvThreads, 2)
       const uint64_t* flags = reinterpret_cast<const uint64_t*>(
           set.flags + layout.dispatch_flags()) + (l * R + s) * Tmax;
       const Site site{"low_latency_dispatch", "wait for the rows of a local "
-                      "expert", p.rank, static_cast<int>(s), l};
+                      "expert", heap.rank, static_cast<int>(s), l};
       uint32_t arrived = 0;  // bit j: token j * 32 + lane has arrived
       int found = 0;
       const uint64_t start = sync::global_timer_ns();
@@ -500,7 +466,7 @@ __global__ void __launch_bounds__(kRecvThreads, 2)
         }
         if (found < counts[s] &&
             static_cast<int64_t>(sync::global_timer_ns() - start) >
-                p.timeout_ns) {
+                a.options.timeout_ns) {
           Report(site, "timeout", seq, static_cast<uint64_t>(found));
         }
       }
@@ -511,8 +477,8 @@ __global__ void __launch_bounds__(kRecvThreads, 2)
           const int row = packed + __popc(here & ((1u << lane) - 1));
           const int32_t source = static_cast<int32_t>(s * Tmax + j * 32 + lane);
           source_of[row] = source;
-          p.src_index[l * S + row] = source;
-          p.slot[l * S + source] = row;
+          a.src_index[l * S + row] = source;
+          a.slot[l * S + source] = row;
         }
         packed += __popc(here);
       }
@@ -524,13 +490,13 @@ __global__ void __launch_bounds__(kRecvThreads, 2)
       const int64_t source = source_of[i];
       const char* message = set.data + layout.dispatch_data() +
                             (l * S + source) * sh.message_bytes();
-      char* out = static_cast<char*>(p.recv_x) + (l * S + i) * row_bytes;
+      char* out = static_cast<char*>(a.recv_x) + (l * S + i) * row_bytes;
       WarpCopy(reinterpret_cast<int4*>(out),
                reinterpret_cast<const int4*>(message), row_bytes / 16, lane);
-      if (!p.use_fp8) continue;
+      if (!a.use_fp8) continue;
       const float* scales = reinterpret_cast<const float*>(message + H);
-      char* scale_out = static_cast<char*>(p.recv_scales) + (l * S + i) * scale_bytes;
-      if (p.use_ue8m0) {  // four exponent bytes per int32, little-endian
+      char* scale_out = static_cast<char*>(a.recv_scales) + (l * S + i) * scale_bytes;
+      if (a.use_ue8m0) {  // four exponent bytes per int32, little-endian
         for (int64_t w = lane; w < H / kScaleGroup / 4; w += 32) {
           uint32_t word = 0;
           for (int b = 0; b < 4; ++b) {
@@ -544,44 +510,30 @@ __global__ void __launch_bounds__(kRecvThreads, 2)
         }
       }
     }
-    if (p.zero_padding) {
-      ZeroBytes(static_cast<char*>(p.recv_x) + (l * S + total) * row_bytes,
+    if (a.zero_padding) {
+      ZeroBytes(static_cast<char*>(a.recv_x) + (l * S + total) * row_bytes,
                 (S - total) * row_bytes);
-      if (p.use_fp8) {
-        ZeroBytes(static_cast<char*>(p.recv_scales) + (l * S + total) * scale_bytes,
+      if (a.use_fp8) {
+        ZeroBytes(static_cast<char*>(a.recv_scales) + (l * S + total) * scale_bytes,
                   (S - total) * scale_bytes);
       }
     }
     __syncthreads();  // shared memory is reused by the next expert
   }
-  EndRecv(p.state, set.flags, seq, p.rank, R, p.force_put);
+  EndRecv(heap.state, set.flags, seq, heap.rank, R, a.options.force_put);
 }
 
 // --- Combine send -------------------------------------------------------------------
 
-struct CombineSendParams {
-  Shape shape;
-  char* heap;
-  int64_t set_bytes;
-  State* state;
-  uint32_t* ticket;
-  const char* y;
-  const int32_t* src_index;
-  bool zero_copy;
-  bool force_put;
-  int64_t timeout_ns;
-  int rank;
-};
-
 __global__ void __launch_bounds__(kThreads, 1)
-    CombineSendKernel(CombineSendParams p) {
-  const Shape& sh = p.shape;
+    CombineSendKernel(const Heap heap, const CombineSendArgs a) {
+  const Shape& sh = a.shape;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const uint64_t seq =
-      BeginSend(p.state, p.ticket, p.heap, p.set_bytes, p.rank, sh.num_ranks,
-                p.timeout_ns, "low_latency_combine");
+      BeginSend(heap.state, a.ticket, heap.base, heap.set_bytes, heap.rank, sh.num_ranks,
+                a.options.timeout_ns, "low_latency_combine");
   const SetLayout layout{sh};
-  const SetPointers set = SetOf(p.heap, p.set_bytes, seq);
+  const SetPointers set = SetOf(heap.base, heap.set_bytes, seq);
   const int64_t L = sh.num_local(), Tmax = sh.max_tokens;
   const int64_t S = sh.num_ranks * Tmax, row_bytes = sh.combine_row_bytes();
 
@@ -593,7 +545,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int64_t g0 = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
        g0 < L * S; g0 += 32 * num_warps) {
     const int64_t mine_g = g0 + lane * num_warps;
-    const int32_t mine = mine_g < L * S ? p.src_index[mine_g]
+    const int32_t mine = mine_g < L * S ? a.src_index[mine_g]
                                         : static_cast<int32_t>(S);
     uint32_t filled = __ballot_sync(0xffffffffu, mine < S);
     while (filled != 0) {
@@ -603,13 +555,13 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int32_t source = __shfl_sync(0xffffffffu, mine, j);
       const int64_t l = g / S;
       const int pe = static_cast<int>(source / Tmax);
-      const int64_t slot = (p.rank * L + l) * Tmax + source % Tmax;
+      const int64_t slot = (heap.rank * L + l) * Tmax + source % Tmax;
       char* dst = set.data + layout.combine_data() + slot * row_bytes;
       uint64_t* flag = reinterpret_cast<uint64_t*>(
           set.flags + layout.combine_flags() + slot * 8);
-      char* peer_dst = PeerPtr(dst, pe, p.force_put);
-      const char* src = p.y + g * row_bytes;
-      if (peer_dst == nullptr && !p.zero_copy) {
+      char* peer_dst = PeerPtr(dst, pe, a.options.force_put);
+      const char* src = static_cast<const char*>(a.y) + g * row_bytes;
+      if (peer_dst == nullptr && !a.zero_copy) {
         // Puts read a registered buffer: stage y's row in the symmetric heap.
         char* stage = set.data + layout.combine_stage() + g * row_bytes;
         WarpCopy(reinterpret_cast<int4*>(stage),
@@ -618,35 +570,21 @@ __global__ void __launch_bounds__(kThreads, 1)
         src = stage;
       }
       put |= WarpSend(dst, peer_dst, src, row_bytes, flag,
-                      PeerPtr(flag, pe, p.force_put), seq, pe, lane);
+                      PeerPtr(flag, pe, a.options.force_put), seq, pe, lane);
     }
   }
   if (put) nvshmem_quiet();
-  EndSend(p.state, seq);
+  EndSend(heap.state, seq);
 }
 
 // --- Combine receive ----------------------------------------------------------------
 
-struct CombineRecvParams {
-  Shape shape;
-  char* heap;
-  int64_t set_bytes;
-  const uint32_t* ticket;
-  const int32_t* topk_idx;
-  const float* weights;
-  int64_t timeout_ns;
-  State* state;
-  bool force_put;
-  int rank;
-  __nv_bfloat16* out;
-};
-
 __global__ void __launch_bounds__(kThreads, 1)
-    CombineRecvKernel(CombineRecvParams p) {
-  const Shape& sh = p.shape;
-  const uint64_t seq = TicketSequence(p.ticket);
+    CombineRecvKernel(const Heap heap, const CombineRecvArgs a) {
+  const Shape& sh = a.shape;
+  const uint64_t seq = TicketSequence(a.ticket);
   const SetLayout layout{sh};
-  const SetPointers set = SetOf(p.heap, p.set_bytes, seq);
+  const SetPointers set = SetOf(heap.base, heap.set_bytes, seq);
   const int64_t L = sh.num_local(), K = sh.num_topk, H = sh.hidden;
   const int64_t row_bytes = sh.combine_row_bytes();
 
@@ -658,7 +596,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   __shared__ int num_valid;
 
   for (int64_t t = blockIdx.x; t < sh.num_tokens; t += gridDim.x) {
-    const int32_t* choices = p.topk_idx + t * K;
+    const int32_t* choices = a.topk_idx + t * K;
     if (threadIdx.x == 0) num_valid = 0;
     __syncthreads();
     if (threadIdx.x < K) {
@@ -673,15 +611,15 @@ __global__ void __launch_bounds__(kThreads, 1)
                (e2 / L < e / L || (e2 / L == e / L && k2 < k));
         }
         expert[j] = e;
-        weight[j] = p.weights[t * K + k];
+        weight[j] = a.weights[t * K + k];
         rank_of[j] = static_cast<int32_t>(e / L);
         atomicAdd(&num_valid, 1);
         if (FirstChoice(choices, k, sh.num_experts)) {
           const uint64_t* flag = reinterpret_cast<const uint64_t*>(
               set.flags + layout.combine_flags() + (e * sh.max_tokens + t) * 8);
           const Site site{"low_latency_combine", "wait for an expert's row",
-                          p.rank, static_cast<int>(e / L), e};
-          WaitFlag(flag, 0, seq, p.timeout_ns, site);
+                          heap.rank, static_cast<int>(e / L), e};
+          WaitFlag(flag, 0, seq, a.options.timeout_ns, site);
         }
       }
     }
@@ -728,12 +666,12 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int i = 0; i < 8; ++i) {
         result[i] = __float2bfloat16_rn(total[i] + partial[i]);
       }
-      reinterpret_cast<int4*>(p.out + t * H)[c] =
+      reinterpret_cast<int4*>(static_cast<__nv_bfloat16*>(a.out) + t * H)[c] =
           *reinterpret_cast<const int4*>(result);
     }
     __syncthreads();  // the shared choices are reused by the next token
   }
-  EndRecv(p.state, set.flags, seq, p.rank, sh.num_ranks, p.force_put);
+  EndRecv(heap.state, set.flags, seq, heap.rank, sh.num_ranks, a.options.force_put);
 }
 
 // --- Launchers ------------------------------------------------------------------------
@@ -817,13 +755,9 @@ Status LaunchDispatchSend(const Heap& heap, const DispatchSendArgs& a,
         "jax_ep_ll_dispatch_send: fp8 needs the hidden size to be a multiple "
         "of 128");
   }
-  DispatchSendParams p{a.shape, heap.base, heap.set_bytes, heap.state, a.ticket,
-                       static_cast<const __nv_bfloat16*>(a.x), a.topk_idx,
-                       a.use_fp8, a.round_scale, a.options.force_put,
-                       a.options.timeout_ns, heap.rank};
   const int64_t count_blocks = (a.shape.num_experts + kWarps - 1) / kWarps;
   DispatchSendKernel<<<Grid(heap, std::max(a.shape.num_tokens, count_blocks)),
-                       kThreads, 0, stream>>>(p);
+                       kThreads, 0, stream>>>(heap, a);
   return Launched("DispatchSendKernel launch");
 }
 
@@ -837,12 +771,8 @@ Status LaunchDispatchRecv(const Heap& heap, const DispatchRecvArgs& a,
         "jax_ep_ll_dispatch_recv: UE8M0 scales need the hidden size to be a "
         "multiple of 512");
   }
-  DispatchRecvParams p{a.shape, heap.base, heap.set_bytes, a.ticket, a.use_fp8,
-                       a.use_ue8m0, a.zero_padding, a.options.timeout_ns,
-                       heap.state, a.options.force_put, heap.rank, a.recv_x,
-                       a.recv_scales, a.count, a.src_index, a.slot};
   DispatchRecvKernel<<<Grid(heap, a.shape.num_local(), 2), kRecvThreads, 0,
-                       stream>>>(p);
+                       stream>>>(heap, a);
   return Launched("DispatchRecvKernel launch");
 }
 
@@ -851,12 +781,9 @@ Status LaunchCombineSend(const Heap& heap, const CombineSendArgs& a,
   if (Status s = CheckShape("jax_ep_ll_combine_send", heap, a.shape); !s.ok()) {
     return s;
   }
-  CombineSendParams p{a.shape, heap.base, heap.set_bytes, heap.state, a.ticket,
-                      static_cast<const char*>(a.y), a.src_index, a.zero_copy,
-                      a.options.force_put, a.options.timeout_ns, heap.rank};
   const int64_t rows = a.shape.num_experts * a.shape.max_tokens;
   CombineSendKernel<<<Grid(heap, (rows + kWarps - 1) / kWarps), kThreads, 0,
-                      stream>>>(p);
+                      stream>>>(heap, a);
   return Launched("CombineSendKernel launch");
 }
 
@@ -865,11 +792,7 @@ Status LaunchCombineRecv(const Heap& heap, const CombineRecvArgs& a,
   if (Status s = CheckShape("jax_ep_ll_combine_recv", heap, a.shape); !s.ok()) {
     return s;
   }
-  CombineRecvParams p{a.shape, heap.base, heap.set_bytes, a.ticket, a.topk_idx,
-                      a.weights, a.options.timeout_ns, heap.state,
-                      a.options.force_put, heap.rank,
-                      static_cast<__nv_bfloat16*>(a.out)};
-  CombineRecvKernel<<<Grid(heap, a.shape.num_tokens), kThreads, 0, stream>>>(p);
+  CombineRecvKernel<<<Grid(heap, a.shape.num_tokens), kThreads, 0, stream>>>(heap, a);
   return Launched("CombineRecvKernel launch");
 }
 
