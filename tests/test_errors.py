@@ -313,6 +313,9 @@ def test_combine_bad_input(ep, case):
 
 
 LL_DISPATCH_CASES = {
+    "zero_padding": (dict(zero_padding="no"), TypeError,
+                     "low_latency_dispatch: zero_padding must be a bool, got "
+                     "'no'"),
     "tmax_zero": (dict(num_max_dispatch_tokens_per_rank=0), ValueError,
                   "low_latency_dispatch: num_max_dispatch_tokens_per_rank "
                   "must be a positive int, got 0"),
@@ -508,6 +511,11 @@ def _mesh(n, names=("ep",)):
      "jax_ep.nvl_buffer_bytes), got -1"),
     (dict(num_nvl_bytes=1.5), ValueError,
      "num_nvl_bytes must be an int >= 0"),
+    (dict(num_ll_bytes=-1), ValueError,
+     "jax_ep.Buffer: num_ll_bytes must be an int >= 0 (see "
+     "jax_ep.ll_buffer_bytes), got -1"),
+    (dict(ll_transport="rdma"), ValueError,
+     "jax_ep.Buffer: ll_transport must be one of ('auto', 'put'), got 'rdma'"),
     (dict(timeout_s=0), ValueError,
      "jax_ep.Buffer: timeout_s must be > 0, got 0"),
 ])
@@ -529,6 +537,23 @@ def test_reference_backend_ignores_num_nvl_bytes():
   buffer = jax_ep.Buffer(_mesh(2), "ep", backend="reference",
                          num_nvl_bytes=1 << 20)
   assert buffer.nvl_kernels("dispatch") is None
+
+
+def test_reference_backend_ignores_num_ll_bytes():
+  buffer = jax_ep.Buffer(_mesh(2), "ep", backend="reference",
+                         num_ll_bytes=1 << 20, ll_transport="put")
+  assert buffer.ll_kernels("low_latency_dispatch") is None
+
+
+@pytest.mark.skipif(native.extension() is None,
+                    reason="needs the compiled extension")
+def test_ll_buffer_bytes_grows_with_every_shape_but_not_with_ranks():
+  # Two sets of E*Tmax message, combine-row and staging slots: linear in
+  # Tmax and E, about 6H bytes per slot and set pair.
+  base = jax_ep.ll_buffer_bytes(128, 7168, 288)
+  assert 2 * 288 * 128 * 6 * 7168 <= base <= 2.1 * 288 * 128 * 6 * 7168
+  for bigger in ((256, 7168, 288), (128, 8192, 288), (128, 7168, 320)):
+    assert jax_ep.ll_buffer_bytes(*bigger) > base
 
 
 @pytest.mark.skipif(native.extension() is None,
