@@ -63,7 +63,7 @@ constexpr int64_t kMaxTokens = 32 * 32;
 constexpr float kFp8Max = 448.0f;
 constexpr float kAmaxFloor = 1e-4f;
 
-// --- Sets, sequence numbers and waits -------------------------------------------
+// --- Sets, sequence numbers and waits ----------------------------------------
 
 struct SetPointers {
   char* flags;
@@ -153,15 +153,14 @@ __device__ __forceinline__ uint64_t WaitFlag(const uint64_t* flag, int shift,
 // Every block reads the call's sequence number first; block 0 hands it out.
 // Then it waits until every peer has received the call that last used this
 // buffer set (seq - 2), so that nothing it writes overwrites unread rows.
-__device__ __forceinline__ uint64_t BeginSend(const State* state,
-                                              uint32_t* ticket, char* heap,
-                                              int64_t set_bytes, int rank,
-                                              int num_ranks, int64_t timeout_ns,
+__device__ __forceinline__ uint64_t BeginSend(const Heap& heap,
+                                              uint32_t* ticket, int num_ranks,
+                                              int64_t timeout_ns,
                                               const char* op) {
   __shared__ uint64_t seq;
   if (threadIdx.x == 0) {
     seq = *reinterpret_cast<const volatile unsigned long long*>(
-              &state->sequence) + 1;
+              &heap.state->sequence) + 1;
     if (blockIdx.x == 0) {
       ticket[0] = static_cast<uint32_t>(seq);
       ticket[1] = static_cast<uint32_t>(seq >> 32);
@@ -170,12 +169,12 @@ __device__ __forceinline__ uint64_t BeginSend(const State* state,
   __syncthreads();
   if (seq > 2 && threadIdx.x < num_ranks) {
     const uint64_t* received = reinterpret_cast<const uint64_t*>(
-        SetOf(heap, set_bytes, seq).flags + SetLayout{}.received()) +
+        SetOf(heap.base, heap.set_bytes, seq).flags + SetLayout{}.received()) +
         threadIdx.x;
     const sync::WaitSite site{op, "wait for the peers to receive the buffer "
                               "set's last call (at most two sends may wait "
                               "for their receives)",
-                              rank, static_cast<int>(threadIdx.x)};
+                              heap.rank, static_cast<int>(threadIdx.x)};
     sync::wait_at_least_acquire_sys(received, seq - 2, timeout_ns, site);
   }
   __syncthreads();
@@ -204,7 +203,7 @@ __device__ __forceinline__ void EndRecv(State* state, char* set_flags,
   }
 }
 
-// --- Moving rows ----------------------------------------------------------------
+// --- Moving rows -------------------------------------------------------------
 
 // One warp copies `n` int4s, `kUnroll` loads in flight per lane before their
 // stores: a load-then-store loop would wait out the memory latency per int4.
@@ -269,7 +268,7 @@ __device__ __forceinline__ bool FirstChoice(const int32_t* row, int k,
   return true;
 }
 
-// --- fp8 cast (jax_ep/_src/fp8.py, bit for bit) --------------------------------
+// --- fp8 cast (jax_ep/_src/fp8.py, bit for bit) ------------------------------
 
 __device__ __forceinline__ float RoundUpPow2(float scale) {
   const uint32_t bits = __float_as_uint(scale);
@@ -307,15 +306,14 @@ __device__ __forceinline__ void CastChunk(int4 in, bool active, bool round_scale
   if (scale_out != nullptr) *scale_out = scale;
 }
 
-// --- Dispatch send ----------------------------------------------------------------
+// --- Dispatch send -----------------------------------------------------------
 
 __global__ void __launch_bounds__(kThreads, 1)
     DispatchSendKernel(const Heap heap, const DispatchSendArgs a) {
   const Shape& sh = a.shape;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const uint64_t seq =
-      BeginSend(heap.state, a.ticket, heap.base, heap.set_bytes, heap.rank, sh.num_ranks,
-                a.options.timeout_ns, "low_latency_dispatch");
+  const uint64_t seq = BeginSend(heap, a.ticket, sh.num_ranks,
+                                 a.options.timeout_ns, "low_latency_dispatch");
   const SetLayout layout{sh};
   const SetPointers set = SetOf(heap.base, heap.set_bytes, seq);
   const int64_t L = sh.num_local(), R = sh.num_ranks, K = sh.num_topk;
@@ -383,15 +381,16 @@ __global__ void __launch_bounds__(kThreads, 1)
       char* dst = set.data + layout.dispatch_data() + slot * message;
       uint64_t* flag = reinterpret_cast<uint64_t*>(
           set.flags + layout.dispatch_flags() + slot * 8);
-      put |= WarpSend(dst, PeerPtr(dst, pe, a.options.force_put), stage, payload, flag,
-                      PeerPtr(flag, pe, a.options.force_put), seq, pe, lane);
+      put |= WarpSend(dst, PeerPtr(dst, pe, a.options.force_put), stage,
+                      payload, flag, PeerPtr(flag, pe, a.options.force_put),
+                      seq, pe, lane);
     }
   }
   if (put) nvshmem_quiet();
   EndSend(heap.state, seq);
 }
 
-// --- Dispatch receive -------------------------------------------------------------
+// --- Dispatch receive --------------------------------------------------------
 
 __device__ __forceinline__ void ZeroBytes(char* p, int64_t bytes) {
   // Both ends are 16-byte aligned: rows are multiples of 16 bytes, scales of 4
@@ -399,7 +398,8 @@ __device__ __forceinline__ void ZeroBytes(char* p, int64_t bytes) {
   for (int64_t i = threadIdx.x; i < bytes / 16; i += blockDim.x) {
     reinterpret_cast<int4*>(p)[i] = make_int4(0, 0, 0, 0);
   }
-  for (int64_t i = bytes / 16 * 4 + threadIdx.x; i < bytes / 4; i += blockDim.x) {
+  for (int64_t i = bytes / 16 * 4 + threadIdx.x; i < bytes / 4;
+       i += blockDim.x) {
     reinterpret_cast<int32_t*>(p)[i] = 0;
   }
 }
@@ -495,7 +495,8 @@ __global__ void __launch_bounds__(kRecvThreads, 2)
                reinterpret_cast<const int4*>(message), row_bytes / 16, lane);
       if (!a.use_fp8) continue;
       const float* scales = reinterpret_cast<const float*>(message + H);
-      char* scale_out = static_cast<char*>(a.recv_scales) + (l * S + i) * scale_bytes;
+      char* scale_out =
+          static_cast<char*>(a.recv_scales) + (l * S + i) * scale_bytes;
       if (a.use_ue8m0) {  // four exponent bytes per int32, little-endian
         for (int64_t w = lane; w < H / kScaleGroup / 4; w += 32) {
           uint32_t word = 0;
@@ -514,7 +515,8 @@ __global__ void __launch_bounds__(kRecvThreads, 2)
       ZeroBytes(static_cast<char*>(a.recv_x) + (l * S + total) * row_bytes,
                 (S - total) * row_bytes);
       if (a.use_fp8) {
-        ZeroBytes(static_cast<char*>(a.recv_scales) + (l * S + total) * scale_bytes,
+        ZeroBytes(static_cast<char*>(a.recv_scales) +
+                      (l * S + total) * scale_bytes,
                   (S - total) * scale_bytes);
       }
     }
@@ -523,15 +525,14 @@ __global__ void __launch_bounds__(kRecvThreads, 2)
   EndRecv(heap.state, set.flags, seq, heap.rank, R, a.options.force_put);
 }
 
-// --- Combine send -------------------------------------------------------------------
+// --- Combine send ------------------------------------------------------------
 
 __global__ void __launch_bounds__(kThreads, 1)
     CombineSendKernel(const Heap heap, const CombineSendArgs a) {
   const Shape& sh = a.shape;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const uint64_t seq =
-      BeginSend(heap.state, a.ticket, heap.base, heap.set_bytes, heap.rank, sh.num_ranks,
-                a.options.timeout_ns, "low_latency_combine");
+  const uint64_t seq = BeginSend(heap, a.ticket, sh.num_ranks,
+                                 a.options.timeout_ns, "low_latency_combine");
   const SetLayout layout{sh};
   const SetPointers set = SetOf(heap.base, heap.set_bytes, seq);
   const int64_t L = sh.num_local(), Tmax = sh.max_tokens;
@@ -577,7 +578,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   EndSend(heap.state, seq);
 }
 
-// --- Combine receive ----------------------------------------------------------------
+// --- Combine receive ---------------------------------------------------------
 
 __global__ void __launch_bounds__(kThreads, 1)
     CombineRecvKernel(const Heap heap, const CombineRecvArgs a) {
@@ -657,7 +658,8 @@ __global__ void __launch_bounds__(kThreads, 1)
               reinterpret_cast<const __nv_bfloat16*>(&raw[u]);
 #pragma unroll
           for (int i = 0; i < 8; ++i) {
-            partial[i] = __fmaf_rn(weight[j], __bfloat162float(y[i]), partial[i]);
+            partial[i] =
+                __fmaf_rn(weight[j], __bfloat162float(y[i]), partial[i]);
           }
         }
       }
@@ -671,10 +673,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     __syncthreads();  // the shared choices are reused by the next token
   }
-  EndRecv(heap.state, set.flags, seq, heap.rank, sh.num_ranks, a.options.force_put);
+  EndRecv(heap.state, set.flags, seq, heap.rank, sh.num_ranks,
+          a.options.force_put);
 }
 
-// --- Launchers ------------------------------------------------------------------------
+// --- Launchers ---------------------------------------------------------------
 
 Status CheckShape(const char* op, const Heap& heap, const Shape& sh) {
   auto bad = [op](const std::string& what) {
@@ -792,7 +795,8 @@ Status LaunchCombineRecv(const Heap& heap, const CombineRecvArgs& a,
   if (Status s = CheckShape("jax_ep_ll_combine_recv", heap, a.shape); !s.ok()) {
     return s;
   }
-  CombineRecvKernel<<<Grid(heap, a.shape.num_tokens), kThreads, 0, stream>>>(heap, a);
+  CombineRecvKernel<<<Grid(heap, a.shape.num_tokens), kThreads, 0, stream>>>(
+      heap, a);
   return Launched("CombineRecvKernel launch");
 }
 
