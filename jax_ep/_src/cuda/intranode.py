@@ -15,6 +15,7 @@ import numpy as np
 
 from jax_ep._src import checks
 from jax_ep._src import native
+from jax_ep._src.cuda.varying import mark_varying
 from jax_ep._src.fp8 import FP8_DTYPE, GROUP
 from jax_ep._src.handles import DispatchHandle
 
@@ -288,20 +289,6 @@ def dispatch(rows, topk_idx: jax.Array, topk_weights: jax.Array | None, *,
   return (recv_rows, recv_idx,
           recv_weights if topk_weights is not None else None, per_expert,
           handle)
-
-
-def mark_varying(axis_name: str, outputs):
-  """Marks the kernels' results as varying over the EP axis (they differ per
-  rank): shard_map's type checks, e.g. of a custom VJP's cotangents, expect
-  what the reference's collectives produce. Unchanged outside shard_map."""
-  def mark(a):
-    if a is None or axis_name in jax.typeof(a).manual_axis_type.varying:
-      return a
-    try:
-      return jax.lax.pcast(a, axis_name, to="varying")
-    except NameError:  # the axis is not bound: not inside shard_map
-      return a
-  return jax.tree.map(mark, outputs)
 
 
 def _check_handle(op: str, handle) -> DispatchHandle:

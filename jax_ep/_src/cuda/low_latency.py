@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_ep._src import native
-from jax_ep._src.cuda.intranode import mark_varying
+from jax_ep._src.cuda.varying import mark_varying
 from jax_ep._src.fp8 import FP8_DTYPE, GROUP
 
 _TICKET = jax.ShapeDtypeStruct((2,), jnp.uint32)
