@@ -10,6 +10,8 @@
 #   TESTS="..."   pytest targets (default: tests)
 #   TIME_ARGS=".." also run scripts/time_intranode.py with these arguments
 #                 (one process over every GPU), output in time.log
+#   PROBES=1      also run the fp8 cast probes (bench/probes/e4m3_cvt.cu,
+#                 scripts/fp8_cast_probe.py), output in probes.log
 #
 # Writes into OUTDIR (flat):
 #   env.txt         GPUs, topology, driver, Python/JAX/nvcc versions
@@ -92,6 +94,18 @@ if [[ -n "${TIME_ARGS:-}" ]]; then
     note "timing: ok, see time.log"
   else
     note "timing: FAILED (exit $?), see time.log"
+    failed=1
+  fi
+fi
+
+# --- PROBES ------------------------------------------------------------------
+if [[ "${PROBES:-0}" == 1 ]]; then
+  if run_logged probes.log 300 bash -c "nvcc -std=c++17 -arch=sm_90 -O3 \
+      bench/probes/e4m3_cvt.cu -o '$OUT/e4m3_cvt' && '$OUT/e4m3_cvt' &&
+      '$PYTHON' scripts/fp8_cast_probe.py"; then
+    note "probes: ok, see probes.log"
+  else
+    note "probes: FAILED (exit $?), see probes.log"
     failed=1
   fi
 fi
