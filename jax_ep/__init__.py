@@ -5,7 +5,7 @@ Every op runs inside `jax.shard_map` over the EP mesh axis of a `Buffer`.
 
 from jax_ep._src.config import Config as Config
 from jax_ep._src.cuda.intranode import intranode_buffer_bytes as nvl_buffer_bytes
-from jax_ep._src.cuda.nvshmem import heap_bytes as ll_buffer_bytes
+from jax_ep._src.cuda.low_latency import heap_bytes as ll_buffer_bytes
 from jax_ep._src.fp8 import per_token_cast_back as per_token_cast_back
 from jax_ep._src.fp8 import per_token_cast_to_fp8 as per_token_cast_to_fp8
 from jax_ep._src.handles import Dispatched as Dispatched

@@ -547,6 +547,13 @@ def test_reference_backend_ignores_num_ll_bytes():
 
 @pytest.mark.skipif(native.extension() is None,
                     reason="needs the compiled extension")
+def test_ll_buffer_bytes_equals_the_kernels_layout():
+  for shape in ((1, 128, 2), (3, 2056, 16), (128, 7168, 288), (1024, 8192, 4096),
+                (7, 2048, 1)):
+    assert jax_ep.ll_buffer_bytes(*shape) == (
+        native.extension().ll_heap_bytes(*shape)), shape
+
+
 def test_ll_buffer_bytes_grows_with_every_shape_but_not_with_ranks():
   # Two sets of E*Tmax message, combine-row and staging slots: linear in
   # Tmax and E, about 6H bytes per slot and set pair.

@@ -9,7 +9,7 @@ transfer. Every rank must issue the same sends in the same order. Two buffer
 sets alternate: a send waits until every peer has received the call that last
 used its set, so at most two sends may wait for their receives (a third times
 out with a message). Needs this process's NVSHMEM heap
-(`nvshmem.open_heap`), sized with `nvshmem.heap_bytes`.
+(`nvshmem.open_heap`), sized with `heap_bytes` below.
 """
 
 from __future__ import annotations
@@ -25,12 +25,35 @@ from jax_ep._src.cuda.varying import mark_varying
 from jax_ep._src.fp8 import FP8_DTYPE, GROUP
 
 _TICKET = jax.ShapeDtypeStruct((2,), jnp.uint32)
-# The kernels' limits (csrc/low_latency/low_latency.cu).
+# The kernels' limits and heap layout (csrc/low_latency/low_latency.{cuh,cu}).
 MAX_TOKENS = 1024
 MAX_SLOTS_PER_EXPERT = 8192  # R * Tmax
 MAX_TOPK = 32
 MAX_RANKS = 64
 MAX_EXPERTS = 4096
+_ALIGN = 256
+_FLAG_SHARE = 64  # a set's flags region is this fraction of it
+
+
+def _align(value: int, to: int) -> int:
+  return -(-value // to) * to
+
+
+def heap_bytes(max_tokens: int, hidden: int, num_experts: int) -> int:
+  """Bytes of NVSHMEM heap that low-latency calls of these shapes need: two
+  buffer sets of E*Tmax message, combine-row and staging slots (the layout of
+  `SetLayout` in csrc/low_latency/low_latency.cuh; the number of ranks does
+  not matter, L * R = E)."""
+  slots = num_experts * max_tokens
+  message = _align(2 * hidden, 16)
+  row = 2 * hidden
+  flags = _align((MAX_RANKS + MAX_EXPERTS + 2 * slots) * 8, _ALIGN)
+  data = (_align(slots * message, _ALIGN) + 2 * _align(slots * row, _ALIGN) +
+          _align(max_tokens * message, _ALIGN))
+  # The flags fit in set / _FLAG_SHARE, the data in the rest.
+  per_set = max(flags * _FLAG_SHARE,
+                -(-data * _FLAG_SHARE // (_FLAG_SHARE - 1)))
+  return 2 * _align(per_set, _FLAG_SHARE * _ALIGN)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,8 +88,7 @@ def check_shapes(op: str, kernels: LlKernels, *, max_tokens: int,
     if not ok:
       raise ValueError(f"jax_ep.{op}: the low-latency kernels need {name} "
                        f"{limit}, got {value}")
-  from jax_ep._src.cuda import nvshmem  # pylint: disable=g-import-not-at-top
-  need = nvshmem.heap_bytes(max_tokens, hidden, num_experts)
+  need = heap_bytes(max_tokens, hidden, num_experts)
   if need > kernels.heap_bytes:
     raise ValueError(
         f"jax_ep.{op}: the Buffer's num_ll_bytes ({kernels.heap_bytes}) is "

@@ -34,16 +34,6 @@ _bootstraps = itertools.count()
 _open: "NvshmemHeap | None" = None
 
 
-def heap_bytes(max_tokens: int, hidden: int, num_experts: int) -> int:
-  """Bytes of symmetric heap that low-latency calls of these shapes need."""
-  module = native.extension()
-  if module is None:
-    raise RuntimeError(
-        "jax_ep.ll_buffer_bytes needs the CUDA extension jax_ep._jax_ep: "
-        f"{native.unavailable_reason()}")
-  return int(module.ll_heap_bytes(max_tokens, hidden, num_experts))
-
-
 class NvshmemHeap:
   """This process's open NVSHMEM heap; `close()` (collective) finalizes it."""
 
