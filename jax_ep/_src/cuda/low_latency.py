@@ -4,8 +4,9 @@ jax_ep_ll_combine_send, jax_ep_ll_combine_recv).
 
 A send half returns a ticket (uint32[2], the call's sequence number, made on
 the device) that its receive half takes: the receive reads the buffer set the
-send filled. Between them no SM is held, so compute placed there overlaps the
-transfer. Every rank must issue the same sends in the same order. Two buffer
+send filled. Between them no SM waits, so compute placed there overlaps the
+peers' sends (over NVLink the send kernel moves the rows itself, which leaves
+less to hide than with RDMA puts). Every rank must issue the same sends in the same order. Two buffer
 sets alternate: a send waits until every peer has received the call that last
 used its set, so at most two sends may wait for their receives (a third times
 out with a message). Needs this process's NVSHMEM heap
