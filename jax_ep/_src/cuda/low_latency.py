@@ -9,7 +9,9 @@ peers' sends (over NVLink the send kernel moves the rows itself, which leaves
 less to hide than with RDMA puts). Every rank must issue the same sends in the same order. Two buffer
 sets alternate: a send waits until every peer has received the call that last
 used its set, so at most two sends may wait for their receives (a third times
-out with a message). Needs this process's NVSHMEM heap
+out with a message). XLA orders the halves by data dependence only, so
+independent low-latency ops in one program may run sends before receives.
+Needs this process's NVSHMEM heap
 (`nvshmem.open_heap`), sized with `heap_bytes` below.
 """
 
