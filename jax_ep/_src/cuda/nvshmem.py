@@ -9,9 +9,9 @@ and allocates the symmetric heap, zeroed.
 NVSHMEM maps its heap outside JAX's memory pool: JAX must leave that much GPU
 memory free (its default preallocation of 75% does on 80 GB and larger GPUs;
 otherwise lower `XLA_PYTHON_CLIENT_MEM_FRACTION`). NVSHMEM and JAX's CUDA
-plugin share one `libnvshmem_host.so.3` (the pip package's); XLA initializes
-NVSHMEM only for its own NVSHMEM collectives, which jax_ep's heap and those
-cannot both use in one process.
+plugin share one `libnvshmem_host.so.3` (the pip package's), which NVSHMEM
+initializes once per process: jax_ep's heap beside XLA's own NVSHMEM
+collectives (off by default) is untested.
 """
 
 from __future__ import annotations
@@ -37,8 +37,7 @@ _open: "NvshmemHeap | None" = None
 class NvshmemHeap:
   """This process's open NVSHMEM heap; `close()` (collective) finalizes it."""
 
-  def __init__(self, rank: int, num_ranks: int, num_bytes: int):
-    self.rank = rank
+  def __init__(self, num_ranks: int, num_bytes: int):
     self.num_ranks = num_ranks
     self.num_bytes = num_bytes
     self.closed = False
@@ -101,5 +100,5 @@ def open_heap(devices_in_rank_order: list[jax.Device], num_bytes: int) -> Nvshme
                         devices[rank].local_hardware_id, int(num_bytes))
     # Not closed at exit: nvshmem_finalize waits for every PE, and a peer
     # that failed would hang this one; the process's end frees the heap.
-    _open = NvshmemHeap(rank, len(devices), int(num_bytes))
+    _open = NvshmemHeap(len(devices), int(num_bytes))
     return _open
