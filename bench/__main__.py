@@ -57,15 +57,22 @@ def main(argv=None) -> None:
                       f"({','.join(low_latency.OPS)}) run when listed")
   parser.add_argument("--dtypes", type=_csv(("bf16", "fp8")),
                       default=["bf16", "fp8"])
-  parser.add_argument("--iters", type=int, default=10,
-                      help="calls per timed jitted loop")
+  parser.add_argument("--iters", type=int, default=None,
+                      help="calls per timed jitted loop (default: 10 for the "
+                      "normal ops, 100 for the low-latency ones, whose calls "
+                      "are short next to a loop's launch)")
   parser.add_argument("--reps", type=int, default=50, help="timed loops")
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--profile", action="store_true",
+                      help="low-latency ops: also record the kernels' own "
+                      "time per call from the profiler (kernel_us)")
   parser.add_argument("--out", default=None,
                       help="JSON path (default bench/results/<date>_<device>_"
                       "<shape>_r<ranks>.json)")
   args = parser.parse_args(argv)
+  if args.profile and jax.devices()[0].platform != "gpu":
+    parser.error("--profile reads GPU kernels from the profiler: run it on GPUs")
 
   base = SHAPES[args.shape]
   if args.hidden:
@@ -82,16 +89,17 @@ def main(argv=None) -> None:
   if jax.process_index() == 0:
     harness.print_header()
   records = []
-  common = dict(seed=args.seed, iters=args.iters, reps=args.reps,
-                warmup=args.warmup)
+  common = dict(seed=args.seed, reps=args.reps, warmup=args.warmup)
   for tokens in args.tokens or [base.tokens]:
     shape = dataclasses.replace(base, tokens=tokens)
     if normal_ops:
       records += normal.run(mesh, shape, impls=impls, dtypes=args.dtypes,
-                            ops=normal_ops, num_sms=args.num_sms, **common)
+                            ops=normal_ops, num_sms=args.num_sms,
+                            iters=args.iters or 10, **common)
     if ll_ops:
       records += low_latency.run(mesh, shape, impls=impls, dtypes=args.dtypes,
-                                 ops=ll_ops, **common)
+                                 ops=ll_ops, iters=args.iters or 100,
+                                 profile=args.profile, **common)
   if jax.process_index() == 0:
     device = harness.device_name().replace(" ", "_")
     out = args.out or (f"bench/results/{datetime.date.today().isoformat()}_"

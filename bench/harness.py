@@ -91,8 +91,11 @@ class Record:
   command: str = dataclasses.field(default_factory=lambda: _command())
   processes: int = dataclasses.field(default_factory=jax.process_count)
   # What the figure needs said beside it (an option that differs from the
-  # peers', what an overlap hid); None for most records.
+  # peers', what an overlap hid, the kernels' times); None for most records.
   note: str | None = None
+  # With --profile: the implementation's own GPU kernels' time per call, from
+  # the profiler (bench/kernel_time.py); None otherwise.
+  kernel_us: float | None = None
 
 
 def _command() -> str:

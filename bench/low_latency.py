@@ -40,6 +40,11 @@ channels, 16 bytes of metadata), bf16 dispatch 2H, combine 2H.
             sends (the ids and weights it also moves are left out).
             all_to_all: (R-1)/R of its arrays.
 The overlap records have no byte figures: their time includes the compute.
+
+With --profile, each dispatch / combine record also gets `kernel_us`, the
+implementation's own kernels' time per call from the profiler (jax_ep: its LL
+kernels; all_to_all: NCCL's; reference: every kernel), as DeepEP's tests
+report theirs, and its note lists every kernel of the loop with its time.
 """
 
 from __future__ import annotations
@@ -54,10 +59,14 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jax_ep
-from bench import harness, normal
+from bench import harness, kernel_time, normal
 from bench.shapes import Shape
 
 OPS = ("ll_dispatch", "ll_combine", "ll_dispatch_combine", "ll_overlap")
+# With --profile, the kernels a record's kernel_us sums, by substring of their
+# names: jax_ep's LL kernels, NCCL's, or every kernel of the reference.
+_OWN_KERNELS = {"jax_ep": "low_latency", "all_to_all": "nccl",
+                "reference": ""}
 # The overlap's compute block: COMPUTE_MATMULS chained `tanh(a @ b)` on
 # [COMPUTE_SIZE, COMPUTE_SIZE] bf16 (~60 us together on an H200).
 COMPUTE_SIZE = 2048
@@ -150,34 +159,48 @@ class _Calls:
 
 
 def run(mesh, shape: Shape, *, impls, dtypes, ops, seed: int, iters: int,
-        reps: int, warmup: int) -> list[harness.Record]:
-  """Times every impl and LL op on one shape."""
+        reps: int, warmup: int, profile: bool = False) -> list[harness.Record]:
+  """Times every impl and LL op on one shape; with `profile`, also the
+  kernels' own time per call (bench/kernel_time.py)."""
   problem = normal.Problem(mesh, shape, seed)
   records = []
   timing = dict(iters=iters, reps=reps, warmup=warmup)
 
-  def record(op, impl, dtype, seconds, logical=None, link=None, note=None):
+  def record(op, impl, dtype, seconds, logical=None, link=None, note=None,
+             kernels=None):
+    kernel_us = None
+    if kernels is not None:
+      kernel_us = kernel_time.summary(kernels, _OWN_KERNELS[impl])
+      note = "; ".join(filter(None, (note, "kernels (us): " +
+                                     kernel_time.describe(kernels))))
     records.append(harness.Record(
         op=op, impl=impl, dtype=dtype, tokens=shape.tokens,
         hidden=shape.hidden, topk=shape.topk, experts=shape.experts,
         ranks=problem.ranks, num_sms=None, time_us=seconds * 1e6,
         logical_gbps=harness.gbps(logical, seconds),
-        link_gbps=harness.gbps(link, seconds), note=note))
+        link_gbps=harness.gbps(link, seconds), note=note, kernel_us=kernel_us))
     if jax.process_index() == 0:
       harness.print_row(records[-1])
 
+  def timed(step, carry):
+    """(seconds per call, the kernels' times or None)."""
+    seconds = harness.time_per_call(step, carry, mesh, **timing)
+    if not profile:
+      return seconds, None
+    return seconds, kernel_time.kernel_times(step, carry, mesh, iters=iters)
+
   for impl in impls:
     if impl == "all_to_all":
-      _run_all_to_all(problem, ops, dtypes, record, timing)
+      _run_all_to_all(problem, ops, dtypes, record, timed)
     elif impl in ("jax_ep", "reference"):
-      _run_impl(problem, impl, ops, dtypes, record, timing, seed)
+      _run_impl(problem, impl, ops, dtypes, record, timed, timing, seed)
     elif jax.process_index() == 0:
       print(f"{impl}: skipped (no low-latency counterpart)")
   return records
 
 
-def _run_impl(problem: normal.Problem, impl: str, ops, dtypes, record, timing,
-              seed: int) -> None:
+def _run_impl(problem: normal.Problem, impl: str, ops, dtypes, record, timed,
+              timing, seed: int) -> None:
   """jax_ep's kernels or its reference backend, every LL op asked for."""
   mesh, shape, ranks = problem.mesh, problem.shape, problem.ranks
   if impl == "jax_ep":
@@ -218,16 +241,17 @@ def _run_impl(problem: normal.Problem, impl: str, ops, dtypes, record, timing,
   if "ll_dispatch" in ops:
     for dtype in dtypes:
       fp8 = dtype == "fp8"
-      t = harness.time_per_call(lambda c, fp8=fp8: calls.dispatch(*c, fp8).x,
-                                (x, idx), mesh, **timing)
-      record("ll_dispatch", impl, dtype, t, *traffic(fp8, False), note)
+      t, kernels = timed(lambda c, fp8=fp8: calls.dispatch(*c, fp8).x,
+                         (x, idx))
+      record("ll_dispatch", impl, dtype, t, *traffic(fp8, False), note,
+             kernels)
 
   if "ll_combine" in ops:
     handle = jax.jit(normal._sharded(  # pylint: disable=protected-access
         mesh, lambda x, i: calls.dispatch(x, i, False).handle))(x, idx)
-    t = harness.time_per_call(lambda c: calls.combine(*c),
-                              (y, idx, weights, handle), mesh, **timing)
-    record("ll_combine", impl, "bf16", t, *traffic(None, True))
+    t, kernels = timed(lambda c: calls.combine(*c), (y, idx, weights, handle))
+    record("ll_combine", impl, "bf16", t, *traffic(None, True),
+           kernels=kernels)
 
   def round_trip(fp8):
     def step(carry):
@@ -241,9 +265,9 @@ def _run_impl(problem: normal.Problem, impl: str, ops, dtypes, record, timing,
   if "ll_dispatch_combine" in ops:
     for dtype in dtypes:
       fp8 = dtype == "fp8"
-      t = harness.time_per_call(round_trip(fp8), (x, idx, weights, y), mesh,
-                                **timing)
-      record("ll_dispatch_combine", impl, dtype, t, *traffic(fp8, True), note)
+      t, kernels = timed(round_trip(fp8), (x, idx, weights, y))
+      record("ll_dispatch_combine", impl, dtype, t, *traffic(fp8, True), note,
+             kernels)
 
   if "ll_overlap" in ops:
     _run_overlap(problem, calls, impl, dtypes, record, timing, seed, note, y)
@@ -288,7 +312,7 @@ def _run_overlap(problem: normal.Problem, calls: _Calls, impl: str, dtypes,
 
 
 def _run_all_to_all(problem: normal.Problem, ops, dtypes, record,
-                    timing) -> None:
+                    timed) -> None:
   """Raw all_to_alls of byte rows whose received bytes equal the LL logical
   bytes: one per phase, each phase waiting for the last."""
   shape, ranks, mesh = problem.shape, problem.ranks, problem.mesh
@@ -316,6 +340,7 @@ def _run_all_to_all(problem: normal.Problem, ops, dtypes, record,
   for op, dtype, rows in runs:
     arrays = tuple(_random(mesh, (ranks * ranks * per_peer, row), jnp.uint8,
                            seed) for seed, row in enumerate(rows))
-    t = harness.time_per_call(step, arrays, mesh, **timing)
+    t, kernels = timed(step, arrays)
     total = ranks * per_peer * sum(rows)
-    record(op, "all_to_all", dtype, t, total, total * (ranks - 1) / ranks)
+    record(op, "all_to_all", dtype, t, total, total * (ranks - 1) / ranks,
+           kernels=kernels)
