@@ -14,6 +14,7 @@ import glob
 import gzip
 import json
 import os
+import re
 import statistics
 import tempfile
 from typing import Callable
@@ -61,8 +62,12 @@ def _kernel_durations(trace_dir: str) -> dict[str, list[float]]:
 
 
 def short_name(kernel: str) -> str:
-  """`ns::(anonymous namespace)::Kernel(args)` -> `Kernel`."""
-  return kernel.split("(")[0].split("::")[-1] if "::" in kernel else kernel
+  """The kernel's own name: `ns::Kernel(args)` or its mangled form (as the
+  profiler names relocatable device code's kernels) -> `Kernel`."""
+  mangled = re.findall(r"([A-Z][A-Za-z]*Kernel)E", kernel)
+  if mangled:
+    return mangled[-1]
+  return kernel.split("(")[0].split("::")[-1]
 
 
 def summary(times: dict[str, tuple[int, float]], match: str = "") -> float:

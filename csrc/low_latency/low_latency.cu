@@ -57,6 +57,7 @@ constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 constexpr int kRecvThreads = 256;
 constexpr int kRecvWarps = kRecvThreads / 32;
+constexpr int kRecvUnroll = 8;
 constexpr int kMaxTopk = 32;
 // Tokens per source are swept 32 at a time with one bit per sweep and lane.
 constexpr int64_t kMaxTokens = 32 * 32;
@@ -207,7 +208,7 @@ __device__ __forceinline__ void EndRecv(State* state, char* set_flags,
 
 // One warp copies `n` int4s, `kUnroll` loads in flight per lane before their
 // stores: a load-then-store loop would wait out the memory latency per int4.
-template <int kUnroll = 4>
+template <int kUnroll = 8>
 __device__ __forceinline__ void WarpCopy(int4* __restrict__ dst,
                                          const int4* __restrict__ src,
                                          int64_t n, int lane) {
@@ -238,7 +239,7 @@ __device__ __forceinline__ bool WarpSend(void* dst, void* peer_dst,
                                          uint64_t value, int pe, int lane) {
   if (peer_dst != nullptr) {
     WarpCopy(static_cast<int4*>(peer_dst), static_cast<const int4*>(src),
-             bytes / 16, lane);
+                bytes / 16, lane);
     __syncwarp();
     if (lane == 0) sync::st_release_sys_global(peer_flag, value);
     return false;
@@ -276,115 +277,195 @@ __device__ __forceinline__ float RoundUpPow2(float scale) {
   return __uint_as_float(exponent << 23);
 }
 
-// Casts the 8 channels of one int4 of bf16; 16 consecutive lanes hold one
-// 128-channel group. All 32 lanes must call it (the amax is shuffled).
-__device__ __forceinline__ void CastChunk(int4 in, bool active, bool round_scale,
-                                          uint2* out, float* scale_out) {
-  const __nv_bfloat16* v = reinterpret_cast<const __nv_bfloat16*>(&in);
-  float f[8];
+// Casts 16 channels (two int4s of bf16) to one int4 of e4m3 and returns the
+// scale of their 128-channel group. The group's 8 chunks sit on 8 consecutive
+// lanes, which share the amax by shuffles: all 32 lanes must call it.
+__device__ __forceinline__ float CastChunk(const int4 (&in)[2],
+                                          bool round_scale, int4* out) {
+  float f[16];
   float amax = 0.0f;
 #pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    f[i] = __bfloat162float(v[i]);
-    amax = fmaxf(amax, fabsf(f[i]));
+  for (int h = 0; h < 2; ++h) {
+    const __nv_bfloat16* v = reinterpret_cast<const __nv_bfloat16*>(&in[h]);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      f[h * 8 + i] = __bfloat162float(v[i]);
+      amax = fmaxf(amax, fabsf(f[h * 8 + i]));
+    }
   }
 #pragma unroll
-  for (int offset = 8; offset > 0; offset /= 2) {
+  for (int offset = 4; offset > 0; offset /= 2) {
     amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
   }
   float scale = fmaxf(amax, kAmaxFloor) * (1.0f / kFp8Max);
   if (round_scale) scale = RoundUpPow2(scale);
   const float inv = 1.0f / scale;
-  if (!active) return;
-  uint8_t q[8];
+  alignas(16) uint8_t q[16];
 #pragma unroll
-  for (int i = 0; i < 8; ++i) {
+  for (int i = 0; i < 16; ++i) {
     q[i] = static_cast<uint8_t>(
         __nv_cvt_float_to_fp8(f[i] * inv, __NV_SATFINITE, __NV_E4M3));
   }
-  *out = *reinterpret_cast<uint2*>(q);
-  if (scale_out != nullptr) *scale_out = scale;
+  *out = *reinterpret_cast<const int4*>(q);
+  return scale;
 }
 
 // --- Dispatch send -----------------------------------------------------------
 
+// Output int4s per thread and pass over a row: one pass covers H <= 8192 in
+// bf16 (an int4 per 8 channels), H <= 16384 in fp8 (per 16 channels).
+constexpr int kChunksPerThread = 2;
+
+// Every block counts every token's distinct valid choices per expert in
+// shared memory (T * K ids, read through L1), then thread j of block b sends
+// the count signal of expert b + j * gridDim.x: no block waits for another.
+// Returns whether the thread issued an NVSHMEM signal (it must then quiet).
+__device__ __forceinline__ bool SendCounts(const Heap& heap,
+                                           const DispatchSendArgs& a,
+                                           const SetPointers& set,
+                                           uint64_t seq) {
+  const Shape& sh = a.shape;
+  const int64_t E = sh.num_experts, K = sh.num_topk, L = sh.num_local();
+  __shared__ int32_t tokens_of[kMaxExperts];
+  for (int64_t e = threadIdx.x; e < E; e += kThreads) tokens_of[e] = 0;
+  __syncthreads();
+  for (int64_t i = threadIdx.x; i < sh.num_tokens * K; i += kThreads) {
+    if (FirstChoice(a.topk_idx + i / K * K, static_cast<int>(i % K), E)) {
+      atomicAdd(&tokens_of[a.topk_idx[i]], 1);
+    }
+  }
+  __syncthreads();
+  bool put = false;
+  for (int64_t e = blockIdx.x + static_cast<int64_t>(threadIdx.x) * gridDim.x;
+       e < E; e += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const int pe = static_cast<int>(e / L);
+    uint64_t* signal = reinterpret_cast<uint64_t*>(
+        set.flags + SetLayout{sh}.counts() +
+        ((e % L) * sh.num_ranks + heap.rank) * 8);
+    const uint64_t value = (seq << kCountBits) | tokens_of[e];
+    if (uint64_t* peer = PeerPtr(signal, pe, a.options.force_put)) {
+      sync::st_release_sys_global(peer, value);
+    } else {
+      nvshmemx_signal_op(signal, value, NVSHMEM_SIGNAL_SET, pe);
+      put = true;
+    }
+  }
+  return put;
+}
+
+// One block per token: each thread loads and casts its chunks of the row once
+// and stores them straight into every P2P destination's message slot (K
+// stores in flight per chunk); after the block barrier, one thread per
+// destination releases its flag. Destinations without a P2P mapping get the
+// row from a staged copy in the symmetric heap by put-with-signal.
 __global__ void __launch_bounds__(kThreads, 1)
     DispatchSendKernel(const Heap heap, const DispatchSendArgs a) {
   const Shape& sh = a.shape;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
   const uint64_t seq = BeginSend(heap, a.ticket, sh.num_ranks,
                                  a.options.timeout_ns, "low_latency_dispatch");
   const SetLayout layout{sh};
   const SetPointers set = SetOf(heap.base, heap.set_bytes, seq);
   const int64_t L = sh.num_local(), R = sh.num_ranks, K = sh.num_topk;
-  const int64_t T = sh.num_tokens, H = sh.hidden;
+  const int64_t H = sh.hidden, E = sh.num_experts;
+  bool put = SendCounts(heap, a, set, seq);
 
-  // Count signals: one warp per expert counts this rank's tokens choosing it.
-  for (int64_t e = blockIdx.x * kWarps + warp; e < sh.num_experts;
-       e += static_cast<int64_t>(gridDim.x) * kWarps) {
-    int count = 0;
-    for (int64_t t0 = 0; t0 < T; t0 += 32) {
-      bool chosen = false;
-      if (t0 + lane < T) {
-        for (int64_t k = 0; k < K; ++k) {
-          chosen |= a.topk_idx[(t0 + lane) * K + k] == e;
-        }
-      }
-      count += __popc(__ballot_sync(0xffffffffu, chosen));
-    }
-    if (lane == 0) {
-      const int pe = static_cast<int>(e / L);
-      uint64_t* signal = reinterpret_cast<uint64_t*>(
-          set.flags + layout.counts() + ((e % L) * R + heap.rank) * 8);
-      const uint64_t value = (seq << kCountBits) | count;
-      uint64_t* peer = PeerPtr(signal, pe, a.options.force_put);
-      if (peer != nullptr) {
-        sync::st_release_sys_global(peer, value);
-      } else {
-        nvshmemx_signal_op(signal, value, NVSHMEM_SIGNAL_SET, pe);
-        nvshmem_quiet();
-      }
-    }
-  }
-
-  bool put = false;  // whether this thread's warp issued NVSHMEM puts
+  // Per token, by column k: the P2P mapping of the message slot and flag of
+  // a distinct valid choice (null for puts and for the other columns).
+  __shared__ char* peer_message[kMaxTopk];
+  __shared__ uint64_t* peer_flag[kMaxTopk];
   const int64_t message = sh.message_bytes();
   const int64_t payload = a.use_fp8 ? AlignUp(H + H / kScaleGroup * 4, 16)
                                     : 2 * H;
-  for (int64_t t = blockIdx.x; t < T; t += gridDim.x) {
-    // The row goes out from the symmetric heap, which puts can read: cast
-    // there (fp8) or copied there (bf16), once per token.
-    const __nv_bfloat16* row = static_cast<const __nv_bfloat16*>(a.x) + t * H;
-    char* stage = set.data + layout.dispatch_stage() + t * message;
-    const int64_t chunks = H / 8;
-    for (int64_t base = 0; base < chunks; base += kThreads) {
-      const int64_t c = base + threadIdx.x;
-      const bool active = c < chunks;
-      const int4 in = active ? reinterpret_cast<const int4*>(row)[c]
-                             : make_int4(0, 0, 0, 0);
-      if (!a.use_fp8) {
-        if (active) reinterpret_cast<int4*>(stage)[c] = in;
-        continue;
-      }
-      const bool group_lead = c % (kScaleGroup / 8) == 0;
-      float* scales = reinterpret_cast<float*>(stage + H);
-      CastChunk(in, active, a.round_scale, reinterpret_cast<uint2*>(stage) + c,
-                group_lead ? scales + c / (kScaleGroup / 8) : nullptr);
-    }
-    __syncthreads();
+  // Chunks of the row: int4s of the message's e4m3 (16 channels) or bf16 (8).
+  const int64_t chunks = a.use_fp8 ? H / 16 : H / 8;
+  auto slot_of = [&](int32_t e, int64_t t) {
+    return ((e % L) * R + heap.rank) * sh.max_tokens + t;
+  };
+  for (int64_t t = blockIdx.x; t < sh.num_tokens; t += gridDim.x) {
     const int32_t* choices = a.topk_idx + t * K;
-    for (int k = warp; k < K; k += kWarps) {
-      if (!FirstChoice(choices, k, sh.num_experts)) continue;
-      const int32_t e = choices[k];
-      const int pe = static_cast<int>(e / L);
-      const int64_t slot = ((e % L) * R + heap.rank) * sh.max_tokens + t;
-      char* dst = set.data + layout.dispatch_data() + slot * message;
-      uint64_t* flag = reinterpret_cast<uint64_t*>(
-          set.flags + layout.dispatch_flags() + slot * 8);
-      put |= WarpSend(dst, PeerPtr(dst, pe, a.options.force_put), stage,
-                      payload, flag, PeerPtr(flag, pe, a.options.force_put),
-                      seq, pe, lane);
+    bool needs_put = false;
+    if (threadIdx.x < K) {
+      const int k = threadIdx.x;
+      peer_message[k] = nullptr;
+      peer_flag[k] = nullptr;
+      if (FirstChoice(choices, k, E)) {
+        const int32_t e = choices[k];
+        const int pe = static_cast<int>(e / L);
+        const int64_t slot = slot_of(e, t);
+        peer_message[k] = PeerPtr(set.data + layout.dispatch_data() +
+                                      slot * message, pe, a.options.force_put);
+        peer_flag[k] = PeerPtr(reinterpret_cast<uint64_t*>(
+                                   set.flags + layout.dispatch_flags()) + slot,
+                               pe, a.options.force_put);
+        needs_put = peer_message[k] == nullptr;
+      }
     }
+    const bool any_put = __syncthreads_or(needs_put);
+    char* stage = set.data + layout.dispatch_stage() + t * message;
+    const int4* row = reinterpret_cast<const int4*>(
+        static_cast<const __nv_bfloat16*>(a.x) + t * H);
+    for (int64_t base = 0; base < chunks;
+         base += int64_t{kThreads} * kChunksPerThread) {
+      int4 in[kChunksPerThread][2];
+#pragma unroll
+      for (int u = 0; u < kChunksPerThread; ++u) {
+        const int64_t c = base + u * kThreads + threadIdx.x;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const bool load = c < chunks && (a.use_fp8 || h == 0);
+          in[u][h] = load ? row[a.use_fp8 ? 2 * c + h : c]
+                          : make_int4(0, 0, 0, 0);
+        }
+      }
+      int4 out[kChunksPerThread];
+      float scale[kChunksPerThread];
+#pragma unroll
+      for (int u = 0; u < kChunksPerThread; ++u) {
+        // A 128-channel group is 8 chunks, never split by `chunks` (H is a
+        // multiple of 128): inactive lanes cast zeros beside no active one.
+        if (a.use_fp8) {
+          scale[u] = CastChunk(in[u], a.round_scale, &out[u]);
+        } else {
+          out[u] = in[u][0];
+        }
+      }
+      auto store = [&](char* dst) {
+#pragma unroll
+        for (int u = 0; u < kChunksPerThread; ++u) {
+          const int64_t c = base + u * kThreads + threadIdx.x;
+          if (c >= chunks) continue;
+          reinterpret_cast<int4*>(dst)[c] = out[u];
+          if (a.use_fp8 && c % (kScaleGroup / 16) == 0) {
+            reinterpret_cast<float*>(dst + H)[c / (kScaleGroup / 16)] =
+                scale[u];
+          }
+        }
+      };
+      for (int k = 0; k < K; ++k) {
+        if (peer_message[k] != nullptr) store(peer_message[k]);
+      }
+      if (any_put) store(stage);
+    }
+    // The barrier orders every thread's stores before the flags' releases.
+    __syncthreads();
+    if (threadIdx.x < K && peer_flag[threadIdx.x] != nullptr) {
+      sync::st_release_sys_global(peer_flag[threadIdx.x], seq);
+    }
+    if (any_put) {
+      for (int k = warp; k < K; k += kWarps) {
+        if (!FirstChoice(choices, k, E) || peer_message[k] != nullptr) continue;
+        const int32_t e = choices[k];
+        const int64_t slot = slot_of(e, t);
+        nvshmemx_putmem_signal_nbi_warp(
+            set.data + layout.dispatch_data() + slot * message, stage, payload,
+            reinterpret_cast<uint64_t*>(set.flags + layout.dispatch_flags()) +
+                slot,
+            seq, NVSHMEM_SIGNAL_SET, static_cast<int>(e / L));
+        put = true;
+      }
+    }
+    __syncthreads();  // the shared destinations are the next token's
   }
   if (put) nvshmem_quiet();
   EndSend(heap.state, seq);
@@ -485,16 +566,36 @@ __global__ void __launch_bounds__(kRecvThreads, 2)
     }
     __syncthreads();
 
+    // The rows land packed, one after the other: the block copies them as
+    // one run of int4s, kRecvUnroll loads in flight per thread.
     const int total = offsets[R];
-    for (int64_t i = warp; i < total; i += kRecvWarps) {
-      const int64_t source = source_of[i];
-      const char* message = set.data + layout.dispatch_data() +
-                            (l * S + source) * sh.message_bytes();
-      char* out = static_cast<char*>(a.recv_x) + (l * S + i) * row_bytes;
-      WarpCopy(reinterpret_cast<int4*>(out),
-               reinterpret_cast<const int4*>(message), row_bytes / 16, lane);
-      if (!a.use_fp8) continue;
-      const float* scales = reinterpret_cast<const float*>(message + H);
+    const int row_chunks = static_cast<int>(row_bytes / 16);
+    const int run = total * row_chunks;
+    int4* out = reinterpret_cast<int4*>(static_cast<char*>(a.recv_x) +
+                                        l * S * row_bytes);
+    const char* messages = set.data + layout.dispatch_data() +
+                           l * S * sh.message_bytes();
+    for (int base = threadIdx.x; base < run;
+         base += kRecvThreads * kRecvUnroll) {
+      int4 v[kRecvUnroll];
+#pragma unroll
+      for (int u = 0; u < kRecvUnroll; ++u) {
+        const int f = base + u * kRecvThreads;
+        if (f < run) {
+          v[u] = reinterpret_cast<const int4*>(
+              messages + source_of[f / row_chunks] * sh.message_bytes())
+              [f % row_chunks];
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kRecvUnroll; ++u) {
+        const int f = base + u * kRecvThreads;
+        if (f < run) out[f] = v[u];
+      }
+    }
+    for (int64_t i = warp; a.use_fp8 && i < total; i += kRecvWarps) {
+      const float* scales = reinterpret_cast<const float*>(
+          messages + source_of[i] * sh.message_bytes() + H);
       char* scale_out =
           static_cast<char*>(a.recv_scales) + (l * S + i) * scale_bytes;
       if (a.use_ue8m0) {  // four exponent bytes per int32, little-endian
@@ -538,23 +639,21 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int64_t L = sh.num_local(), Tmax = sh.max_tokens;
   const int64_t S = sh.num_ranks * Tmax, row_bytes = sh.combine_row_bytes();
 
-  // Warp w of W takes slots w, w + W, w + 2W, ... (filled slots sit at the
-  // front of each expert's range, so this spreads them over the warps), 32
-  // at a time, and sends the rows of the filled ones.
+  // Each local expert's rows are packed at the front of its S slots (the
+  // dispatch handle's src_index holds S past them). W / L warps serve each
+  // expert (each expert gets a warp when there are fewer warps than experts);
+  // warp j of an expert sends its rows j, j + W / L, ... up to the first
+  // empty slot: every warp starts at once, whatever the counts.
   bool put = false;
   const int64_t num_warps = static_cast<int64_t>(gridDim.x) * kWarps;
-  for (int64_t g0 = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
-       g0 < L * S; g0 += 32 * num_warps) {
-    const int64_t mine_g = g0 + lane * num_warps;
-    const int32_t mine = mine_g < L * S ? a.src_index[mine_g]
-                                        : static_cast<int32_t>(S);
-    uint32_t filled = __ballot_sync(0xffffffffu, mine < S);
-    while (filled != 0) {
-      const int j = __ffs(filled) - 1;
-      filled &= filled - 1;
-      const int64_t g = g0 + j * num_warps;
-      const int32_t source = __shfl_sync(0xffffffffu, mine, j);
-      const int64_t l = g / S;
+  const int64_t per_expert = num_warps >= L ? num_warps / L : 1;
+  for (int64_t task = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
+       task < L * per_expert; task += num_warps) {
+    const int64_t l = task % L;
+    for (int64_t i = task / L; i < S; i += per_expert) {
+      const int64_t g = l * S + i;
+      const int32_t source = a.src_index[g];
+      if (source < 0 || source >= S) break;
       const int pe = static_cast<int>(source / Tmax);
       const int64_t slot = (heap.rank * L + l) * Tmax + source % Tmax;
       char* dst = set.data + layout.combine_data() + slot * row_bytes;
@@ -566,7 +665,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         // Puts read a registered buffer: stage y's row in the symmetric heap.
         char* stage = set.data + layout.combine_stage() + g * row_bytes;
         WarpCopy(reinterpret_cast<int4*>(stage),
-                 reinterpret_cast<const int4*>(src), row_bytes / 16, lane);
+                    reinterpret_cast<const int4*>(src), row_bytes / 16, lane);
         __syncwarp();
         src = stage;
       }
@@ -632,7 +731,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
       for (int i = 0; i < 8; ++i) total[i] = partial[i] = 0.0f;
       // kBatch rows' loads in flight at once, then their sums in order.
-      constexpr int kBatch = 4;
+      constexpr int kBatch = 8;
       for (int j0 = 0; j0 < n; j0 += kBatch) {
         int4 raw[kBatch];
 #pragma unroll
@@ -758,9 +857,8 @@ Status LaunchDispatchSend(const Heap& heap, const DispatchSendArgs& a,
         "jax_ep_ll_dispatch_send: fp8 needs the hidden size to be a multiple "
         "of 128");
   }
-  const int64_t count_blocks = (a.shape.num_experts + kWarps - 1) / kWarps;
-  DispatchSendKernel<<<Grid(heap, std::max(a.shape.num_tokens, count_blocks)),
-                       kThreads, 0, stream>>>(heap, a);
+  DispatchSendKernel<<<Grid(heap, a.shape.num_tokens), kThreads, 0, stream>>>(
+      heap, a);
   return Launched("DispatchSendKernel launch");
 }
 
