@@ -5,7 +5,10 @@ differ from IEEE division and how many conversions differ from ml_dtypes.
 
 Written for the one-in-3e7 fp8 mismatch of the low-latency repeat test
 (issue 4): the kernels use IEEE division and the hardware cvt; a GPU backend
-whose division is approximate would explain it. Not yet run.
+whose division is approximate would explain it. Run on an H200 (jax 0.11.2,
+2026-11-23): XLA's GPU `1/s` differed from IEEE in 2,168,081 of 16,000,000,
+its f32 -> e4m3 in 0; the CPU's in 0 and 0. fp8.py now computes the
+reciprocal exactly (`_reciprocal`).
 
     python3 scripts/fp8_cast_probe.py
 """

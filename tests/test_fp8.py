@@ -13,6 +13,8 @@ import pytest
 import dense_model as dm
 import jax_ep
 from ep_testing import BF16, assert_same, context, normal
+from gpu_testing import NEEDS_GPU
+from jax_ep._src import fp8
 
 F32 = np.float32
 MODES = {
@@ -47,6 +49,32 @@ def test_cast_matches_dense_model(seed, mode, dtype, jit):
   ctx = context(seed, mode=mode, dtype=dtype, jit=jit)
   assert_same(np.asarray(s), want_s, "scales", ctx)
   assert_same(np.asarray(q), want_q, "q", ctx)
+
+
+def _scales_to_invert(rng) -> np.ndarray:
+  """Every mantissa at the exponents of 2^-23, 1 and 2^100 (the casts'
+  scales sit between 2^-23 and 2^30), then random normal values."""
+  mantissas = np.arange(1 << 23, dtype=np.uint32)
+  exact = [((np.uint32(127 + e) << 23) | mantissas).view(F32)
+           for e in (-23, 0, 100)]
+  random = (np.abs(normal(rng, (1 << 22,))) *
+            np.exp2(rng.integers(-120, 120, 1 << 22)).astype(F32)).astype(F32)
+  return np.concatenate(exact + [random[random > np.finfo(F32).tiny]])
+
+
+@pytest.mark.parametrize("platform", [
+    "cpu", pytest.param("gpu", marks=NEEDS_GPU)])
+def test_reciprocal_is_correctly_rounded(seed, platform):
+  """The cast's `1 / scale` is IEEE's on every backend (XLA's f32 division
+  on GPUs is not: it differed in 2,168,081 of 16M on an H200)."""
+  scales = _scales_to_invert(np.random.default_rng(seed))
+  on_device = jax.device_put(scales, jax.devices(platform)[0])
+  got = np.asarray(jax.jit(fp8._reciprocal)(on_device))  # pylint: disable=protected-access
+  want = F32(1) / scales
+  bad = np.flatnonzero(got.view(np.uint32) != want.view(np.uint32))
+  assert bad.size == 0, (
+      f"{bad.size} of {scales.size} reciprocals differ on {platform}, e.g. "
+      f"1/{scales[bad[0]]!r}: got {got[bad[0]]!r}, want {want[bad[0]]!r}")
 
 
 @pytest.mark.parametrize("rows", [1, 4])
