@@ -25,6 +25,12 @@ test_low_latency_gpu.py runs this script through
         model's; prints the sha256 of the
         kernels' outputs (two runs must print the same), then
         "worker i/2: repeat STEPS passed".
+    python ll_worker.py --seed N --grads
+        gradients in x, topk_weights and y of sum(g * combine(dispatch(x).x *
+        c + y)), bf16, through the kernels' VJPs (dispatch's is the combine
+        kernels, combine's a bf16 dispatch kernel) and the reference's:
+        d_x and d_y bit for bit, d_topk_weights within 2^-10 of its largest
+        element; then "worker i/2: grads <case> passed".
     python ll_worker.py --seed N --timeout
         rank 1 never calls; rank 0's dispatch must time out, print its rank
         and phase, and fail (exit 1; 3 means it returned).
@@ -50,6 +56,7 @@ for _path in (_TESTS.parent, _TESTS):
     sys.path.insert(0, str(_path))
 
 import jax  # pylint: disable=g-import-not-at-top
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
@@ -112,6 +119,11 @@ CASES = [
 ]
 # --repeat: small, since every step's outputs stay on the GPU until the end.
 REPEAT_CASE = Case(8, 2048, 8, 16)
+# --grads: bf16 (the fp8 cast is not differentiated).
+GRAD_CASES = [
+    Case(3, 2048, 1, 2, max_tokens=8, mode="bf16"),
+    Case(128, 2048, 8, 288, mode="bf16", skew=True),
+]
 
 
 def expert_outputs(rng, num_ranks: int, case: Case, *, exact=False):
@@ -299,6 +311,49 @@ def run_repeat(mesh: Mesh, kern, ref, seed: int, steps: int,
   print(f"{who}: repeat {steps} passed", flush=True)
 
 
+def grad_program(mesh: Mesh, buffer, case: Case):
+  """jit(grad) of sum(g * combine(dispatch(x).x * c + y)) in x, w and y:
+  dispatch's VJP is a combine and combine's a bf16 dispatch, on the kernels
+  when `buffer` has them."""
+  def per_shard(x, idx, w, y, c, g):
+    d = jax_ep.low_latency_dispatch(
+        buffer, x, idx, num_max_dispatch_tokens_per_rank=case.tmax,
+        num_experts=case.experts, use_fp8=False)
+    out = jax_ep.low_latency_combine(buffer, d.x * c + y, idx, w, d.handle)
+    return jnp.sum(out.astype(jnp.float32) * g.astype(jnp.float32))[None]
+
+  loss = jax.shard_map(per_shard, mesh=mesh, in_specs=P(EP), out_specs=P(EP))
+  return jax.jit(jax.grad(lambda x, w, y, idx, c, g: jnp.sum(
+      loss(x, idx, w, y, c, g)), argnums=(0, 1, 2)))
+
+
+def run_grads(mesh: Mesh, kern, ref, seed: int, who: str) -> None:
+  """d_x and d_y bit for bit equal to the reference backend's, d_w within
+  2^-10 of its largest element (wrong rows or slots would be far off)."""
+  num_ranks = mesh.devices.size
+  rng = np.random.default_rng(seed)
+  put = lambda a: intranode_worker.global_array(mesh, flat(a), P(EP))
+  for case in GRAD_CASES:
+    ctx = f"{who}, seed={seed}, grads, {case.name()}"
+    x, idx, w = token_inputs(rng, num_ranks, case)
+    y = expert_outputs(rng, num_ranks, case)
+    c = normal(rng, (num_ranks, case.experts // num_ranks, 1, case.hidden),
+               BF16)
+    g = normal(rng, x.shape, BF16)
+    args = [put(a) for a in (x, w, y, idx, c, g)]
+    got = grad_program(mesh, kern, case)(*args)
+    want = grad_program(mesh, ref, case)(*args)
+    for name, gv, wv in zip(("d_x", "d_w", "d_y"), got, want):
+      for rank, a, b in by_rank(gv, wv):
+        if name == "d_w":  # the same sums, perhaps fused in another order
+          bound = 2.0**-10 * np.abs(b).max()
+          assert (np.abs(a - b) <= bound).all(), (
+              f"{name} (rank {rank}): max error {np.abs(a - b).max()} [{ctx}]")
+        else:
+          assert_same(a, b, f"{name} (rank {rank})", ctx)
+    print(f"{who}: grads {case.name()} passed", flush=True)
+
+
 def run_timeout(mesh: Mesh, transport: str) -> int:
   """Rank 0 dispatches alone: its wait for rank 1 must time out."""
   case = Case(16, 2048, 8, 16)
@@ -327,6 +382,8 @@ def main(argv=None) -> int:
   parser.add_argument("--repeat", type=int, default=0, metavar="STEPS",
                       help="STEPS dispatch/combine pairs back to back "
                       "instead of CASES")
+  parser.add_argument("--grads", action="store_true",
+                      help="gradients through GRAD_CASES instead of CASES")
   parser.add_argument("--timeout", action="store_true",
                       help="rank 0 dispatches alone and must time out")
   parser.add_argument("--backend", choices=("cuda", "reference"),
@@ -339,11 +396,14 @@ def main(argv=None) -> int:
   if args.timeout:
     return run_timeout(mesh, args.transport)
   who = f"worker {jax.process_index()}/{jax.process_count()}"
-  cases = [REPEAT_CASE] if args.repeat else CASES
+  cases = ([REPEAT_CASE] if args.repeat else
+           GRAD_CASES if args.grads else CASES)
   kern = kernel_buffer(mesh, args.backend, cases, args.transport)
   ref = jax_ep.Buffer(mesh, EP, backend="reference")
   if args.repeat:
     run_repeat(mesh, kern, ref, args.seed, args.repeat, who)
+  elif args.grads:
+    run_grads(mesh, kern, ref, args.seed, who)
   else:
     run_cases(mesh, kern, ref, args.seed, who)
   kern.close()  # collective: every process is past its last op

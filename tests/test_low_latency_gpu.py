@@ -12,6 +12,9 @@ print:
 * 1000 jitted dispatch/combine pairs with fresh routings, enqueued back to
   back, on values whose combine sums are exact: every output equal to the
   reference's; run twice: the same sha256 both times.
+* Gradients through a bf16 dispatch, an expert and a combine: the VJPs run
+  the kernels (dispatch's is a combine, combine's a bf16 dispatch) and
+  equal the reference backend's.
 * A rank that never calls: the other's dispatch names its rank and phase and
   fails instead of hanging.
 """
@@ -61,6 +64,16 @@ def test_repeated_pairs_are_bitwise_repeatable(capfd, seed):
         out)))
     assert len(digests[-1]) == 2, report
   assert digests[0] == digests[1], f"seed={seed}: {digests}"
+
+
+def test_vjps_on_the_kernels_match_the_reference(capfd, seed):
+  code, out, report = launch_per_gpu(
+      capfd, [str(WORKER), "--seed", str(seed), "--grads"], timeout=180)
+  report = f"seed={seed}: {report}"
+  assert code == 0, report
+  for i in range(2):
+    for case in worker.GRAD_CASES:
+      assert f"worker {i}/2: grads {case.name()} passed" in out, report
 
 
 def test_a_missing_rank_times_out_with_a_report(capfd, seed):
