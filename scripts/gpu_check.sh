@@ -20,7 +20,8 @@
 #   demo.log        the Flax MoE demo (make demo's command), DEMO_STEPS steps
 #   bench.log       python -m bench, one process per GPU as `make bench` runs
 #   bench.json      its records; only when bench/__main__.py exists
-#   bench_ll.log, bench_ll.json   the low-latency benchmark (shape dsv3_ll)
+#   bench_ll.log, bench_ll.json   the low-latency benchmark (shape dsv3_ll),
+#                   kernel times from the profiler included
 #   time.log        scripts/time_intranode.py's JSON lines (TIME_ARGS)
 #   summary.txt     one line per step, also printed at the end
 # Exit status: 0 when every step that ran passed. A failed build stops the
@@ -138,7 +139,7 @@ elif [[ -f bench/__main__.py ]]; then
   fi
   if run_logged bench_ll.log 600 "$PYTHON" -m jax_ep.launch -n "$num_gpus" -- \
       "$PYTHON" -m bench --shape dsv3_ll \
-      --ops ll_dispatch,ll_combine,ll_dispatch_combine,ll_overlap \
+      --ops ll_dispatch,ll_combine,ll_dispatch_combine,ll_overlap --profile \
       --out "$OUT/bench_ll.json"; then
     note "bench (low-latency): ok ($num_gpus GPUs), records in bench_ll.json"
   else

@@ -13,15 +13,15 @@
 // kernel's last block tells every peer so, in `received`). A flag above `seq`
 // would mean that handshake failed: the kernel reports it and traps.
 //
-// Dispatch. The send kernel casts each token once (fp8 per 128 channels, or
-// the bf16 row as is), then one warp per (token, distinct expert) writes the
-// row into the expert's rank at message slot (l * R + me) * Tmax + t and
-// raises that slot's flag, and blocks send every expert's count (tokens of
-// this rank that selected it) as (seq << 24) | count. The receive kernel, one
-// block per local expert, waits for the R counts, then for that many flags per
-// source, packs the rows by (source rank, token) into the XLA outputs and
-// writes the handle. Nothing depends on arrival order: the result is
-// deterministic.
+// Dispatch. The send kernel, one block per token, casts the token once (fp8
+// per 128 channels, or the bf16 row as is) in registers and stores it into
+// message slot (l * R + me) * Tmax + t of each distinct expert's rank, then
+// releases that slot's flag; every block also counts every expert's tokens
+// (T * K ids) and sends the counts of its share of the experts as
+// (seq << 24) | count. The receive kernel, one block per local expert, waits
+// for the R counts, then for that many flags per source, packs the rows by
+// (source rank, token) into the XLA outputs and writes the handle. Nothing
+// depends on arrival order: the result is deterministic.
 //
 // Combine. The send kernel writes each received row's expert output back to
 // its source at (global expert, token), flagged. The receive kernel, one
@@ -316,28 +316,31 @@ __device__ __forceinline__ float CastChunk(const int4 (&in)[2],
 // bf16 (an int4 per 8 channels), H <= 16384 in fp8 (per 16 channels).
 constexpr int kChunksPerThread = 2;
 
-// Every block counts every token's distinct valid choices per expert in
-// shared memory (T * K ids, read through L1), then thread j of block b sends
-// the count signal of expert b + j * gridDim.x: no block waits for another.
-// Returns whether the thread issued an NVSHMEM signal (it must then quiet).
-__device__ __forceinline__ bool SendCounts(const Heap& heap,
-                                           const DispatchSendArgs& a,
-                                           const SetPointers& set,
-                                           uint64_t seq) {
-  const Shape& sh = a.shape;
-  const int64_t E = sh.num_experts, K = sh.num_topk, L = sh.num_local();
-  __shared__ int32_t tokens_of[kMaxExperts];
-  for (int64_t e = threadIdx.x; e < E; e += kThreads) tokens_of[e] = 0;
-  __syncthreads();
-  for (int64_t i = threadIdx.x; i < sh.num_tokens * K; i += kThreads) {
+// Adds every token's distinct valid choices to `tokens_of` (per expert, in
+// shared memory; T * K ids, read through L1). Every block counts them all, so
+// that no block waits for another before its count signals.
+__device__ __forceinline__ void CountChoices(const DispatchSendArgs& a,
+                                             int32_t* tokens_of) {
+  const int64_t E = a.shape.num_experts, K = a.shape.num_topk;
+  for (int64_t i = threadIdx.x; i < a.shape.num_tokens * K; i += kThreads) {
     if (FirstChoice(a.topk_idx + i / K * K, static_cast<int>(i % K), E)) {
       atomicAdd(&tokens_of[a.topk_idx[i]], 1);
     }
   }
-  __syncthreads();
+}
+
+// Thread j of block b sends the count signal of expert b + j * gridDim.x.
+// Returns whether the thread issued an NVSHMEM signal (it must then quiet).
+__device__ __forceinline__ bool SignalCounts(const Heap& heap,
+                                             const DispatchSendArgs& a,
+                                             const SetPointers& set,
+                                             uint64_t seq,
+                                             const int32_t* tokens_of) {
+  const Shape& sh = a.shape;
+  const int64_t L = sh.num_local();
   bool put = false;
   for (int64_t e = blockIdx.x + static_cast<int64_t>(threadIdx.x) * gridDim.x;
-       e < E; e += static_cast<int64_t>(gridDim.x) * kThreads) {
+       e < sh.num_experts; e += static_cast<int64_t>(gridDim.x) * kThreads) {
     const int pe = static_cast<int>(e / L);
     uint64_t* signal = reinterpret_cast<uint64_t*>(
         set.flags + SetLayout{sh}.counts() +
@@ -368,7 +371,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   const SetPointers set = SetOf(heap.base, heap.set_bytes, seq);
   const int64_t L = sh.num_local(), R = sh.num_ranks, K = sh.num_topk;
   const int64_t H = sh.hidden, E = sh.num_experts;
-  bool put = SendCounts(heap, a, set, seq);
+  bool put = false;
+  // Counted while the block's first row drains (a block without a token
+  // counts after the loop), signalled after the block's rows.
+  __shared__ int32_t tokens_of[kMaxExperts];
+  for (int64_t e = threadIdx.x; e < E; e += kThreads) tokens_of[e] = 0;
+  bool counted = false;
 
   // Per token, by column k: the P2P mapping of the message slot and flag of
   // a distinct valid choice (null for puts and for the other columns).
@@ -447,6 +455,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       if (any_put) store(stage);
     }
+    if (!counted) {  // the barrier above ordered the zeroing before this
+      CountChoices(a, tokens_of);
+      counted = true;
+    }
     // The barrier orders every thread's stores before the flags' releases.
     __syncthreads();
     if (threadIdx.x < K && peer_flag[threadIdx.x] != nullptr) {
@@ -467,6 +479,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     __syncthreads();  // the shared destinations are the next token's
   }
+  if (!counted) {
+    __syncthreads();
+    CountChoices(a, tokens_of);
+  }
+  __syncthreads();
+  put |= SignalCounts(heap, a, set, seq, tokens_of);
   if (put) nvshmem_quiet();
   EndSend(heap.state, seq);
 }
