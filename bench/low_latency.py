@@ -41,10 +41,12 @@ channels, 16 bytes of metadata), bf16 dispatch 2H, combine 2H.
             all_to_all: (R-1)/R of its arrays.
 The overlap records have no byte figures: their time includes the compute.
 
-With --profile, each dispatch / combine record also gets `kernel_us`, the
-implementation's own kernels' time per call from the profiler (jax_ep: its LL
-kernels; all_to_all: NCCL's; reference: every kernel), as DeepEP's tests
-report theirs, and its note lists every kernel of the loop with its time.
+With --profile, each dispatch / combine record's note lists every kernel of
+the loop with its median time per launch (from the profiler), and jax_ep's
+and all_to_all's records get `kernel_us`, their own kernels' time per call
+(jax_ep: its LL kernels; all_to_all: NCCL's), as DeepEP's tests report
+theirs. The reference gets none: its collectives run on a stream of their
+own, so their spans include waiting beside its other kernels.
 """
 
 from __future__ import annotations
@@ -64,9 +66,9 @@ from bench.shapes import Shape
 
 OPS = ("ll_dispatch", "ll_combine", "ll_dispatch_combine", "ll_overlap")
 # With --profile, the kernels a record's kernel_us sums, by substring of their
-# names: jax_ep's LL kernels, NCCL's, or every kernel of the reference.
-_OWN_KERNELS = {"jax_ep": "low_latency", "all_to_all": "nccl",
-                "reference": ""}
+# names: jax_ep's LL kernels, NCCL's. The reference gets none: its NCCL
+# collectives run on their own stream, beside its other kernels.
+_OWN_KERNELS = {"jax_ep": "low_latency", "all_to_all": "nccl"}
 # The overlap's compute block: COMPUTE_MATMULS chained `tanh(a @ b)` on
 # [COMPUTE_SIZE, COMPUTE_SIZE] bf16 (~60 us together on an H200).
 COMPUTE_SIZE = 2048
@@ -170,7 +172,8 @@ def run(mesh, shape: Shape, *, impls, dtypes, ops, seed: int, iters: int,
              kernels=None):
     kernel_us = None
     if kernels is not None:
-      kernel_us = kernel_time.summary(kernels, _OWN_KERNELS[impl])
+      if impl in _OWN_KERNELS:
+        kernel_us = kernel_time.summary(kernels, _OWN_KERNELS[impl])
       note = "; ".join(filter(None, (note, "kernels (us): " +
                                      kernel_time.describe(kernels))))
     records.append(harness.Record(
