@@ -15,6 +15,8 @@ print:
 * Gradients through a bf16 dispatch, an expert and a combine: the VJPs run
   the kernels (dispatch's is a combine, combine's a bf16 dispatch) and
   equal the reference backend's.
+* Normal and low-latency ops in one program, on their kernels, equal to the
+  reference backend's.
 * A rank that never calls: the other's dispatch names its rank and phase and
   fails instead of hanging.
 """
@@ -74,6 +76,16 @@ def test_vjps_on_the_kernels_match_the_reference(capfd, seed):
   for i in range(2):
     for case in worker.GRAD_CASES:
       assert f"worker {i}/2: grads {case.name()} passed" in out, report
+
+
+def test_normal_and_low_latency_ops_mix_in_one_program(capfd, seed):
+  code, out, report = launch_per_gpu(
+      capfd, [str(WORKER), "--seed", str(seed), "--mixed"], timeout=180)
+  report = f"seed={seed}: {report}"
+  assert code == 0, report
+  for i in range(2):
+    assert f"worker {i}/2: mixed {worker.MIXED_CASE.name()} passed" in out, (
+        report)
 
 
 def test_a_missing_rank_times_out_with_a_report(capfd, seed):
