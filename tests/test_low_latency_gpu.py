@@ -38,54 +38,48 @@ WORKER = pathlib.Path(worker.__file__).resolve()
 REPEAT_STEPS = 1000
 
 
-@pytest.mark.parametrize("transport", ["auto", "put"])
-def test_kernels_match_reference(capfd, seed, transport):
+def run_worker(capfd, seed, args: list[str], passed: list[str], *,
+               timeout: float) -> str:
+  """Runs ll_worker.py with `args` on 2 GPUs; each process must exit 0 and
+  print "worker i/2: <p> passed" for every `p` of `passed`. Returns stdout."""
   code, out, report = launch_per_gpu(
-      capfd, [str(WORKER), "--seed", str(seed), "--transport", transport],
-      timeout=240)
-  report = f"seed={seed}, transport={transport}: {report}"
+      capfd, [str(WORKER), "--seed", str(seed), *args], timeout=timeout)
+  report = f"seed={seed}, {' '.join(args)}: {report}"
   assert code == 0, report
   for i in range(2):
-    for case in worker.CASES:
-      assert f"worker {i}/2: {case.name()} passed" in out, report
+    for name in passed:
+      assert f"worker {i}/2: {name} passed" in out, report
+  return out
+
+
+@pytest.mark.parametrize("transport", ["auto", "put"])
+def test_kernels_match_reference(capfd, seed, transport):
+  run_worker(capfd, seed, ["--transport", transport],
+             [case.name() for case in worker.CASES], timeout=240)
 
 
 def test_repeated_pairs_are_bitwise_repeatable(capfd, seed):
   """Identical inputs give identical bits, launch after launch."""
   digests = []
   for _ in range(2):
-    code, out, report = launch_per_gpu(
-        capfd, [str(WORKER), "--seed", str(seed), "--repeat",
-                str(REPEAT_STEPS)], timeout=180)
-    report = f"seed={seed}: {report}"
-    assert code == 0, report
-    for i in range(2):
-      assert f"worker {i}/2: repeat {REPEAT_STEPS} passed" in out, report
+    out = run_worker(capfd, seed, ["--repeat", str(REPEAT_STEPS)],
+                     [f"repeat {REPEAT_STEPS}"], timeout=180)
     digests.append(sorted(re.findall(
         rf"worker (\d)/2: repeat {REPEAT_STEPS} sha256 ([0-9a-f]{{64}})",
         out)))
-    assert len(digests[-1]) == 2, report
+    assert len(digests[-1]) == 2, f"seed={seed}: {out}"
   assert digests[0] == digests[1], f"seed={seed}: {digests}"
 
 
 def test_vjps_on_the_kernels_match_the_reference(capfd, seed):
-  code, out, report = launch_per_gpu(
-      capfd, [str(WORKER), "--seed", str(seed), "--grads"], timeout=180)
-  report = f"seed={seed}: {report}"
-  assert code == 0, report
-  for i in range(2):
-    for case in worker.GRAD_CASES:
-      assert f"worker {i}/2: grads {case.name()} passed" in out, report
+  run_worker(capfd, seed, ["--grads"],
+             [f"grads {case.name()}" for case in worker.GRAD_CASES],
+             timeout=180)
 
 
 def test_normal_and_low_latency_ops_mix_in_one_program(capfd, seed):
-  code, out, report = launch_per_gpu(
-      capfd, [str(WORKER), "--seed", str(seed), "--mixed"], timeout=180)
-  report = f"seed={seed}: {report}"
-  assert code == 0, report
-  for i in range(2):
-    assert f"worker {i}/2: mixed {worker.MIXED_CASE.name()} passed" in out, (
-        report)
+  run_worker(capfd, seed, ["--mixed"], [f"mixed {worker.MIXED_CASE.name()}"],
+             timeout=180)
 
 
 def test_a_missing_rank_times_out_with_a_report(capfd, seed):
