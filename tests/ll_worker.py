@@ -357,7 +357,7 @@ def run_grads(mesh: Mesh, kern, ref, seed: int, who: str) -> None:
 def run_timeout(mesh: Mesh, transport: str) -> int:
   """Rank 0 dispatches alone: its wait for rank 1 must time out."""
   case = Case(16, 2048, 8, 16)
-  kern = kernel_buffer(mesh, backend, [case], transport, timeout_s=_TIMEOUT_S)
+  kern = kernel_buffer(mesh, "cuda", [case], transport, timeout_s=_TIMEOUT_S)
   if jax.process_index() != 0:
     time.sleep(_ABSENT_S)  # never calls; rank 0 must have failed by now
     return 3
