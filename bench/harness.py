@@ -55,7 +55,14 @@ def chained_loop(step: Callable, iters: int, mesh) -> Callable:
 def time_per_call(step: Callable, carry, mesh, *, iters: int, reps: int,
                   warmup: int) -> float:
   """Median seconds per call of `step` over `reps` timed loops."""
-  loop = chained_loop(step, iters, mesh)
+  return time_loop(chained_loop(step, iters, mesh), carry, iters=iters,
+                   reps=reps, warmup=warmup)
+
+
+def time_loop(loop: Callable, carry, *, iters: int, reps: int,
+              warmup: int) -> float:
+  """Median seconds per call of a `chained_loop` of `iters` calls over
+  `reps` timed runs, after `warmup` runs."""
   for _ in range(warmup):
     jax.block_until_ready(loop(carry))
   times = []

@@ -2,9 +2,10 @@
 reports its own: what the GPU kernels of a jitted loop of calls took, launch
 gaps and host time left out.
 
-The loop is `harness.chained_loop`'s, run once to compile and warm up, then
-once under `jax.profiler.trace`; every process runs it (the collectives keep
-the ranks in lockstep) and profiles its own GPU.
+The loop is a `harness.chained_loop`, already compiled and warm (the timed
+runs before did both), run once under `jax.profiler.trace`; every process
+runs it (the collectives keep the ranks in lockstep) and profiles its own
+GPU.
 """
 
 from __future__ import annotations
@@ -21,15 +22,11 @@ from typing import Callable
 
 import jax
 
-from bench import harness
 
-
-def kernel_times(step: Callable, carry, mesh, *, iters: int
+def kernel_times(loop: Callable, carry, *, iters: int
                  ) -> dict[str, tuple[int, float]]:
-  """Per GPU kernel name of one profiled loop of `iters` calls of `step`:
+  """Per GPU kernel name of one profiled run of `loop` (`iters` calls):
   (launches per call, median µs per launch)."""
-  loop = harness.chained_loop(step, iters, mesh)
-  jax.block_until_ready(loop(carry))
   with tempfile.TemporaryDirectory() as trace_dir:
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
       jax.block_until_ready(loop(carry))

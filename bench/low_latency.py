@@ -186,11 +186,13 @@ def run(mesh, shape: Shape, *, impls, dtypes, ops, seed: int, iters: int,
       harness.print_row(records[-1])
 
   def timed(step, carry):
-    """(seconds per call, the kernels' times or None)."""
-    seconds = harness.time_per_call(step, carry, mesh, **timing)
+    """(seconds per call, the kernels' times or None), from one compiled
+    loop."""
+    loop = harness.chained_loop(step, iters, mesh)
+    seconds = harness.time_loop(loop, carry, **timing)
     if not profile:
       return seconds, None
-    return seconds, kernel_time.kernel_times(step, carry, mesh, iters=iters)
+    return seconds, kernel_time.kernel_times(loop, carry, iters=iters)
 
   for impl in impls:
     if impl == "all_to_all":
