@@ -182,24 +182,6 @@ __device__ __forceinline__ uint64_t BeginSend(const Heap& heap,
   return seq;
 }
 
-template <typename T>
-__device__ __forceinline__ T* PeerPtr(T* p, int pe, bool force_put) {
-  return force_put ? nullptr : static_cast<T*>(nvshmem_ptr(p, pe));
-}
-
-// Sets `word` (a symmetric address) on PE `pe` to `value`: a system-scope
-// release store through the P2P mapping, else an NVSHMEM signal. Returns
-// whether it signalled (the thread must nvshmem_quiet before the kernel ends).
-__device__ __forceinline__ bool Signal(uint64_t* word, uint64_t value, int pe,
-                                       bool force_put) {
-  if (uint64_t* peer = PeerPtr(word, pe, force_put)) {
-    sync::st_release_sys_global(peer, value);
-    return false;
-  }
-  nvshmemx_signal_op(word, value, NVSHMEM_SIGNAL_SET, pe);
-  return true;
-}
-
 // A receive kernel's last block tells every peer that this rank has received
 // call `seq` from the set, so that their sends may reuse it.
 __device__ __forceinline__ void EndRecv(State* state, char* set_flags,
@@ -209,19 +191,27 @@ __device__ __forceinline__ void EndRecv(State* state, char* set_flags,
       threadIdx.x >= static_cast<unsigned>(num_ranks)) {
     return;
   }
+  const int pe = threadIdx.x;
   uint64_t* word = reinterpret_cast<uint64_t*>(
                        set_flags + SetLayout{}.received()) + rank;
-  if (Signal(word, seq, threadIdx.x, force_put)) nvshmem_quiet();
+  uint64_t* peer = force_put ? nullptr
+                             : static_cast<uint64_t*>(nvshmem_ptr(word, pe));
+  if (peer != nullptr) {
+    sync::st_release_sys_global(peer, seq);
+  } else {
+    nvshmemx_signal_op(word, seq, NVSHMEM_SIGNAL_SET, pe);
+    nvshmem_quiet();
+  }
 }
 
 // --- Moving rows -------------------------------------------------------------
 
-// One warp copies `n` int4s, kUnroll loads in flight per lane before their
+// One warp copies `n` int4s, `kUnroll` loads in flight per lane before their
 // stores: a load-then-store loop would wait out the memory latency per int4.
+template <int kUnroll = 8>
 __device__ __forceinline__ void WarpCopy(int4* __restrict__ dst,
                                          const int4* __restrict__ src,
                                          int64_t n, int lane) {
-  constexpr int kUnroll = 8;
   for (int64_t base = 0; base < n; base += 32 * kUnroll) {
     int4 v[kUnroll];
 #pragma unroll
@@ -249,7 +239,7 @@ __device__ __forceinline__ bool WarpSend(void* dst, void* peer_dst,
                                          uint64_t value, int pe, int lane) {
   if (peer_dst != nullptr) {
     WarpCopy(static_cast<int4*>(peer_dst), static_cast<const int4*>(src),
-             bytes / 16, lane);
+                bytes / 16, lane);
     __syncwarp();
     if (lane == 0) sync::st_release_sys_global(peer_flag, value);
     return false;
@@ -257,6 +247,11 @@ __device__ __forceinline__ bool WarpSend(void* dst, void* peer_dst,
   nvshmemx_putmem_signal_nbi_warp(dst, src, bytes, flag, value,
                                   NVSHMEM_SIGNAL_SET, pe);
   return true;
+}
+
+template <typename T>
+__device__ __forceinline__ T* PeerPtr(T* p, int pe, bool force_put) {
+  return force_put ? nullptr : static_cast<T*>(nvshmem_ptr(p, pe));
 }
 
 __device__ __forceinline__ bool ValidExpert(int32_t e, int64_t num_experts) {
@@ -350,8 +345,13 @@ __device__ __forceinline__ bool SignalCounts(const Heap& heap,
     uint64_t* signal = reinterpret_cast<uint64_t*>(
         set.flags + SetLayout{sh}.counts() +
         ((e % L) * sh.num_ranks + heap.rank) * 8);
-    put |= Signal(signal, (seq << kCountBits) | tokens_of[e], pe,
-                  a.options.force_put);
+    const uint64_t value = (seq << kCountBits) | tokens_of[e];
+    if (uint64_t* peer = PeerPtr(signal, pe, a.options.force_put)) {
+      sync::st_release_sys_global(peer, value);
+    } else {
+      nvshmemx_signal_op(signal, value, NVSHMEM_SIGNAL_SET, pe);
+      put = true;
+    }
   }
   return put;
 }
@@ -387,16 +387,8 @@ __global__ void __launch_bounds__(kThreads, 1)
                                     : 2 * H;
   // Chunks of the row: int4s of the message's e4m3 (16 channels) or bf16 (8).
   const int64_t chunks = a.use_fp8 ? H / 16 : H / 8;
-  // Expert e's message slot for token t, and its flag (symmetric addresses).
   auto slot_of = [&](int32_t e, int64_t t) {
     return ((e % L) * R + heap.rank) * sh.max_tokens + t;
-  };
-  auto message_at = [&](int64_t slot) {
-    return set.data + layout.dispatch_data() + slot * message;
-  };
-  auto flag_at = [&](int64_t slot) {
-    return reinterpret_cast<uint64_t*>(set.flags + layout.dispatch_flags()) +
-           slot;
   };
   for (int64_t t = blockIdx.x; t < sh.num_tokens; t += gridDim.x) {
     const int32_t* choices = a.topk_idx + t * K;
@@ -409,8 +401,11 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int32_t e = choices[k];
         const int pe = static_cast<int>(e / L);
         const int64_t slot = slot_of(e, t);
-        peer_message[k] = PeerPtr(message_at(slot), pe, a.options.force_put);
-        peer_flag[k] = PeerPtr(flag_at(slot), pe, a.options.force_put);
+        peer_message[k] = PeerPtr(set.data + layout.dispatch_data() +
+                                      slot * message, pe, a.options.force_put);
+        peer_flag[k] = PeerPtr(reinterpret_cast<uint64_t*>(
+                                   set.flags + layout.dispatch_flags()) + slot,
+                               pe, a.options.force_put);
         needs_put = peer_message[k] == nullptr;
       }
     }
@@ -474,9 +469,11 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (!FirstChoice(choices, k, E) || peer_message[k] != nullptr) continue;
         const int32_t e = choices[k];
         const int64_t slot = slot_of(e, t);
-        nvshmemx_putmem_signal_nbi_warp(message_at(slot), stage, payload,
-                                        flag_at(slot), seq, NVSHMEM_SIGNAL_SET,
-                                        static_cast<int>(e / L));
+        nvshmemx_putmem_signal_nbi_warp(
+            set.data + layout.dispatch_data() + slot * message, stage, payload,
+            reinterpret_cast<uint64_t*>(set.flags + layout.dispatch_flags()) +
+                slot,
+            seq, NVSHMEM_SIGNAL_SET, static_cast<int>(e / L));
         put = true;
       }
     }
@@ -686,7 +683,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         // Puts read a registered buffer: stage y's row in the symmetric heap.
         char* stage = set.data + layout.combine_stage() + g * row_bytes;
         WarpCopy(reinterpret_cast<int4*>(stage),
-                 reinterpret_cast<const int4*>(src), row_bytes / 16, lane);
+                    reinterpret_cast<const int4*>(src), row_bytes / 16, lane);
         __syncwarp();
         src = stage;
       }
