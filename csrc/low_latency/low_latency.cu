@@ -182,6 +182,24 @@ __device__ __forceinline__ uint64_t BeginSend(const Heap& heap,
   return seq;
 }
 
+template <typename T>
+__device__ __forceinline__ T* PeerPtr(T* p, int pe, bool force_put) {
+  return force_put ? nullptr : static_cast<T*>(nvshmem_ptr(p, pe));
+}
+
+// Sets `word` (a symmetric address) on PE `pe` to `value`: a system-scope
+// release store through the P2P mapping, else an NVSHMEM signal. Returns
+// whether it signalled (the thread must nvshmem_quiet before the kernel ends).
+__device__ __forceinline__ bool Signal(uint64_t* word, uint64_t value, int pe,
+                                       bool force_put) {
+  if (uint64_t* peer = PeerPtr(word, pe, force_put)) {
+    sync::st_release_sys_global(peer, value);
+    return false;
+  }
+  nvshmemx_signal_op(word, value, NVSHMEM_SIGNAL_SET, pe);
+  return true;
+}
+
 // A receive kernel's last block tells every peer that this rank has received
 // call `seq` from the set, so that their sends may reuse it.
 __device__ __forceinline__ void EndRecv(State* state, char* set_flags,
@@ -191,39 +209,35 @@ __device__ __forceinline__ void EndRecv(State* state, char* set_flags,
       threadIdx.x >= static_cast<unsigned>(num_ranks)) {
     return;
   }
-  const int pe = threadIdx.x;
   uint64_t* word = reinterpret_cast<uint64_t*>(
                        set_flags + SetLayout{}.received()) + rank;
-  uint64_t* peer = force_put ? nullptr
-                             : static_cast<uint64_t*>(nvshmem_ptr(word, pe));
-  if (peer != nullptr) {
-    sync::st_release_sys_global(peer, seq);
-  } else {
-    nvshmemx_signal_op(word, seq, NVSHMEM_SIGNAL_SET, pe);
-    nvshmem_quiet();
-  }
+  if (Signal(word, seq, threadIdx.x, force_put)) nvshmem_quiet();
 }
 
 // --- Moving rows -------------------------------------------------------------
 
-// One warp copies `n` int4s, `kUnroll` loads in flight per lane before their
+// One warp copies `n` int4s, kUnroll loads in flight per lane before their
 // stores: a load-then-store loop would wait out the memory latency per int4.
-template <int kUnroll = 8>
 __device__ __forceinline__ void WarpCopy(int4* __restrict__ dst,
                                          const int4* __restrict__ src,
                                          int64_t n, int lane) {
-  for (int64_t base = 0; base < n; base += 32 * kUnroll) {
+  constexpr int kUnroll = 8;
+  // Lane-offset pointers and a count of what is left keep each access an
+  // immediate offset from one base: per-access 64-bit indices spilled.
+  src += lane;
+  dst += lane;
+  for (int64_t left = n - lane; left > 0; left -= 32 * kUnroll) {
     int4 v[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const int64_t i = base + u * 32 + lane;
-      if (i < n) v[u] = src[i];
+      if (u * 32 < left) v[u] = src[u * 32];
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const int64_t i = base + u * 32 + lane;
-      if (i < n) dst[i] = v[u];
+      if (u * 32 < left) dst[u * 32] = v[u];
     }
+    src += 32 * kUnroll;
+    dst += 32 * kUnroll;
   }
 }
 
@@ -239,7 +253,7 @@ __device__ __forceinline__ bool WarpSend(void* dst, void* peer_dst,
                                          uint64_t value, int pe, int lane) {
   if (peer_dst != nullptr) {
     WarpCopy(static_cast<int4*>(peer_dst), static_cast<const int4*>(src),
-                bytes / 16, lane);
+             bytes / 16, lane);
     __syncwarp();
     if (lane == 0) sync::st_release_sys_global(peer_flag, value);
     return false;
@@ -247,11 +261,6 @@ __device__ __forceinline__ bool WarpSend(void* dst, void* peer_dst,
   nvshmemx_putmem_signal_nbi_warp(dst, src, bytes, flag, value,
                                   NVSHMEM_SIGNAL_SET, pe);
   return true;
-}
-
-template <typename T>
-__device__ __forceinline__ T* PeerPtr(T* p, int pe, bool force_put) {
-  return force_put ? nullptr : static_cast<T*>(nvshmem_ptr(p, pe));
 }
 
 __device__ __forceinline__ bool ValidExpert(int32_t e, int64_t num_experts) {
@@ -345,13 +354,8 @@ __device__ __forceinline__ bool SignalCounts(const Heap& heap,
     uint64_t* signal = reinterpret_cast<uint64_t*>(
         set.flags + SetLayout{sh}.counts() +
         ((e % L) * sh.num_ranks + heap.rank) * 8);
-    const uint64_t value = (seq << kCountBits) | tokens_of[e];
-    if (uint64_t* peer = PeerPtr(signal, pe, a.options.force_put)) {
-      sync::st_release_sys_global(peer, value);
-    } else {
-      nvshmemx_signal_op(signal, value, NVSHMEM_SIGNAL_SET, pe);
-      put = true;
-    }
+    put |= Signal(signal, (seq << kCountBits) | tokens_of[e], pe,
+                  a.options.force_put);
   }
   return put;
 }
@@ -387,8 +391,16 @@ __global__ void __launch_bounds__(kThreads, 1)
                                     : 2 * H;
   // Chunks of the row: int4s of the message's e4m3 (16 channels) or bf16 (8).
   const int64_t chunks = a.use_fp8 ? H / 16 : H / 8;
+  // Expert e's message slot for token t, and its flag (symmetric addresses).
   auto slot_of = [&](int32_t e, int64_t t) {
     return ((e % L) * R + heap.rank) * sh.max_tokens + t;
+  };
+  auto message_at = [&](int64_t slot) {
+    return set.data + layout.dispatch_data() + slot * message;
+  };
+  auto flag_at = [&](int64_t slot) {
+    return reinterpret_cast<uint64_t*>(set.flags + layout.dispatch_flags()) +
+           slot;
   };
   for (int64_t t = blockIdx.x; t < sh.num_tokens; t += gridDim.x) {
     const int32_t* choices = a.topk_idx + t * K;
@@ -401,11 +413,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int32_t e = choices[k];
         const int pe = static_cast<int>(e / L);
         const int64_t slot = slot_of(e, t);
-        peer_message[k] = PeerPtr(set.data + layout.dispatch_data() +
-                                      slot * message, pe, a.options.force_put);
-        peer_flag[k] = PeerPtr(reinterpret_cast<uint64_t*>(
-                                   set.flags + layout.dispatch_flags()) + slot,
-                               pe, a.options.force_put);
+        peer_message[k] = PeerPtr(message_at(slot), pe, a.options.force_put);
+        peer_flag[k] = PeerPtr(flag_at(slot), pe, a.options.force_put);
         needs_put = peer_message[k] == nullptr;
       }
     }
@@ -469,11 +478,9 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (!FirstChoice(choices, k, E) || peer_message[k] != nullptr) continue;
         const int32_t e = choices[k];
         const int64_t slot = slot_of(e, t);
-        nvshmemx_putmem_signal_nbi_warp(
-            set.data + layout.dispatch_data() + slot * message, stage, payload,
-            reinterpret_cast<uint64_t*>(set.flags + layout.dispatch_flags()) +
-                slot,
-            seq, NVSHMEM_SIGNAL_SET, static_cast<int>(e / L));
+        nvshmemx_putmem_signal_nbi_warp(message_at(slot), stage, payload,
+                                        flag_at(slot), seq, NVSHMEM_SIGNAL_SET,
+                                        static_cast<int>(e / L));
         put = true;
       }
     }
@@ -611,24 +618,23 @@ __global__ void __launch_bounds__(kRecvThreads, 2)
         if (f < run) out[f] = v[u];
       }
     }
-    for (int64_t i = warp; a.use_fp8 && i < total; i += kRecvWarps) {
-      const float* scales = reinterpret_cast<const float*>(
+    // The scales, one 32-bit word per thread: a float per 128 channels, or
+    // four UE8M0 exponent bytes, little-endian.
+    const int scale_words = static_cast<int>(scale_bytes / 4);
+    uint32_t* scale_out = reinterpret_cast<uint32_t*>(
+        static_cast<char*>(a.recv_scales) + l * S * scale_bytes);
+    for (int f = threadIdx.x; f < total * scale_words; f += kRecvThreads) {
+      const int i = f / scale_words, w = f % scale_words;
+      const uint32_t* scales = reinterpret_cast<const uint32_t*>(
           messages + source_of[i] * sh.message_bytes() + H);
-      char* scale_out =
-          static_cast<char*>(a.recv_scales) + (l * S + i) * scale_bytes;
-      if (a.use_ue8m0) {  // four exponent bytes per int32, little-endian
-        for (int64_t w = lane; w < H / kScaleGroup / 4; w += 32) {
-          uint32_t word = 0;
-          for (int b = 0; b < 4; ++b) {
-            word |= (__float_as_uint(scales[w * 4 + b]) >> 23) << (8 * b);
-          }
-          reinterpret_cast<uint32_t*>(scale_out)[w] = word;
-        }
+      uint32_t word = 0;
+      if (a.use_ue8m0) {
+#pragma unroll
+        for (int b = 0; b < 4; ++b) word |= (scales[w * 4 + b] >> 23) << (8 * b);
       } else {
-        for (int64_t g = lane; g < H / kScaleGroup; g += 32) {
-          reinterpret_cast<float*>(scale_out)[g] = scales[g];
-        }
+        word = scales[w];
       }
+      scale_out[f] = word;
     }
     if (a.zero_padding) {
       ZeroBytes(static_cast<char*>(a.recv_x) + (l * S + total) * row_bytes,
@@ -662,28 +668,34 @@ __global__ void __launch_bounds__(kThreads, 1)
   // expert (each expert gets a warp when there are fewer warps than experts);
   // warp j of an expert sends its rows j, j + W / L, ... up to the first
   // empty slot: every warp starts at once, whatever the counts.
+  // 32-bit indices (S <= kMaxSlotsPerExpert, checked at launch): beside the
+  // put path's inlined NVSHMEM code, 64-bit ones spilled.
   bool put = false;
-  const int64_t num_warps = static_cast<int64_t>(gridDim.x) * kWarps;
-  const int64_t per_expert = num_warps >= L ? num_warps / L : 1;
-  for (int64_t task = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
-       task < L * per_expert; task += num_warps) {
-    const int64_t l = task % L;
-    for (int64_t i = task / L; i < S; i += per_expert) {
-      const int64_t g = l * S + i;
+  const int num_warps = static_cast<int>(gridDim.x) * kWarps;
+  const int experts = static_cast<int>(L), slots = static_cast<int>(S);
+  const int per_expert = num_warps >= experts ? num_warps / experts : 1;
+  char* const data = set.data + layout.combine_data();
+  char* const flags = set.flags + layout.combine_flags();
+  char* const stages = set.data + layout.combine_stage();
+  for (int task = static_cast<int>(blockIdx.x) * kWarps + warp;
+       task < experts * per_expert; task += num_warps) {
+    const int l = task % experts;
+    for (int i = task / experts; i < slots; i += per_expert) {
+      const int64_t g = int64_t{l} * slots + i;
       const int32_t source = a.src_index[g];
-      if (source < 0 || source >= S) break;
-      const int pe = static_cast<int>(source / Tmax);
-      const int64_t slot = (heap.rank * L + l) * Tmax + source % Tmax;
-      char* dst = set.data + layout.combine_data() + slot * row_bytes;
-      uint64_t* flag = reinterpret_cast<uint64_t*>(
-          set.flags + layout.combine_flags() + slot * 8);
+      if (source < 0 || source >= slots) break;
+      const int pe = source / static_cast<int>(Tmax);
+      const int64_t slot =
+          (heap.rank * L + l) * Tmax + source % static_cast<int>(Tmax);
+      char* dst = data + slot * row_bytes;
+      uint64_t* flag = reinterpret_cast<uint64_t*>(flags + slot * 8);
       char* peer_dst = PeerPtr(dst, pe, a.options.force_put);
       const char* src = static_cast<const char*>(a.y) + g * row_bytes;
       if (peer_dst == nullptr && !a.zero_copy) {
         // Puts read a registered buffer: stage y's row in the symmetric heap.
-        char* stage = set.data + layout.combine_stage() + g * row_bytes;
+        char* stage = stages + g * row_bytes;
         WarpCopy(reinterpret_cast<int4*>(stage),
-                    reinterpret_cast<const int4*>(src), row_bytes / 16, lane);
+                 reinterpret_cast<const int4*>(src), row_bytes / 16, lane);
         __syncwarp();
         src = stage;
       }
