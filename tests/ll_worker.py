@@ -31,6 +31,11 @@ test_low_latency_gpu.py runs this script through
         kernels, combine's a bf16 dispatch kernel) and the reference's:
         d_x and d_y bit for bit, d_topk_weights within 2^-10 of its largest
         element; then "worker i/2: grads <case> passed".
+    python ll_worker.py --seed N --mixed
+        a normal dispatch/combine (intranode kernels) feeding a low-latency
+        dispatch/combine in one jitted program, twice, equal to the
+        reference backend's bit for bit; then "worker i/2: mixed <case>
+        passed".
     python ll_worker.py --seed N --timeout
         rank 1 never calls; rank 0's dispatch must time out, print its rank
         and phase, and fail (exit 1; 3 means it returned).
@@ -119,6 +124,8 @@ CASES = [
 ]
 # --repeat: small, since every step's outputs stay on the GPU until the end.
 REPEAT_CASE = Case(8, 2048, 8, 16)
+# --mixed: normal and low-latency ops in one program.
+MIXED_CASE = Case(64, 2048, 8, 16, mode="bf16", skew=True)
 # --grads: bf16 (the fp8 cast is not differentiated).
 GRAD_CASES = [
     Case(3, 2048, 1, 2, max_tokens=8, mode="bf16"),
@@ -354,6 +361,46 @@ def run_grads(mesh: Mesh, kern, ref, seed: int, who: str) -> None:
     print(f"{who}: grads {case.name()} passed", flush=True)
 
 
+def run_mixed(mesh: Mesh, backend: str, transport: str, seed: int,
+              who: str) -> None:
+  """A normal dispatch/combine (the intranode kernels) and a low-latency
+  dispatch/combine (NVSHMEM) in one jitted program, twice: every output
+  equal to the reference backend's, bit for bit."""
+  case = MIXED_CASE
+  num_ranks = mesh.devices.size
+  kern = kernel_buffer(mesh, backend, [case], transport,
+                       num_nvl_bytes=jax_ep.nvl_buffer_bytes(
+                           case.tokens, case.hidden, case.topk, num_ranks))
+  ref = jax_ep.Buffer(mesh, EP, backend="reference")
+
+  def body(buffer):
+    def per_shard(x, idx, w):
+      d = jax_ep.dispatch(buffer, x, idx, w, num_experts=case.experts)
+      normal_out, _ = jax_ep.combine(buffer, d.x, d.handle, d.topk_weights)
+      ll = jax_ep.low_latency_dispatch(
+          buffer, normal_out, idx, num_max_dispatch_tokens_per_rank=case.tmax,
+          num_experts=case.experts, use_fp8=False)
+      out = jax_ep.low_latency_combine(buffer, ll.x, idx, w, ll.handle)
+      return _lead(dict(normal=normal_out, ll_x=ll.x, count=ll.count,
+                        out=out))
+    return jax.jit(jax.shard_map(per_shard, mesh=mesh, in_specs=P(EP),
+                                 out_specs=P(EP)))
+
+  rng = np.random.default_rng(seed)
+  for call in range(2):
+    ctx = f"{who}, seed={seed}, mixed call {call}, {case.name()}"
+    x, idx, w = token_inputs(rng, num_ranks, case)
+    args = [intranode_worker.global_array(mesh, flat(a), P(EP))
+            for a in (x, idx, w)]
+    got, want = body(kern)(*args), body(ref)(*args)
+    for name in got:
+      for rank, a, b in by_rank(got[name], want[name]):
+        assert_same(a, b, f"{name} (rank {rank})", ctx)
+  kern.close()  # collective: the heap's close is a barrier before the NVLink
+  # buffers are freed
+  print(f"{who}: mixed {case.name()} passed", flush=True)
+
+
 def run_timeout(mesh: Mesh, transport: str) -> int:
   """Rank 0 dispatches alone: its wait for rank 1 must time out."""
   case = Case(16, 2048, 8, 16)
@@ -382,6 +429,8 @@ def main(argv=None) -> int:
   parser.add_argument("--repeat", type=int, default=0, metavar="STEPS",
                       help="STEPS dispatch/combine pairs back to back "
                       "instead of CASES")
+  parser.add_argument("--mixed", action="store_true",
+                      help="normal and low-latency ops in one program")
   parser.add_argument("--grads", action="store_true",
                       help="gradients through GRAD_CASES instead of CASES")
   parser.add_argument("--timeout", action="store_true",
@@ -396,6 +445,9 @@ def main(argv=None) -> int:
   if args.timeout:
     return run_timeout(mesh, args.transport)
   who = f"worker {jax.process_index()}/{jax.process_count()}"
+  if args.mixed:
+    run_mixed(mesh, args.backend, args.transport, args.seed, who)
+    return 0
   cases = ([REPEAT_CASE] if args.repeat else
            GRAD_CASES if args.grads else CASES)
   kern = kernel_buffer(mesh, args.backend, cases, args.transport)

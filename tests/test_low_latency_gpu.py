@@ -15,6 +15,8 @@ print:
 * Gradients through a bf16 dispatch, an expert and a combine: the VJPs run
   the kernels (dispatch's is a combine, combine's a bf16 dispatch) and
   equal the reference backend's.
+* Normal and low-latency ops in one program, on their kernels, equal to the
+  reference backend's.
 * A rank that never calls: the other's dispatch names its rank and phase and
   fails instead of hanging.
 """
@@ -72,6 +74,11 @@ def test_repeated_pairs_are_bitwise_repeatable(capfd, seed):
 def test_vjps_on_the_kernels_match_the_reference(capfd, seed):
   run_worker(capfd, seed, ["--grads"],
              [f"grads {case.name()}" for case in worker.GRAD_CASES],
+             timeout=180)
+
+
+def test_normal_and_low_latency_ops_mix_in_one_program(capfd, seed):
+  run_worker(capfd, seed, ["--mixed"], [f"mixed {worker.MIXED_CASE.name()}"],
              timeout=180)
 
 

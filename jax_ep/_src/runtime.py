@@ -309,17 +309,21 @@ class Buffer:
     return self._ll if self.uses_kernel(op) else None
 
   def close(self) -> None:
-    """Frees the NVLink buffers, which every Buffer over the same EP groups
-    shares, and the NVSHMEM heap (collective: once every op has finished on
-    every rank); they are also freed at interpreter exit."""
-    for buffers in self._peer_buffers:
-      buffers.close()
-    self._peer_buffers = []
-    self._nvl = None
+    """Frees the NVSHMEM heap and the NVLink buffers, which every Buffer over
+    the same EP groups shares (collective: once every op has finished on
+    every rank); the NVLink buffers are also freed at interpreter exit.
+
+    The heap goes first: its close waits for this GPU's work and for every
+    rank, so no peer still writes into the NVLink buffers freed after it.
+    """
     if self._heap is not None:
       self._heap.close()
     self._heap = None
     self._ll = None
+    for buffers in self._peer_buffers:
+      buffers.close()
+    self._peer_buffers = []
+    self._nvl = None
 
   def __repr__(self):
     t = self.topology
