@@ -161,12 +161,13 @@ class _Calls:
 
 
 def run(mesh, shape: Shape, *, impls, dtypes, ops, seed: int, iters: int,
-        reps: int, warmup: int, profile: bool = False) -> list[harness.Record]:
+        reps: int, warmup: int, unroll: int = 1,
+        profile: bool = False) -> list[harness.Record]:
   """Times every impl and LL op on one shape; with `profile`, also the
   kernels' own time per call (bench/kernel_time.py)."""
   problem = normal.Problem(mesh, shape, seed)
   records = []
-  timing = dict(iters=iters, reps=reps, warmup=warmup)
+  timing = dict(iters=iters, reps=reps, warmup=warmup, unroll=unroll)
 
   def record(op, impl, dtype, seconds, logical=None, link=None, note=None,
              kernels=None):
@@ -181,15 +182,17 @@ def run(mesh, shape: Shape, *, impls, dtypes, ops, seed: int, iters: int,
         hidden=shape.hidden, topk=shape.topk, experts=shape.experts,
         ranks=problem.ranks, num_sms=None, time_us=seconds * 1e6,
         logical_gbps=harness.gbps(logical, seconds),
-        link_gbps=harness.gbps(link, seconds), note=note, kernel_us=kernel_us))
+        link_gbps=harness.gbps(link, seconds), note=note, kernel_us=kernel_us,
+        unroll=unroll))
     if jax.process_index() == 0:
       harness.print_row(records[-1])
 
   def timed(step, carry):
     """(seconds per call, the kernels' times or None), from one compiled
     loop."""
-    loop = harness.chained_loop(step, iters, mesh)
-    seconds = harness.time_loop(loop, carry, **timing)
+    loop = harness.chained_loop(step, iters, mesh, unroll)
+    seconds = harness.time_loop(loop, carry, iters=iters, reps=reps,
+                                warmup=warmup)
     if not profile:
       return seconds, None
     return seconds, kernel_time.kernel_times(loop, carry, iters=iters)
