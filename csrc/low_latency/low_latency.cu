@@ -57,7 +57,7 @@ constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 constexpr int kRecvThreads = 256;
 constexpr int kRecvWarps = kRecvThreads / 32;
-constexpr int kRecvUnroll = 8;
+constexpr int kRecvUnroll = 4;
 constexpr int kMaxTopk = 32;
 // Tokens per source are swept 32 at a time with one bit per sweep and lane.
 constexpr int64_t kMaxTokens = 32 * 32;
@@ -510,6 +510,46 @@ __device__ __forceinline__ void ZeroBytes(char* p, int64_t bytes) {
   }
 }
 
+// One warp waits until `count` of the `num_slots` row flags at `flags` carry
+// `seq`; returns the lane's arrival bits (bit j: slot j * 32 + lane), and the
+// rows are then visible to the warp. Relaxed loads, kPoll in flight per lane
+// (acquire loads would each wait out the last), then one fence.
+__device__ __forceinline__ uint32_t WaitRows(const uint64_t* flags, int num_slots,
+                                          int count, uint64_t seq,
+                                          int64_t timeout_ns,
+                                          const Site& site) {
+  constexpr int kPoll = 4;
+  const int lane = threadIdx.x % 32;
+  uint32_t arrived = 0;
+  int found = 0;
+  const uint64_t start = sync::global_timer_ns();
+  while (found < count) {
+    found = 0;
+    for (int j0 = 0; j0 * 32 < num_slots; j0 += kPoll) {
+      uint64_t seen[kPoll];
+#pragma unroll
+      for (int u = 0; u < kPoll; ++u) {
+        const int t = (j0 + u) * 32 + lane;
+        seen[u] = t < num_slots && !(arrived >> (j0 + u) & 1)
+                      ? sync::ld_relaxed_sys_global(flags + t)
+                      : 0;
+      }
+#pragma unroll
+      for (int u = 0; u < kPoll; ++u) {
+        if ((j0 + u) * 32 >= num_slots) break;
+        if (Arrived(seen[u], 0, seq, site)) arrived |= 1u << (j0 + u);
+        found += __popc(__ballot_sync(0xffffffffu, arrived >> (j0 + u) & 1));
+      }
+    }
+    if (found < count &&
+        static_cast<int64_t>(sync::global_timer_ns() - start) > timeout_ns) {
+      Report(site, "timeout", seq, static_cast<uint64_t>(found));
+    }
+  }
+  sync::fence_acq_rel_sys();
+  return arrived;
+}
+
 __global__ void __launch_bounds__(kRecvThreads, 2)
     DispatchRecvKernel(const Heap heap, const DispatchRecvArgs a) {
   const Shape& sh = a.shape;
@@ -557,25 +597,9 @@ __global__ void __launch_bounds__(kRecvThreads, 2)
           set.flags + layout.dispatch_flags()) + (l * R + s) * Tmax;
       const Site site{"low_latency_dispatch", "wait for the rows of a local "
                       "expert", heap.rank, static_cast<int>(s), l};
-      uint32_t arrived = 0;  // bit j: token j * 32 + lane has arrived
-      int found = 0;
-      const uint64_t start = sync::global_timer_ns();
-      while (found < counts[s]) {
-        found = 0;
-        for (int64_t j = 0; j * 32 < Tmax; ++j) {
-          const int64_t t = j * 32 + lane;
-          if (t < Tmax && !(arrived >> j & 1) &&
-              Arrived(sync::ld_acquire_sys_global(flags + t), 0, seq, site)) {
-            arrived |= 1u << j;
-          }
-          found += __popc(__ballot_sync(0xffffffffu, arrived >> j & 1));
-        }
-        if (found < counts[s] &&
-            static_cast<int64_t>(sync::global_timer_ns() - start) >
-                a.options.timeout_ns) {
-          Report(site, "timeout", seq, static_cast<uint64_t>(found));
-        }
-      }
+      const uint32_t arrived =
+          WaitRows(flags, static_cast<int>(Tmax), counts[s], seq,
+                   a.options.timeout_ns, site);
       int packed = offsets[s];
       for (int64_t j = 0; j * 32 < Tmax; ++j) {
         const uint32_t here = __ballot_sync(0xffffffffu, arrived >> j & 1);

@@ -28,6 +28,21 @@ __device__ __forceinline__ int32_t ld_relaxed_sys_global(const int32_t* p) {
   return value;
 }
 
+__device__ __forceinline__ uint64_t ld_relaxed_sys_global(const uint64_t* p) {
+  uint64_t value;
+  asm volatile("ld.relaxed.sys.global.u64 %0, [%1];"
+               : "=l"(value)
+               : "l"(p)
+               : "memory");
+  return value;
+}
+
+// After relaxed loads that saw release stores: together an acquire, for all
+// of them at once.
+__device__ __forceinline__ void fence_acq_rel_sys() {
+  asm volatile("fence.acq_rel.sys;" ::: "memory");
+}
+
 __device__ __forceinline__ void st_release_sys_global(uint64_t* p,
                                                       uint64_t value) {
   asm volatile("st.release.sys.global.u64 [%0], %1;"
