@@ -61,10 +61,6 @@ def main(argv=None) -> None:
                       help="calls per timed jitted loop (default: 10 for the "
                       "normal ops, 100 for the low-latency ones, whose calls "
                       "are short next to a loop's launch)")
-  parser.add_argument("--unroll", type=int, default=1,
-                      help="calls per iteration of the timed loop: each "
-                      "iteration adds the loop's own kernels and launches, "
-                      "which a model shares among its layers")
   parser.add_argument("--reps", type=int, default=50, help="timed loops")
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--seed", type=int, default=0)
@@ -93,8 +89,7 @@ def main(argv=None) -> None:
   if jax.process_index() == 0:
     harness.print_header()
   records = []
-  common = dict(seed=args.seed, reps=args.reps, warmup=args.warmup,
-                unroll=args.unroll)
+  common = dict(seed=args.seed, reps=args.reps, warmup=args.warmup)
   for tokens in args.tokens or [base.tokens]:
     shape = dataclasses.replace(base, tokens=tokens)
     if normal_ops:

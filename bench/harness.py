@@ -1,9 +1,8 @@
 """Timing and records: the one harness every benchmark uses.
 
-Timing method: the op runs `iters` times inside one jitted `fori_loop` (each
-call's input depends on the last output, so nothing is hoisted or
-overlapped; `unroll` calls per loop iteration, so that the loop's own
-per-iteration work is shared as it is by a model's many layers), the loop is timed with the host clock around
+Timing method: the op runs `iters_per_call` times inside one jitted
+`fori_loop` (each iteration's input depends on the last output, so nothing is
+hoisted or overlapped), the loop is timed with the host clock around
 `block_until_ready`, and the per-call time is the loop's time over the
 iterations. That is repeated `reps` times after `warmup` runs; the median is
 reported. Every process runs the same loop; the collectives keep the ranks in
@@ -34,10 +33,8 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 
-def chained_loop(step: Callable, iters: int, mesh, unroll: int = 1
-                 ) -> Callable:
-  """Jitted `iters` calls of the per-shard `step(carry) -> out` in `shard_map`,
-  `unroll` of them per iteration of the loop.
+def chained_loop(step: Callable, iters: int, mesh) -> Callable:
+  """Jitted `iters` calls of the per-shard `step(carry) -> out` in `shard_map`.
 
   Each call's input depends on the last call's output: the first element of
   the output's first leaf is written into the carry's first leaf (2-D).
@@ -50,16 +47,16 @@ def chained_loop(step: Callable, iters: int, mesh, unroll: int = 1
     leaves[0] = lax.dynamic_update_slice(leaves[0], link, (0, 0))
     return jax.tree.unflatten(tree, leaves)
 
-  loop = lambda carry: lax.fori_loop(0, iters, body, carry, unroll=unroll)
+  loop = lambda carry: lax.fori_loop(0, iters, body, carry)
   return jax.jit(jax.shard_map(loop, mesh=mesh, in_specs=P("ep"),
                                out_specs=P("ep")))
 
 
 def time_per_call(step: Callable, carry, mesh, *, iters: int, reps: int,
-                  warmup: int, unroll: int = 1) -> float:
+                  warmup: int) -> float:
   """Median seconds per call of `step` over `reps` timed loops."""
-  return time_loop(chained_loop(step, iters, mesh, unroll), carry,
-                   iters=iters, reps=reps, warmup=warmup)
+  return time_loop(chained_loop(step, iters, mesh), carry, iters=iters,
+                   reps=reps, warmup=warmup)
 
 
 def time_loop(loop: Callable, carry, *, iters: int, reps: int,
@@ -106,8 +103,6 @@ class Record:
   # With --profile: the implementation's own GPU kernels' time per call, from
   # the profiler (bench/kernel_time.py); None otherwise.
   kernel_us: float | None = None
-  # Calls per iteration of the timed loop (--unroll).
-  unroll: int = 1
 
 
 def _command() -> str:

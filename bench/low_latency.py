@@ -161,20 +161,20 @@ class _Calls:
 
 
 def run(mesh, shape: Shape, *, impls, dtypes, ops, seed: int, iters: int,
-        reps: int, warmup: int, unroll: int = 1,
-        profile: bool = False) -> list[harness.Record]:
+        reps: int, warmup: int, profile: bool = False) -> list[harness.Record]:
   """Times every impl and LL op on one shape; with `profile`, also the
   kernels' own time per call (bench/kernel_time.py)."""
   problem = normal.Problem(mesh, shape, seed)
   records = []
-  timing = dict(iters=iters, reps=reps, warmup=warmup, unroll=unroll)
+  timing = dict(iters=iters, reps=reps, warmup=warmup)
 
   def record(op, impl, dtype, seconds, logical=None, link=None, note=None,
              kernels=None):
     kernel_us = None
     if kernels is not None:
       if impl in _OWN_KERNELS:
-        kernel_us = kernel_time.summary(kernels, _OWN_KERNELS[impl])
+        # None where the loop runs none of them (the compute block alone).
+        kernel_us = kernel_time.summary(kernels, _OWN_KERNELS[impl]) or None
       note = "; ".join(filter(None, (note, "kernels (us): " +
                                      kernel_time.describe(kernels))))
     records.append(harness.Record(
@@ -182,17 +182,15 @@ def run(mesh, shape: Shape, *, impls, dtypes, ops, seed: int, iters: int,
         hidden=shape.hidden, topk=shape.topk, experts=shape.experts,
         ranks=problem.ranks, num_sms=None, time_us=seconds * 1e6,
         logical_gbps=harness.gbps(logical, seconds),
-        link_gbps=harness.gbps(link, seconds), note=note, kernel_us=kernel_us,
-        unroll=unroll))
+        link_gbps=harness.gbps(link, seconds), note=note, kernel_us=kernel_us))
     if jax.process_index() == 0:
       harness.print_row(records[-1])
 
   def timed(step, carry):
     """(seconds per call, the kernels' times or None), from one compiled
     loop."""
-    loop = harness.chained_loop(step, iters, mesh, unroll)
-    seconds = harness.time_loop(loop, carry, iters=iters, reps=reps,
-                                warmup=warmup)
+    loop = harness.chained_loop(step, iters, mesh)
+    seconds = harness.time_loop(loop, carry, **timing)
     if not profile:
       return seconds, None
     return seconds, kernel_time.kernel_times(loop, carry, iters=iters)
@@ -201,14 +199,14 @@ def run(mesh, shape: Shape, *, impls, dtypes, ops, seed: int, iters: int,
     if impl == "all_to_all":
       _run_all_to_all(problem, ops, dtypes, record, timed)
     elif impl in ("jax_ep", "reference"):
-      _run_impl(problem, impl, ops, dtypes, record, timed, timing, seed)
+      _run_impl(problem, impl, ops, dtypes, record, timed, seed)
     elif jax.process_index() == 0:
       print(f"{impl}: skipped (no low-latency counterpart)")
   return records
 
 
 def _run_impl(problem: normal.Problem, impl: str, ops, dtypes, record, timed,
-              timing, seed: int) -> None:
+              seed: int) -> None:
   """jax_ep's kernels or its reference backend, every LL op asked for."""
   mesh, shape, ranks = problem.mesh, problem.shape, problem.ranks
   if impl == "jax_ep":
@@ -278,22 +276,22 @@ def _run_impl(problem: normal.Problem, impl: str, ops, dtypes, record, timed,
              kernels)
 
   if "ll_overlap" in ops:
-    _run_overlap(problem, calls, impl, dtypes, record, timing, seed, note, y)
+    _run_overlap(problem, calls, impl, dtypes, record, timed, seed, note, y)
   buffer.close()
 
 
 def _run_overlap(problem: normal.Problem, calls: _Calls, impl: str, dtypes,
-                 record, timing, seed: int, note, y) -> None:
+                 record, timed, seed: int, note, y) -> None:
   """Compute alone, then dispatch/combine with compute, without and with
-  hooks (module docstring)."""
+  hooks (module docstring). With --profile, the hooked receives' kernel
+  times are those of rows that have already arrived."""
   mesh, ranks = problem.mesh, problem.ranks
   square = (ranks * COMPUTE_SIZE, COMPUTE_SIZE)
   a = _random(mesh, square, jnp.bfloat16, seed + 2)
   b = _random(mesh, square, jnp.bfloat16, seed + 3,
               scale=COMPUTE_SIZE ** -0.5)  # keeps tanh off its flat tails
-  compute = harness.time_per_call(lambda c: _compute(*c), (a, b), mesh,
-                                  **timing)
-  record("ll_overlap_compute", impl, "bf16", compute)
+  compute, kernels = timed(lambda c: _compute(*c), (a, b))
+  record("ll_overlap_compute", impl, "bf16", compute, kernels=kernels)
 
   def step(fp8, hooked):
     def body(carry):
@@ -309,14 +307,15 @@ def _run_overlap(problem: normal.Problem, calls: _Calls, impl: str, dtypes,
   carry = (problem.x, problem.idx, problem.weights, y, a, b)
   for dtype in dtypes:
     fp8 = dtype == "fp8"
-    serial = harness.time_per_call(step(fp8, False), carry, mesh, **timing)
-    record("ll_overlap_serial", impl, dtype, serial, note=note)
-    hooked = harness.time_per_call(step(fp8, True), carry, mesh, **timing)
+    serial, kernels = timed(step(fp8, False), carry)
+    record("ll_overlap_serial", impl, dtype, serial, note=note,
+           kernels=kernels)
+    hooked, kernels = timed(step(fp8, True), carry)
     communication = serial - 2 * compute
     hid = (f"hooks hid {(serial - hooked) * 1e6:.1f} of the "
            f"{communication * 1e6:.1f} us serial communication")
     record("ll_overlap_hooked", impl, dtype, hooked,
-           note="; ".join(filter(None, (note, hid))))
+           note="; ".join(filter(None, (note, hid))), kernels=kernels)
 
 
 def _run_all_to_all(problem: normal.Problem, ops, dtypes, record,

@@ -98,14 +98,13 @@ def _unlead(tree):
 
 
 def run(mesh, shape: Shape, *, impls, dtypes, ops, seed: int, iters: int,
-        reps: int, warmup: int, unroll: int = 1,
-        num_sms=(None,)) -> list[harness.Record]:
+        reps: int, warmup: int, num_sms=(None,)) -> list[harness.Record]:
   """Times every impl and op on one shape; jax_ep once per SM count in
   `num_sms` (None: the Buffer's default config)."""
   problem = Problem(mesh, shape, seed)
   ranks = problem.ranks
   records = []
-  timing = dict(iters=iters, reps=reps, warmup=warmup, unroll=unroll)
+  timing = dict(iters=iters, reps=reps, warmup=warmup)
 
   def record(op, impl, dtype, seconds, logical, link, num_sms=None):
     records.append(harness.Record(
@@ -113,7 +112,7 @@ def run(mesh, shape: Shape, *, impls, dtypes, ops, seed: int, iters: int,
         hidden=shape.hidden, topk=shape.topk, experts=shape.experts,
         ranks=ranks, num_sms=num_sms, time_us=seconds * 1e6,
         logical_gbps=harness.gbps(logical, seconds),
-        link_gbps=harness.gbps(link, seconds), unroll=unroll))
+        link_gbps=harness.gbps(link, seconds)))
     if jax.process_index() == 0:
       harness.print_row(records[-1])
 
