@@ -34,13 +34,19 @@ CHILD_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
 
 
 def launch_per_gpu(capfd, args: list[str], *, timeout: float):
-  """Runs `python *args` as 2 joined processes, one GPU each.
+  """Runs `python *args` as joined processes, one per local GPU.
 
   Returns `(exit code, stdout of all processes, a report for failures)`.
   """
-  code = launch.launch([sys.executable, *args], 2, platform="gpu",
+  code = launch.launch([sys.executable, *args], len(GPUS), platform="gpu",
                        devices_per_process=1, timeout=timeout, env=CHILD_ENV)
   out, err = capfd.readouterr()
   report = (f"exit code {code}\n--- stdout ---\n{out}\n--- stderr ---\n"
             f"{err[-20000:]}")
   return code, out, report
+
+
+def every_worker(message: str) -> list[str]:
+  """The line `message` printed by each process of `launch_per_gpu`, as the
+  workers print it: "worker i/n: <message>"."""
+  return [f"worker {i}/{len(GPUS)}: {message}" for i in range(len(GPUS))]

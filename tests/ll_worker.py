@@ -17,24 +17,24 @@ test_low_latency_gpu.py runs this script through
         elements of the reference backend differ from the kernels' (on GPUs
         XLA divides f32 within 2 ulp, so the reference's fp8 cast can round a
         value next to an e4m3 boundary the other way), then
-        "worker i/2: <case> passed".
+        "worker i/R: <case> passed".
     python ll_worker.py --seed N --repeat STEPS
         STEPS jitted dispatch/combine pairs with fresh routings, enqueued back
         to back, on values whose combine sums are exact in fp32, so the
         combine must equal the reference's bits and the dispatch the dense
         model's; prints the sha256 of the
         kernels' outputs (two runs must print the same), then
-        "worker i/2: repeat STEPS passed".
+        "worker i/R: repeat STEPS passed".
     python ll_worker.py --seed N --grads
         gradients in x, topk_weights and y of sum(g * combine(dispatch(x).x *
         c + y)), bf16, through the kernels' VJPs (dispatch's is the combine
         kernels, combine's a bf16 dispatch kernel) and the reference's:
         d_x and d_y bit for bit, d_topk_weights within 2^-10 of its largest
-        element; then "worker i/2: grads <case> passed".
+        element; then "worker i/R: grads <case> passed".
     python ll_worker.py --seed N --mixed
         a normal dispatch/combine (intranode kernels) feeding a low-latency
         dispatch/combine in one jitted program, twice, equal to the
-        reference backend's bit for bit; then "worker i/2: mixed <case>
+        reference backend's bit for bit; then "worker i/R: mixed <case>
         passed".
     python ll_worker.py --seed N --timeout
         rank 1 never calls; rank 0's dispatch must time out, print its rank
@@ -97,6 +97,12 @@ class Case:
   @property
   def tmax(self) -> int:
     return self.max_tokens or self.tokens
+
+  def at(self, num_ranks: int) -> Case:
+    """This case on `num_ranks` ranks: its experts rounded up to a multiple
+    of them (the lists below are written for 2 ranks: E=2 becomes E=R)."""
+    return dataclasses.replace(
+        self, experts=-(-self.experts // num_ranks) * num_ranks)
 
   def name(self) -> str:
     return (f"T{self.tokens}-Tmax{self.tmax}-H{self.hidden}-K{self.topk}-"
@@ -263,7 +269,7 @@ def kernel_buffer(mesh: Mesh, backend: str, cases, transport: str,
 def run_cases(mesh: Mesh, kern, ref, seed: int, who: str) -> None:
   num_ranks = mesh.devices.size
   rng = np.random.default_rng(seed)  # the same draws on every process
-  for case in CASES:
+  for case in (c.at(num_ranks) for c in CASES):
     program = case_program(mesh, kern, ref, case)
     for call in range(2):
       ctx = f"{who}, seed={seed}, call {call}, {case.name()}"
@@ -289,7 +295,7 @@ def run_cases(mesh: Mesh, kern, ref, seed: int, who: str) -> None:
 def run_repeat(mesh: Mesh, kern, ref, seed: int, steps: int,
                who: str) -> None:
   num_ranks = mesh.devices.size
-  case = REPEAT_CASE
+  case = REPEAT_CASE.at(num_ranks)
   rng = np.random.default_rng(seed)
   put = lambda a: intranode_worker.global_array(mesh, flat(a), P(EP))
   inputs = [token_inputs(rng, num_ranks, case, exact=True)
@@ -340,7 +346,7 @@ def run_grads(mesh: Mesh, kern, ref, seed: int, who: str) -> None:
   num_ranks = mesh.devices.size
   rng = np.random.default_rng(seed)
   put = lambda a: intranode_worker.global_array(mesh, flat(a), P(EP))
-  for case in GRAD_CASES:
+  for case in (c.at(num_ranks) for c in GRAD_CASES):
     ctx = f"{who}, seed={seed}, grads, {case.name()}"
     x, idx, w = token_inputs(rng, num_ranks, case)
     y = expert_outputs(rng, num_ranks, case)
@@ -370,8 +376,8 @@ def run_mixed(mesh: Mesh, backend: str, transport: str, seed: int,
   rows are multiples of 2^-5 below 2^7, the LL combine's sums multiples of
   2^-8 below 2^12), so neither summation order nor FMA contraction, which
   XLA may choose differently from the kernels, changes a bit."""
-  case = MIXED_CASE
   num_ranks = mesh.devices.size
+  case = MIXED_CASE.at(num_ranks)
   kern = kernel_buffer(mesh, backend, [case], transport,
                        num_nvl_bytes=jax_ep.nvl_buffer_bytes(
                            case.tokens, case.hidden, case.topk, num_ranks))
@@ -455,7 +461,9 @@ def main(argv=None) -> int:
     return 0
   cases = ([REPEAT_CASE] if args.repeat else
            GRAD_CASES if args.grads else CASES)
-  kern = kernel_buffer(mesh, args.backend, cases, args.transport)
+  kern = kernel_buffer(mesh, args.backend,
+                       [c.at(mesh.devices.size) for c in cases],
+                       args.transport)
   ref = jax_ep.Buffer(mesh, EP, backend="reference")
   if args.repeat:
     run_repeat(mesh, kern, ref, args.seed, args.repeat, who)
