@@ -12,6 +12,8 @@
 #                 (one process over every GPU), output in time.log
 #   PROBES=1      also run the fp8 cast probes (bench/probes/e4m3_cvt.cu,
 #                 scripts/fp8_cast_probe.py), output in probes.log
+#   CEILINGS=1    also measure the NVLink write ceilings between all local
+#                 GPUs (bench/probes/nvlink_write.cu), output in ceilings.log
 #
 # Writes into OUTDIR (flat):
 #   env.txt         GPUs, topology, driver, Python/JAX/nvcc versions
@@ -23,6 +25,7 @@
 #   bench_ll.log, bench_ll.json   the low-latency benchmark (shape dsv3_ll),
 #                   kernel times from the profiler included
 #   time.log        scripts/time_intranode.py's JSON lines (TIME_ARGS)
+#   ceilings.log    NVLink write ceilings, every GPU sending (CEILINGS)
 #   summary.txt     one line per step, also printed at the end
 # Exit status: 0 when every step that ran passed. A failed build stops the
 # run; failed tests do not stop the benchmarks.
@@ -107,6 +110,18 @@ if [[ "${PROBES:-0}" == 1 ]]; then
     note "probes: ok, see probes.log"
   else
     note "probes: FAILED (exit $?), see probes.log"
+    failed=1
+  fi
+fi
+
+# --- CEILINGS ----------------------------------------------------------------
+if [[ "${CEILINGS:-0}" == 1 ]]; then
+  if run_logged ceilings.log 300 bash -c "nvcc -std=c++17 -arch=sm_90 -O3 \
+      bench/probes/nvlink_write.cu -o /tmp/jax_ep_nvlink_write &&
+      /tmp/jax_ep_nvlink_write"; then
+    note "ceilings: ok, see ceilings.log"
+  else
+    note "ceilings: FAILED (exit $?), see ceilings.log"
     failed=1
   fi
 fi
