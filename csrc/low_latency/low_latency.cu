@@ -514,10 +514,10 @@ __device__ __forceinline__ void ZeroBytes(char* p, int64_t bytes) {
 // `seq`; returns the lane's arrival bits (bit j: slot j * 32 + lane), and the
 // rows are then visible to the warp. Relaxed loads, kPoll in flight per lane
 // (acquire loads would each wait out the last), then one fence.
-__device__ __forceinline__ uint32_t WaitRows(const uint64_t* flags, int num_slots,
-                                          int count, uint64_t seq,
-                                          int64_t timeout_ns,
-                                          const Site& site) {
+__device__ __forceinline__ uint32_t WaitRows(const uint64_t* flags,
+                                            int num_slots, int count,
+                                            uint64_t seq, int64_t timeout_ns,
+                                            const Site& site) {
   constexpr int kPoll = 4;
   const int lane = threadIdx.x % 32;
   uint32_t arrived = 0;
@@ -654,7 +654,9 @@ __global__ void __launch_bounds__(kRecvThreads, 2)
       uint32_t word = 0;
       if (a.use_ue8m0) {
 #pragma unroll
-        for (int b = 0; b < 4; ++b) word |= (scales[w * 4 + b] >> 23) << (8 * b);
+        for (int b = 0; b < 4; ++b) {
+          word |= (scales[w * 4 + b] >> 23) << (8 * b);
+        }
       } else {
         word = scales[w];
       }
