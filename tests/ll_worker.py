@@ -407,8 +407,8 @@ def run_mixed(mesh: Mesh, backend: str, transport: str, seed: int,
     for name in got:
       for rank, a, b in by_rank(got[name], want[name]):
         assert_same(a, b, f"{name} (rank {rank})", ctx)
-  kern.close()  # collective: the heap's close is a barrier before the NVLink
-  # buffers are freed
+  # Collective: the heap's close is a barrier before the NVLink buffers go.
+  kern.close()
   print(f"{who}: mixed {case.name()} passed", flush=True)
 
 
