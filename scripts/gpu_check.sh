@@ -6,6 +6,7 @@
 # Usage: scripts/gpu_check.sh OUTDIR
 #   PYTHON=...    interpreter (default python3)
 #   SKIP_BENCH=1  stop after the tests (e.g. to fit a short time limit)
+#   SKIP_TESTS=1  no GPU tests (e.g. benchmarks in a second call)
 #   DEMO_STEPS=N  steps of the demo run (default 20; 0 skips it)
 #   TESTS="..."   pytest targets (default: tests)
 #   TIME_ARGS=".." also run scripts/time_intranode.py with these arguments
@@ -80,16 +81,21 @@ else
 fi
 
 # --- TESTS -------------------------------------------------------------------
-# shellcheck disable=SC2086  # TESTS is a list of targets
-if run_logged pytest_gpu.log 600 "$PYTHON" -m pytest -m gpu -x -v ${TESTS:-tests}; then
-  rc=0
+if [[ "${SKIP_TESTS:-0}" == 1 ]]; then
+  note "pytest: skipped (SKIP_TESTS=1)"
 else
-  rc=$?
-  failed=1
+  # shellcheck disable=SC2086  # TESTS is a list of targets
+  if run_logged pytest_gpu.log 600 "$PYTHON" -m pytest -m gpu -x -v \
+      ${TESTS:-tests}; then
+    rc=0
+  else
+    rc=$?
+    failed=1
+  fi
+  summary_line='^=+ .*(passed|failed|error|skipped|no tests ran).* =+$'
+  note "pytest (exit $rc): $(grep -E "$summary_line" "$OUT/pytest_gpu.log" |
+    tail -n 1 || echo 'no summary line, see pytest_gpu.log')"
 fi
-summary_line='^=+ .*(passed|failed|error|skipped|no tests ran).* =+$'
-note "pytest (exit $rc): $(grep -E "$summary_line" "$OUT/pytest_gpu.log" |
-  tail -n 1 || echo 'no summary line, see pytest_gpu.log')"
 
 # --- KERNEL TIMING -----------------------------------------------------------
 if [[ -n "${TIME_ARGS:-}" ]]; then
