@@ -57,6 +57,18 @@ run_logged() {
   return "$rc"
 }
 
+# An optional step: run_logged LOG LIMIT "$@", then a summary line for NAME.
+optional_step() {
+  local name=$1 log=$2 limit=$3
+  shift 3
+  if run_logged "$log" "$limit" "$@"; then
+    note "$name: ok, see $log"
+  else
+    note "$name: FAILED (exit $?), see $log"
+    failed=1
+  fi
+}
+
 # --- ENV ---------------------------------------------------------------------
 {
   date -u
@@ -100,36 +112,22 @@ fi
 # --- KERNEL TIMING -----------------------------------------------------------
 if [[ -n "${TIME_ARGS:-}" ]]; then
   # shellcheck disable=SC2086  # TIME_ARGS is a list of arguments
-  if run_logged time.log 600 "$PYTHON" scripts/time_intranode.py $TIME_ARGS; then
-    note "timing: ok, see time.log"
-  else
-    note "timing: FAILED (exit $?), see time.log"
-    failed=1
-  fi
+  optional_step timing time.log 600 \
+    "$PYTHON" scripts/time_intranode.py $TIME_ARGS
 fi
 
 # --- PROBES ------------------------------------------------------------------
 if [[ "${PROBES:-0}" == 1 ]]; then
-  if run_logged probes.log 300 bash -c "nvcc -std=c++17 -arch=sm_90 -O3 \
-      bench/probes/e4m3_cvt.cu -o '$OUT/e4m3_cvt' && '$OUT/e4m3_cvt' &&
-      '$PYTHON' scripts/fp8_cast_probe.py"; then
-    note "probes: ok, see probes.log"
-  else
-    note "probes: FAILED (exit $?), see probes.log"
-    failed=1
-  fi
+  optional_step probes probes.log 300 bash -c "nvcc -std=c++17 -arch=sm_90 \
+    -O3 bench/probes/e4m3_cvt.cu -o '$OUT/e4m3_cvt' && '$OUT/e4m3_cvt' &&
+    '$PYTHON' scripts/fp8_cast_probe.py"
 fi
 
 # --- CEILINGS ----------------------------------------------------------------
 if [[ "${CEILINGS:-0}" == 1 ]]; then
-  if run_logged ceilings.log 300 bash -c "nvcc -std=c++17 -arch=sm_90 -O3 \
-      bench/probes/nvlink_write.cu -o /tmp/jax_ep_nvlink_write &&
-      /tmp/jax_ep_nvlink_write"; then
-    note "ceilings: ok, see ceilings.log"
-  else
-    note "ceilings: FAILED (exit $?), see ceilings.log"
-    failed=1
-  fi
+  optional_step ceilings ceilings.log 300 bash -c "nvcc -std=c++17 \
+    -arch=sm_90 -O3 bench/probes/nvlink_write.cu -o /tmp/jax_ep_nvlink_write &&
+    /tmp/jax_ep_nvlink_write"
 fi
 
 # --- DEMO --------------------------------------------------------------------
