@@ -45,21 +45,33 @@ struct Targets {
   int64_t slice;
 };
 
-__global__ void LsuCopy(const char* src, Targets t) {
+// The grid's warps take the targets in turn: this warp's target, its index
+// among that target's warps, and how many those are. The remainder of an
+// uneven split has warp >= num_warps and moves nothing.
+struct Share {
+  int target;
+  int64_t warp, num_warps;
+};
+
+__device__ __forceinline__ Share ShareOf(const Targets& t) {
   const int warps = blockDim.x / 32;
-  const int64_t all_warps = int64_t{gridDim.x} * warps;
-  const int64_t warp = int64_t{blockIdx.x} * warps + threadIdx.x / 32;
-  const int target = static_cast<int>(warp % t.n);
-  const int64_t num_warps = all_warps / t.n;
-  if (warp / t.n >= num_warps) return;  // the remainder of an uneven split
-  const int4* from = reinterpret_cast<const int4*>(src + target * t.slice);
-  int4* to = reinterpret_cast<int4*>(t.dst[target]);
+  const int64_t me = int64_t{blockIdx.x} * warps + threadIdx.x / 32;
+  return {static_cast<int>(me % t.n), me / t.n,
+          int64_t{gridDim.x} * warps / t.n};
+}
+
+__global__ void LsuCopy(const char* src, Targets t) {
+  const Share share = ShareOf(t);
+  if (share.warp >= share.num_warps) return;
+  const int4* from =
+      reinterpret_cast<const int4*>(src + share.target * t.slice);
+  int4* to = reinterpret_cast<int4*>(t.dst[share.target]);
   const int64_t n = t.slice / 16;
   const int lane = threadIdx.x % 32;
   constexpr int kUnroll = 8;
   const int64_t per_piece = 32 * kUnroll;
-  for (int64_t base = warp / t.n * per_piece; base < n;
-       base += num_warps * per_piece) {
+  for (int64_t base = share.warp * per_piece; base < n;
+       base += share.num_warps * per_piece) {
     int4 v[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
@@ -81,7 +93,6 @@ __device__ __forceinline__ uint32_t Smem(const void* p) {
 __global__ void TmaCopy(const char* src, Targets t) {
   extern __shared__ __align__(128) char smem[];
   __shared__ __align__(8) uint64_t bars[32][kStages];
-  const int warps = blockDim.x / 32;
   const int w = threadIdx.x / 32;
   if (threadIdx.x % 32 != 0) return;
   char* buf = smem + w * kStages * kPiece;
@@ -89,17 +100,13 @@ __global__ void TmaCopy(const char* src, Targets t) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(Smem(&bars[w][s])));
   }
   asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-  const int64_t all_warps = int64_t{gridDim.x} * warps;
-  const int64_t me = int64_t{blockIdx.x} * warps + w;
-  const int target = static_cast<int>(me % t.n);
-  const int64_t num_warps = all_warps / t.n;
-  if (me / t.n >= num_warps) return;
-  const char* from = src + target * t.slice;
-  char* dst = t.dst[target];
+  const Share share = ShareOf(t);
+  if (share.warp >= share.num_warps) return;
+  const char* from = src + share.target * t.slice;
+  char* dst = t.dst[share.target];
   const int64_t pieces = t.slice / kPiece;
-  const int64_t warp = me / t.n;
   int64_t k = 0;  // pieces this warp has moved
-  for (int64_t p = warp; p < pieces; p += num_warps, ++k) {
+  for (int64_t p = share.warp; p < pieces; p += share.num_warps, ++k) {
     const int s = static_cast<int>(k % kStages);
     const uint32_t phase = static_cast<uint32_t>((k / kStages) & 1);
     if (k >= kStages) {
