@@ -266,10 +266,10 @@ def kernel_buffer(mesh: Mesh, backend: str, cases, transport: str,
                        ll_transport=transport, **kwargs)
 
 
-def run_cases(mesh: Mesh, kern, ref, seed: int, who: str) -> None:
+def run_cases(mesh: Mesh, kern, ref, cases, seed: int, who: str) -> None:
   num_ranks = mesh.devices.size
   rng = np.random.default_rng(seed)  # the same draws on every process
-  for case in (c.at(num_ranks) for c in CASES):
+  for case in cases:
     program = case_program(mesh, kern, ref, case)
     for call in range(2):
       ctx = f"{who}, seed={seed}, call {call}, {case.name()}"
@@ -292,10 +292,9 @@ def run_cases(mesh: Mesh, kern, ref, seed: int, who: str) -> None:
     print(f"{who}: {case.name()} passed", flush=True)
 
 
-def run_repeat(mesh: Mesh, kern, ref, seed: int, steps: int,
+def run_repeat(mesh: Mesh, kern, ref, case: Case, seed: int, steps: int,
                who: str) -> None:
   num_ranks = mesh.devices.size
-  case = REPEAT_CASE.at(num_ranks)
   rng = np.random.default_rng(seed)
   put = lambda a: intranode_worker.global_array(mesh, flat(a), P(EP))
   inputs = [token_inputs(rng, num_ranks, case, exact=True)
@@ -340,13 +339,13 @@ def grad_program(mesh: Mesh, buffer, case: Case):
       loss(x, idx, w, y, c, g)), argnums=(0, 1, 2)))
 
 
-def run_grads(mesh: Mesh, kern, ref, seed: int, who: str) -> None:
+def run_grads(mesh: Mesh, kern, ref, cases, seed: int, who: str) -> None:
   """d_x and d_y bit for bit equal to the reference backend's, d_w within
   2^-10 of its largest element (wrong rows or slots would be far off)."""
   num_ranks = mesh.devices.size
   rng = np.random.default_rng(seed)
   put = lambda a: intranode_worker.global_array(mesh, flat(a), P(EP))
-  for case in (c.at(num_ranks) for c in GRAD_CASES):
+  for case in cases:
     ctx = f"{who}, seed={seed}, grads, {case.name()}"
     x, idx, w = token_inputs(rng, num_ranks, case)
     y = expert_outputs(rng, num_ranks, case)
@@ -459,18 +458,18 @@ def main(argv=None) -> int:
   if args.mixed:
     run_mixed(mesh, args.backend, args.transport, args.seed, who)
     return 0
-  cases = ([REPEAT_CASE] if args.repeat else
-           GRAD_CASES if args.grads else CASES)
-  kern = kernel_buffer(mesh, args.backend,
-                       [c.at(mesh.devices.size) for c in cases],
-                       args.transport)
+  # The cases at this many ranks (their experts a multiple of them).
+  cases = [c.at(mesh.devices.size) for c in
+           ([REPEAT_CASE] if args.repeat else
+            GRAD_CASES if args.grads else CASES)]
+  kern = kernel_buffer(mesh, args.backend, cases, args.transport)
   ref = jax_ep.Buffer(mesh, EP, backend="reference")
   if args.repeat:
-    run_repeat(mesh, kern, ref, args.seed, args.repeat, who)
+    run_repeat(mesh, kern, ref, cases[0], args.seed, args.repeat, who)
   elif args.grads:
-    run_grads(mesh, kern, ref, args.seed, who)
+    run_grads(mesh, kern, ref, cases, args.seed, who)
   else:
-    run_cases(mesh, kern, ref, args.seed, who)
+    run_cases(mesh, kern, ref, cases, args.seed, who)
   kern.close()  # collective: every process is past its last op
   return 0
 
