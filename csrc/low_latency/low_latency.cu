@@ -498,15 +498,24 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 // --- Dispatch receive --------------------------------------------------------
 
+// Zeroes `bytes` (a multiple of 4) from `p` (4-byte aligned) with the block.
+// The padding after `total` rows need not start on 16 bytes: a scale row is
+// 4 * H / 128 bytes, or H / 128 with UE8M0 (8 at H = 256, 4 at H = 512), so
+// words run up to the first 16-byte boundary and after the last int4.
 __device__ __forceinline__ void ZeroBytes(char* p, int64_t bytes) {
-  // Both ends are 16-byte aligned: rows are multiples of 16 bytes, scales of 4
-  // (handled by the word loop).
-  for (int64_t i = threadIdx.x; i < bytes / 16; i += blockDim.x) {
-    reinterpret_cast<int4*>(p)[i] = make_int4(0, 0, 0, 0);
-  }
-  for (int64_t i = bytes / 16 * 4 + threadIdx.x; i < bytes / 4;
-       i += blockDim.x) {
+  const int64_t misaligned = reinterpret_cast<uintptr_t>(p) % 16;
+  const int64_t head = misaligned ? min(bytes, 16 - misaligned) : 0;
+  for (int64_t i = threadIdx.x; i < head / 4; i += blockDim.x) {
     reinterpret_cast<int32_t*>(p)[i] = 0;
+  }
+  char* const body = p + head;
+  const int64_t vectors = (bytes - head) / 16;
+  for (int64_t i = threadIdx.x; i < vectors; i += blockDim.x) {
+    reinterpret_cast<int4*>(body)[i] = make_int4(0, 0, 0, 0);
+  }
+  for (int64_t i = vectors * 4 + threadIdx.x; i < (bytes - head) / 4;
+       i += blockDim.x) {
+    reinterpret_cast<int32_t*>(body)[i] = 0;
   }
 }
 
