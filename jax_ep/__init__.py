@@ -21,6 +21,8 @@ from jax_ep._src.normal import check_capacity as check_capacity
 from jax_ep._src.normal import combine as combine
 from jax_ep._src.normal import dispatch as dispatch
 from jax_ep._src.runtime import Buffer as Buffer
+from jax_ep._src.runtime import Fallback as Fallback
+from jax_ep._src.runtime import FallbackWarning as FallbackWarning
 from jax_ep._src.runtime import Topology as Topology
 
 __version__ = "0.1.0"

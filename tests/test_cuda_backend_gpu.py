@@ -2,11 +2,15 @@
 
 `get_dispatch_layout`, `dispatch` and `combine` must go through their CUDA
 kernels (the custom calls are in the compiled program) and agree bit for bit
-with the reference backend, gradients of a small MoE included; ops without a
-kernel yet warn and give the reference's exact results on the GPUs.
+with the reference backend, gradients of a small MoE included (fp8 rows of
+any width too). What the kernels do not cover (combine of f16 rows, normal
+ops across nodes) falls back to the reference: a FallbackWarning once, an
+entry in `Buffer.fallbacks()`, and the reference's exact results.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +48,11 @@ def _run(mesh, fn, *args, in_specs=None):
   args = [jax.device_put(a, NamedSharding(mesh, spec))
           for a, spec in zip(args, in_specs)]
   return sharded, sharded(*args), args
+
+
+def _bitwise_equal(got, want) -> bool:
+  bits = {1: np.uint8, 2: np.uint16, 4: np.uint32}[got.dtype.itemsize]
+  return np.array_equal(np.asarray(got).view(bits), np.asarray(want).view(bits))
 
 
 def test_auto_backend_is_cuda_on_gpus():
@@ -134,8 +143,7 @@ def test_dispatch_and_combine_run_the_kernels_and_match_the_reference(seed):
       assert (target in hlo) == (backend == "cuda"), (backend, target)
     outs[backend] = [np.asarray(o) for o in out]
   for k, (got, want) in enumerate(zip(outs["cuda"], outs["reference"])):
-    bits = {1: np.uint8, 2: np.uint16, 4: np.uint32}[got.dtype.itemsize]
-    assert np.array_equal(got.view(bits), want.view(bits)), f"output {k}"
+    assert _bitwise_equal(got, want), f"output {k}"
 
 
 def test_moe_gradients_match_the_reference_backend(seed):
@@ -196,10 +204,72 @@ def test_low_latency_ops_without_the_heap_raise():
         num_max_dispatch_tokens_per_rank=16).x, x, idx)
 
 
+@pytest.mark.parametrize("hidden", [128, 256, 384, 640])
+def test_fp8_rows_with_narrow_scale_rows_run_the_kernels(seed, hidden):
+  """fp8 scale rows of 4 * H/128 bytes, not a multiple of 16 here or there:
+  the fresh and the cached dispatch run their kernels (no fallback) and equal
+  the reference."""
+  mesh = _mesh()
+  rng = np.random.default_rng(seed)
+  n = TOKENS * len(GPUS)
+  x = jnp.asarray(rng.standard_normal((n, hidden)), jnp.float32)
+  q, s = jax_ep.per_token_cast_to_fp8(x * 10)
+  q2, s2 = jax_ep.per_token_cast_to_fp8(x * 3)
+  idx = _routing(rng, n)
+  outs = {}
+  for backend in ("cuda", "reference"):
+    buffer = _nvl_buffer(mesh, backend)
+
+    def both(q, s, q2, s2, i, buffer=buffer):
+      d = jax_ep.dispatch(buffer, (q, s), i, num_experts=EXPERTS)
+      again = jax_ep.dispatch(buffer, (q2, s2), handle=d.handle)
+      return d.x, d.scales, again.x, again.scales
+
+    fn, out, placed = _run(mesh, both, q, s, q2, s2, idx)
+    hlo = fn.lower(*placed).as_text()
+    for target in ("jax_ep_intranode_dispatch",
+                   "jax_ep_intranode_cached_dispatch"):
+      assert (target in hlo) == (backend == "cuda"), (backend, target)
+    assert buffer.fallbacks() == (), buffer.fallbacks()
+    outs[backend] = out
+  for k, (got, want) in enumerate(zip(outs["cuda"], outs["reference"])):
+    assert _bitwise_equal(got, want), f"output {k}, seed={seed}"
+
+
+def test_a_fallback_warns_once_and_is_listed(seed):
+  """f16 rows dispatch on the kernel, but their combine (which the kernel
+  does not sum) runs the reference: one FallbackWarning, one entry in
+  `Buffer.fallbacks()`, the reference's bits."""
+  mesh = _mesh()
+  rng = np.random.default_rng(seed)
+  n = TOKENS * len(GPUS)
+  x = jnp.asarray(rng.standard_normal((n, HIDDEN)), jnp.float16)
+  idx = _routing(rng, n)
+  buffer = _nvl_buffer(mesh, "cuda")
+
+  def round_trip(buffer):
+    def run(x, i):
+      d = jax_ep.dispatch(buffer, x, i, num_experts=EXPERTS)
+      return jax_ep.combine(buffer, d.x * 2, d.handle)
+    return run
+
+  with pytest.warns(jax_ep.FallbackWarning, match="combine .*float16"):
+    _, got, _ = _run(mesh, round_trip(buffer), x, idx)
+  assert buffer.fallbacks() == (jax_ep.Fallback(
+      "combine", "it combines float16 rows, and the combine kernel sums "
+      "bfloat16 and float32 rows"),)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", jax_ep.FallbackWarning)
+    _run(mesh, round_trip(buffer), x[: n // 2], idx[: n // 2])  # quiet
+  assert len(buffer.fallbacks()) == 1
+  _, want, _ = _run(mesh, round_trip(_nvl_buffer(mesh, "reference")), x, idx)
+  assert _bitwise_equal(got, want), f"seed={seed}"
+
+
 @pytest.mark.skipif(len(GPUS) < 2, reason="needs 2 GPUs to simulate 2 nodes")
-def test_ops_without_kernels_warn_and_match_the_reference(seed):
+def test_ops_across_nodes_fall_back_and_match_the_reference(seed):
   """Across nodes (simulated: one rank per node) the normal ops have no
-  kernel yet: they warn and run the reference."""
+  kernel yet: they warn, list the fallback and run the reference."""
   mesh = _mesh()
   rng = np.random.default_rng(seed)
   n = 16 * len(GPUS)
@@ -214,10 +284,13 @@ def test_ops_without_kernels_warn_and_match_the_reference(seed):
       return d.x, jax_ep.combine(buffer, d.x, d.handle)
 
     if backend == "cuda":
-      with pytest.warns(UserWarning, match="no CUDA kernel"):
+      with pytest.warns(jax_ep.FallbackWarning,
+                        match="internode kernels are not built yet"):
         _, out, _ = _run(mesh, round_trip, x, idx)
+      assert [f.op for f in buffer.fallbacks()] == ["dispatch", "combine"]
     else:
       _, out, _ = _run(mesh, round_trip, x, idx)
-    outs[backend] = [np.asarray(o) for o in out]
+      assert buffer.fallbacks() == ()
+    outs[backend] = out
   for got, want in zip(outs["cuda"], outs["reference"]):
-    assert np.array_equal(got.view(np.uint16), want.view(np.uint16))
+    assert _bitwise_equal(got, want)

@@ -539,6 +539,19 @@ def test_reference_backend_ignores_num_nvl_bytes():
   assert buffer.nvl_kernels("dispatch") is None
 
 
+def test_nothing_is_a_fallback_on_the_reference_backend():
+  ep = Ep(2)
+  x = np.ones((2 * 4, 16), np.float16)
+  idx = np.zeros((2 * 4, 2), np.int32)
+
+  def round_trip(x, i):
+    d = jax_ep.dispatch(ep.buffer, x, i, num_experts=4)
+    return jax_ep.combine(ep.buffer, d.x, d.handle)
+
+  ep.run(round_trip, x, idx)
+  assert ep.buffer.fallbacks() == ()
+
+
 def test_reference_backend_ignores_num_ll_bytes():
   buffer = jax_ep.Buffer(_mesh(2), "ep", backend="reference",
                          num_ll_bytes=1 << 20, ll_transport="put")

@@ -2,8 +2,9 @@
 pure-JAX reference, bit for bit (every output and every handle field).
 
 * One process driving every local GPU (peer access): a table of shapes
-  (T in {1, 7, 128, 4096}, H in {2048, 7168}, K in {1, 8}, E in {R, 256}),
-  -1 and out-of-range ids, skewed routing, capacity overflow, fp8 rows,
+  (T in {1, 7, 33, 128, 4096}, H in {256, 384, 2048, 7168}, K in {1, 4, 8},
+  E in {R, 16, 256}), -1 and out-of-range ids, skewed routing, capacity
+  overflow, fp8 rows (scale rows of 8, 12 and 224 bytes),
   no weights, expert alignment; two fresh routings per shape.
 * 50 dispatch/combine pairs back to back in one program (lax.scan) with a
   fresh routing each.
@@ -56,6 +57,9 @@ CASES = [
     Case(4096, 7168, 8, 256, alignment=128),
     Case(4096, 7168, 8, 256, capacity=3000, skew=True),  # overflow
     Case(4096, 7168, 8, 256, fp8=True),
+    # fp8 scale rows of 8 and 12 bytes (H = 256, 384): not whole 16 bytes.
+    Case(7, 256, 4, 16, fp8=True),
+    Case(33, 384, 8, 256, fp8=True, copy_engine=False),
     Case(4096, 2056, 8, 256),  # H not a multiple of 128 (4112-byte rows)
     # Warps push the dispatched rows (no copy engine).
     Case(128, 7168, 8, 256, skew=True, copy_engine=False),
@@ -173,7 +177,8 @@ def test_too_small_buffers_are_refused_at_trace_time(setup):
   tokens = 1 << 16  # far past what the fixture sized the buffers for
   x = jax.ShapeDtypeStruct((tokens, 7168), jnp.bfloat16)
   idx = jax.ShapeDtypeStruct((tokens, 8), jnp.int32)
-  with pytest.raises(ValueError, match="intranode_buffer_bytes"):
+  with pytest.raises(ValueError,
+                     match="num_nvl_bytes with jax_ep.nvl_buffer_bytes"):
     jax.eval_shape(lambda x, idx: intranode.dispatch(
         (x,), idx, None, axis_name=worker.EP, num_ranks=R, num_experts=256,
         capacity=R * tokens, expert_alignment=1, buffers=buffers), x, idx)

@@ -74,13 +74,12 @@ def topk_weights(op: str, weights, shape) -> None:
           shape=shape)
 
 
-def row_bytes(op: str, name: str, x) -> None:
+def row_bytes(op: str, name: str, x, align: int = ROW_ALIGN_BYTES) -> None:
   nbytes = x.shape[-1] * jnp.dtype(x.dtype).itemsize
-  if nbytes % ROW_ALIGN_BYTES:
+  if nbytes % align:
     raise ValueError(
         f"jax_ep.{op}: a row of {name} is {nbytes} bytes ({_describe(x)}); "
-        f"rows must be a multiple of {ROW_ALIGN_BYTES} bytes")
-
+        f"rows must be a multiple of {align} bytes")
 
 
 def handle(op: str, value, cls: type, producer: str, num_ranks: int):

@@ -23,17 +23,22 @@ from jax_ep._src.reference import normal as reference
 from jax_ep._src.runtime import Buffer, NvlKernels
 
 
-def _whole_words(a: jax.Array) -> bool:
-  return a.shape[-1] * a.dtype.itemsize % checks.ROW_ALIGN_BYTES == 0
-
-
 @dataclasses.dataclass(frozen=True)
 class _Comm:
-  """How an op moves rows: on the intranode kernels when `nvl` is set, else
-  with the reference's collectives. Both give the same bits, and their
-  handles are interchangeable."""
-  axis_name: str
+  """How the public op `op` moves rows: on the intranode kernels when `nvl`
+  is set, else with the reference's collectives. Both give the same bits,
+  and their handles are interchangeable."""
+  buffer: Buffer
+  op: str
   nvl: NvlKernels | None
+
+  @classmethod
+  def of(cls, buffer: Buffer, op: str) -> _Comm:
+    return cls(buffer, op, buffer.nvl_kernels(op))
+
+  @property
+  def axis_name(self) -> str:
+    return self.buffer.axis_name
 
   def dispatch(self, rows, topk_idx, topk_weights, route: _Route):
     kw = dict(axis_name=self.axis_name, num_ranks=route.num_ranks,
@@ -42,28 +47,32 @@ class _Comm:
     if self.nvl is None:
       return reference.dispatch(rows, topk_idx, topk_weights, **kw)
     return intranode.dispatch(rows, topk_idx, topk_weights, **kw,
-                              **self.nvl.tuning())
+                              op=self.op, **self.nvl.tuning())
 
   def cached(self, rows, handle):
     """Rows along `handle`'s routes (tuple in, tuple out)."""
-    if self.nvl is None or not all(_whole_words(r) for r in rows):
+    if self.nvl is None:
       return reference.cached_dispatch(rows, handle, axis_name=self.axis_name)
     return intranode.cached_dispatch(rows, handle, axis_name=self.axis_name,
-                                     **self.nvl.tuning())
+                                     op=self.op, **self.nvl.tuning())
 
   def combine(self, y, handle, bias=None, out_dtype=jnp.float32):
     """fp32 sum in rank order of every rank's rows for each token, plus the
-    f32 `bias`, rounded once to `out_dtype`."""
-    kernel = (self.nvl is not None and _whole_words(y)
-              and y.dtype in (jnp.bfloat16, jnp.float32)
-              and jnp.dtype(out_dtype) in (jnp.dtype(jnp.float32), y.dtype))
+    f32 `bias`, rounded once to `out_dtype` (f32 or y's dtype)."""
+    kernel = self.nvl is not None
+    if kernel and y.dtype not in intranode.COMBINE_DTYPES:
+      self.buffer.fall_back(
+          self.op, f"it combines {jnp.dtype(y.dtype).name} rows, and the "
+          "combine kernel sums bfloat16 and float32 rows")
+      kernel = False
     if not kernel:
       total = reference.combine(y, handle, axis_name=self.axis_name)
       if bias is not None:
         total = total + bias
       return total.astype(out_dtype)
     return intranode.combine(y, handle, axis_name=self.axis_name, bias=bias,
-                             out_dtype=out_dtype, **self.nvl.tuning())
+                             out_dtype=out_dtype, op=self.op,
+                             **self.nvl.tuning())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,7 +147,7 @@ def dispatch(buffer: Buffer, x, topk_idx: jax.Array | None = None,
   if fp8:
     rows = no_gradient(rows, f"jax_ep.{op}: fp8 rows are not differentiable; "
                        "dispatch bf16 rows to train through dispatch")
-  comm = _Comm(buffer.axis_name, buffer.nvl_kernels(op))
+  comm = _Comm.of(buffer, op)
   if handle is not None:
     handle = checks.handle(op, handle, DispatchHandle, "dispatch",
                            buffer.num_ranks)
@@ -269,7 +278,7 @@ def combine(buffer: Buffer, y: jax.Array, handle: DispatchHandle,
   biases = _biases(op, bias, (handle.num_tokens, y.shape[1]))
   # Biases enter in fp32, so autodiff casts their cotangent back by itself.
   bias_sum = sum(b.astype(jnp.float32) for b in biases) if biases else None
-  comm = _Comm(buffer.axis_name, buffer.nvl_kernels(op))
+  comm = _Comm.of(buffer, op)
   out, out_weights = _combine(comm, y, handle, topk_weights, bias_sum)
   return out if topk_weights is None else (out, out_weights)
 

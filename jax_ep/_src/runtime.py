@@ -27,7 +27,7 @@ from jax_ep._src.config import Config, tuned_config
 Backend = Literal["auto", "cuda", "reference"]
 _BACKENDS = ("auto", "cuda", "reference")
 _NODE_SIZES = (1, 2, 4, 8)
-# Ops with a CUDA kernel; on the "cuda" backend the others run the reference.
+# Ops with a CUDA kernel (every public op).
 KERNEL_OPS = frozenset({"get_dispatch_layout", "dispatch", "combine",
                         "low_latency_dispatch", "low_latency_combine"})
 # Ops that need the NVLink peer buffers (num_nvl_bytes) on the "cuda" backend.
@@ -36,6 +36,20 @@ NVL_OPS = frozenset({"dispatch", "combine"})
 LL_OPS = frozenset({"low_latency_dispatch", "low_latency_combine"})
 _LL_TRANSPORTS = ("auto", "put")
 DEFAULT_TIMEOUT_S = 100.0
+
+
+class FallbackWarning(UserWarning):
+  """An op of a Buffer on the "cuda" backend ran the pure-JAX reference
+  instead of a kernel (once per op and reason; `Buffer.fallbacks()` lists
+  them all)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Fallback:
+  """One reason why `op` ran the pure-JAX reference on the "cuda" backend."""
+
+  op: str
+  reason: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,7 +220,7 @@ class Buffer:
     self.config = config
     self.topology = _topology(mesh, axis_name, ranks_per_node)
     self.backend = _resolve_backend(backend, _ep_devices(mesh, axis_name))
-    self._warned: set[str] = set()
+    self._fallbacks: dict[Fallback, None] = {}  # insertion-ordered set
     if not timeout_s > 0:
       raise ValueError(
           f"jax_ep.Buffer: timeout_s must be > 0, got {timeout_s!r}")
@@ -270,7 +284,7 @@ class Buffer:
           f"Buffer was built for {self.num_ranks} ranks")
 
   def uses_kernel(self, op: str) -> bool:
-    """Whether `op` runs a CUDA kernel; warns once when CUDA must fall back.
+    """Whether `op` runs a CUDA kernel; records a fallback when CUDA cannot.
 
     Raises:
       ValueError: `op` needs the NVLink buffers or the NVSHMEM heap and the
@@ -278,11 +292,12 @@ class Buffer:
     """
     if self.backend != "cuda":
       return False
-    has_kernel = op in KERNEL_OPS
     if op in NVL_OPS:
       if self.topology.num_nodes > 1:
-        has_kernel = False  # the internode kernels have not landed
-      elif self._nvl is None:
+        self.fall_back(op, f"the EP axis spans {self.topology.num_nodes} "
+                       "nodes and the internode kernels are not built yet")
+        return False
+      if self._nvl is None:
         raise ValueError(
             f"jax_ep.{op} on the cuda backend needs the NVLink buffers: create "
             "the Buffer with num_nvl_bytes=jax_ep.nvl_buffer_bytes(num_tokens, "
@@ -292,13 +307,25 @@ class Buffer:
           f"jax_ep.{op} on the cuda backend needs the NVSHMEM heap: create the "
           "Buffer with num_ll_bytes=jax_ep.ll_buffer_bytes(max_tokens, hidden, "
           "num_experts) for the largest shapes you run (one process per GPU)")
-    if not has_kernel and op not in self._warned:
-      self._warned.add(op)
-      warnings.warn(
-          f"jax_ep.{op} has no CUDA kernel for this setup yet; it runs the "
-          "pure-JAX reference on the GPUs (see the README's status table)",
-          stacklevel=3)
-    return has_kernel
+    return True
+
+  def fall_back(self, op: str, reason: str) -> None:
+    """Records that `op`, traced now, runs the reference on the cuda backend;
+    warns (`FallbackWarning`) the first time for each op and reason."""
+    fallback = Fallback(op, reason)
+    if fallback in self._fallbacks:
+      return
+    self._fallbacks[fallback] = None
+    warnings.warn(f"jax_ep.{op} runs the pure-JAX reference on the GPUs, not "
+                  f"a CUDA kernel: {reason}", FallbackWarning, stacklevel=4)
+
+  def fallbacks(self) -> tuple[Fallback, ...]:
+    """Every (op, reason) for which an op of this Buffer, on the "cuda"
+    backend, has run the pure-JAX reference instead of a kernel, in the order
+    they were first traced; empty on the "reference" backend, where nothing
+    is a fallback. Ops are traced once per shape under `jit`, so ask after
+    tracing (e.g. after the first call or `.lower()`)."""
+    return tuple(self._fallbacks)
 
   def nvl_kernels(self, op: str) -> NvlKernels | None:
     """The intranode kernels' buffers and tuning when `op` runs on them."""

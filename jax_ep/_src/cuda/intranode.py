@@ -32,6 +32,10 @@ WARPS_PER_BLOCK = 16
 MAX_RANKS = 64
 MAX_EXPERTS = 1024
 DEFAULT_TIMEOUT_S = 10.0
+# Rows move as bytes in 4-byte words (16-byte vectors where aligned).
+ROW_WORD_BYTES = 4
+# The dtypes whose rows the combine kernel sums.
+COMBINE_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
 
 
 def notify(num_tokens_per_rank: jax.Array, num_tokens_per_expert: jax.Array,
@@ -68,10 +72,7 @@ def notify(num_tokens_per_rank: jax.Array, num_tokens_per_expert: jax.Array,
   num_experts = checks.experts(op, num_experts, num_ranks)
   expert_alignment = checks.positive_int(op, "expert_alignment",
                                          expert_alignment)
-  if num_ranks > MAX_RANKS or num_experts > MAX_EXPERTS:
-    raise ValueError(
-        f"jax_ep.{op}: supports num_ranks <= {MAX_RANKS} and num_experts <= "
-        f"{MAX_EXPERTS}, got {num_ranks} and {num_experts}")
+  _check_limits(op, num_ranks, num_experts)
   if not timeout_s > 0:
     raise ValueError(f"jax_ep.{op}: timeout_s must be > 0, got {timeout_s!r}")
   checks.array(op, "num_tokens_per_rank", num_tokens_per_rank, ndim=1,
@@ -142,13 +143,23 @@ def _check_buffers(op: str, buffers, num_ranks: int, needed: int) -> None:
         f"(peer_buffers.create_peer_buffers), got {type(buffers)}")
   if buffers.num_ranks != num_ranks:
     raise ValueError(
-        f"jax_ep.{op}: the peer buffers are for {buffers.num_ranks} ranks, "
+        f"jax_ep.{op}: the NVLink buffers are for {buffers.num_ranks} ranks, "
         f"the call for {num_ranks}")
   if buffers.num_bytes < needed:
     raise ValueError(
-        f"jax_ep.{op}: the peer buffers' data region has {buffers.num_bytes} "
-        f"bytes but this call needs {needed}; create them with "
-        "intranode_buffer_bytes(...) bytes for the largest shapes you run")
+        f"jax_ep.{op}: the NVLink buffers hold {buffers.num_bytes} bytes but "
+        f"this call needs {needed}; size the Buffer's num_nvl_bytes with "
+        "jax_ep.nvl_buffer_bytes(num_tokens, hidden, topk, num_ranks, dtype) "
+        "for the largest shapes you run")
+
+
+def _check_limits(op: str, num_ranks: int, num_experts: int) -> None:
+  if num_experts > MAX_EXPERTS or num_ranks > MAX_RANKS:
+    raise ValueError(
+        f"jax_ep.{op}: the intranode CUDA kernels support num_experts <= "
+        f"{MAX_EXPERTS} and an EP size <= {MAX_RANKS}, got num_experts="
+        f"{num_experts} on {num_ranks} ranks; use a Buffer with "
+        "backend='reference' for more")
 
 
 def _tuning(op: str, num_sms: int, send_warps: int, chunk_tokens: int,
@@ -174,7 +185,7 @@ def _tuning(op: str, num_sms: int, send_warps: int, chunk_tokens: int,
 
 
 def _split_rows(op: str, rows) -> tuple[tuple[jax.Array, ...], int]:
-  """(rows, T) after checking 1 or 2 arrays of T rows of whole 16 bytes."""
+  """(rows, T) after checking 1 or 2 arrays of T rows of whole words."""
   rows = tuple(rows)
   if len(rows) not in (1, 2):
     raise ValueError(f"jax_ep.{op}: rows must hold 1 or 2 arrays, got "
@@ -184,7 +195,7 @@ def _split_rows(op: str, rows) -> tuple[tuple[jax.Array, ...], int]:
   for i, r in enumerate(rows):
     checks.array(op, f"rows[{i}]", r, ndim=2, dtypes=(r.dtype,),
                  shape=(num_tokens, None))
-    checks.row_bytes(op, f"rows[{i}]", r)
+    checks.row_bytes(op, f"rows[{i}]", r, ROW_WORD_BYTES)
   return rows, num_tokens
 
 
@@ -208,7 +219,8 @@ def dispatch(rows, topk_idx: jax.Array, topk_weights: jax.Array | None, *,
              expert_alignment: int, buffers, num_sms: int = DEFAULT_NUM_SMS,
              send_warps: int = DEFAULT_SEND_WARPS,
              chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-             timeout_s: float = DEFAULT_TIMEOUT_S, copy_engine: bool = False):
+             timeout_s: float = DEFAULT_TIMEOUT_S, copy_engine: bool = False,
+             op: str = "intranode_dispatch"):
   """Fresh intranode dispatch on the NVLink kernels, per shard.
 
   Same contract and results (bit for bit) as
@@ -216,7 +228,7 @@ def dispatch(rows, topk_idx: jax.Array, topk_weights: jax.Array | None, *,
   every rank, in the same order as the other intranode calls.
 
   Args:
-    rows: `(x[T, H],)` (any dtype, rows a multiple of 16 bytes) or fp8
+    rows: `(x[T, H],)` (any dtype, rows a multiple of 4 bytes) or fp8
       `(e4m3[T, H], f32 scales[T, H/128])`: sent as bytes.
     topk_idx: `int32[T, K]`, `-1` (or any id outside `[0, E)`) selects
       nothing, `K <= 32`.
@@ -237,19 +249,16 @@ def dispatch(rows, topk_idx: jax.Array, topk_weights: jax.Array | None, *,
       GPU's copy engines, leaving every warp to receive (no SM pushes; sends
       all T rows, so best when most tokens go to every peer, as at R=2);
       else warps push the selected rows.
+    op: the op named in error messages (the public op that calls this).
 
   Returns:
     `(recv_rows, recv_topk_idx int32[M, K], recv_topk_weights f32[M, K] or
     None, num_tokens_per_expert int32[E/R], handle)`, `recv_rows` a tuple like
     `rows` with `M` rows.
   """
-  op = "intranode_dispatch"
   rows, num_tokens = _split_rows(op, rows)
   num_experts = checks.experts(op, num_experts, num_ranks)
-  if num_experts > MAX_EXPERTS or num_ranks > MAX_RANKS:
-    raise ValueError(
-        f"jax_ep.{op}: supports num_ranks <= {MAX_RANKS} and num_experts <= "
-        f"{MAX_EXPERTS}, got {num_ranks} and {num_experts}")
+  _check_limits(op, num_ranks, num_experts)
   num_topk = checks.topk_idx(op, topk_idx, num_tokens, num_experts)
   checks.topk_weights(op, topk_weights, (num_tokens, num_topk))
   capacity = checks.positive_int(op, "capacity", capacity)
@@ -303,7 +312,8 @@ def cached_dispatch(rows, handle: DispatchHandle, *, axis_name: str, buffers,
                     send_warps: int = DEFAULT_SEND_WARPS,
                     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
                     timeout_s: float = DEFAULT_TIMEOUT_S,
-                    copy_engine: bool = False):
+                    copy_engine: bool = False,
+                    op: str = "intranode_cached_dispatch"):
   """Intranode dispatch that replays `handle`'s routing, per shard (the
   backward of combine): no routing input, no counting.
 
@@ -316,13 +326,12 @@ def cached_dispatch(rows, handle: DispatchHandle, *, axis_name: str, buffers,
       handle's.
     handle: the `DispatchHandle` of a dispatch over the same ranks.
     axis_name: the EP axis (results vary over it).
-    buffers, num_sms, send_warps, chunk_tokens, timeout_s, copy_engine: as
-      `dispatch`.
+    buffers, num_sms, send_warps, chunk_tokens, timeout_s, copy_engine, op:
+      as `dispatch`.
 
   Returns:
     `recv_rows`, a tuple like `rows` of `M` rows.
   """
-  op = "intranode_cached_dispatch"
   handle = _check_handle(op, handle)
   rows, num_tokens = _split_rows(op, rows)
   if num_tokens != handle.num_tokens:
@@ -350,7 +359,8 @@ def combine(y: jax.Array, handle: DispatchHandle, *, axis_name: str, buffers,
             send_warps: int = DEFAULT_SEND_WARPS,
             chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
             timeout_s: float = DEFAULT_TIMEOUT_S,
-            copy_engine: bool = False) -> jax.Array:
+            copy_engine: bool = False,
+            op: str = "intranode_combine") -> jax.Array:
   """Intranode combine on the NVLink kernels, per shard.
 
   With the defaults, the same result (bit for bit) as
@@ -366,11 +376,10 @@ def combine(y: jax.Array, handle: DispatchHandle, *, axis_name: str, buffers,
     buffers: the EP devices' `PeerBuffers`.
     bias: optional `f32[T, C]`.
     out_dtype: `float32` or `y.dtype`.
-    num_sms, send_warps, chunk_tokens, timeout_s: as `dispatch`.
+    num_sms, send_warps, chunk_tokens, timeout_s, op: as `dispatch`.
     copy_engine: accepted for a uniform tuning; combine always pushes with
       warps (the rows an owner needs are not at static places).
   """
-  op = "intranode_combine"
   handle = _check_handle(op, handle)
   checks.array(op, "y", y, ndim=2,
                dtypes=(jnp.bfloat16, jnp.float32), shape=(handle.capacity,
