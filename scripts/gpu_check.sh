@@ -9,6 +9,9 @@
 #   SKIP_TESTS=1  no GPU tests (e.g. benchmarks in a second call)
 #   DEMO_STEPS=N  steps of the demo run (default 20; 0 skips it)
 #   TESTS="..."   pytest targets (default: tests)
+#   SANITIZE=N    draws of each family of tests/shape_fuzz.py under
+#                 compute-sanitizer memcheck, one process per GPU (default 4;
+#                 0 skips it), output in sanitize.log
 #   TIME_ARGS=".." also run scripts/time_intranode.py with these arguments
 #                 (one process over every GPU), output in time.log
 #   PROBES=1      also run the fp8 cast probes (bench/probes/e4m3_cvt.cu,
@@ -20,6 +23,7 @@
 #   env.txt         GPUs, topology, driver, Python/JAX/nvcc versions
 #   build.log       pip install -v output, including ptxas register/spill report
 #   pytest_gpu.log  pytest -m gpu -x -v tests
+#   sanitize.log    the shape-fuzz draws under memcheck (SANITIZE)
 #   demo.log        the Flax MoE demo (make demo's command), DEMO_STEPS steps
 #   bench.log       python -m bench, one process per GPU as `make bench` runs
 #   bench.json      its records; only when bench/__main__.py exists
@@ -107,6 +111,29 @@ else
   summary_line='^=+ .*(passed|failed|error|skipped|no tests ran).* =+$'
   note "pytest (exit $rc): $(grep -E "$summary_line" "$OUT/pytest_gpu.log" |
     tail -n 1 || echo 'no summary line, see pytest_gpu.log')"
+fi
+
+# --- SANITIZER ---------------------------------------------------------------
+# Memcheck instruments jax_ep's kernels only (their names hold "jax_ep"); a
+# bad access in one of them fails the step (exit 9).
+if [[ "${SANITIZE:-4}" == 0 ]]; then
+  note "memcheck: skipped (SANITIZE=0)"
+else
+  num_gpus=$(nvidia-smi -L | grep -c '^GPU ' || true)
+  seed=$(( (RANDOM << 15) | RANDOM ))
+  if XLA_PYTHON_CLIENT_PREALLOCATE=false run_logged sanitize.log 600 \
+      "$PYTHON" -m jax_ep.launch -n "$num_gpus" \
+      -- compute-sanitizer --tool memcheck --error-exitcode 9 \
+      --report-api-errors no --kernel-name kns=jax_ep \
+      "$PYTHON" tests/shape_fuzz.py --seed "$seed" --draws "${SANITIZE:-4}"; then
+    rc=0
+  else
+    rc=$?
+    failed=1
+  fi
+  note "memcheck (exit $rc, seed $seed, ${SANITIZE:-4} draws per family," \
+    "$num_gpus processes): $(grep -E 'ERROR SUMMARY' "$OUT/sanitize.log" |
+    sort | uniq -c | tr -s ' \n' ' ')"
 fi
 
 # --- KERNEL TIMING -----------------------------------------------------------
