@@ -15,9 +15,11 @@ Conventions (the contract, spelled out where DESIGN.md leaves a choice):
     least one expert on r, ordered by s then t; the first `capacity` rows are
     kept, the rest dropped (still counted). Padding: zero rows, -1 ids, 0
     weights, `src_index = R*T`, `recv_row = capacity`.
-  * Combine: `out[t] = round(((0 + y_r0[row]) + y_r1[row]) + ... + bias)` in
-    fp32 over the ranks that kept t, in rank order; a tuple of biases is
-    summed first (`b0 + b1`) and then added. Rounded once to y's dtype.
+  * Combine: `out[t] = round(((c_0 + c_1) + ... + c_{R-1}) + bias)` in fp32,
+    in rank order, where `c_r = y_r[row of t]` for a rank r that kept t and
+    +0 for the others (the sum starts at c_0, not at a +0: at R = 1 a -0
+    stays -0); a tuple of biases is summed first (`b0 + b1`) and then
+    added. Rounded once to y's dtype.
   * LL dispatch: expert l of rank r gets, in slots `[0, count)`, one row per
     (s, t) that lists `r*L + l` (once, even if listed twice), ordered by s
     then t; slots past the count are zero. Slot ids: `s * Tmax + t`.
@@ -162,11 +164,12 @@ def combine(y: np.ndarray, routes: Dispatch, biases=()) -> np.ndarray:
     bias = b if bias is None else (bias + b).astype(F32)
   for s in range(num_ranks):
     for t in range(num_tokens):
-      acc = np.zeros(y.shape[-1], F32)
+      acc = None
       for r in range(num_ranks):
         row = routes.recv_row[r, s, t]
-        if row < routes.capacity:
-          acc = (acc + y[r, row].astype(F32)).astype(F32)
+        term = (y[r, row].astype(F32) if row < routes.capacity else
+                np.zeros(y.shape[-1], F32))
+        acc = term if acc is None else (acc + term).astype(F32)
       if bias is not None:
         acc = (acc + bias[s, t]).astype(F32)
       out[s, t] = acc.astype(y.dtype)

@@ -40,6 +40,26 @@ def run_combine(ep, shape, x, idx, y, *, row_weights=None, biases=None,
   return ep.run(body, *args)
 
 
+@pytest.mark.parametrize("num_ranks", [1, 2])
+def test_combine_of_negative_zeros_starts_at_the_first_rank(seed, num_ranks):
+  """The sum starts at rank 0's term, not at a +0, and a rank that did not
+  keep the token adds +0: rows of -0 sum to -0 exactly where every rank kept
+  the token (at R = 1: where it was kept), else to +0."""
+  shape = SPECS["tiny"].shape
+  rng = np.random.default_rng(seed)
+  ep = Ep(num_ranks)
+  idx = routing(rng, num_ranks, shape.tokens, shape.topk, shape.experts,
+                "distinct")
+  x = normal(rng, (num_ranks, shape.tokens, shape.hidden), BF16)
+  y = np.full((num_ranks, num_ranks * shape.tokens, shape.hidden), -0.0, BF16)
+  out = run_combine(ep, shape, x, idx, y)
+  routes = dm.dispatch([x], idx, None, num_experts=shape.experts)
+  want = dm.combine(y, routes)
+  assert_same(out, want, "out", context(seed, R=num_ranks))
+  kept_by_all = (routes.recv_row < routes.capacity).all(0)  # [R(src), T]
+  assert (np.signbit(want.astype(F32)).all(-1) == kept_by_all).all()
+
+
 @pytest.mark.parametrize("kind", ROUTINGS)
 @pytest.mark.parametrize("num_ranks", RANKS)
 def test_combine_matches_dense_model(seed, num_ranks, kind):

@@ -251,7 +251,9 @@ def combine(buffer: Buffer, y: jax.Array, handle: DispatchHandle,
 
   `out[t] = sum over ranks r that received t of y_r[row of t on r] + bias[t]`,
   accumulated in fp32 in rank order and rounded once to `y.dtype`: bitwise
-  repeatable. Combine does not apply expert weights: weight each row first.
+  repeatable, the same bits on every backend. The sum starts at rank 0's term
+  (a rank that did not receive t adds +0), so at R = 1 a -0 stays -0.
+  Combine does not apply expert weights: weight each row first.
 
   Args:
     buffer: the `jax_ep.Buffer` the dispatch ran on.
