@@ -12,6 +12,7 @@ raises, so the process exits non-zero and the launcher stops the others.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import pathlib
 import sys
@@ -48,10 +49,14 @@ class Run:
   def __init__(self, seed: int):
     self.seed = seed
     self.mesh = jax.make_mesh((jax.device_count(),), ("ep",))
-    self.buffer = jax_ep.Buffer(self.mesh, "ep", backend="reference")
-    self.num_ranks = self.buffer.num_ranks
+    self.num_ranks = jax.device_count()
     self.ctx = context(seed, process=jax.process_index(),
                        processes=jax.process_count(), R=self.num_ranks)
+
+  @functools.cached_property
+  def buffer(self) -> jax_ep.Buffer:
+    """Made on first use, so that check_setup sees the first Buffer made."""
+    return jax_ep.Buffer(self.mesh, "ep", backend="reference")
 
   def put(self, a, spec=EP):
     a = np.asarray(a)
@@ -247,6 +252,28 @@ def check_grads(run: Run, rng):
     scale = np.abs(wt).max()
     run.check(g, wt, f"moe d_{name}", compare=lambda a, b, _, what, ctx: (
         assert_close(a, b, what, ctx, rtol=1e-5, atol=1e-5 * scale)))
+
+
+def check_setup(run: Run, rng):
+  """Creating Buffers compiles and runs no XLA program, so no collective
+  (NCCL refuses processes that share a GPU): their exchanges go through the
+  jax.distributed key-value store. The hosts are still found (one here)."""
+  del rng
+  compiled = []
+
+  def listener(event, duration, **kwargs):
+    del duration, kwargs
+    if event.startswith("/jax/core/compile"):
+      compiled.append(event)
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    buffers = [jax_ep.Buffer(run.mesh, "ep", backend="reference")
+               for _ in range(3)]
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert not compiled, f"{compiled} [{run.ctx}]"
+  assert all(b.topology.ranks_per_node == run.num_ranks for b in buffers)
 
 
 def check_selftest_failure(run: Run, rng):

@@ -53,6 +53,15 @@ def test_multiprocess_matches_dense_model(capfd, seed, num_processes, devices):
   assert f"of {num_processes * devices} devices" in out  # EP spans processes
 
 
+def test_buffer_setup_runs_no_xla_collective(capfd, seed):
+  code, out, err, _ = run_workers(capfd, 2, 1, seed, checks="setup")
+  what = f"2 processes, setup, seed={seed}"
+  if code != 0:
+    pytest.fail(_report(code, out, err, what), pytrace=False)
+  for i in range(2):
+    assert f"worker {i}/2: setup ok" in out, _report(code, out, err, what)
+
+
 def test_a_failing_process_stops_the_launch(capfd, seed):
   """launch(): "The first process to fail (or a timeout) stops the others;
   its exit code is returned". Process 1 raises (an uncaught exception, as in

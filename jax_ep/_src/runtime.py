@@ -13,14 +13,13 @@ from __future__ import annotations
 import dataclasses
 import socket
 import warnings
-import zlib
 from typing import Literal
 
 import jax
 import numpy as np
 from jax import lax
-from jax.experimental import multihost_utils
 
+from jax_ep._src import exchange
 from jax_ep._src import native
 from jax_ep._src.config import Config, tuned_config
 
@@ -74,12 +73,9 @@ class Topology:
     return len(set(self.process_of_rank)) == self.num_ranks
 
 
-def _host_ids() -> np.ndarray:
-  """One id per JAX process naming its host (collective across processes)."""
-  own = np.int64(zlib.crc32(socket.gethostname().encode()))
-  if jax.process_count() == 1:
-    return np.array([own])
-  return np.asarray(multihost_utils.process_allgather(own)).reshape(-1)
+def _host_ids() -> list[bytes]:
+  """Each JAX process's host name, in process order (collective)."""
+  return exchange.allgather("host names", socket.gethostname().encode())
 
 
 def _ep_groups(mesh: jax.sharding.Mesh, axis_name: str) -> list[list]:

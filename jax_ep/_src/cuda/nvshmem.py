@@ -16,21 +16,18 @@ collectives (off by default) is untested.
 
 from __future__ import annotations
 
-import itertools
 import os
 import threading
 
 import jax
 
+from jax_ep._src import exchange
 from jax_ep._src import native
 
-_KEY = "jax_ep/nvshmem_unique_id/{}"
-_UID_TIMEOUT_MS = 300_000
 # NVSHMEM's own allocations (signals, teams) on top of our heap.
 _HEAP_SLACK = 256 << 20
 
 _lock = threading.Lock()
-_bootstraps = itertools.count()
 _open: "NvshmemHeap | None" = None
 
 
@@ -50,18 +47,6 @@ class NvshmemHeap:
       self.closed = True
       _open = None
     native.extension().nvshmem_close()
-
-
-def _share_unique_id(module, rank: int, round_index: int) -> bytes:
-  client = jax._src.distributed.global_state.client  # pylint: disable=protected-access
-  key = _KEY.format(round_index)
-  if client is None:  # a lone process: nobody to share with
-    return module.nvshmem_unique_id()
-  if rank == 0:
-    uid = module.nvshmem_unique_id()
-    client.key_value_set_bytes(key, uid)
-    return uid
-  return client.blocking_key_value_get_bytes(key, _UID_TIMEOUT_MS)
 
 
 def open_heap(devices_in_rank_order: list[jax.Device], num_bytes: int) -> NvshmemHeap:
@@ -95,7 +80,8 @@ def open_heap(devices_in_rank_order: list[jax.Device], num_bytes: int) -> Nvshme
     # NVSHMEM sizes its symmetric region from the environment at init.
     os.environ.setdefault("NVSHMEM_SYMMETRIC_SIZE", str(num_bytes + _HEAP_SLACK))
     os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
-    uid = _share_unique_id(module, rank, next(_bootstraps))
+    uid = exchange.broadcast("NVSHMEM unique id", module.nvshmem_unique_id,
+                             root=devices[0].process_index)
     module.nvshmem_open(uid, rank, len(devices),
                         devices[rank].local_hardware_id, int(num_bytes))
     # Not closed at exit: nvshmem_finalize waits for every PE, and a peer

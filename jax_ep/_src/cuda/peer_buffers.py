@@ -4,7 +4,7 @@
 global list of devices, in EP rank order. Each process allocates the buffers
 of its own devices (csrc/runtime/peer_buffers.cuh: a data region of
 `num_bytes` plus a small control region), the processes exchange the CUDA IPC
-handles with `multihost_utils.process_allgather`, and every device then maps
+handles through the key-value store (`exchange`), and every device then maps
 every peer: through CUDA IPC when the peer belongs to another process, through
 peer access when it belongs to this one. Both process models work (one process
 per GPU, one process driving every GPU) and so do mixes of them, as long as
@@ -25,8 +25,8 @@ import threading
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 
+from jax_ep._src import exchange
 from jax_ep._src import native
 
 _IPC_HANDLE_BYTES = 64
@@ -122,11 +122,10 @@ def _all_handles(local: dict[int, bytes], num_ranks: int,
   rows = np.zeros((num_ranks, _IPC_HANDLE_BYTES), np.uint8)
   for rank, handle in local.items():
     rows[rank] = np.frombuffer(handle, np.uint8)
-  if jax.process_count() > 1:
-    gathered = np.asarray(multihost_utils.process_allgather(rows))
-    gathered = gathered.reshape(jax.process_count(), num_ranks, -1)
-    rows = gathered[process_of_rank, np.arange(num_ranks)]
-  return rows.tobytes()
+  gathered = [np.frombuffer(b, np.uint8).reshape(num_ranks, -1) for b in
+              exchange.allgather("CUDA IPC handles", rows.tobytes())]
+  return np.stack([gathered[p][r] for r, p in
+                   enumerate(process_of_rank)]).tobytes()
 
 
 # The live buffers of each EP group this process created through
@@ -157,8 +156,7 @@ def group_peer_buffers(devices_in_rank_order: list[jax.Device],
       for d in devices:
         if d.process_index == jax.process_index():
           jax.block_until_ready(jax.device_put(np.zeros(()), d) + 0)
-      if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("jax_ep peer buffers: regrow")
+      exchange.barrier("peer buffers: regrow")
       for k in stale:
         _GROUPS.pop(k).close()
     _GROUPS[key] = create_peer_buffers(devices, num_bytes)
