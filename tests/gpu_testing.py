@@ -33,20 +33,25 @@ CHILD_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
              "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
 
 
-def launch_per_gpu(capfd, args: list[str], *, timeout: float):
-  """Runs `python *args` as joined processes, one per local GPU.
+def launch_per_gpu(capfd, args: list[str], *, timeout: float,
+                   num_ranks: int | None = None):
+  """Runs `python *args` as joined processes, one per local GPU, or
+  `num_ranks` of them spread evenly over the GPUs (a multiple of them).
 
   Returns `(exit code, stdout of all processes, a report for failures)`.
   """
-  code = launch.launch([sys.executable, *args], len(GPUS), platform="gpu",
-                       devices_per_process=1, timeout=timeout, env=CHILD_ENV)
+  num_ranks = num_ranks or len(GPUS)
+  code = launch.launch([sys.executable, *args], num_ranks, platform="gpu",
+                       devices_per_process=1, timeout=timeout, env=CHILD_ENV,
+                       ranks_per_gpu=num_ranks // len(GPUS))
   out, err = capfd.readouterr()
   report = (f"exit code {code}\n--- stdout ---\n{out}\n--- stderr ---\n"
             f"{err[-20000:]}")
   return code, out, report
 
 
-def every_worker(message: str) -> list[str]:
+def every_worker(message: str, num_ranks: int | None = None) -> list[str]:
   """The line `message` printed by each process of `launch_per_gpu`, as the
   workers print it: "worker i/n: <message>"."""
-  return [f"worker {i}/{len(GPUS)}: {message}" for i in range(len(GPUS))]
+  n = num_ranks or len(GPUS)
+  return [f"worker {i}/{n}: {message}" for i in range(n)]

@@ -19,10 +19,12 @@ with a message that starts with the public op and says why (`refusals`
 lists the reasons a draw may be refused for); every other draw must run and
 match. Draw i of a family and seed depends on (seed, family, i) alone.
 
-As a script, one process per GPU (every process draws the same shapes):
+As a script, one process per rank (every process draws the same shapes),
+one GPU each or several ranks per GPU (`--ranks-per-gpu`):
 
-    python -m jax_ep.launch -n N -- python tests/shape_fuzz.py --seed S \\
-        --draws D [--families normal,low_latency] [--only I] [--backend B]
+    python -m jax_ep.launch -n R [--ranks-per-gpu K] -- python \\
+        tests/shape_fuzz.py --seed S --draws D [--families normal,low_latency]
+        [--only I] [--backend B]
 
 prints one line per draw, then "worker i/R: fuzz <n> draws passed".
 `--only I` replays draw I of each family; `--backend reference` runs the
@@ -408,7 +410,10 @@ def fuzz(mesh: Mesh, backend: str, seed: int, indices, families,
   draws = [(i, draw(seed, f, i, num_ranks, backend))
            for f in families for i in indices]
   kern = kernel_buffer(mesh, backend, [d for _, d in draws])
-  ref = jax_ep.Buffer(mesh, EP, backend="reference")
+  # Processes that share a GPU cannot run the reference's collectives (NCCL
+  # refuses them); the dense model is the oracle either way.
+  ref = (jax_ep.Buffer(mesh, EP, backend="reference")
+         if jax_ep.launch.ranks_per_gpu() == 1 else None)
   for index, d in draws:
     print(run_draw(mesh, kern, ref, d, seed, index, who), flush=True)
   kern.close()  # collective: every process is past its last op

@@ -1,10 +1,15 @@
 """Shape fuzzing on the kernels: shape_fuzz.py's draws of every family on
-the "cuda" backend, one process per local GPU (R = the number of GPUs), each
-run checked against the dense model (every output element, padding
-included) or refused at trace time with a public message. A CUDA error in
-any draw fails the run. Every line of the log names the seed and the draw;
-`python -m jax_ep.launch -n R -- python tests/shape_fuzz.py --seed S
---only I` replays draw I.
+the "cuda" backend, each run checked against the dense model (every output
+element, padding included) or refused at trace time with a public message.
+A CUDA error in any draw fails the run.
+
+R is one process per local GPU, and also R = 2 and 4 where those are
+multiples of the GPUs: then several processes share each GPU (`jax_ep.launch
+--ranks-per-gpu`), which checks the multi-rank paths on a one-GPU machine;
+the GPU time-slices between them, so those runs take fewer draws. Every line
+of the log names the seed and the draw; `python -m jax_ep.launch -n R
+[--ranks-per-gpu K] -- python tests/shape_fuzz.py --seed S --only I`
+replays draw I.
 
 scripts/gpu_check.sh also runs a slice of these draws under
 compute-sanitizer's memcheck.
@@ -14,20 +19,27 @@ from __future__ import annotations
 
 import pathlib
 
+import pytest
+
 import shape_fuzz
-from gpu_testing import NEEDS_KERNELS, every_worker, launch_per_gpu
+from gpu_testing import GPUS, NEEDS_KERNELS, every_worker, launch_per_gpu
 
 pytestmark = NEEDS_KERNELS
 WORKER = pathlib.Path(shape_fuzz.__file__).resolve()
-DRAWS = 60  # of each family
+# EP sizes and draws of each family: one process per GPU, then 2 and 4
+# ranks where they are multiples of the GPUs (several ranks per GPU).
+RANKS = {len(GPUS): 60, **{r: 12 for r in (2, 4)
+                           if GPUS and r > len(GPUS) and r % len(GPUS) == 0}}
 
 
-def test_every_drawn_shape_runs_right_or_is_refused(capfd, seed):
+@pytest.mark.parametrize("num_ranks", sorted(RANKS))
+def test_every_drawn_shape_runs_right_or_is_refused(capfd, seed, num_ranks):
+  draws = RANKS[num_ranks]
   code, out, report = launch_per_gpu(
-      capfd, [str(WORKER), "--seed", str(seed), "--draws", str(DRAWS)],
-      timeout=540)
-  report = f"seed={seed}: {report}"
+      capfd, [str(WORKER), "--seed", str(seed), "--draws", str(draws)],
+      timeout=540, num_ranks=num_ranks)
+  report = f"seed={seed}, R={num_ranks}: {report}"
   assert code == 0, report
-  count = DRAWS * len(shape_fuzz.FAMILIES)
-  for line in every_worker(f"fuzz {count} draws passed"):
+  count = draws * len(shape_fuzz.FAMILIES)
+  for line in every_worker(f"fuzz {count} draws passed", num_ranks):
     assert line in out, report

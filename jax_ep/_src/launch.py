@@ -41,8 +41,10 @@ def _num_local_gpus() -> int:
 
 
 def process_env(process_id: int, num_processes: int, port: int,
-                devices_per_process: int, use_gpus: bool) -> dict[str, str]:
-  """Environment of one launched process."""
+                devices_per_process: int, use_gpus: bool,
+                ranks_per_gpu: int = 1) -> dict[str, str]:
+  """Environment of one launched process; with `ranks_per_gpu` K > 1,
+  processes K*g .. K*g + K-1 share GPU g (one device each)."""
   env = {
       _ENV_PREFIX + "COORDINATOR": f"localhost:{port}",
       _ENV_PREFIX + "NUM_PROCESSES": str(num_processes),
@@ -53,9 +55,12 @@ def process_env(process_id: int, num_processes: int, port: int,
       "NVSHMEM_DISABLE_NVLS": "1",
   }
   if use_gpus:
-    first = process_id * devices_per_process
+    env[_ENV_PREFIX + "RANKS_PER_GPU"] = str(ranks_per_gpu)
+    first = process_id // ranks_per_gpu * devices_per_process
     env["CUDA_VISIBLE_DEVICES"] = ",".join(
         str(first + i) for i in range(devices_per_process))
+    if ranks_per_gpu > 1:  # each process takes only the memory it uses
+      env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
   else:
     env["JAX_PLATFORMS"] = "cpu"
   return env
@@ -96,30 +101,56 @@ def initialize() -> None:
       process_id=int(env[_ENV_PREFIX + "PROCESS_ID"]))
 
 
+def ranks_per_gpu() -> int:
+  """How many processes of this launch share each GPU (1 outside one)."""
+  return int(os.environ.get(_ENV_PREFIX + "RANKS_PER_GPU", "1"))
+
+
 def launch(command: list[str], num_processes: int, *,
            devices_per_process: int | None = None, platform: str = "auto",
            timeout: float | None = None,
-           env: dict[str, str] | None = None) -> int:
+           env: dict[str, str] | None = None, ranks_per_gpu: int = 1) -> int:
   """Runs `command` as `num_processes` joined processes; returns an exit code.
 
   The processes inherit this environment plus `env`. The first process to
   fail (or a timeout) stops the others; its exit code is returned (124 on
   timeout).
+
+  `ranks_per_gpu` K > 1 is a testing mode for the multi-rank kernels on few
+  GPUs: K processes share each GPU, one device each, without preallocating
+  (each takes only what it uses: XLA's buffers, the NVLink buffers and the
+  NVSHMEM heap of every process must fit in the one GPU together). The GPU
+  time-slices between them, so it checks correctness only: a barrier takes
+  milliseconds. NCCL refuses such processes, so no XLA collective may run
+  across them (jax_ep's Buffer set-up uses none).
   """
+  if not isinstance(ranks_per_gpu, int) or ranks_per_gpu < 1 or (
+      num_processes % ranks_per_gpu):
+    raise ValueError(
+        f"jax_ep.launch: ranks_per_gpu must be a positive divisor of the "
+        f"{num_processes} processes, got {ranks_per_gpu!r}")
   gpus = _num_local_gpus() if platform in ("auto", "gpu") else 0
   use_gpus = gpus > 0
   if platform == "gpu" and not use_gpus:
     raise RuntimeError("jax_ep.launch: --platform gpu but no GPU was found")
+  if ranks_per_gpu > 1 and not use_gpus:
+    raise ValueError("jax_ep.launch: ranks_per_gpu > 1 needs GPUs")
+  if ranks_per_gpu > 1 and devices_per_process not in (None, 1):
+    raise ValueError("jax_ep.launch: with ranks_per_gpu > 1 each process has "
+                     f"one device, got devices_per_process={devices_per_process}")
+  num_groups = num_processes // ranks_per_gpu
   if devices_per_process is None:
-    devices_per_process = max(1, gpus // num_processes) if use_gpus else 1
-  if use_gpus and devices_per_process * num_processes > gpus:
+    devices_per_process = max(1, gpus // num_groups) if use_gpus else 1
+  if use_gpus and devices_per_process * num_groups > gpus:
     raise ValueError(
         f"jax_ep.launch: {num_processes} processes x {devices_per_process} "
-        f"GPUs need {num_processes * devices_per_process}, found {gpus}")
+        f"GPUs ({ranks_per_gpu} per GPU) need "
+        f"{num_groups * devices_per_process}, found {gpus}")
   port = _free_port()
   procs = [
       subprocess.Popen(command, env={**os.environ, **(env or {}), **process_env(
-          i, num_processes, port, devices_per_process, use_gpus)})
+          i, num_processes, port, devices_per_process, use_gpus,
+          ranks_per_gpu)})
       for i in range(num_processes)
   ]
   deadline = None if timeout is None else time.monotonic() + timeout
@@ -152,6 +183,10 @@ def main(argv=None) -> int:
                       default="auto")
   parser.add_argument("--timeout", type=float, default=None,
                       help="seconds before every process is killed")
+  parser.add_argument("--ranks-per-gpu", type=int, default=1,
+                      help="processes per GPU, one device each: a testing "
+                      "mode for the multi-rank kernels on few GPUs (the "
+                      "ranks take turns on a GPU: correct, and slow)")
   parser.add_argument("command", nargs=argparse.REMAINDER,
                       help="the command, after --")
   args = parser.parse_args(argv)
@@ -160,4 +195,5 @@ def main(argv=None) -> int:
     parser.error("give the command to run after --")
   return launch(command, args.num_processes,
                 devices_per_process=args.devices_per_process,
-                platform=args.platform, timeout=args.timeout)
+                platform=args.platform, timeout=args.timeout,
+                ranks_per_gpu=args.ranks_per_gpu)
