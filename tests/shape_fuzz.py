@@ -164,7 +164,7 @@ def _multiple(rng, unit: int, high: int) -> int:
   return unit * int(rng.integers(1, high // unit + 1))
 
 
-def _draw_once(rng, family: str, num_ranks: int) -> Draw:
+def _draw_once(rng, family: str, num_ranks: int, dtypes) -> Draw:
   tokens = _log_int(rng, 1, MAX_TOKENS)
   limit = NVL_MAX_EXPERTS if family == "normal" else LL_MAX_EXPERTS
   if rng.random() < 0.05:  # past the kernels' limit
@@ -178,7 +178,7 @@ def _draw_once(rng, family: str, num_ranks: int) -> Draw:
     high = min(MAX_TOPK, experts) if rng.random() < 0.5 else min(8, experts)
     topk = int(rng.integers(1, high + 1))
   if family == "normal":
-    dtype = str(rng.choice(["bf16", "bf16", "fp8", "fp8", "f32", "f16"]))
+    dtype = str(rng.choice(dtypes))
     if dtype == "fp8":
       hidden = _multiple(rng, 128, MAX_HIDDEN)
     else:
@@ -214,14 +214,17 @@ def _draw_once(rng, family: str, num_ranks: int) -> Draw:
               zero_padding=bool(rng.random() < 0.7))
 
 
-def draw(seed: int, family: str, index: int, num_ranks: int,
-         backend: str) -> Draw:
+def draw(seed: int, family: str, index: int, num_ranks: int, backend: str,
+         shared_gpu: bool = False) -> Draw:
   """Draw `index` of `family`, redrawn until it fits the backend's budget
-  (refused draws too, so that the budget does not favour them)."""
+  (refused draws too, so that the budget does not favour them). Where ranks
+  share a GPU no f16 rows are drawn: their combine falls back to the
+  reference, whose collectives NCCL refuses there."""
   rng = np.random.default_rng([seed, FAMILIES.index(family), index])
   elements, steps = BUDGETS[backend]
+  dtypes = ["bf16", "bf16", "fp8", "fp8", "f32", "f32" if shared_gpu else "f16"]
   while True:
-    d = _draw_once(rng, family, num_ranks)
+    d = _draw_once(rng, family, num_ranks, dtypes)
     if d.cost()[0] <= elements and d.cost()[1] <= steps:
       return d
 
@@ -407,13 +410,13 @@ def fuzz(mesh: Mesh, backend: str, seed: int, indices, families,
   """Runs draws `indices` of each family at the mesh's EP size, printing a
   line per draw; returns how many ran or were refused as they must."""
   num_ranks = mesh.devices.size
-  draws = [(i, draw(seed, f, i, num_ranks, backend))
-           for f in families for i in indices]
-  kern = kernel_buffer(mesh, backend, [d for _, d in draws])
   # Processes that share a GPU cannot run the reference's collectives (NCCL
   # refuses them); the dense model is the oracle either way.
-  ref = (jax_ep.Buffer(mesh, EP, backend="reference")
-         if jax_ep.launch.ranks_per_gpu() == 1 else None)
+  shared_gpu = jax_ep.launch.ranks_per_gpu() > 1
+  draws = [(i, draw(seed, f, i, num_ranks, backend, shared_gpu))
+           for f in families for i in indices]
+  kern = kernel_buffer(mesh, backend, [d for _, d in draws])
+  ref = None if shared_gpu else jax_ep.Buffer(mesh, EP, backend="reference")
   for index, d in draws:
     print(run_draw(mesh, kern, ref, d, seed, index, who), flush=True)
   kern.close()  # collective: every process is past its last op
