@@ -35,6 +35,7 @@ from jax.sharding import PartitionSpec as P
 import dense_model as dm
 import jax_ep
 import moe_models
+from jax_ep._src import exchange
 from ep_testing import (BF16, assert_bf16_sum, assert_close, assert_same,
                         context, flat, normal, routing, weights)
 
@@ -257,7 +258,8 @@ def check_grads(run: Run, rng):
 def check_setup(run: Run, rng):
   """Creating Buffers compiles and runs no XLA program, so no collective
   (NCCL refuses processes that share a GPU): their exchanges go through the
-  jax.distributed key-value store. The hosts are still found (one here)."""
+  jax.distributed key-value store. The hosts are still found (one here),
+  and an exchange that a process never joins names it when it times out."""
   del rng
   compiled = []
 
@@ -274,6 +276,17 @@ def check_setup(run: Run, rng):
     jax.monitoring.unregister_event_duration_listener(listener)
   assert not compiled, f"{compiled} [{run.ctx}]"
   assert all(b.topology.ranks_per_node == run.num_ranks for b in buffers)
+  # A process that never arrives is named (this desynchronizes the exchange
+  # numbering, so it comes last).
+  if jax.process_index() == 0:
+    try:
+      exchange.allgather("probe that process 1 skips", b"", timeout_s=2)
+    except RuntimeError as e:
+      assert "for process 1's probe that process 1 skips" in str(e), e
+    else:
+      raise AssertionError(f"no timeout [{run.ctx}]")
+  else:
+    time.sleep(5)  # alive, but never calls
 
 
 def check_selftest_failure(run: Run, rng):
