@@ -73,7 +73,7 @@ class Topology:
     return len(set(self.process_of_rank)) == self.num_ranks
 
 
-def _host_ids() -> list[bytes]:
+def _host_names() -> list[bytes]:
   """Each JAX process's host name, in process order (collective)."""
   return exchange.allgather("host names", socket.gethostname().encode())
 
@@ -96,7 +96,7 @@ def _topology(mesh, axis_name, ranks_per_node) -> Topology:
   num_ranks = len(devices)
   process_of_rank = tuple(d.process_index for d in devices)
   if ranks_per_node is None:
-    hosts = _host_ids()
+    hosts = _host_names()
     node_of_rank = [hosts[p] for p in process_of_rank]
     sizes = {node_of_rank.count(h) for h in set(node_of_rank)}
     if len(sizes) != 1:
