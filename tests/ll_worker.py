@@ -138,6 +138,12 @@ CASES = [
     Case(1, 1536, 2, 64, max_tokens=14, mode="fp8_round_scale_ue8m0"),
     Case(9, 384, 5, 6, max_tokens=14),
     Case(3, 384, 5, 288, max_tokens=4),
+    Case(4, 2560, 7, 64, max_tokens=7, mode="fp8_round_scale_ue8m0"),
+    Case(8, 1024, 1, 2, max_tokens=13, mode="fp8_round_scale_ue8m0"),
+    Case(7, 1024, 1, 4, mode="fp8_ue8m0"),
+    Case(3, 512, 5, 64, max_tokens=13, mode="fp8_round_scale_ue8m0"),
+    Case(9, 256, 6, 12, max_tokens=10, mode="fp8_round_scale"),
+    Case(4, 256, 8, 12, mode="fp8_round_scale"),
 ]
 # --repeat: small, since every step's outputs stay on the GPU until the end.
 REPEAT_CASE = Case(8, 2048, 8, 16)
