@@ -155,7 +155,8 @@ def launch(command: list[str], num_processes: int, *,
   ]
   deadline = None if timeout is None else time.monotonic() + timeout
   code = 0
-  while any(p.poll() is None for p in procs):
+  # Poll every process each round: a failure behind a live one must count.
+  while None in [p.poll() for p in procs]:
     failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
     if failed or (deadline is not None and time.monotonic() > deadline):
       code = failed[0] if failed else 124
