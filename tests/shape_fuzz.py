@@ -63,7 +63,8 @@ FAMILIES = ("normal", "low_latency")
 # Row dtypes of the normal family ("fp8": e4m3 rows with f32 scales).
 ROW_DTYPES = {"bf16": BF16, "f16": np.dtype(np.float16),
               "f32": np.dtype(np.float32), "fp8": dm.E4M3}
-# The limits of the contract and of the kernels that draws probe.
+# The limits of the contract and of the kernels that draws probe, written
+# here from the documentation, not imported: the tests state the contract.
 MAX_TOKENS = 300
 MAX_HIDDEN = 8192
 MAX_TOPK = 32
