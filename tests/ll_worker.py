@@ -21,8 +21,8 @@ test_low_latency_gpu.py runs this script through
     python ll_worker.py --seed N --repeat STEPS
         STEPS jitted dispatch/combine pairs with fresh routings, enqueued back
         to back, on values whose combine sums are exact in fp32, so the
-        combine must equal the reference's bits and the dispatch the dense
-        model's; prints the sha256 of the
+        combine and the dispatch must equal the dense model's bits; prints
+        the sha256 of the
         kernels' outputs (two runs must print the same), then
         "worker i/R: repeat STEPS passed".
     python ll_worker.py --seed N --grads
@@ -39,6 +39,10 @@ test_low_latency_gpu.py runs this script through
     python ll_worker.py --seed N --timeout
         rank 1 never calls; rank 0's dispatch must time out, print its rank
         and phase, and fail (exit 1; 3 means it returned).
+
+Where ranks share a GPU (`jax_ep.launch --ranks-per-gpu`), NCCL refuses the
+reference backend's collectives: the cases and --repeat then check against
+the dense model alone, and --grads and --mixed refuse to run.
 
 A hidden `--backend reference` runs the "kernel" side on the reference too,
 to check this script without GPUs:
@@ -337,7 +341,8 @@ def run_repeat(mesh: Mesh, kern, ref, case: Case, seed: int, steps: int,
             for _ in range(steps)]
   draws = [[put(a) for a in step_inputs] for step_inputs in inputs]
   # One y for every step: each step's routing reads other slots of it.
-  y = put(expert_outputs(rng, num_ranks, case, exact=True))
+  y_host = expert_outputs(rng, num_ranks, case, exact=True)
+  y = put(y_host)
   program = case_program(mesh, kern, ref, case)
   # Enqueued back to back: nothing waits on the host between steps. (A
   # lax.scan stacking every step's outputs runs in quadratic time on CPUs.)
@@ -348,14 +353,17 @@ def run_repeat(mesh: Mesh, kern, ref, case: Case, seed: int, steps: int,
       for _, values in by_rank(leaf):
         digest.update(values.tobytes())
   print(f"{who}: repeat {steps} sha256 {digest.hexdigest()}", flush=True)
-  for step, (result, (x, idx, _)) in enumerate(zip(results, inputs)):
+  for step, (result, (x, idx, w)) in enumerate(zip(results, inputs)):
     ctx = f"{who}, seed={seed}, step {step} of {steps}, {case.name()}"
     dense = dm.low_latency_dispatch(x, idx, num_experts=case.experts,
                                     max_tokens=case.tmax,
                                     **FP8_MODES[case.mode])
     check_dispatch(result["got"], result["want"], dense, case, ctx)
-    for rank, o, r in by_rank(result["out"], result["ref_out"]):
-      assert_same(o, r, f"combine (rank {rank}, exact sums)", ctx)
+    routes = dm.low_latency_dispatch(x, idx, num_experts=case.experts,
+                                     max_tokens=case.tmax)
+    want = dm.low_latency_combine(y_host, idx, w, routes)
+    for rank, o in by_rank(result["out"]):
+      assert_same(o, want[rank], f"combine (rank {rank}, exact sums)", ctx)
   print(f"{who}: repeat {steps} passed", flush=True)
 
 
@@ -492,6 +500,9 @@ def main(argv=None) -> int:
     return run_timeout(mesh, args.transport)
   who = f"worker {jax.process_index()}/{jax.process_count()}"
   if args.mixed:
+    if jax_ep.launch.ranks_per_gpu() > 1:
+      raise SystemExit("ll_worker --mixed compares with the reference "
+                       "backend, which cannot run where ranks share a GPU")
     run_mixed(mesh, args.backend, args.transport, args.seed, who)
     return 0
   # The cases at this many ranks (their experts a multiple of them).
@@ -499,7 +510,15 @@ def main(argv=None) -> int:
            ([REPEAT_CASE] if args.repeat else
             GRAD_CASES if args.grads else CASES)]
   kern = kernel_buffer(mesh, args.backend, cases, args.transport)
-  ref = jax_ep.Buffer(mesh, EP, backend="reference")
+  # Ranks that share a GPU cannot run the reference's collectives (NCCL
+  # refuses them): the cases and the repeat then check against the dense
+  # model alone; the gradients still need the reference.
+  ref = None
+  if jax_ep.launch.ranks_per_gpu() == 1:
+    ref = jax_ep.Buffer(mesh, EP, backend="reference")
+  elif args.grads:
+    raise SystemExit("ll_worker --grads compares with the reference backend, "
+                     "which cannot run where ranks share a GPU")
   if args.repeat:
     run_repeat(mesh, kern, ref, cases[0], args.seed, args.repeat, who)
   elif args.grads:
