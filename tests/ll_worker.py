@@ -33,16 +33,16 @@ test_low_latency_gpu.py runs this script through
         element; then "worker i/R: grads <case> passed".
     python ll_worker.py --seed N --mixed
         a normal dispatch/combine (intranode kernels) feeding a low-latency
-        dispatch/combine in one jitted program, twice, equal to the
-        reference backend's bit for bit; then "worker i/R: mixed <case>
-        passed".
+        dispatch/combine in one jitted program, twice, equal to the dense
+        model's and the reference backend's bit for bit; then "worker i/R:
+        mixed <case> passed".
     python ll_worker.py --seed N --timeout
         rank 1 never calls; rank 0's dispatch must time out, print its rank
         and phase, and fail (exit 1; 3 means it returned).
 
 Where ranks share a GPU (`jax_ep.launch --ranks-per-gpu`), NCCL refuses the
-reference backend's collectives: the cases and --repeat then check against
-the dense model alone, and --grads and --mixed refuse to run.
+reference backend's collectives: the cases, --repeat and --mixed then check
+against the dense model alone, and --grads refuses to run.
 
 A hidden `--backend reference` runs the "kernel" side on the reference too,
 to check this script without GPUs:
@@ -414,17 +414,20 @@ def run_mixed(mesh: Mesh, backend: str, transport: str, seed: int,
               who: str) -> None:
   """A normal dispatch/combine (the intranode kernels) and a low-latency
   dispatch/combine (NVSHMEM) in one jitted program, twice: every output
-  equal to the reference backend's, bit for bit. The values make every sum
-  exact in fp32 (x in quarters, weights in eighths: the normal combine's
-  rows are multiples of 2^-5 below 2^7, the LL combine's sums multiples of
-  2^-8 below 2^12), so neither summation order nor FMA contraction, which
-  XLA may choose differently from the kernels, changes a bit."""
+  equal to the dense model's and (where ranks do not share a GPU) to the
+  reference backend's, bit for bit. The values make every sum exact in fp32
+  (x in quarters, weights in eighths: the normal combine's rows are
+  multiples of 2^-5 below 2^7, the LL combine's sums multiples of 2^-8 below
+  2^12), so neither summation order nor FMA contraction, which XLA may
+  choose differently from the kernels, changes a bit."""
   num_ranks = mesh.devices.size
   case = MIXED_CASE.at(num_ranks)
   kern = kernel_buffer(mesh, backend, [case], transport,
                        num_nvl_bytes=jax_ep.nvl_buffer_bytes(
                            case.tokens, case.hidden, case.topk, num_ranks))
-  ref = jax_ep.Buffer(mesh, EP, backend="reference")
+  ref = None
+  if jax_ep.launch.ranks_per_gpu() == 1:
+    ref = jax_ep.Buffer(mesh, EP, backend="reference")
 
   def body(buffer):
     def per_shard(x, idx, w):
@@ -446,10 +449,20 @@ def run_mixed(mesh: Mesh, backend: str, transport: str, seed: int,
     x = dyadic(rng, (num_ranks, case.tokens, case.hidden), bits=2)
     args = [intranode_worker.global_array(mesh, flat(a), P(EP))
             for a in (x, idx, w)]
-    got, want = body(kern)(*args), body(ref)(*args)
+    got = body(kern)(*args)
+    routes = dm.dispatch([x], idx, w, num_experts=case.experts)
+    normal_out = dm.combine(routes.rows[0], routes)
+    ll = dm.low_latency_dispatch(normal_out, idx, num_experts=case.experts,
+                                 max_tokens=case.tmax)
+    dense = dict(normal=normal_out, ll_x=ll.rows[0], count=ll.count,
+                 out=dm.low_latency_combine(ll.rows[0], idx, w, ll))
+    want = None if ref is None else body(ref)(*args)
     for name in got:
-      for rank, a, b in by_rank(got[name], want[name]):
-        assert_same(a, b, f"{name} (rank {rank})", ctx)
+      for rank, a, *b in by_rank(got[name], *([] if want is None else
+                                              [want[name]])):
+        assert_same(a, dense[name][rank], f"{name} (rank {rank})", ctx)
+        for r in b:
+          assert_same(a, r, f"{name} (rank {rank}, reference)", ctx)
   # Collective: the heap's close is a barrier before the NVLink buffers go.
   kern.close()
   print(f"{who}: mixed {case.name()} passed", flush=True)
@@ -500,9 +513,6 @@ def main(argv=None) -> int:
     return run_timeout(mesh, args.transport)
   who = f"worker {jax.process_index()}/{jax.process_count()}"
   if args.mixed:
-    if jax_ep.launch.ranks_per_gpu() > 1:
-      raise SystemExit("ll_worker --mixed compares with the reference "
-                       "backend, which cannot run where ranks share a GPU")
     run_mixed(mesh, args.backend, args.transport, args.seed, who)
     return 0
   # The cases at this many ranks (their experts a multiple of them).
