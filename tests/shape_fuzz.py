@@ -411,13 +411,12 @@ def fuzz(mesh: Mesh, backend: str, seed: int, indices, families,
   """Runs draws `indices` of each family at the mesh's EP size, printing a
   line per draw; returns how many ran or were refused as they must."""
   num_ranks = mesh.devices.size
-  # Processes that share a GPU cannot run the reference's collectives (NCCL
-  # refuses them); the dense model is the oracle either way.
+  # No f16 draws where ranks share a GPU (see `draw`).
   shared_gpu = jax_ep.launch.ranks_per_gpu() > 1
   draws = [(i, draw(seed, f, i, num_ranks, backend, shared_gpu))
            for f in families for i in indices]
   kern = kernel_buffer(mesh, backend, [d for _, d in draws])
-  ref = None if shared_gpu else jax_ep.Buffer(mesh, EP, backend="reference")
+  ref = ll_worker.reference_buffer(mesh)
   for index, d in draws:
     print(run_draw(mesh, kern, ref, d, seed, index, who), flush=True)
   kern.close()  # collective: every process is past its last op

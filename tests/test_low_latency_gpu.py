@@ -12,12 +12,12 @@ R = 1, where every row stays on the GPU) and reads what they print:
   UE8M0; hooks; zero_copy; zero_padding off. Once per transport.
 * 1000 jitted dispatch/combine pairs with fresh routings, enqueued back to
   back, on values whose combine sums are exact: every output equal to the
-  reference's; run twice: the same sha256 both times.
+  dense model's; run twice: the same sha256 both times.
 * Gradients through a bf16 dispatch, an expert and a combine: the VJPs run
   the kernels (dispatch's is a combine, combine's a bf16 dispatch) and
   equal the reference backend's.
 * Normal and low-latency ops in one program, on their kernels, equal to the
-  reference backend's.
+  dense model's and the reference backend's.
 * A rank that never calls: the other's dispatch names its rank and phase and
   fails instead of hanging (2 GPUs and more).
 """
