@@ -9,9 +9,12 @@
 #   SKIP_TESTS=1  no GPU tests (e.g. benchmarks in a second call)
 #   DEMO_STEPS=N  steps of the demo run (default 20; 0 skips it)
 #   TESTS="..."   pytest targets (default: tests)
+#   PRESSURE=1    also run the pressure tests (pytest -m "gpu and
+#                 pressure"), output in pressure.log
 #   SANITIZE=N    draws of each family of tests/shape_fuzz.py under
-#                 compute-sanitizer memcheck, one process per GPU (default 4;
-#                 0 skips it), output in sanitize.log
+#                 compute-sanitizer memcheck and racecheck, and
+#                 scripts/sanitize_intranode.py under memcheck, at R = the
+#                 GPUs or 2 on one GPU (default 4; 0 skips them)
 #   TIME_ARGS=".." also run scripts/time_intranode.py with these arguments
 #                 (one process over every GPU), output in time.log
 #   PROBES=1      also run the fp8 cast probes (bench/probes/e4m3_cvt.cu,
@@ -22,8 +25,10 @@
 # Writes into OUTDIR (flat):
 #   env.txt         GPUs, topology, driver, Python/JAX/nvcc versions
 #   build.log       pip install -v output, including ptxas register/spill report
-#   pytest_gpu.log  pytest -m gpu -x -v tests
-#   sanitize.log    the shape-fuzz draws under memcheck (SANITIZE)
+#   pytest_gpu.log  pytest -m "gpu and not pressure" -x -v tests
+#   pressure.log    the pressure tests (PRESSURE)
+#   sanitize_memcheck.log, sanitize_racecheck.log, sanitize_intranode.log
+#                   the sanitizer runs (SANITIZE)
 #   demo.log        the Flax MoE demo (make demo's command), DEMO_STEPS steps
 #   bench.log       python -m bench, one process per GPU as `make bench` runs
 #   bench.json      its records; only when bench/__main__.py exists
@@ -32,6 +37,11 @@
 #   time.log        scripts/time_intranode.py's JSON lines (TIME_ARGS)
 #   ceilings.log    NVLink write ceilings, every GPU sending (CEILINGS)
 #   summary.txt     one line per step, also printed at the end
+# On a one-GPU machine the whole check needs two 10-minute device calls:
+#   SKIP_BENCH=1 DEMO_STEPS=0 SANITIZE=0 scripts/gpu_check.sh OUT/tests
+#       (the GPU tests, multi-rank ones at R = 2, 4 and 8 sharing the GPU)
+#   SKIP_TESTS=1 PRESSURE=1 SKIP_BENCH=1 scripts/gpu_check.sh OUT/pressure
+#       (pressure, the sanitizers and the demo)
 # Exit status: 0 when every step that ran passed. A failed build stops the
 # run; failed tests do not stop the benchmarks.
 set -euo pipefail
@@ -51,6 +61,8 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 \
 failed=0
 : >"$OUT/summary.txt"
 note() { echo "$*" | tee -a "$OUT/summary.txt"; }
+# pytest's last line: "=== 3 passed, 1 skipped in 9.1s ==="
+summary_line='^=+ .*(passed|failed|error|skipped|no tests ran).* =+$'
 
 # Runs "$@" under a time limit with output to a log; returns its status.
 run_logged() {
@@ -101,40 +113,61 @@ if [[ "${SKIP_TESTS:-0}" == 1 ]]; then
   note "pytest: skipped (SKIP_TESTS=1)"
 else
   # shellcheck disable=SC2086  # TESTS is a list of targets
-  if run_logged pytest_gpu.log 600 "$PYTHON" -m pytest -m gpu -x -v \
-      ${TESTS:-tests}; then
+  if run_logged pytest_gpu.log 600 "$PYTHON" -m pytest \
+      -m "gpu and not pressure" -x -v ${TESTS:-tests}; then
     rc=0
   else
     rc=$?
     failed=1
   fi
-  summary_line='^=+ .*(passed|failed|error|skipped|no tests ran).* =+$'
   note "pytest (exit $rc): $(grep -E "$summary_line" "$OUT/pytest_gpu.log" |
     tail -n 1 || echo 'no summary line, see pytest_gpu.log')"
 fi
 
-# --- SANITIZER ---------------------------------------------------------------
-# Every kernel is instrumented: with `--kernel-name kns=jax_ep` (ours only)
-# compute-sanitizer (CUDA 13.0) segfaulted once the NVSHMEM heap was open
-# (seen on one H200). A bad access fails the step (exit 9).
-if [[ "${SANITIZE:-4}" == 0 ]]; then
-  note "memcheck: skipped (SANITIZE=0)"
-else
-  num_gpus=$(nvidia-smi -L | grep -c '^GPU ' || true)
-  seed=$(( (RANDOM << 15) | RANDOM ))
-  if XLA_PYTHON_CLIENT_PREALLOCATE=false run_logged sanitize.log 600 \
-      "$PYTHON" -m jax_ep.launch -n "$num_gpus" \
-      -- compute-sanitizer --tool memcheck --error-exitcode 9 \
-      --report-api-errors no \
-      "$PYTHON" tests/shape_fuzz.py --seed "$seed" --draws "${SANITIZE:-4}"; then
+# --- PRESSURE ----------------------------------------------------------------
+if [[ "${PRESSURE:-0}" == 1 ]]; then
+  if run_logged pressure.log 600 "$PYTHON" -m pytest -m "gpu and pressure" \
+      -x -v tests; then
     rc=0
   else
     rc=$?
     failed=1
   fi
-  note "memcheck (exit $rc, seed $seed, ${SANITIZE:-4} draws per family," \
-    "$num_gpus processes): $(grep -E 'ERROR SUMMARY' "$OUT/sanitize.log" |
-    sort | uniq -c | tr -s ' \n' ' ')"
+  note "pressure (exit $rc): $(grep -E "$summary_line" "$OUT/pressure.log" |
+    tail -n 1 || echo 'no summary line, see pressure.log')"
+fi
+
+# --- SANITIZER ---------------------------------------------------------------
+# At R = 2 or more: with one GPU, two ranks share it. Every kernel is
+# instrumented: with `--kernel-name kns=jax_ep` (ours only) compute-sanitizer
+# (CUDA 13.0) segfaulted once the NVSHMEM heap was open (seen on one H200).
+# A bad access or a race fails the step (exit 9). racecheck serializes a
+# process's kernels, so it runs the push way of the intranode kernels only
+# (the copy-engine way's flag kernel runs beside the main kernel).
+if [[ "${SANITIZE:-4}" == 0 ]]; then
+  note "sanitizers: skipped (SANITIZE=0)"
+else
+  num_gpus=$(nvidia-smi -L | grep -c '^GPU ' || true)
+  ranks=$(( num_gpus < 2 ? 2 : num_gpus ))
+  seed=$(( (RANDOM << 15) | RANDOM ))
+  sanitize() {  # TOOL LOG SCRIPT ARGS...: the script under the tool, R ranks
+    local tool=$1 log=$2 rc=0
+    shift 2
+    XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONFAULTHANDLER=1 \
+      run_logged "$log" 600 "$PYTHON" -m jax_ep.launch -n "$ranks" \
+      --ranks-per-gpu $(( ranks / num_gpus )) -- \
+      compute-sanitizer --tool "$tool" --error-exitcode 9 \
+      --report-api-errors no "$PYTHON" "$@" || rc=$?
+    [[ $rc == 0 ]] || failed=1
+    note "$tool $(basename "$1") (exit $rc, R=$ranks on $num_gpus GPUs):" \
+      "$(grep -hE 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/$log" | sort |
+      uniq -c | tr -s ' \n' ' ')$(grep -h 'died of' "$OUT/$log" || true)"
+  }
+  fuzz=(tests/shape_fuzz.py --seed "$seed" --draws "${SANITIZE:-4}")
+  note "sanitizers: shape_fuzz.py seed $seed, ${SANITIZE:-4} draws per family"
+  sanitize memcheck sanitize_memcheck.log "${fuzz[@]}"
+  sanitize racecheck sanitize_racecheck.log "${fuzz[@]}"
+  sanitize memcheck sanitize_intranode.log scripts/sanitize_intranode.py
 fi
 
 # --- KERNEL TIMING -----------------------------------------------------------

@@ -1,12 +1,15 @@
 """One dispatch, cached dispatch and combine on the intranode kernels, small,
-for compute-sanitizer. R is the number of GPUs of the run:
+for compute-sanitizer. R is the number of devices of the run:
 
     compute-sanitizer --tool memcheck --report-api-errors no \
         python3 scripts/sanitize_intranode.py
     python3 -m jax_ep.launch -n 2 -- compute-sanitizer --tool racecheck \
         python3 scripts/sanitize_intranode.py --ways push
+    python3 -m jax_ep.launch -n 2 --ranks-per-gpu 2 -- compute-sanitizer \
+        --tool memcheck python3 scripts/sanitize_intranode.py
 
-memcheck runs in one process over every GPU. racecheck serializes a process's
+memcheck runs in one process over every GPU, or one process per rank (two
+ranks sharing one GPU: scripts/gpu_check.sh does so on a one-GPU machine). racecheck serializes a process's
 kernels, so a rank's kernel that waits for a peer in the same process would
 wait forever: run it one process per GPU, and on the push way only (the
 copy-engine way's flag kernel runs beside the main kernel on a side stream).
@@ -31,6 +34,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import jax_ep.launch
+from jax_ep._src import exchange
 from jax_ep._src.cuda import intranode, peer_buffers
 
 EP = "ep"
@@ -78,6 +82,7 @@ def main() -> None:
   local = [[np.asarray(s.data) for s in a.addressable_shards] for a in out]
   same = all(all(np.array_equal(p, q) for p, q in zip(a, b))
              for a, b in zip(local[:3], local[3:]))
+  exchange.barrier("sanitize_intranode: done")  # peers may still read ours
   buffers.close()
   print(f"sanitize_intranode: R={R}, process {jax.process_index()} done; "
         f"ways {args.ways}" + (f", both agree: {same}" if len(ways) > 1 else ""),

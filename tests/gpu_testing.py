@@ -1,5 +1,6 @@
-"""What the GPU tests share: the local GPUs, their skip marks, and a launch of
-one process per GPU that returns a report of every process's output."""
+"""What the GPU tests share: the local GPUs, their skip marks, the EP sizes of
+the multi-rank tests, and a launch of one process per rank that returns a
+report of every process's output."""
 
 from __future__ import annotations
 
@@ -26,6 +27,22 @@ NEEDS_KERNELS = NEEDS_GPU + [
     pytest.mark.skipif(native.extension() is None,
                        reason=f"jax_ep._jax_ep: {native.unavailable_reason()}")
 ]
+# EP sizes of the multi-rank tests beyond one process per GPU: several ranks
+# share each GPU (`jax_ep.launch --ranks-per-gpu`), which checks the
+# multi-rank paths on a one-GPU machine. The GPU time-slices between them.
+SHARED_RANKS = (2, 4, 8)
+
+
+def multi_rank_sizes(sizes=SHARED_RANKS) -> list[int]:
+  """The EP sizes a multi-rank test runs at: one process per local GPU (when
+  there are 2 or more), and each of `sizes` above the GPU count that is a
+  multiple of it (then several processes share each GPU)."""
+  if not GPUS:
+    return []
+  n = len(GPUS)
+  return sorted({n} - {1} | {r for r in sizes if r > n and r % n == 0})
+
+
 # NVLink multicast stays off (DEVICE.md); no preallocation, so that the peer
 # buffers fit beside JAX's memory in each child.
 CHILD_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
@@ -36,14 +53,15 @@ CHILD_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
 def launch_per_gpu(capfd, args: list[str], *, timeout: float,
                    num_ranks: int | None = None):
   """Runs `python *args` as joined processes, one per local GPU, or
-  `num_ranks` of them spread evenly over the GPUs (a multiple of them).
+  `num_ranks` of them: one per GPU on the first ones, or (a multiple of the
+  GPUs) spread evenly over them.
 
   Returns `(exit code, stdout of all processes, a report for failures)`.
   """
   num_ranks = num_ranks or len(GPUS)
   code = launch.launch([sys.executable, *args], num_ranks, platform="gpu",
                        devices_per_process=1, timeout=timeout, env=CHILD_ENV,
-                       ranks_per_gpu=num_ranks // len(GPUS))
+                       ranks_per_gpu=max(1, num_ranks // len(GPUS)))
   out, err = capfd.readouterr()
   report = (f"exit code {code}\n--- stdout ---\n{out}\n--- stderr ---\n"
             f"{err[-20000:]}")

@@ -1,29 +1,45 @@
 """Intranode dispatch/combine kernels on GPUs: shared test code and a worker.
 
-Imported by test_intranode_gpu.py (one process driving every GPU) and run as
-a script by it:
+Imported by test_intranode_gpu.py (one process driving every GPU; its checks
+run the kernels and the pure-JAX reference in one program on the same inputs
+and compare every output and handle field bit for bit) and run by it as a
+script, one process per rank (`gpu_testing.launch_per_gpu`; one GPU each, or
+several ranks sharing a GPU with `jax_ep.launch --ranks-per-gpu`):
 
     python intranode_worker.py --seed N --steps S
-        one process of a `jax_ep._src.launch.launch` group (one GPU each):
-        peer buffers through CUDA IPC, kernel dispatch + combine next to the
-        reference on fresh routings; each process compares the shards it
-        holds, bit for bit; prints "... passed".
+        S calls cycling through `multiprocess_cases` (peer buffers through
+        CUDA IPC) on fresh inputs: dispatch, cached dispatch and combines
+        (f32, bf16 with a bias, f32 rows). Each process checks the shards it
+        holds against the dense model (tests/dense_model.py), every output
+        and handle field bit for bit, and against the reference backend in
+        the same program where each rank has its own GPU (NCCL refuses the
+        reference's collectives where ranks share one); prints "worker i/R:
+        S dispatch/combine steps passed".
+    python intranode_worker.py --seed N --repeat STEPS
+        STEPS dispatch/combine pairs of REPEAT_CASE on fresh routings,
+        enqueued back to back in chunks of REPEAT_CHUNK, every one checked
+        against the dense model; prints the sha256 of every output (two
+        runs must print the same), then "worker i/R: repeat STEPS passed".
     python intranode_worker.py --seed N --timeout
-        one process, rank 0 of two dispatches alone: its barrier must time
-        out, print rank, phase and peer, and fail (exit 1).
+        two ranks; rank 1 never calls, so rank 0's dispatch must time out,
+        print rank, phase and peer, and fail (exit 1; 3 means it returned).
 
-Every check runs the kernels and the pure-JAX reference in one program on the
-same inputs and compares every output (and every handle field) bitwise.
+A hidden `--backend reference` runs the "kernel" side on the reference, to
+check the dense-model oracle without GPUs:
+    python -m jax_ep.launch -n 2 -- python tests/intranode_worker.py \\
+        --seed 0 --backend reference
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
+import hashlib
 import pathlib
 import sys
-import traceback
+import time
 
 _TESTS = pathlib.Path(__file__).resolve().parent
 for _path in (_TESTS.parent, _TESTS):
@@ -38,11 +54,21 @@ from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import dense_model as dm
+import jax_ep.launch
+from ep_testing import assert_same
+from jax_ep._src import exchange
 from jax_ep._src.cuda import intranode
+from jax_ep._src.cuda import peer_buffers
 from jax_ep._src.fp8 import FP8_DTYPE, GROUP
 from jax_ep._src.reference import normal as reference
 
 EP = "ep"
+# --repeat: steps enqueued before the host checks them.
+REPEAT_CHUNK = 250
+# The timeout check: rank 0's wait, and how long rank 1 stays away.
+_TIMEOUT_S = 0.5
+_ABSENT_S = 60.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +106,10 @@ class Case:
             f"{'' if self.copy_engine else '-push'}")
 
 
+# --repeat: small rows, so that the host (inputs, dense model) keeps up.
+REPEAT_CASE = Case(8, 512, 8, 16)
+
+
 def routing(rng: np.random.Generator, num_ranks: int, case: Case) -> np.ndarray:
   """int32[R, T, K]: random ids with -1 entries, repeats, a hot expert (or,
   with `skew`, most tokens on expert 0), ids >= E sometimes."""
@@ -104,65 +134,89 @@ def inputs(rng: np.random.Generator, num_ranks: int, case: Case):
   scales = None
   if case.fp8:
     scales = rng.uniform(0.01, 2.0, (R * T, H // GROUP)).astype(np.float32)
-    x = np.asarray(jnp.asarray(x * 50).astype(FP8_DTYPE))
+    x = (x * 50).astype(dm.E4M3)
   else:
-    x = np.asarray(jnp.asarray(x).astype(jnp.bfloat16))
+    x = x.astype(dm.BF16)
   topk = routing(rng, R, case).reshape(R * T, case.topk)
   weights = rng.standard_normal((R * T, case.topk)).astype(np.float32)
-  y = np.asarray(jnp.asarray(
-      rng.standard_normal((R * M, H), np.float32)).astype(jnp.bfloat16))
+  y = rng.standard_normal((R * M, H), np.float32).astype(dm.BF16)
   bias = rng.standard_normal((R * T, H)).astype(np.float32)
   return x, scales, topk, weights, y, bias
 
 
-def _pairs(case: Case, num_ranks: int, buffers, x, scales, idx, w, y, bias):
-  """(name, kernel value, reference value) for every output of one shard."""
+def _outputs(case: Case, num_ranks: int, buffers, x, scales, idx, w, y,
+             bias, *, pair: bool = False) -> list:
+  """One shard's outputs in `_names(case, pair)` order: the kernels', or the
+  reference backend's where `buffers` is None. `pair`: the dispatch and its
+  f32 combine only."""
   rows = (x,) if scales is None else (x, scales)
   w = w if case.weights else None
-  kw = dict(axis_name=EP, num_ranks=num_ranks, num_experts=case.experts,
-            capacity=case.capacity or num_ranks * case.tokens,
-            expert_alignment=case.alignment)
-  k_rows, k_idx, k_w, k_pe, k_h = intranode.dispatch(
-      rows, idx, w, buffers=buffers, **kw, **case.tuning())
-  r_rows, r_idx, r_w, r_pe, r_h = reference.dispatch(rows, idx, w, **kw)
-  pairs = [(f"recv_rows[{i}]", k, r) for i, (k, r) in
-           enumerate(zip(k_rows, r_rows))]
-  pairs += [("recv_topk_idx", k_idx, r_idx),
-            ("num_tokens_per_expert", k_pe, r_pe),
-            ("handle.src_index", k_h.src_index, r_h.src_index),
-            ("handle.recv_row", k_h.recv_row, r_h.recv_row),
-            ("handle.num_recv_tokens", k_h.num_recv_tokens,
-             r_h.num_recv_tokens)]
+  if buffers is None:
+    ops, extra = reference, {}
+  else:
+    ops, extra = intranode, dict(buffers=buffers, **case.tuning())
+  recv_rows, recv_idx, recv_w, per_expert, h = ops.dispatch(
+      rows, idx, w, axis_name=EP, num_ranks=num_ranks,
+      num_experts=case.experts,
+      capacity=case.capacity or num_ranks * case.tokens,
+      expert_alignment=case.alignment, **extra)
+  out = [*recv_rows, recv_idx, per_expert, h.src_index, h.recv_row,
+         h.num_recv_tokens]
   if case.weights:
-    pairs.append(("recv_topk_weights", k_w, r_w))
-  k_cached = intranode.cached_dispatch(rows, k_h, axis_name=EP,
-                                      buffers=buffers, **case.tuning())
-  r_cached = reference.cached_dispatch(rows, r_h, axis_name=EP)
-  pairs += [(f"cached recv_rows[{i}]", k, r) for i, (k, r) in
-            enumerate(zip(k_cached, r_cached))]
-  k_out = intranode.combine(y, k_h, axis_name=EP, buffers=buffers,
-                            **case.tuning())
-  r_out = reference.combine(y, r_h, axis_name=EP)
-  pairs.append(("combine f32", k_out, r_out))
-  k_out = intranode.combine(y, k_h, axis_name=EP, buffers=buffers, bias=bias,
-                            out_dtype=y.dtype)
-  pairs.append(("combine bf16 + bias", k_out, (r_out + bias).astype(y.dtype)))
-  y32 = y[:, :128].astype(jnp.float32) * 3
-  pairs.append(("combine of f32 y",
-                intranode.combine(y32, k_h, axis_name=EP, buffers=buffers),
-                reference.combine(y32, r_h, axis_name=EP)))
-  return pairs
+    out.append(recv_w)
+  if not pair:
+    out += ops.cached_dispatch(rows, h, axis_name=EP, **extra)
+  combined = ops.combine(y, h, axis_name=EP, **extra)
+  out.append(combined)
+  if not pair:
+    if buffers is None:  # the reference has no bias: the contract's sum
+      out.append((combined + bias).astype(y.dtype))
+    else:
+      out.append(intranode.combine(y, h, axis_name=EP, bias=bias,
+                                   out_dtype=y.dtype, **extra))
+    out.append(ops.combine(y[:, :128].astype(jnp.float32) * 3, h,
+                           axis_name=EP, **extra))
+  return out
 
 
-def _names(case: Case) -> list[str]:
+def _names(case: Case, pair: bool = False) -> list[str]:
   names = ["recv_rows[0]"] + (["recv_rows[1]"] if case.fp8 else []) + [
       "recv_topk_idx", "num_tokens_per_expert", "handle.src_index",
       "handle.recv_row", "handle.num_recv_tokens"]
   if case.weights:
     names.append("recv_topk_weights")
-  names += ["cached recv_rows[0]"] + (["cached recv_rows[1]"] if case.fp8
-                                      else [])
-  return names + ["combine f32", "combine bf16 + bias", "combine of f32 y"]
+  if not pair:
+    names += ["cached recv_rows[0]"] + (["cached recv_rows[1]"] if case.fp8
+                                        else [])
+  names.append("combine f32")
+  if not pair:
+    names += ["combine bf16 + bias", "combine of f32 y"]
+  return names
+
+
+def dense_outputs(case: Case, num_ranks: int, arrays, *,
+                  pair: bool = False) -> list[np.ndarray]:
+  """What the ranks must return for each of `_names(case, pair)`, [R, ...]:
+  the dense model on `inputs`' arrays."""
+  x, scales, idx, w, y, bias = [
+      None if a is None else a.reshape(num_ranks, -1, *a.shape[1:])
+      for a in arrays]
+  routes = dm.dispatch([x] + ([] if scales is None else [scales]), idx,
+                       w if case.weights else None, num_experts=case.experts,
+                       capacity=case.capacity or num_ranks * case.tokens,
+                       expert_alignment=case.alignment)
+  out = [*routes.rows, routes.topk_idx, routes.num_tokens_per_expert,
+         routes.src_index, routes.recv_row, routes.num_tokens]
+  if case.weights:
+    out.append(routes.topk_weights)
+  if not pair:
+    out += routes.rows  # the cached dispatch of the same rows
+  out.append(dm.combine(y.astype(np.float32), routes))
+  if not pair:
+    out.append(dm.combine(y, routes, [bias]))
+    out.append(dm.combine(y[..., :128].astype(np.float32) * np.float32(3),
+                          routes))
+  return out
 
 
 def _specs(case: Case, extra=()):
@@ -170,45 +224,46 @@ def _specs(case: Case, extra=()):
   return tuple([P(*extra, EP)] * 6)  # scales may be None: an empty tree
 
 
+def _side_by_side(case: Case, num_ranks: int, buffers, args, *,
+                  with_reference: bool, pair: bool) -> tuple:
+  """The kernels' outputs, each followed by the reference's if
+  `with_reference`; every one with a leading axis of 1 (the rank)."""
+  kern = _outputs(case, num_ranks, buffers, *args, pair=pair)
+  if not with_reference:
+    return tuple(k[None] for k in kern)
+  ref = _outputs(case, num_ranks, None, *args, pair=pair)
+  return tuple(a[None] for k, r in zip(kern, ref) for a in (k, r))
+
+
 @functools.cache
-def step(mesh: Mesh, buffers, case: Case):
-  """jit(shard_map): global inputs -> tuple of (kernel, reference) outputs,
-  each [R, ...] (rank-major); names from `_names(case)`."""
+def step(mesh: Mesh, buffers, case: Case, with_reference: bool = True,
+         pair: bool = False):
+  """jit(shard_map): global inputs -> the outputs of `_side_by_side`, each
+  [R, ...] (rank-major); names from `_names(case, pair)`."""
   num_ranks = mesh.devices.size
-
-  def per_shard(x, scales, idx, w, y, bias):
-    out = []
-    for _, k, r in _pairs(case, num_ranks, buffers, x, scales, idx, w, y,
-                          bias):
-      out += [k[None], r[None]]
-    return tuple(out)
-
-  n = len(_names(case))
+  n = len(_names(case, pair)) * (2 if with_reference else 1)
   return jax.jit(jax.shard_map(
-      per_shard, mesh=mesh, in_specs=_specs(case),
-      out_specs=tuple([P(EP)] * (2 * n))))
+      lambda *args: _side_by_side(case, num_ranks, buffers, args,
+                                  with_reference=with_reference, pair=pair),
+      mesh=mesh, in_specs=_specs(case), out_specs=tuple([P(EP)] * n)))
 
 
 @functools.cache
 def scan_steps(mesh: Mesh, buffers, case: Case):
-  """N dispatch/combine pairs back to back in one program (lax.scan): inputs
-  get a leading [N] axis; outputs [N, R, ...]."""
+  """N dispatch/combine pairs back to back in one program (lax.scan), next to
+  the reference: inputs get a leading [N] axis; outputs [N, R, ...]."""
   num_ranks = mesh.devices.size
 
-  def per_shard(x, scales, idx, w, y, bias):
+  def per_shard(*args):
     def body(carry, xs):
-      out = []
-      for _, k, r in _pairs(case, num_ranks, buffers, *xs):
-        out += [k[None], r[None]]
-      return carry, tuple(out)
+      return carry, _side_by_side(case, num_ranks, buffers, xs,
+                                  with_reference=True, pair=False)
+    return lax.scan(body, None, args)[1]
 
-    _, out = lax.scan(body, None, (x, scales, idx, w, y, bias))
-    return out
-
-  n = len(_names(case))
+  n = 2 * len(_names(case))
   return jax.jit(jax.shard_map(
       per_shard, mesh=mesh, in_specs=_specs(case, (None,)),
-      out_specs=tuple([P(None, EP)] * (2 * n))))
+      out_specs=tuple([P(None, EP)] * n)))
 
 
 def bits(a: np.ndarray) -> np.ndarray:
@@ -217,18 +272,34 @@ def bits(a: np.ndarray) -> np.ndarray:
 
 
 def compare(names, out, what: str) -> None:
-  """Asserts every kernel output equals its reference bitwise."""
+  """Asserts that every kernel output (the even entries of `out`) equals the
+  reference's after it, bit for bit."""
   for i, name in enumerate(names):
-    k, r = np.asarray(out[2 * i]), np.asarray(out[2 * i + 1])
-    assert k.shape == r.shape and k.dtype == r.dtype, (
-        f"{what}: {name}: {k.dtype}{k.shape} vs {r.dtype}{r.shape}")
-    kb, rb = bits(k), bits(r)
-    if not np.array_equal(kb, rb):
-      bad = np.argwhere(kb != rb)
-      raise AssertionError(
-          f"{what}: {name}: {len(bad)} of {kb.size} elements differ; first "
-          f"at {bad[:5].tolist()}: kernel {k[tuple(bad[0])]!r} vs reference "
-          f"{r[tuple(bad[0])]!r}")
+    assert_same(out[2 * i], out[2 * i + 1], f"{name} (kernel vs reference)",
+                what)
+
+
+def by_rank(*arrays):
+  """(rank, values...) for each shard this process holds of `arrays`, all
+  [R, ...] and split over the ranks alike."""
+  for shards in zip(*(a.addressable_shards for a in arrays)):
+    yield (shards[0].index[0].start or 0,
+           *[np.asarray(s.data)[0] for s in shards])
+
+
+def check_shards(case: Case, num_ranks: int, arrays, out, ctx: str, *,
+                 with_reference: bool, pair: bool = False) -> None:
+  """Every output shard this process holds (`step`'s `out` on `inputs`'
+  `arrays`) equal to the dense model's, bit for bit, and to the reference
+  backend's where `out` has it."""
+  truth = dense_outputs(case, num_ranks, arrays, pair=pair)
+  stride = 2 if with_reference else 1
+  for j, name in enumerate(_names(case, pair)):
+    for rank, *values in by_rank(*out[stride * j:stride * (j + 1)]):
+      assert_same(values[0], truth[j][rank], f"{name} (rank {rank})", ctx)
+      if with_reference:
+        assert_same(values[0], values[1], f"{name} (rank {rank}, reference)",
+                    ctx)
 
 
 def global_array(mesh: Mesh, a, spec):
@@ -246,79 +317,133 @@ def run_case(mesh: Mesh, buffers, case: Case, rng, what: str) -> None:
   compare(_names(case), out, f"{what}, {case.name()}")
 
 
-def run_multiprocess(seed: int, steps: int) -> None:
-  from jax_ep._src.cuda import peer_buffers  # pylint: disable=g-import-not-at-top
-  devices = jax.devices()
-  num_ranks = len(devices)
-  mesh = Mesh(np.array(devices), (EP,))
-  who = f"worker {jax.process_index()}/{jax.process_count()}"
-  cases = [Case(7, 2048, 8, 256),
-           Case(128, 7168, 8, 256, alignment=4, copy_engine=False),
-           Case(300, 2048, 2, num_ranks, capacity=200),
-           Case(128, 7168, 8, 256, fp8=True, skew=True),
-           Case(1, 2048, 1, 256, weights=False)]
-  num_bytes = max(intranode.intranode_buffer_bytes(
-      c.tokens, c.hidden, c.topk, num_ranks,
-      FP8_DTYPE if c.fp8 else jnp.bfloat16) for c in cases)
-  with peer_buffers.create_peer_buffers(devices, num_bytes) as buffers:
+def multiprocess_cases(num_ranks: int) -> list[Case]:
+  """What `--steps` cycles through: every path of the kernels at small
+  shapes (the dense model runs on the host for each)."""
+  return [Case(7, 2048, 8, 256),
+          Case(128, 7168, 8, 256, alignment=4, copy_engine=False),
+          Case(300, 2048, 2, num_ranks, capacity=200),
+          Case(128, 7168, 8, 256, fp8=True, skew=True),
+          Case(1, 2048, 1, 256, weights=False),
+          # fp8 scale rows of 8 and 12 bytes; H not a multiple of 128
+          Case(7, 256, 4, 16, fp8=True),
+          Case(33, 384, 8, 256, fp8=True, copy_engine=False),
+          Case(64, 2056, 8, 256, capacity=50, skew=True),
+          # tunings the autotuner may pick: one block, lone pusher
+          Case(96, 2048, 8, 256, num_sms=1, send_warps=1, chunk_tokens=1,
+               copy_engine=False),
+          Case(256, 4096, 8, 256, num_sms=8, send_warps=15, chunk_tokens=7)]
+
+
+def open_buffers(mesh: Mesh, cases, backend: str = "cuda"):
+  """The EP group's NVLink peer buffers, sized for every case (collective);
+  None (in a context) for the reference backend."""
+  if backend == "reference":
+    return contextlib.nullcontext(None)
+  num_ranks = mesh.devices.size
+  return peer_buffers.create_peer_buffers(
+      list(mesh.devices.flat),
+      max(intranode.intranode_buffer_bytes(
+          c.tokens, c.hidden, c.topk, num_ranks,
+          FP8_DTYPE if c.fp8 else jnp.bfloat16) for c in cases))
+
+
+def run_multiprocess(mesh: Mesh, backend: str, seed: int, steps: int,
+                     who: str) -> None:
+  """`steps` calls cycling through `multiprocess_cases`, each checked against
+  the dense model, and against the reference backend where each rank has
+  its own GPU (NCCL refuses the reference's collectives on a shared one)."""
+  num_ranks = mesh.devices.size
+  with_reference = jax_ep.launch.ranks_per_gpu() == 1
+  cases = multiprocess_cases(num_ranks)
+  with open_buffers(mesh, cases, backend) as buffers:
     rng = np.random.default_rng(seed)  # the same draws on every process
     for i in range(steps):
       case = cases[i % len(cases)]
       arrays = inputs(rng, num_ranks, case)
-      args = [global_array(mesh, a, P(EP)) for a in arrays]
-      out = step(mesh, buffers, case)(*args)
-      names = _names(case)
-      for j, name in enumerate(names):
-        for ks, rs in zip(out[2 * j].addressable_shards,
-                          out[2 * j + 1].addressable_shards):
-          if not np.array_equal(bits(ks.data), bits(rs.data)):
-            raise AssertionError(
-                f"{who}, seed={seed}, step {i}, {case.name()}: {name} "
-                f"differs on shard {ks.index}")
-    jax.block_until_ready(out)
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices("jax_ep intranode test done")
+      out = step(mesh, buffers, case, with_reference)(
+          *[global_array(mesh, a, P(EP)) for a in arrays])
+      check_shards(case, num_ranks, arrays, out,
+                   f"{who}, seed={seed}, step {i}, {case.name()}",
+                   with_reference=with_reference)
+    # A peer's last kernel may still touch these buffers until it is done.
+    exchange.barrier("intranode_worker: steps done")
   print(f"{who}: {steps} dispatch/combine steps passed", flush=True)
 
 
-def run_timeout() -> None:
-  """Rank 0 alone calls dispatch: its wait for rank 1 must time out."""
-  from jax_ep._src.cuda import peer_buffers  # pylint: disable=g-import-not-at-top
-  gpus = jax.devices("gpu")[:2]
+def run_repeat(mesh: Mesh, backend: str, seed: int, steps: int,
+               who: str) -> None:
+  """`steps` dispatch/combine pairs on fresh routings (REPEAT_CASE), enqueued
+  back to back in chunks, each checked against the dense model; prints the
+  sha256 of every output."""
+  num_ranks = mesh.devices.size
+  case = REPEAT_CASE
+  with open_buffers(mesh, [case], backend) as buffers:
+    program = step(mesh, buffers, case, with_reference=False, pair=True)
+    rng = np.random.default_rng(seed)
+    digest = hashlib.sha256()
+    for first in range(0, steps, REPEAT_CHUNK):
+      draws = [inputs(rng, num_ranks, case)
+               for _ in range(min(REPEAT_CHUNK, steps - first))]
+      outs = [program(*[global_array(mesh, a, P(EP)) for a in arrays])
+              for arrays in draws]  # enqueued back to back
+      for i, (arrays, out) in enumerate(zip(draws, outs), first):
+        for leaf in out:
+          for _, values in by_rank(leaf):
+            digest.update(values.tobytes())
+        check_shards(case, num_ranks, arrays, out,
+                     f"{who}, seed={seed}, step {i} of {steps}, "
+                     f"{case.name()}", with_reference=False, pair=True)
+    exchange.barrier("intranode_worker: repeat done")
+  print(f"{who}: repeat {steps} sha256 {digest.hexdigest()}", flush=True)
+  print(f"{who}: repeat {steps} passed", flush=True)
+
+
+def run_timeout(mesh: Mesh) -> int:
+  """Rank 0 dispatches alone: its wait for rank 1 must time out."""
   case = Case(16, 2048, 8, 16)
-  buffers = peer_buffers.create_peer_buffers(
-      gpus, intranode.intranode_buffer_bytes(case.tokens, case.hidden,
-                                             case.topk, 2))
-  x = jax.device_put(jnp.ones((case.tokens, case.hidden), jnp.bfloat16),
-                     gpus[0])
-  idx = jax.device_put(jnp.zeros((case.tokens, case.topk), jnp.int32), gpus[0])
-  call = jax.jit(lambda x, idx: intranode.dispatch(
-      (x,), idx, None, axis_name=EP, num_ranks=2, num_experts=case.experts,
-      capacity=2 * case.tokens, expert_alignment=1, buffers=buffers,
-      timeout_s=0.5)[0])
-  jax.block_until_ready(call(x, idx))
+  buffers = open_buffers(mesh, [case])
+  if jax.process_index() != 0:
+    time.sleep(_ABSENT_S)  # never calls; rank 0 must have failed by now
+    return 3
+  num_ranks = mesh.devices.size
+  x, _, idx, _, _, _ = inputs(np.random.default_rng(0), num_ranks, case)
+  call = jax.jit(jax.shard_map(
+      lambda x, idx: intranode.dispatch(
+          (x,), idx, None, axis_name=EP, num_ranks=num_ranks,
+          num_experts=case.experts, capacity=num_ranks * case.tokens,
+          expert_alignment=1, buffers=buffers,
+          timeout_s=_TIMEOUT_S)[0][0][None],
+      mesh=mesh, in_specs=P(EP), out_specs=P(EP)))
+  jax.block_until_ready(call(global_array(mesh, x, P(EP)),
+                             global_array(mesh, idx, P(EP))))
   print("dispatch returned without a timeout", flush=True)
+  return 3
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser()
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--seed", type=int, required=True)
-  parser.add_argument("--steps", type=int, default=20)
-  parser.add_argument("--timeout", action="store_true")
+  parser.add_argument("--steps", type=int, default=20,
+                      help="calls cycling through multiprocess_cases")
+  parser.add_argument("--repeat", type=int, default=0, metavar="STEPS",
+                      help="STEPS dispatch/combine pairs instead, hashed")
+  parser.add_argument("--timeout", action="store_true",
+                      help="rank 0 dispatches alone and must time out")
+  parser.add_argument("--backend", choices=("cuda", "reference"),
+                      default="cuda", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
-  try:
-    if args.timeout:
-      run_timeout()
-      return 3  # no timeout is a failure too
-    import jax_ep.launch  # pylint: disable=g-import-not-at-top
-    jax_ep.launch.initialize()
-    run_multiprocess(args.seed, args.steps)
-  except BaseException:  # pylint: disable=broad-except
-    traceback.print_exc()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    import os  # pylint: disable=g-import-not-at-top
-    os._exit(1)  # skip jax.distributed's shutdown wait for the peer
+  # Before any JAX call. Under the launcher it also makes an uncaught error
+  # exit at once, without jax.distributed's shutdown wait for the peer.
+  jax_ep.launch.initialize()
+  mesh = Mesh(np.array(jax.devices()), (EP,))
+  if args.timeout:
+    return run_timeout(mesh)
+  who = f"worker {jax.process_index()}/{jax.process_count()}"
+  if args.repeat:
+    run_repeat(mesh, args.backend, args.seed, args.repeat, who)
+  else:
+    run_multiprocess(mesh, args.backend, args.seed, args.steps, who)
   return 0
 
 

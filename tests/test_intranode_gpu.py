@@ -8,20 +8,24 @@ pure-JAX reference, bit for bit (every output and every handle field).
   no weights, expert alignment; two fresh routings per shape.
 * 50 dispatch/combine pairs back to back in one program (lax.scan) with a
   fresh routing each.
-* One process per GPU: intranode_worker.py launched twice by
-  `jax_ep._src.launch.launch` (peer buffers through CUDA IPC).
 * 200 dispatch/combine pairs with fresh routings, twice: the same bits.
-* A rank that never arrives: the other's dispatch reports and fails.
 * Trace-time refusal of buffers too small for a call.
+* One process per rank (intranode_worker.py; peer buffers through CUDA IPC),
+  at R = the GPUs (2 or more) and at R = 2, 4 and 8 where those are
+  multiples of the GPUs, several ranks then sharing each GPU: every case of
+  `multiprocess_cases` twice, equal to the dense model (and to the reference
+  backend where each rank has its own GPU).
+* A rank that never arrives (R = 2): the other's dispatch names rank, phase
+  and peer and fails instead of hanging.
+* Pressure (marked `pressure`): 10,000 pairs at R = 2 and 1,000 at R = 8 on
+  fresh routings, each equal to the dense model, the same sha256 twice.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import pathlib
-import subprocess
-import sys
+import re
 
 import jax
 import jax.numpy as jnp
@@ -32,8 +36,8 @@ from jax.sharding import Mesh
 
 import intranode_worker as worker
 from intranode_worker import Case
-from gpu_testing import (CHILD_ENV, GPUS, NEEDS_KERNELS, every_worker,
-                         launch_per_gpu)
+from gpu_testing import (GPUS, NEEDS_KERNELS, every_worker, launch_per_gpu,
+                         multi_rank_sizes)
 from jax_ep._src.cuda import intranode
 from jax_ep._src.cuda import peer_buffers
 from jax_ep._src.fp8 import FP8_DTYPE
@@ -154,21 +158,15 @@ def test_200_pairs_are_bitwise_repeatable(setup, seed):
   assert digest() == first, f"seed={seed}: two runs of 200 pairs differ"
 
 
-def test_a_missing_rank_times_out_with_a_report(seed):
-  if R < 2:
-    pytest.skip("needs 2 GPUs")
-  env = {**os.environ, **CHILD_ENV}
-  try:
-    proc = subprocess.run(
-        [sys.executable, str(WORKER), "--seed", str(seed), "--timeout"],
-        capture_output=True, text=True, timeout=120, env=env)
-  except subprocess.TimeoutExpired as e:
-    pytest.fail(f"dispatch hung instead of timing out: {e}")
-  report = (f"exit code {proc.returncode}\n--- stdout ---\n{proc.stdout}\n"
-            f"--- stderr ---\n{proc.stderr[-20000:]}")
-  assert proc.returncode not in (0, 3), report
+def test_a_missing_rank_times_out_with_a_report(capfd, seed):
+  """Two ranks (one GPU each, or sharing one); rank 1 never calls."""
+  code, _, report = launch_per_gpu(
+      capfd, [str(WORKER), "--seed", str(seed), "--timeout"], timeout=120,
+      num_ranks=2)
+  assert code not in (0, 3), f"dispatch returned: {report}"
+  assert code != 124, f"dispatch hung instead of timing out: {report}"
   assert ("jax_ep intranode_dispatch timeout: rank 0, phase 'wait for the "
-          "peers to start the call', peer 1") in proc.stdout + proc.stderr, report
+          "peers to start the call', peer 1") in report, report
 
 
 def test_too_small_buffers_are_refused_at_trace_time(setup):
@@ -192,14 +190,44 @@ def test_buffer_bytes_grow_with_the_shapes():
   assert intranode.intranode_buffer_bytes(4096, 7168, 8, 8) > 7 * 4096 * 7168 * 2
 
 
-def test_one_process_per_gpu(capfd, seed):
-  if R < 2:
-    pytest.skip("needs 2 GPUs")
-  steps = 20
+@pytest.mark.parametrize("num_ranks", multi_rank_sizes(),
+                         ids=lambda r: f"R{r}")
+def test_one_process_per_rank(capfd, seed, num_ranks):
+  steps = 2 * len(worker.multiprocess_cases(num_ranks))
   code, out, report = launch_per_gpu(
       capfd, [str(WORKER), "--seed", str(seed), "--steps", str(steps)],
-      timeout=200)
-  report = f"seed={seed}: {report}"
+      timeout=300, num_ranks=num_ranks)
+  report = f"seed={seed}, R={num_ranks}: {report}"
   assert code == 0, report
-  for line in every_worker(f"{steps} dispatch/combine steps passed"):
+  for line in every_worker(f"{steps} dispatch/combine steps passed",
+                           num_ranks):
     assert line in out, report
+
+
+# Pairs per run: 10,000 at R = 2, fewer at R = 8 where ranks share a GPU
+# (time-slicing makes each pair some 10 times slower there).
+PRESSURE_STEPS = {2: 10_000, 8: 1_000}
+
+
+@pytest.mark.pressure
+@pytest.mark.parametrize("num_ranks", [r for r in multi_rank_sizes()
+                                       if r in PRESSURE_STEPS],
+                         ids=lambda r: f"R{r}")
+def test_pressure_pairs_hash_the_same_twice(capfd, seed, num_ranks):
+  """Dispatch/combine pairs on fresh routings, back to back, each equal to
+  the dense model; two launches with the same seed print the same sha256."""
+  steps = PRESSURE_STEPS[num_ranks]
+  digests = []
+  for _ in range(2):
+    code, out, report = launch_per_gpu(
+        capfd, [str(WORKER), "--seed", str(seed), "--repeat", str(steps)],
+        timeout=400, num_ranks=num_ranks)
+    report = f"seed={seed}, R={num_ranks}: {report}"
+    assert code == 0, report
+    for line in every_worker(f"repeat {steps} passed", num_ranks):
+      assert line in out, report
+    digests.append(sorted(re.findall(
+        rf"worker (\d+)/{num_ranks}: repeat {steps} sha256 ([0-9a-f]{{64}})",
+        out)))
+    assert len(digests[-1]) == num_ranks, report
+  assert digests[0] == digests[1], f"seed={seed}, R={num_ranks}: {digests}"

@@ -11,6 +11,7 @@ model. A failing process fails the test, with every process's output.
 """
 
 import pathlib
+import signal
 import sys
 import time
 
@@ -72,3 +73,16 @@ def test_a_failing_process_stops_the_launch(capfd, seed):
   report = _report(code, out, err, f"selftest (took {took:.0f} s)")
   assert "deliberate failure in process 1" in err, report
   assert code == 1, report
+
+
+def test_a_process_killed_by_a_signal_is_named(capfd):
+  """A crash (here SIGSEGV, as a sanitizer's or a driver's would be) gives a
+  shell's status, 128 + N, and a line naming the process and the signal."""
+  code = launch.launch(
+      [sys.executable, "-c", "import os, signal; "
+       "os.kill(os.getpid(), signal.SIGSEGV)"], 2, platform="cpu",
+      timeout=60)
+  err = capfd.readouterr().err
+  assert code == 128 + signal.SIGSEGV, err
+  assert "jax_ep.launch: process 0 died of SIGSEGV" in err or (
+      "jax_ep.launch: process 1 died of SIGSEGV" in err), err

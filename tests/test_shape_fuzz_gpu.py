@@ -3,7 +3,7 @@ the "cuda" backend, each run checked against the dense model (every output
 element, padding included) or refused at trace time with a public message.
 A CUDA error in any draw fails the run.
 
-R is one process per local GPU, and also R = 2 and 4 where those are
+R is one process per local GPU, and also R = 2, 4 and 8 where those are
 multiples of the GPUs: then several processes share each GPU (`jax_ep.launch
 --ranks-per-gpu`), which checks the multi-rank paths on a one-GPU machine;
 the GPU time-slices between them, so those runs take fewer draws. Every line
@@ -22,17 +22,19 @@ import pathlib
 import pytest
 
 import shape_fuzz
-from gpu_testing import GPUS, NEEDS_KERNELS, every_worker, launch_per_gpu
+from gpu_testing import (GPUS, NEEDS_KERNELS, every_worker, launch_per_gpu,
+                         multi_rank_sizes)
 
 pytestmark = NEEDS_KERNELS
 WORKER = pathlib.Path(shape_fuzz.__file__).resolve()
-# EP sizes and draws of each family: one process per GPU, then 2 and 4
-# ranks where they are multiples of the GPUs (several ranks per GPU).
-RANKS = {len(GPUS): 60, **{r: 12 for r in (2, 4)
-                           if GPUS and r > len(GPUS) and r % len(GPUS) == 0}}
+# Draws of each family by EP size: one process per GPU, then (where they
+# are multiples of the GPUs) 2, 4 and 8 ranks sharing each GPU, fewer.
+RANKS = {len(GPUS): 60,
+         **{r: 12 if r < 8 else 6 for r in multi_rank_sizes()
+            if r > len(GPUS)}}
 
 
-@pytest.mark.parametrize("num_ranks", sorted(RANKS))
+@pytest.mark.parametrize("num_ranks", sorted(RANKS), ids=lambda r: f"R{r}")
 def test_every_drawn_shape_runs_right_or_is_refused(capfd, seed, num_ranks):
   draws = RANKS[num_ranks]
   code, out, report = launch_per_gpu(

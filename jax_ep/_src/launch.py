@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -114,7 +115,8 @@ def launch(command: list[str], num_processes: int, *,
 
   The processes inherit this environment plus `env`. The first process to
   fail (or a timeout) stops the others; its exit code is returned (124 on
-  timeout).
+  timeout, 128 + N for a process killed by signal N, which is named on
+  stderr).
 
   `ranks_per_gpu` K > 1 is a testing mode for the multi-rank kernels on few
   GPUs: K processes share each GPU, one device each, without preallocating
@@ -169,7 +171,12 @@ def launch(command: list[str], num_processes: int, *,
     time.sleep(0.1)
   for p in procs:
     p.wait()
-  return code or next((p.returncode for p in procs if p.returncode), 0)
+  for i, p in enumerate(procs):
+    if p.returncode < 0 and -p.returncode != signal.SIGKILL:  # ours kill
+      print(f"jax_ep.launch: process {i} died of "
+            f"{signal.Signals(-p.returncode).name}", file=sys.stderr)
+  code = code or next((p.returncode for p in procs if p.returncode), 0)
+  return 128 - code if code < 0 else code  # a shell's status for a signal
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,30 @@
+"""CPU checks of the GPU workers' oracles: on the reference backend, the
+outputs that intranode_worker.py compares with the dense model (where ranks
+share a GPU it is the only oracle) equal the dense model's, so that a GPU
+failure is the kernels', not the test's."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+import intranode_worker as worker
+from ep_testing import cpu_devices
+
+
+@pytest.mark.parametrize("pair", [False, True], ids=["steps", "repeat"])
+def test_intranode_worker_dense_outputs_are_the_contract(seed, pair):
+  num_ranks = 2
+  mesh = Mesh(np.array(cpu_devices(num_ranks)), (worker.EP,))
+  rng = np.random.default_rng(seed)
+  cases = ([worker.REPEAT_CASE] if pair else
+           worker.multiprocess_cases(num_ranks))
+  for case in cases:
+    arrays = worker.inputs(rng, num_ranks, case)
+    out = worker.step(mesh, None, case, with_reference=False, pair=pair)(
+        *[worker.global_array(mesh, a, P(worker.EP)) for a in arrays])
+    worker.check_shards(case, num_ranks, arrays, out,
+                        f"seed={seed}, {case.name()}", with_reference=False,
+                        pair=pair)
