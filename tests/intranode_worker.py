@@ -37,6 +37,7 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
+import os
 import pathlib
 import sys
 import time
@@ -400,23 +401,28 @@ def run_repeat(mesh: Mesh, backend: str, seed: int, steps: int,
 
 
 def run_timeout(mesh: Mesh) -> int:
-  """Rank 0 dispatches alone: its wait for rank 1 must time out."""
+  """Rank 0 dispatches alone: its wait for rank 1 must time out. Both ranks
+  compile the call (compiling may exchange with the peers); rank 1 never
+  runs it."""
   case = Case(16, 2048, 8, 16)
   buffers = open_buffers(mesh, [case])
-  if jax.process_index() != 0:
-    time.sleep(_ABSENT_S)  # never calls; rank 0 must have failed by now
-    return 3
   num_ranks = mesh.devices.size
   x, _, idx, _, _, _ = inputs(np.random.default_rng(0), num_ranks, case)
+  args = [global_array(mesh, a, P(EP)) for a in (x, idx)]
   call = jax.jit(jax.shard_map(
       lambda x, idx: intranode.dispatch(
           (x,), idx, None, axis_name=EP, num_ranks=num_ranks,
           num_experts=case.experts, capacity=num_ranks * case.tokens,
           expert_alignment=1, buffers=buffers,
           timeout_s=_TIMEOUT_S)[0][0][None],
-      mesh=mesh, in_specs=P(EP), out_specs=P(EP)))
-  jax.block_until_ready(call(global_array(mesh, x, P(EP)),
-                             global_array(mesh, idx, P(EP))))
+      mesh=mesh, in_specs=P(EP), out_specs=P(EP))).lower(*args).compile()
+  print(f"rank {jax.process_index()}: compiled", flush=True)
+  if jax.process_index() != 0:
+    time.sleep(_ABSENT_S)  # never calls; rank 0 must have failed by now
+    print(f"rank 1: rank 0 was still running after {_ABSENT_S:.0f} s",
+          flush=True)
+    os._exit(3)  # pylint: disable=protected-access  # no shutdown barrier
+  jax.block_until_ready(call(*args))
   print("dispatch returned without a timeout", flush=True)
   return 3
 
