@@ -307,6 +307,37 @@ def low_latency_combine_f32(y, topk_idx, topk_weights,
   return total, abs_sum
 
 
+def low_latency_combine_vjp(g, y, topk_idx, topk_weights,
+                            routes: LowLatencyDispatch):
+  """The cotangents of `low_latency_combine(y, topk_idx, topk_weights)` at
+  `g[R, T, H]`: `d_y[r, l, slot of t] = bf16(g[t] * w_sum)`, `w_sum` the fp32
+  sum in k order of t's weights for expert `r*L + l` (a repeated expert adds
+  each of its weights), 0 in empty slots; `d_w[t, k] = <g[t], y[slot of
+  (t, k)]>`.
+
+  Returns `(d_y bf16[R, L, R*Tmax, H], d_w f64[R, T, K], d_w_bound
+  f64[R, T, K])`: an fp32 evaluation of each dot of H terms lies within
+  `d_w_bound = H * 2^-24 * sum |g * y|` of `d_w`. Where k selects nothing
+  both are 0: that d_w is 0 exactly.
+  """
+  num_ranks, num_local, _, hidden = y.shape
+  d_y = np.zeros(y.shape, BF16)
+  d_w = np.zeros(topk_weights.shape, np.float64)
+  abs_sum = np.zeros(topk_weights.shape, np.float64)
+  for r, l in np.ndindex(num_ranks, num_local):
+    for n in range(routes.count[r, l]):
+      s, t = divmod(int(routes.src_index[r, l, n]), routes.max_tokens)
+      w_sum = F32(0)
+      for k in range(topk_idx.shape[-1]):
+        if topk_idx[s, t, k] == r * num_local + l:
+          w_sum = F32(w_sum + topk_weights[s, t, k])
+          prod = g[s, t].astype(np.float64) * y[r, l, n].astype(np.float64)
+          d_w[s, t, k] = prod.sum()
+          abs_sum[s, t, k] = np.abs(prod).sum()
+      d_y[r, l, n] = (g[s, t].astype(F32) * w_sum).astype(BF16)
+  return d_y, d_w, hidden * 2.0**-24 * abs_sum
+
+
 def first_selections(topk_idx: np.ndarray) -> np.ndarray:
   """f32 mask: 1 where slot k is the first to list its expert, else 0."""
   mask = np.zeros(topk_idx.shape, F32)

@@ -1,53 +1,69 @@
-"""Low-latency dispatch/combine kernels on GPUs: a worker, one process per GPU.
+"""Low-latency dispatch/combine kernels on GPUs: a worker, one process per rank.
 
-The LL kernels use NVSHMEM, which needs one process per GPU, so
+The LL kernels use NVSHMEM, which needs one process per rank, so
 test_low_latency_gpu.py runs this script through
-`gpu_testing.launch_per_gpu`:
+`gpu_testing.launch_per_gpu`: one process per GPU, or (`jax_ep.launch
+--ranks-per-gpu`) several ranks sharing each GPU. There NCCL refuses every
+XLA collective across the processes, so the pure-JAX reference backend
+cannot run and the dense model (tests/dense_model.py) is the only oracle.
 
-    python ll_worker.py --seed N [--transport auto|put]
-        every case of CASES on two fresh draws of inputs: the kernels (a
-        Buffer with backend "cuda") and the pure-JAX reference (a second
-        Buffer) in one program on the same inputs. Each process checks the
-        ranks it holds against the dense model (the contract: fp8.py's cast
-        with IEEE f32 arithmetic): count, handle.src_index and handle.slot
-        bit for bit, then scales and x (fp8 as bits; with zero_padding=False
-        only the rows below each expert's count), then the combine against
-        the fp32 dense model, exact but for rounding ties (as in
-        test_low_latency.py). It prints how many dispatched and combined
-        elements of the reference backend differ from the kernels' (on GPUs
-        XLA divides f32 within 2 ulp, so the reference's fp8 cast can round a
-        value next to an e4m3 boundary the other way), then
-        "worker i/R: <case> passed".
-    python ll_worker.py --seed N --repeat STEPS
-        STEPS jitted dispatch/combine pairs with fresh routings, enqueued back
-        to back, on values whose combine sums are exact in fp32, so the
-        combine and the dispatch must equal the dense model's bits; prints
-        the sha256 of the
-        kernels' outputs (two runs must print the same), then
-        "worker i/R: repeat STEPS passed".
-    python ll_worker.py --seed N --grads
-        gradients in x, topk_weights and y of sum(g * combine(dispatch(x).x *
-        c + y)), bf16, through the kernels' VJPs (dispatch's is the combine
-        kernels, combine's a bf16 dispatch kernel) and the reference's:
-        d_x and d_y bit for bit, d_topk_weights within 2^-10 of its largest
-        element; then "worker i/R: grads <case> passed".
-    python ll_worker.py --seed N --mixed
+    python ll_worker.py --seed N [--transport auto|put] [--cases all|shared]
+        [--grads] [--mixed]
+        the parts asked for, in this order, in one launch (one Buffer sized
+        for all of them); with none of the three, --cases all.
+    --cases all|shared
+        every case of CASES, or of SHARED_CASES (a subset with every mode,
+        small enough for 8 ranks sharing a GPU), on two fresh draws of
+        inputs: the kernels (a Buffer with backend "cuda") and, where each
+        rank has its own GPU, the pure-JAX reference (a second Buffer) in one
+        program on the same inputs. Each process checks the ranks it holds
+        against the dense model (the contract: fp8.py's cast with IEEE f32
+        arithmetic): count, handle.src_index and handle.slot bit for bit,
+        then scales and x (fp8 as bits; with zero_padding=False only the
+        rows below each expert's count), then the combine against the fp32
+        dense model, exact but for rounding ties (as in test_low_latency.py).
+        It prints how many dispatched and combined elements of the reference
+        backend differ from the kernels' (on GPUs XLA divides f32 within 2
+        ulp, so the reference's fp8 cast can round a value next to an e4m3
+        boundary the other way), then "worker i/R: <case> passed".
+    --grads
+        for each of GRAD_CASES (bf16: the fp8 cast is not differentiated),
+        the VJPs straight out of the ops, against the dense model: a
+        dispatch's in x (the combine kernels) bit for bit, and, where each
+        rank has its own GPU, a combine's in y (a bf16 dispatch kernel) bit
+        for bit and in topk_weights within `dm.low_latency_combine_vjp`'s
+        bound (exactly 0 where k selects nothing). Where ranks share a GPU
+        the combine's VJP cannot run: beside its dispatch kernel it gathers
+        the routing and sums the weights' cotangents through XLA
+        collectives. Then, where the reference runs, the gradients in x,
+        topk_weights and y of sum(g * combine(dispatch(x).x * c + y)) on the
+        kernels and on the reference: d_x and d_y bit for bit, d_topk_weights
+        within 2^-10 of its largest element. Prints "worker i/R: grads <case>
+        passed".
+    --mixed
         a normal dispatch/combine (intranode kernels) feeding a low-latency
         dispatch/combine in one jitted program, twice, equal to the dense
-        model's and the reference backend's bit for bit; then "worker i/R:
-        mixed <case> passed".
+        model's (and, where each rank has its own GPU, the reference
+        backend's) bit for bit; then "worker i/R: mixed <case> passed".
+    python ll_worker.py --seed N --repeat STEPS
+        STEPS jitted dispatch/combine pairs of REPEAT_CASE with fresh
+        routings, enqueued back to back in chunks of REPEAT_CHUNK (the host
+        draws the next chunk and checks the last one while the GPU runs), on
+        values whose combine sums are exact in fp32, so every output must
+        equal the dense model's bits; every step is checked. Prints one
+        sha256 over every step's outputs (two runs must print the same),
+        "worker i/R: repeat STEPS sha256 <hex>", then "worker i/R: repeat
+        STEPS passed".
     python ll_worker.py --seed N --timeout
         rank 1 never calls; rank 0's dispatch must time out, print its rank
         and phase, and fail (exit 1; 3 means it returned).
 
-Where ranks share a GPU (`jax_ep.launch --ranks-per-gpu`), NCCL refuses the
-reference backend's collectives: the cases, --repeat and --mixed then check
-against the dense model alone, and --grads refuses to run.
-
 A hidden `--backend reference` runs the "kernel" side on the reference too,
 to check this script without GPUs:
     python -m jax_ep.launch -n 2 -- python tests/ll_worker.py --seed 0 \\
-        --backend reference
+        --backend reference [--grads --mixed | --repeat 200]
+and with JAX_EP_LAUNCH_RANKS_PER_GPU=2 in the environment the processes take
+the paths of ranks sharing a GPU (no reference, no combine VJP).
 """
 
 from __future__ import annotations
@@ -55,6 +71,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import os
 import pathlib
 import sys
 import time
@@ -72,6 +89,7 @@ from jax.sharding import PartitionSpec as P
 
 import dense_model as dm
 import intranode_worker
+from intranode_worker import by_rank
 import jax_ep
 import jax_ep.launch
 from ep_testing import (BF16, FP8_MODES, assert_bf16_sum, assert_same, dyadic,
@@ -116,27 +134,37 @@ class Case:
             f"{'' if self.zero_padding else '-no_zero_padding'}")
 
 
-CASES = [
+# Every mode (bf16, each fp8 option, hooks, zero_copy, zero_padding off,
+# skew, Tmax > T, fp8 scale rows not whole 16 bytes) at shapes that 8 ranks
+# sharing a GPU run in seconds (the dense model of a case holds E*R*Tmax
+# rows on the host).
+SHARED_CASES = [
     Case(1, 2048, 1, 2),
     Case(1, 7168, 8, 288, mode="bf16"),
     Case(1, 4096, 8, 288, mode="bf16", zero_padding=False),
     Case(3, 4096, 8, 288, mode="fp8_round_scale", skew=True),
     Case(3, 2048, 1, 2, max_tokens=128, mode="bf16"),
+    Case(128, 2048, 8, 288, mode="fp8_round_scale_ue8m0", skew=True,
+         hooks=True),
+    Case(128, 2048, 1, 2, skew=True),
+    Case(6, 1024, 4, 12, max_tokens=9, mode="bf16", skew=True, hooks=True,
+         zero_copy=True),
+    Case(5, 512, 3, 6, max_tokens=6, zero_copy=True, zero_padding=False),
+    # fp8 scale rows of 4 * H/128 (or H/128 with UE8M0) bytes, not a
+    # multiple of 16: the padding after the received rows started off a
+    # 16-byte boundary, and these crashed with a misaligned address.
+    Case(5, 256, 2, 2, max_tokens=7, mode="fp8_round_scale"),
+    Case(4, 512, 3, 4, max_tokens=8, mode="fp8_ue8m0"),
+]
+CASES = SHARED_CASES + [
     Case(3, 7168, 8, 288, max_tokens=128, hooks=True),
     Case(128, 7168, 8, 288),  # DeepSeek-V3 decoding (bench shape dsv3_ll)
     Case(128, 7168, 8, 288, mode="bf16", skew=True, zero_copy=True),
     Case(128, 7168, 8, 288, hooks=True, zero_padding=False),
     Case(128, 4096, 8, 288, mode="fp8_ue8m0"),
     Case(128, 4096, 1, 288, mode="bf16", zero_copy=True, zero_padding=False),
-    Case(128, 2048, 8, 288, mode="fp8_round_scale_ue8m0", skew=True,
-         hooks=True),
-    Case(128, 2048, 1, 2, skew=True),
-    # fp8 scale rows of 4 * H/128 (or H/128 with UE8M0) bytes, not a
-    # multiple of 16: the padding after the received rows started off a
-    # 16-byte boundary, and these crashed with a misaligned address.
-    Case(5, 256, 2, 2, max_tokens=7, mode="fp8_round_scale"),
+    # More of issue 13's crashing shapes (scale rows off 16 bytes).
     Case(5, 256, 2, 2, max_tokens=8, mode="fp8_round_scale"),
-    Case(4, 512, 3, 4, max_tokens=8, mode="fp8_ue8m0"),
     Case(8, 7168, 2, 5, max_tokens=9, mode="fp8_round_scale_ue8m0"),
     Case(4, 3072, 4, 288, mode="fp8_ue8m0"),
     Case(1, 1536, 2, 64, max_tokens=14, mode="fp8_round_scale_ue8m0"),
@@ -149,8 +177,10 @@ CASES = [
     Case(9, 256, 6, 12, max_tokens=10, mode="fp8_round_scale"),
     Case(4, 256, 8, 12, mode="fp8_round_scale"),
 ]
-# --repeat: small, since every step's outputs stay on the GPU until the end.
+# --repeat: small, so that the host (inputs, dense model) keeps up.
 REPEAT_CASE = Case(8, 2048, 8, 16)
+# --repeat: steps enqueued before the host checks them.
+REPEAT_CHUNK = 250
 # --mixed: normal and low-latency ops in one program.
 MIXED_CASE = Case(64, 2048, 8, 16, mode="bf16", skew=True)
 # --grads: bf16 (the fp8 cast is not differentiated).
@@ -233,14 +263,6 @@ def case_program(mesh: Mesh, kern, ref, case: Case):
       in_specs=P(EP), out_specs=P(EP)))
 
 
-def by_rank(*arrays):
-  """(rank, values...) for each shard this process holds of `arrays`, all
-  [R, ...] and split over the ranks alike."""
-  for shards in zip(*(a.addressable_shards for a in arrays)):
-    yield (shards[0].index[0].start or 0,
-           *[np.asarray(s.data)[0] for s in shards])
-
-
 def beside_reference(got, want):
   """(rank, got's values, want's or None) for each shard this process holds;
   `want`, the reference backend's output, may be None (no reference)."""
@@ -259,11 +281,17 @@ def _differ(a, b) -> int:
                               intranode_worker.bits(b)))
 
 
+def ranks_share_gpus() -> bool:
+  """Whether ranks share GPUs (`jax_ep.launch --ranks-per-gpu`): NCCL then
+  refuses every XLA collective across them."""
+  return jax_ep.launch.ranks_per_gpu() > 1
+
+
 def reference_buffer(mesh: Mesh) -> jax_ep.Buffer | None:
   """The reference backend's Buffer, or None where ranks share a GPU: NCCL
   refuses the reference's collectives there, and the dense model is the
   only oracle."""
-  if jax_ep.launch.ranks_per_gpu() > 1:
+  if ranks_share_gpus():
     return None
   return jax_ep.Buffer(mesh, EP, backend="reference")
 
@@ -355,37 +383,108 @@ def run_cases(mesh: Mesh, kern, ref, cases, seed: int, who: str) -> None:
     print(f"{who}: {case.name()} passed", flush=True)
 
 
-def run_repeat(mesh: Mesh, kern, ref, case: Case, seed: int, steps: int,
+def run_repeat(mesh: Mesh, kern, case: Case, seed: int, steps: int,
                who: str) -> None:
+  """`steps` pairs on the kernels alone (the dense model checks each one),
+  in chunks: the host draws and enqueues a chunk, then hashes and checks the
+  one before while the GPU runs it, so two chunks' outputs are alive at a
+  time."""
   num_ranks = mesh.devices.size
   rng = np.random.default_rng(seed)
   put = lambda a: intranode_worker.global_array(mesh, flat(a), P(EP))
-  inputs = [token_inputs(rng, num_ranks, case, exact=True)
-            for _ in range(steps)]
-  draws = [[put(a) for a in step_inputs] for step_inputs in inputs]
   # One y for every step: each step's routing reads other slots of it.
   y_host = expert_outputs(rng, num_ranks, case, exact=True)
   y = put(y_host)
-  program = case_program(mesh, kern, ref, case)
-  # Enqueued back to back: nothing waits on the host between steps. (A
-  # lax.scan stacking every step's outputs runs in quadratic time on CPUs.)
-  results = [program(*draw, y) for draw in draws]
+  program = case_program(mesh, kern, None, case)
   digest = hashlib.sha256()
-  for result in results:
-    for leaf in jax.tree.leaves((result["got"], result["out"])):
-      for _, values in by_rank(leaf):
-        digest.update(values.tobytes())
+
+  def enqueue(first: int):
+    """The steps from `first` on: their inputs and (pending) outputs."""
+    inputs = [token_inputs(rng, num_ranks, case, exact=True)
+              for _ in range(min(REPEAT_CHUNK, steps - first))]
+    # Back to back: nothing waits on the host between steps. (A lax.scan
+    # stacking every step's outputs runs in quadratic time on CPUs.)
+    return first, [(arrays, program(*[put(a) for a in arrays], y))
+                   for arrays in inputs]
+
+  def check(first: int, chunk) -> None:
+    for step, ((x, idx, w), result) in enumerate(chunk, first):
+      for leaf in jax.tree.leaves((result["got"], result["out"])):
+        for _, values in by_rank(leaf):
+          digest.update(values.tobytes())
+      ctx = f"{who}, seed={seed}, step {step} of {steps}, {case.name()}"
+      dense = dm.low_latency_dispatch(x, idx, num_experts=case.experts,
+                                      max_tokens=case.tmax,
+                                      **FP8_MODES[case.mode])
+      check_dispatch(result["got"], None, dense, case, ctx)
+      want = dm.low_latency_combine(y_host, idx, w, dense)  # its slots
+      for rank, o in by_rank(result["out"]):
+        assert_same(o, want[rank], f"combine (rank {rank}, exact sums)", ctx)
+
+  pending = None
+  for first in range(0, steps, REPEAT_CHUNK):
+    chunk = enqueue(first)
+    if pending is not None:
+      check(*pending)
+    pending = chunk
+  if pending is not None:
+    check(*pending)
   print(f"{who}: repeat {steps} sha256 {digest.hexdigest()}", flush=True)
-  for step, (result, (x, idx, w)) in enumerate(zip(results, inputs)):
-    ctx = f"{who}, seed={seed}, step {step} of {steps}, {case.name()}"
-    dense = dm.low_latency_dispatch(x, idx, num_experts=case.experts,
-                                    max_tokens=case.tmax,
-                                    **FP8_MODES[case.mode])
-    check_dispatch(result["got"], result["want"], dense, case, ctx)
-    want = dm.low_latency_combine(y_host, idx, w, dense)  # its slots
-    for rank, o in by_rank(result["out"]):
-      assert_same(o, want[rank], f"combine (rank {rank}, exact sums)", ctx)
   print(f"{who}: repeat {steps} passed", flush=True)
+
+
+def vjp_program(mesh: Mesh, buffer, case: Case, *, combine: bool):
+  """jit(shard_map) of the VJPs alone: global (x, idx, w, y, g_recv, g_out)
+  -> dict of d_x, a bf16 dispatch's VJP at g_recv, and with `combine` d_y
+  and d_w, a combine's at g_out (every leaf [R, ...]). Each is an op's
+  backward output as it is: XLA arithmetic after it would be free to skip a
+  bf16 rounding (--xla_allow_excess_precision)."""
+  def per_shard(x, idx, w, y, g_recv, g_out):
+    def dispatch(x):
+      d = jax_ep.low_latency_dispatch(
+          buffer, x, idx, num_max_dispatch_tokens_per_rank=case.tmax,
+          num_experts=case.experts, use_fp8=False)
+      return d.x, d.handle
+
+    _, dispatch_vjp, handle = jax.vjp(dispatch, x, has_aux=True)
+    grads = dict(d_x=dispatch_vjp(g_recv)[0])
+    if combine:
+      _, combine_vjp = jax.vjp(
+          lambda y, w: jax_ep.low_latency_combine(buffer, y, idx, w, handle),
+          y, w)
+      grads["d_y"], grads["d_w"] = combine_vjp(g_out)
+    return _lead(grads)
+
+  return jax.jit(jax.shard_map(per_shard, mesh=mesh, in_specs=P(EP),
+                               out_specs=P(EP)))
+
+
+def check_vjps(got, x, idx, w, y, g_recv, g_out, case: Case,
+               ctx: str) -> None:
+  """`vjp_program`'s outputs against the dense model: d_x (dispatch's VJP is
+  a unit-weight combine over each token's distinct experts) and d_y bit for
+  bit, d_w within `dm.low_latency_combine_vjp`'s bound, +0 where k selects
+  nothing."""
+  routes = dm.low_latency_dispatch(x, idx, num_experts=case.experts,
+                                   max_tokens=case.tmax)
+  want_x = dm.low_latency_combine(g_recv, idx, dm.first_selections(idx),
+                                  routes)
+  for rank, d_x in by_rank(got["d_x"]):
+    assert_same(d_x, want_x[rank], f"dispatch VJP d_x (rank {rank})", ctx)
+  if "d_y" not in got:
+    return
+  want_y, want_w, bound = dm.low_latency_combine_vjp(g_out, y, idx, w, routes)
+  selects = (idx >= 0) & (idx < case.experts)
+  for rank, d_y, d_w in by_rank(got["d_y"], got["d_w"]):
+    assert_same(d_y, want_y[rank], f"combine VJP d_y (rank {rank})", ctx)
+    assert_same(d_w[~selects[rank]], np.zeros((~selects[rank]).sum(),
+                                               np.float32),
+                f"combine VJP d_topk_weights (rank {rank}, no selection)",
+                ctx)
+    err = np.abs(d_w.astype(np.float64) - want_w[rank])
+    assert (err <= bound[rank]).all(), (
+        f"combine VJP d_topk_weights (rank {rank}): max error {err.max()}, "
+        f"bound {bound[rank].max()} [{ctx}]")
 
 
 def grad_program(mesh: Mesh, buffer, case: Case):
@@ -405,34 +504,51 @@ def grad_program(mesh: Mesh, buffer, case: Case):
 
 
 def run_grads(mesh: Mesh, kern, ref, cases, seed: int, who: str) -> None:
-  """d_x and d_y bit for bit equal to the reference backend's, d_w within
-  2^-10 of its largest element (wrong rows or slots would be far off)."""
+  """The VJPs against the dense model (`check_vjps`; the combine's where
+  ranks have GPUs of their own: its backward runs XLA collectives), then,
+  where the reference runs, gradients through a whole program on both
+  backends: d_x and d_y bit for bit, d_w within 2^-10 of its largest element
+  (the same sums, perhaps fused in another order; wrong rows or slots would
+  be far off)."""
   num_ranks = mesh.devices.size
   rng = np.random.default_rng(seed)
   put = lambda a: intranode_worker.global_array(mesh, flat(a), P(EP))
+  combine = not ranks_share_gpus()
+  vjps = "dispatch and combine" if combine else "dispatch (ranks share GPUs)"
   for case in cases:
     ctx = f"{who}, seed={seed}, grads, {case.name()}"
-    x, idx, w = token_inputs(rng, num_ranks, case)
-    y = expert_outputs(rng, num_ranks, case)
-    c = normal(rng, (num_ranks, case.experts // num_ranks, 1, case.hidden),
-               BF16)
-    g = normal(rng, x.shape, BF16)
-    args = [put(a) for a in (x, w, y, idx, c, g)]
-    got = grad_program(mesh, kern, case)(*args)
-    want = grad_program(mesh, ref, case)(*args)
-    for name, gv, wv in zip(("d_x", "d_w", "d_y"), got, want):
-      for rank, a, b in by_rank(gv, wv):
-        if name == "d_w":  # the same sums, perhaps fused in another order
-          bound = 2.0**-10 * np.abs(b).max()
-          assert (np.abs(a - b) <= bound).all(), (
-              f"{name} (rank {rank}): max error {np.abs(a - b).max()} [{ctx}]")
-        else:
-          assert_same(a, b, f"{name} (rank {rank})", ctx)
+    # Weights in eighths: a token's weights for an expert it lists more
+    # than once sum exactly in any order (XLA picks its own on GPUs).
+    x, idx, w = token_inputs(rng, num_ranks, case, exact=True)
+    # Random rows in every slot of y and g_recv, empty ones too: reading a
+    # wrong or empty slot shows.
+    y, g_recv = (expert_outputs(rng, num_ranks, case) for _ in range(2))
+    g_out = normal(rng, x.shape, BF16)
+    got = vjp_program(mesh, kern, case, combine=combine)(
+        *[put(a) for a in (x, idx, w, y, g_recv, g_out)])
+    check_vjps(got, x, idx, w, y, g_recv, g_out, case, ctx)
+    if ref is not None:
+      c = normal(rng, (num_ranks, case.experts // num_ranks, 1, case.hidden),
+                 BF16)
+      args = [put(a) for a in (x, w, y, idx, c, g_out)]
+      got = grad_program(mesh, kern, case)(*args)
+      want = grad_program(mesh, ref, case)(*args)
+      for name, gv, wv in zip(("d_x", "d_w", "d_y"), got, want):
+        for rank, a, b in by_rank(gv, wv):
+          if name == "d_w":
+            bound = 2.0**-10 * np.abs(b).max()
+            assert (np.abs(a - b) <= bound).all(), (
+                f"{name} (rank {rank}, reference): max error "
+                f"{np.abs(a - b).max()} [{ctx}]")
+          else:
+            assert_same(a, b, f"{name} (rank {rank}, reference)", ctx)
+    print(f"{ctx}: VJPs of {vjps} as the dense model's; "
+          f"{'' if ref else 'no '}whole-program gradients as the reference's",
+          flush=True)
     print(f"{who}: grads {case.name()} passed", flush=True)
 
 
-def run_mixed(mesh: Mesh, backend: str, transport: str, seed: int,
-              who: str) -> None:
+def run_mixed(mesh: Mesh, kern, ref, case: Case, seed: int, who: str) -> None:
   """A normal dispatch/combine (the intranode kernels) and a low-latency
   dispatch/combine (NVSHMEM) in one jitted program, twice: every output
   equal to the dense model's and (where ranks do not share a GPU) to the
@@ -440,13 +556,9 @@ def run_mixed(mesh: Mesh, backend: str, transport: str, seed: int,
   (x in quarters, weights in eighths: the normal combine's rows are
   multiples of 2^-5 below 2^7, the LL combine's sums multiples of 2^-8 below
   2^12), so neither summation order nor FMA contraction, which XLA may
-  choose differently from the kernels, changes a bit."""
+  choose differently from the kernels, changes a bit. `kern` has NVLink
+  buffers for `case`."""
   num_ranks = mesh.devices.size
-  case = MIXED_CASE.at(num_ranks)
-  kern = kernel_buffer(mesh, backend, [case], transport,
-                       num_nvl_bytes=jax_ep.nvl_buffer_bytes(
-                           case.tokens, case.hidden, case.topk, num_ranks))
-  ref = reference_buffer(mesh)
 
   def body(buffer):
     def per_shard(x, idx, w):
@@ -482,27 +594,30 @@ def run_mixed(mesh: Mesh, backend: str, transport: str, seed: int,
         assert_same(a, dense[name][rank], f"{name} (rank {rank})", ctx)
         if b is not None:
           assert_same(a, b, f"{name} (rank {rank}, reference)", ctx)
-  # Collective: the heap's close is a barrier before the NVLink buffers go.
-  kern.close()
   print(f"{who}: mixed {case.name()} passed", flush=True)
 
 
 def run_timeout(mesh: Mesh, transport: str) -> int:
-  """Rank 0 dispatches alone: its wait for rank 1 must time out."""
+  """Rank 0 dispatches alone: its wait for rank 1 must time out. Both ranks
+  compile the call (compiling may exchange with the peers); rank 1 never
+  runs it."""
   case = Case(16, 2048, 8, 16)
   kern = kernel_buffer(mesh, "cuda", [case], transport, timeout_s=_TIMEOUT_S)
-  if jax.process_index() != 0:
-    time.sleep(_ABSENT_S)  # never calls; rank 0 must have failed by now
-    return 3
   x, idx, _ = token_inputs(np.random.default_rng(0), mesh.devices.size, case)
+  args = [intranode_worker.global_array(mesh, flat(a), P(EP))
+          for a in (x, idx)]
   dispatch = jax.jit(jax.shard_map(
       lambda x, i: jax_ep.low_latency_dispatch(
           kern, x, i, num_max_dispatch_tokens_per_rank=case.tmax,
           num_experts=case.experts).x[None],
-      mesh=mesh, in_specs=P(EP), out_specs=P(EP)))
-  jax.block_until_ready(dispatch(
-      intranode_worker.global_array(mesh, flat(x), P(EP)),
-      intranode_worker.global_array(mesh, flat(idx), P(EP))))
+      mesh=mesh, in_specs=P(EP), out_specs=P(EP))).lower(*args).compile()
+  print(f"rank {jax.process_index()}: compiled", flush=True)
+  if jax.process_index() != 0:
+    time.sleep(_ABSENT_S)  # never calls; rank 0 must have failed by now
+    print(f"rank 1: rank 0 was still running after {_ABSENT_S:.0f} s",
+          flush=True)
+    os._exit(3)  # pylint: disable=protected-access  # no shutdown barrier
+  jax.block_until_ready(dispatch(*args))
   print("low_latency_dispatch returned without a timeout", flush=True)
   return 3
 
@@ -512,18 +627,24 @@ def main(argv=None) -> int:
   parser.add_argument("--seed", type=int, required=True)
   parser.add_argument("--transport", choices=("auto", "put"), default="auto",
                       help="the kernel Buffer's ll_transport")
-  parser.add_argument("--repeat", type=int, default=0, metavar="STEPS",
-                      help="STEPS dispatch/combine pairs back to back "
-                      "instead of CASES")
+  parser.add_argument("--cases", choices=("all", "shared"),
+                      help="CASES or SHARED_CASES (default: all, unless "
+                      "--grads or --mixed is given)")
+  parser.add_argument("--grads", action="store_true",
+                      help="the VJPs through GRAD_CASES")
   parser.add_argument("--mixed", action="store_true",
                       help="normal and low-latency ops in one program")
-  parser.add_argument("--grads", action="store_true",
-                      help="gradients through GRAD_CASES instead of CASES")
+  parser.add_argument("--repeat", type=int, default=0, metavar="STEPS",
+                      help="STEPS dispatch/combine pairs back to back, "
+                      "hashed, instead of the parts above")
   parser.add_argument("--timeout", action="store_true",
                       help="rank 0 dispatches alone and must time out")
   parser.add_argument("--backend", choices=("cuda", "reference"),
                       default="cuda", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
+  if (args.repeat or args.timeout) and (args.cases or args.grads or
+                                        args.mixed):
+    parser.error("--repeat and --timeout run alone")
   # Before any JAX call. Under the launcher it also makes an uncaught error
   # exit at once, without jax.distributed's shutdown wait for the peer.
   jax_ep.launch.initialize()
@@ -531,25 +652,34 @@ def main(argv=None) -> int:
   if args.timeout:
     return run_timeout(mesh, args.transport)
   who = f"worker {jax.process_index()}/{jax.process_count()}"
-  if args.mixed:
-    run_mixed(mesh, args.backend, args.transport, args.seed, who)
-    return 0
-  # The cases at this many ranks (their experts a multiple of them).
-  cases = [c.at(mesh.devices.size) for c in
-           ([REPEAT_CASE] if args.repeat else
-            GRAD_CASES if args.grads else CASES)]
-  kern = kernel_buffer(mesh, args.backend, cases, args.transport)
-  ref = reference_buffer(mesh)
-  if ref is None and args.grads:
-    raise SystemExit("ll_worker --grads compares with the reference backend, "
-                     "which cannot run where ranks share a GPU")
+  num_ranks = mesh.devices.size
   if args.repeat:
-    run_repeat(mesh, kern, ref, cases[0], args.seed, args.repeat, who)
-  elif args.grads:
-    run_grads(mesh, kern, ref, cases, args.seed, who)
+    case = REPEAT_CASE.at(num_ranks)
+    kern = kernel_buffer(mesh, args.backend, [case], args.transport)
+    run_repeat(mesh, kern, case, args.seed, args.repeat, who)
   else:
+    # The cases at this many ranks (their experts a multiple of them).
+    cases = [c.at(num_ranks) for c in
+             {"all": CASES, "shared": SHARED_CASES,
+              None: [] if args.grads or args.mixed else CASES}[args.cases]]
+    grad_cases = [c.at(num_ranks) for c in GRAD_CASES] if args.grads else []
+    mixed = MIXED_CASE.at(num_ranks) if args.mixed else None
+    sized = cases + grad_cases + ([mixed] if mixed else [])
+    # One Buffer for every part (a Buffer costs seconds), with NVLink
+    # buffers for the mixed program's normal ops.
+    kern = kernel_buffer(mesh, args.backend, sized, args.transport,
+                         num_nvl_bytes=mixed and jax_ep.nvl_buffer_bytes(
+                             mixed.tokens, mixed.hidden, mixed.topk,
+                             num_ranks))
+    ref = reference_buffer(mesh)
     run_cases(mesh, kern, ref, cases, args.seed, who)
-  kern.close()  # collective: every process is past its last op
+    if grad_cases:
+      run_grads(mesh, kern, ref, grad_cases, args.seed, who)
+    if mixed:
+      run_mixed(mesh, kern, ref, mixed, args.seed, who)
+  # Collective: every process is past its last op. The heap's close is a
+  # barrier before the NVLink buffers go.
+  kern.close()
   return 0
 
 

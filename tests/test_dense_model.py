@@ -104,6 +104,29 @@ def test_low_latency_by_hand():
   np.testing.assert_array_equal(got.astype(F32), want)
 
 
+def test_low_latency_combine_vjp_by_hand():
+  routes = dm.low_latency_dispatch(np.zeros((2, 2, 2), BF16), IDX,
+                                   num_experts=4, max_tokens=3)
+  g = np.array([[[1, -2], [3, .5]], [[-1, 4], [5, 5]]], BF16)
+  y = np.full((2, 2, 6, 2), 99, BF16)  # past the counts: never read
+  y[0, 0, 0], y[0, 1, 0], y[1, 0, 0], y[1, 1, 0] = [2, -1], [1, -1], \
+      [.5, 2], [-3, 1]
+  d_y, d_w, bound = dm.low_latency_combine_vjp(g, y, IDX, W, routes)
+  want_y = np.zeros(y.shape, F32)
+  want_y[0, 0, 0] = [.5, -1]      # e0: g[s0, t0] * .5
+  want_y[0, 1, 0] = [2.25, .375]  # e1: g[s0, t1] * .75
+  want_y[1, 0, 0] = [-6, 24]      # e2: g[s1, t0] * (2 + 4), listed twice
+  want_y[1, 1, 0] = [.25, -.5]    # e3: g[s0, t0] * .25
+  assert d_y.dtype == BF16
+  np.testing.assert_array_equal(d_y.astype(F32), want_y)
+  # <g[t], y[slot of (t, k)]>; 0 for -1 and for expert 5 (out of range).
+  np.testing.assert_array_equal(d_w, [[[4, -5], [2.5, 0]],
+                                      [[7.5, 7.5], [0, 0]]])
+  np.testing.assert_array_equal(  # H * 2^-24 * sum |g * y|
+      bound, 2 * 2.0**-24 * np.array([[[4, 5], [3.5, 0]],
+                                      [[8.5, 8.5], [0, 0]]]))
+
+
 def test_fp8_by_hand():
   x = np.zeros((3, 128), F32)
   x[0, :4] = [448, -2, 0.5, 3]    # amax 448: scale 1, q exact

@@ -1,25 +1,37 @@
 """GPU tests of the low-latency dispatch and combine kernels, against the
-pure-JAX reference, bit for bit (every output and every handle field).
+dense model (every output and handle field, bit for bit) and, where each rank
+has its own GPU, the pure-JAX reference.
 
-The LL kernels use NVSHMEM, which needs one process per GPU, so each test
-launches ll_worker.py as one process per local GPU (R of them; one GPU is
-R = 1, where every row stays on the GPU) and reads what they print:
+The LL kernels use NVSHMEM, which needs one process per rank, so each test
+launches ll_worker.py through `gpu_testing.launch_per_gpu` and reads what its
+processes print. The tests run at R = the GPUs (one process each; one GPU
+is R = 1, where every row stays on the GPU) and, but where sizes are named
+below, at 2, 4 and 8 where those are multiples of the GPUs
+(`gpu_testing.multi_rank_sizes`): several ranks then share each GPU, which
+time-slices between them, and NCCL refuses the reference's collectives, so
+the dense model is the only oracle. Test ids name R.
 
-* every case of `ll_worker.CASES`, on fresh inputs twice: T from 1 to 128
-  (Tmax = T, T + 1 to 10, or 128), H from 256 to 7168 (fp8 scale rows that
-  are not whole 16 bytes among them), K from 1 to 8, E from R to 288;
-  -1, repeated and out-of-range ids, skewed routing; bf16, fp8, round_scale,
-  UE8M0; hooks; zero_copy; zero_padding off. Once per transport.
-* 1000 jitted dispatch/combine pairs with fresh routings, enqueued back to
-  back, on values whose combine sums are exact: every output equal to the
-  dense model's; run twice: the same sha256 both times.
-* Gradients through a bf16 dispatch, an expert and a combine: the VJPs run
-  the kernels (dispatch's is a combine, combine's a bf16 dispatch) and
-  equal the reference backend's.
-* Normal and low-latency ops in one program, on their kernels, equal to the
-  dense model's and the reference backend's.
-* A rank that never calls: the other's dispatch names its rank and phase and
-  fails instead of hanging (2 GPUs and more).
+* Each transport ("auto", "put") in one launch per R: the cases on fresh
+  inputs twice, `ll_worker.CASES` where each rank has its own GPU and on
+  "auto" at R = 2, else `ll_worker.SHARED_CASES` (every mode, small shapes):
+  T from 1 to 128 (Tmax = T, T + 1 to 10, or 128), H from 256 to 7168 (fp8
+  scale rows that are not whole 16 bytes among them), K from 1 to 8, E from
+  R to 288; -1, repeated and out-of-range ids, skewed routing; bf16, fp8,
+  round_scale, UE8M0; hooks; zero_copy; zero_padding off. The "auto" launch
+  then runs, since a launch costs 10-20 s:
+  - the VJPs straight out of the ops against the dense model: a bf16
+    dispatch's (the combine kernels) and, where each rank has its own GPU
+    (its backward runs XLA collectives), a combine's (a bf16 dispatch
+    kernel); there also gradients through a dispatch, an expert and a
+    combine equal to the reference backend's;
+  - normal and low-latency ops in one program, on their kernels.
+* 1000 jitted dispatch/combine pairs at R = the GPUs with fresh routings,
+  enqueued back to back, on values whose combine sums are exact: every
+  output equal to the dense model's; run twice: the same sha256 both times.
+  Pressure (marked `pressure`; scripts/gpu_check.sh runs it in a call of its
+  own): the same with 10,000 pairs at R = 2 and 500 at R = 8.
+* A rank that never calls (R = 2: one GPU each, or sharing one): the other's
+  dispatch names its rank and phase and fails instead of hanging.
 """
 
 from __future__ import annotations
@@ -30,64 +42,94 @@ import re
 import pytest
 
 import ll_worker as worker
-from gpu_testing import GPUS, NEEDS_KERNELS, every_worker, launch_per_gpu
+from gpu_testing import (GPUS, NEEDS_KERNELS, every_worker, launch_per_gpu,
+                         multi_rank_sizes)
 
 pytestmark = NEEDS_KERNELS
 WORKER = pathlib.Path(worker.__file__).resolve()
+# One process per GPU (1 without GPUs, where every test skips), then ranks
+# sharing each GPU.
+PER_GPU = max(len(GPUS), 1)
+SIZES = sorted({PER_GPU, *multi_rank_sizes()})
+# --repeat pairs per run: at R = the GPUs, and (pressure) where ranks share a
+# GPU at R = 2 and 8, fewer at 8: time-slicing 8 ranks makes a pair some 35
+# ms there, 5 ms at R = 2.
 REPEAT_STEPS = 1000
+PRESSURE_STEPS = {2: 10_000, 8: 500}
 
 
-def run_worker(capfd, seed, args: list[str], passed: list[str], *,
-               timeout: float) -> str:
-  """Runs ll_worker.py with `args`, one process per GPU; each must exit 0
-  and print "worker i/R: <p> passed" for every `p` of `passed`. Returns
+def _ranks_id(num_ranks: int) -> str:
+  return f"R{num_ranks}"
+
+
+def run_worker(capfd, seed, num_ranks: int, args: list[str],
+               passed: list[str], *, timeout: float) -> str:
+  """Runs ll_worker.py with `args` as `num_ranks` processes; each must exit
+  0 and print "worker i/R: <p> passed" for every `p` of `passed`. Returns
   stdout."""
   code, out, report = launch_per_gpu(
-      capfd, [str(WORKER), "--seed", str(seed), *args], timeout=timeout)
-  report = f"seed={seed}, {' '.join(args)}: {report}"
+      capfd, [str(WORKER), "--seed", str(seed), *args], timeout=timeout,
+      num_ranks=num_ranks)
+  report = f"seed={seed}, R={num_ranks}, {' '.join(args)}: {report}"
   assert code == 0, report
   for name in passed:
-    for line in every_worker(f"{name} passed"):
+    for line in every_worker(f"{name} passed", num_ranks):
       assert line in out, report
   return out
 
 
+@pytest.mark.parametrize("num_ranks", SIZES, ids=_ranks_id)
 @pytest.mark.parametrize("transport", ["auto", "put"])
-def test_kernels_match_reference(capfd, seed, transport):
-  run_worker(capfd, seed, ["--transport", transport],
-             [case.at(len(GPUS)).name() for case in worker.CASES],
-             timeout=240)
+def test_kernels_match_the_dense_model(capfd, seed, transport, num_ranks):
+  """The cases on `transport`; on "auto" the VJPs and the mixed program in
+  the same launch."""
+  # Where ranks share a GPU, every call is slower (time-slicing) and the
+  # host's dense model of a case grows with R: the subset, but at R = 2 on
+  # "auto".
+  every_case = num_ranks <= len(GPUS) or (num_ranks == 2 and
+                                          transport == "auto")
+  cases = worker.CASES if every_case else worker.SHARED_CASES
+  args = ["--transport", transport, "--cases",
+          "all" if every_case else "shared"]
+  passed = [case.at(num_ranks).name() for case in cases]
+  if transport == "auto":
+    args += ["--grads", "--mixed"]
+    passed += [f"grads {case.at(num_ranks).name()}"
+               for case in worker.GRAD_CASES]
+    passed.append(f"mixed {worker.MIXED_CASE.at(num_ranks).name()}")
+  # Bounds for a hang, well above a run (a minute or two expected).
+  run_worker(capfd, seed, num_ranks, args, passed,
+             timeout=360 if every_case else 240)
 
 
-def test_repeated_pairs_are_bitwise_repeatable(capfd, seed):
+@pytest.mark.parametrize("num_ranks, steps", [
+    pytest.param(PER_GPU, REPEAT_STEPS,
+                 id=f"{_ranks_id(PER_GPU)}-{REPEAT_STEPS}"),
+    *[pytest.param(r, PRESSURE_STEPS[r], marks=pytest.mark.pressure,
+                   id=f"{_ranks_id(r)}-{PRESSURE_STEPS[r]}")
+      for r in multi_rank_sizes() if r in PRESSURE_STEPS]])
+def test_repeated_pairs_hash_the_same_twice(capfd, seed, num_ranks, steps):
   """Identical inputs give identical bits, launch after launch."""
   digests = []
   for _ in range(2):
-    out = run_worker(capfd, seed, ["--repeat", str(REPEAT_STEPS)],
-                     [f"repeat {REPEAT_STEPS}"], timeout=180)
+    # Launch and compile, then 10 ms a pair per rank (a pair takes 5 ms at
+    # R = 2 sharing a GPU, 35 at R = 8).
+    out = run_worker(capfd, seed, num_ranks, ["--repeat", str(steps)],
+                     [f"repeat {steps}"],
+                     timeout=90 + steps * num_ranks / 100)
     digests.append(sorted(re.findall(
-        rf"worker (\d+)/{len(GPUS)}: repeat {REPEAT_STEPS} sha256 "
-        r"([0-9a-f]{64})", out)))
-    assert len(digests[-1]) == len(GPUS), f"seed={seed}: {out}"
-  assert digests[0] == digests[1], f"seed={seed}: {digests}"
+        rf"worker (\d+)/{num_ranks}: repeat {steps} sha256 ([0-9a-f]{{64}})",
+        out)))
+    assert len(digests[-1]) == num_ranks, f"seed={seed}: {out}"
+  assert digests[0] == digests[1], f"seed={seed}, R={num_ranks}: {digests}"
 
 
-def test_vjps_on_the_kernels_match_the_reference(capfd, seed):
-  run_worker(capfd, seed, ["--grads"],
-             [f"grads {case.at(len(GPUS)).name()}"
-              for case in worker.GRAD_CASES],
-             timeout=180)
-
-
-def test_normal_and_low_latency_ops_mix_in_one_program(capfd, seed):
-  run_worker(capfd, seed, ["--mixed"],
-             [f"mixed {worker.MIXED_CASE.at(len(GPUS)).name()}"], timeout=180)
-
-
-@pytest.mark.skipif(len(GPUS) < 2, reason="needs 2 GPUs, one process each")
-def test_a_missing_rank_times_out_with_a_report(capfd, seed):
+@pytest.mark.parametrize("num_ranks", [2], ids=_ranks_id)
+def test_a_missing_rank_times_out_with_a_report(capfd, seed, num_ranks):
+  """Rank 1 never calls (one GPU each, or sharing one)."""
   code, _, report = launch_per_gpu(
-      capfd, [str(WORKER), "--seed", str(seed), "--timeout"], timeout=120)
+      capfd, [str(WORKER), "--seed", str(seed), "--timeout"], timeout=120,
+      num_ranks=num_ranks)
   assert code not in (0, 3), f"dispatch returned: {report}"
   assert code != 124, f"dispatch hung instead of timing out: {report}"
   assert re.search(r"jax_ep low_latency_dispatch timeout: rank 0, phase "
