@@ -38,10 +38,11 @@
 #   ceilings.log    NVLink write ceilings, every GPU sending (CEILINGS)
 #   summary.txt     one line per step, also printed at the end
 # On a one-GPU machine the whole check needs two 10-minute device calls:
-#   SKIP_BENCH=1 DEMO_STEPS=0 SANITIZE=0 scripts/gpu_check.sh OUT/tests
-#       (the GPU tests, multi-rank ones at R = 2, 4 and 8 sharing the GPU)
-#   SKIP_TESTS=1 PRESSURE=1 SKIP_BENCH=1 scripts/gpu_check.sh OUT/pressure
-#       (pressure, the sanitizers and the demo)
+#   SKIP_BENCH=1 DEMO_STEPS=0 scripts/gpu_check.sh OUT/tests
+#       (the GPU tests, multi-rank ones at R = 2, 4 and 8 sharing the GPU,
+#       and the sanitizers at R = 2)
+#   SKIP_TESTS=1 SANITIZE=0 PRESSURE=1 SKIP_BENCH=1 DEMO_STEPS=0 \
+#       scripts/gpu_check.sh OUT/pressure          (the pressure tests)
 # Exit status: 0 when every step that ran passed. A failed build stops the
 # run; failed tests do not stop the benchmarks.
 set -euo pipefail

@@ -29,7 +29,7 @@ the dense model is the only oracle. Test ids name R.
   enqueued back to back, on values whose combine sums are exact: every
   output equal to the dense model's; run twice: the same sha256 both times.
   Pressure (marked `pressure`; scripts/gpu_check.sh runs it in a call of its
-  own): the same with 10,000 pairs at R = 2 and 500 at R = 8.
+  own): the same with 10,000 pairs at R = 2 and 200 at R = 8.
 * A rank that never calls (R = 2: one GPU each, or sharing one): the other's
   dispatch names its rank and phase and fails instead of hanging.
 """
@@ -55,7 +55,7 @@ SIZES = sorted({PER_GPU, *multi_rank_sizes()})
 # GPU at R = 2 and 8, fewer at 8: time-slicing 8 ranks makes a pair some 35
 # ms there, 5 ms at R = 2.
 REPEAT_STEPS = 1000
-PRESSURE_STEPS = {2: 10_000, 8: 500}
+PRESSURE_STEPS = {2: 10_000, 8: 200}
 
 
 def _ranks_id(num_ranks: int) -> str:
