@@ -85,7 +85,10 @@ DISPATCH_CASES = {
               "dispatch: x must have dtype in ['bfloat16', 'float16', "
               "'float32'], got int32[4, 64]"),
     "x_fp8_alone": (arr((T, 128), np.float32), ids(), dict(fp8_alone=True),
-                    TypeError, "dispatch: x must have dtype in"),
+                    TypeError, "dispatch: x is float8_e4m3fn rows without "
+                    "their scales; fp8 x is the pair (e4m3[T, H], f32 "
+                    "scales[T, H/128]) that jax_ep.per_token_cast_to_fp8 "
+                    "returns"),
     "x_row_bytes_bf16": (arr((T, 4), BF16), ids(), {}, ValueError,
                          "dispatch: a row of x is 8 bytes (bfloat16[4, 4]); "
                          "rows must be a multiple of 16 bytes"),

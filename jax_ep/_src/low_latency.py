@@ -255,7 +255,12 @@ def low_latency_combine(buffer: Buffer, y: jax.Array, topk_idx: jax.Array,
 
   `out[t] = sum_k w[t, k] * y[slot of (t, expert k)]`, skipping -1, in fp32:
   each rank sums its experts' terms in k order, then the source adds the
-  ranks' sums in rank order and rounds once to bf16 (bitwise repeatable).
+  ranks' sums in rank order and rounds once to bf16. Each term's multiply
+  and add may be fused into one FMA (the kernels fuse every term; XLA may
+  fuse some on the reference backend), so a result can differ from a strict
+  evaluation within fp32's error bound: one bf16 step at a rounding tie, or
+  a few steps of a tiny result where terms cancel. Each backend is bitwise
+  repeatable.
 
   Args:
     buffer: the `jax_ep.Buffer` of the dispatch.

@@ -103,6 +103,11 @@ def _token_rows(op: str, x) -> tuple[tuple[jax.Array, ...], bool]:
                  dtypes=(jnp.float32,), shape=(q.shape[0], q.shape[1] // GROUP))
     checks.row_bytes(op, "x", q)
     return (q, scales), True
+  if getattr(x, "dtype", None) == FP8_DTYPE:
+    raise TypeError(
+        f"jax_ep.{op}: x is float8_e4m3fn rows without their scales; fp8 x "
+        f"is the pair (e4m3[T, H], f32 scales[T, H/{GROUP}]) that "
+        "jax_ep.per_token_cast_to_fp8 returns")
   checks.array(op, "x", x, ndim=2, dtypes=checks.FLOAT_DTYPES)
   checks.row_bytes(op, "x", x)
   return (x,), False
