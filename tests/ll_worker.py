@@ -303,7 +303,7 @@ def check_dispatch(got, want, dense: dm.LowLatencyDispatch, case: Case,
   many row elements of the reference backend (`want`, if any) differ from
   them."""
   assert (got.scales is None) == (len(dense.rows) == 1), ctx
-  exact = {"count": (got.count, dense.count),
+  exact = {"recv_count": (got.recv_count, dense.count),
            "handle.src_index": (got.handle.src_index, dense.src_index),
            "handle.slot": (got.handle.slot, dense.slot)}
   for name, (g, d) in exact.items():
@@ -568,7 +568,7 @@ def run_mixed(mesh: Mesh, kern, ref, case: Case, seed: int, who: str) -> None:
           buffer, normal_out, idx, num_max_dispatch_tokens_per_rank=case.tmax,
           num_experts=case.experts, use_fp8=False)
       out = jax_ep.low_latency_combine(buffer, ll.x, idx, w, ll.handle)
-      return _lead(dict(normal=normal_out, ll_x=ll.x, count=ll.count,
+      return _lead(dict(normal=normal_out, ll_x=ll.x, count=ll.recv_count,
                         out=out))
     return jax.jit(jax.shard_map(per_shard, mesh=mesh, in_specs=P(EP),
                                  out_specs=P(EP)))

@@ -110,9 +110,9 @@ def _check_dispatched(run, got, want, fp8=False):
     run.check(got.scales, want.rows[1], "scales")
   run.check(got.topk_idx, want.topk_idx, "topk_idx")
   run.check(got.topk_weights, want.topk_weights, "topk_weights")
-  run.check(got.num_tokens, want.num_tokens, "num_tokens")
-  run.check(got.num_tokens_per_expert, want.num_tokens_per_expert,
-            "num_tokens_per_expert")
+  run.check(got.num_recv_tokens, want.num_tokens, "num_recv_tokens")
+  run.check(got.num_recv_tokens_per_expert, want.num_tokens_per_expert,
+            "num_recv_tokens_per_expert")
   run.check(got.handle.src_index, want.src_index, "handle.src_index")
   run.check(got.handle.recv_row, want.recv_row, "handle.recv_row")
 
@@ -195,7 +195,7 @@ def check_low_latency(run: Run, rng):
       run.check(got.x, want.rows[0], f"ll x{name} {mode}")
       if mode["use_fp8"]:
         run.check(got.scales, want.rows[1], f"ll scales{name} {mode}")
-      run.check(got.count, want.count, f"ll count{name}")
+      run.check(got.recv_count, want.count, f"ll recv_count{name}")
       run.check(got.handle.src_index, want.src_index, f"ll src_index{name}")
     total, abs_sum = dm.low_latency_combine_f32(y, idx, w, want)
     run.check(out, total, "ll combine", extra=abs_sum,

@@ -29,16 +29,16 @@ def check_dispatched(got, want: dm.Dispatch, ctx, *, fp8=False,
     assert got.scales is None, ctx
   if cached:
     assert got.topk_idx is None and got.topk_weights is None, ctx
-    assert got.num_tokens_per_expert is None, ctx
+    assert got.num_recv_tokens_per_expert is None, ctx
   else:
     assert_same(got.topk_idx, want.topk_idx, "topk_idx", ctx)
     if with_weights:
       assert_same(got.topk_weights, want.topk_weights, "topk_weights", ctx)
     else:
       assert got.topk_weights is None, ctx
-    assert_same(got.num_tokens_per_expert, want.num_tokens_per_expert,
-                "num_tokens_per_expert", ctx)
-  assert_same(got.num_tokens, want.num_tokens, "num_tokens", ctx)
+    assert_same(got.num_recv_tokens_per_expert, want.num_tokens_per_expert,
+                "num_recv_tokens_per_expert", ctx)
+  assert_same(got.num_recv_tokens, want.num_tokens, "num_recv_tokens", ctx)
   handle = got.handle
   assert isinstance(handle, jax_ep.DispatchHandle), ctx
   assert_same(handle.num_recv_tokens, want.num_tokens, "handle.num_recv_tokens",

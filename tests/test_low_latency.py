@@ -34,7 +34,7 @@ def check_ll_dispatched(got, want: dm.LowLatencyDispatch, ctx, *, fp8,
   else:
     assert got.scales is None, ctx
   assert_same(got.x, want.rows[0], "x", ctx)
-  assert_same(got.count, want.count, "count", ctx)
+  assert_same(got.recv_count, want.count, "recv_count", ctx)
   h = got.handle
   assert isinstance(h, jax_ep.LowLatencyHandle), ctx
   assert_same(h.src_index, want.src_index, "handle.src_index", ctx)

@@ -150,7 +150,7 @@ def ep_moe(buffer: jax_ep.Buffer, x: jax.Array, router: jax.Array,
                       num_experts=num_experts, capacity=cap)
   y = grouped_experts(d.x, d.topk_idx, d.topk_weights, w_in, w_out)
   out = jax_ep.combine(buffer, y.astype(x.dtype), d.handle)
-  dropped = jnp.maximum(d.num_tokens - cap, 0)
+  dropped = jnp.maximum(d.num_recv_tokens - cap, 0)
   return out, dropped
 
 

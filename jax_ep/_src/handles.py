@@ -71,8 +71,9 @@ class Dispatched:
       choice e lives on this rank, else -1; padding rows are all -1.
     topk_weights: f32[M, K], the source's weights where `topk_idx` >= 0, else
       0; None when dispatch got no weights.
-    num_tokens: int32 scalar, true number of received rows (> M on overflow).
-    num_tokens_per_expert: int32[L], (row, k) selections per local expert over
+    num_recv_tokens: int32 scalar, true number of received rows (> M on
+      overflow).
+    num_recv_tokens_per_expert: int32[L], (row, k) selections per local expert over
       every row sent here (dropped rows included), each rounded up to
       `expert_alignment`.
     handle: the `DispatchHandle` for combine and cached dispatch.
@@ -82,8 +83,8 @@ class Dispatched:
   scales: jax.Array | None
   topk_idx: jax.Array | None
   topk_weights: jax.Array | None
-  num_tokens: jax.Array
-  num_tokens_per_expert: jax.Array | None
+  num_recv_tokens: jax.Array
+  num_recv_tokens_per_expert: jax.Array | None
   handle: DispatchHandle
 
 
@@ -117,15 +118,15 @@ class LowLatencyDispatched:
 
   Attributes:
     x: [L, R*Tmax, H] rows per local expert, packed at the front
-      (`[0, count)`), grouped by source rank in rank order, then by token;
+      (`[0, recv_count)`), grouped by source rank in rank order, then by token;
       zero past the count. float8_e4m3fn with fp8, else bf16.
     scales: with fp8, f32[L, R*Tmax, H/128], or with UE8M0 int32[L, R*Tmax,
       H/512] (four exponent bytes per int32, little-endian); else None.
-    count: int32[L], received rows per local expert.
+    recv_count: int32[L], received rows per local expert.
     handle: the `LowLatencyHandle` for `low_latency_combine`.
   """
 
   x: jax.Array
   scales: jax.Array | None
-  count: jax.Array
+  recv_count: jax.Array
   handle: LowLatencyHandle

@@ -133,7 +133,7 @@ def dispatch(buffer: Buffer, x, topk_idx: jax.Array | None = None,
     num_experts: E, a multiple of R; expert e lives on rank `e // (E/R)`.
     capacity: M, rows received per rank (static). Default `R*T`, which can
       never overflow. Rows past M are dropped, never written;
-      `Dispatched.num_tokens` still counts them (see `check_capacity`).
+      `Dispatched.num_recv_tokens` still counts them (see `check_capacity`).
     expert_alignment: round each of `num_tokens_per_expert` up to this.
     handle: the handle of an earlier dispatch: sends `x` along the same routes
       without routing work (a cached dispatch); then pass neither `topk_idx`
