@@ -416,14 +416,21 @@ def run_timeout(mesh: Mesh) -> int:
           expert_alignment=1, buffers=buffers,
           timeout_s=_TIMEOUT_S)[0][0][None],
       mesh=mesh, in_specs=P(EP), out_specs=P(EP))).lower(*args).compile()
+  return call_alone(call, args, "dispatch")
+
+
+def call_alone(compiled, args, op: str) -> int:
+  """Runs `compiled` (compiled on every rank) on rank 0 alone: its wait for
+  the others must time out and fail the process. Returns 3, a failure, if
+  the call returns; the other ranks stay away, then exit with 3."""
   print(f"rank {jax.process_index()}: compiled", flush=True)
   if jax.process_index() != 0:
     time.sleep(_ABSENT_S)  # never calls; rank 0 must have failed by now
-    print(f"rank 1: rank 0 was still running after {_ABSENT_S:.0f} s",
-          flush=True)
+    print(f"rank {jax.process_index()}: rank 0 was still running after "
+          f"{_ABSENT_S:.0f} s", flush=True)
     os._exit(3)  # pylint: disable=protected-access  # no shutdown barrier
-  jax.block_until_ready(call(*args))
-  print("dispatch returned without a timeout", flush=True)
+  jax.block_until_ready(compiled(*args))
+  print(f"{op} returned without a timeout", flush=True)
   return 3
 
 

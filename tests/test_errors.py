@@ -11,6 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental import checkify
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import jax_ep
 from jax_ep._src import native
@@ -708,3 +711,23 @@ def test_zero_tokens_work_or_fail_clearly(ep, op):
     assert str(e).startswith(f"jax_ep.{name}"), f"{type(e).__name__}: {e}"
   except Exception as e:  # pylint: disable=broad-except
     pytest.fail(f"{op} with T=0 crashed: {type(e).__name__}: {e}")
+
+
+def test_check_capacity_on_an_explicit_axis_says_what_to_do():
+  """`jax.make_mesh` makes Explicit axes; checkify cannot report through
+  shard_map over them, so check_capacity refuses with a jax_ep message."""
+  mesh = jax.make_mesh((2,), ("ep",), devices=cpu_devices(2))
+  buffer = jax_ep.Buffer(mesh, "ep", backend="reference")
+
+  def body(x, i):
+    d = jax_ep.dispatch(buffer, x, i, num_experts=4, capacity=2)
+    jax_ep.check_capacity(d)
+    return d.x
+
+  put = lambda a: jax.device_put(a, NamedSharding(mesh, P("ep")))
+  f = jax.shard_map(body, mesh=mesh, in_specs=P("ep"), out_specs=P("ep"))
+  with pytest.raises(ValueError, match=re.escape(
+      "jax_ep.check_capacity: the Buffer's mesh axis is of type "
+      "AxisType.Explicit (jax.make_mesh's default)")):
+    checkify.checkify(f)(put(jnp.ones((8, 64), jnp.bfloat16)),
+                         put(jnp.zeros((8, 2), jnp.int32)))

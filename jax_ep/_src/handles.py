@@ -47,6 +47,8 @@ class DispatchHandle:
     num_recv_tokens: int32 scalar, rows that should have been received (the
       true count, which exceeds `capacity` on overflow).
     num_ranks, num_tokens, capacity, num_experts: static sizes R, T, M, E.
+    explicit_axis: static; the EP mesh axis is of type `AxisType.Explicit`
+      (`check_capacity` refuses it: checkify cannot report through it).
   """
 
   src_index: jax.Array
@@ -56,6 +58,7 @@ class DispatchHandle:
   num_tokens: int = _static()
   capacity: int = _static()
   num_experts: int = _static()
+  explicit_axis: bool = _static(default=False)
 
 
 @functools.partial(jax.tree_util.register_dataclass)

@@ -186,6 +186,10 @@ def dispatch(buffer: Buffer, x, topk_idx: jax.Array | None = None,
                  fp8)
   recv, recv_idx, recv_weights, per_expert, handle = _dispatch(
       route, rows, topk_idx, topk_weights)
+  mesh = buffer.mesh
+  if mesh.axis_types[mesh.axis_names.index(buffer.axis_name)] == (
+      jax.sharding.AxisType.Explicit):
+    handle = dataclasses.replace(handle, explicit_axis=True)
   return Dispatched(recv[0], recv[1] if fp8 else None, recv_idx, recv_weights,
                     handle.num_recv_tokens, per_expert, handle)
 
@@ -325,11 +329,18 @@ def check_capacity(dispatched: Dispatched | DispatchHandle) -> None:
   Call it on a `Dispatched` (or its handle) inside the checkified function;
   `checkify.checkify(f)(...)` then returns an error naming the true row count
   and the capacity when rows were dropped. With jax 0.11, checkify works
-  through `shard_map` over mesh axes of type `AxisType.Auto` only (not the
-  `Explicit` axes that `jax.make_mesh` makes by default, nor under
-  `jax.set_mesh`).
+  through `shard_map` over mesh axes of type `AxisType.Auto` only: an
+  `Explicit` axis (`jax.make_mesh`'s default) is refused with a ValueError
+  that says so, and under `jax.set_mesh` JAX's own error is all there is.
   """
   handle = getattr(dispatched, "handle", dispatched)
+  if handle.explicit_axis:
+    raise ValueError(
+        "jax_ep.check_capacity: the Buffer's mesh axis is of type "
+        "AxisType.Explicit (jax.make_mesh's default), and checkify cannot "
+        "report an error out of shard_map over such axes (jax 0.11). Make "
+        "the mesh with axis_types=(jax.sharding.AxisType.Auto,), or compare "
+        "dispatched.num_recv_tokens with the capacity yourself")
   checkify.check(
       handle.num_recv_tokens <= handle.capacity,
       "jax_ep.dispatch: {count} rows were sent to this rank but capacity is "
