@@ -40,10 +40,14 @@ def _report(code, out, err, what):
           f"{out}\n----- stderr of all processes -----\n{err[-20000:]}")
 
 
-@pytest.mark.parametrize("num_processes,devices", [(2, 1), (4, 1), (2, 2)],
-                         ids=["2procx1dev", "4procx1dev", "2procx2dev"])
-def test_multiprocess_matches_dense_model(capfd, seed, num_processes, devices):
-  code, out, err, _ = run_workers(capfd, num_processes, devices, seed)
+# At 4 processes (on CI's 2 cores) the gradients, which the two 2-process
+# runs check at EP 2 and 4, are left out: they double its 25 s.
+@pytest.mark.parametrize("num_processes,devices,checks", [
+    (2, 1, None), (4, 1, "layout,dispatch,combine,low_latency"),
+    (2, 2, None)], ids=["2procx1dev", "4procx1dev", "2procx2dev"])
+def test_multiprocess_matches_dense_model(capfd, seed, num_processes, devices,
+                                          checks):
+  code, out, err, _ = run_workers(capfd, num_processes, devices, seed, checks)
   what = (f"{num_processes} processes x {devices} CPU devices, seed={seed} "
           f"(rerun with JAX_EP_TEST_SEED={seed})")
   if code != 0:
