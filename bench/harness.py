@@ -8,7 +8,7 @@ iterations. That is repeated `reps` times after `warmup` runs; the median is
 reported. Every process runs the same loop; the collectives keep the ranks in
 lockstep; process 0's figure is recorded.
 
-Bandwidth (DESIGN.md §8), per rank:
+Bandwidth (docs/measuring.md), per rank:
   logical = bytes of all rows this rank receives (local rows included) / time;
             an fp8 row counts H + 4*H/128 bytes.
   link    = bytes that actually crossed to another GPU / time (implementation
@@ -79,7 +79,7 @@ def device_name() -> str:
 
 @dataclasses.dataclass
 class Record:
-  """One benchmark figure (the fields of DESIGN.md §8)."""
+  """One benchmark figure (the fields listed in docs/measuring.md)."""
   op: str
   impl: str
   dtype: str

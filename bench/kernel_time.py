@@ -1,4 +1,4 @@
-"""Kernel time from the profiler (DESIGN.md §8), as DeepEP's bench_kineto
+"""Kernel time from the profiler (docs/measuring.md), as DeepEP's bench_kineto
 reports its own: what the GPU kernels of a jitted loop of calls took, launch
 gaps and host time left out.
 

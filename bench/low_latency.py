@@ -1,4 +1,4 @@
-"""Low-latency dispatch / combine benchmarks (DESIGN.md §5, §8), peers in the
+"""Low-latency dispatch / combine benchmarks (docs/measuring.md), peers in the
 same run, on `bench.normal.Problem`'s inputs with Tmax = tokens per rank.
 
 Ops:

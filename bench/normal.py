@@ -6,7 +6,7 @@ Implementations timed on the same inputs:
   reference   jax_ep's pure-JAX backend: all_gather + gathers, all_to_all back
   all_to_all  a raw `lax.all_to_all` moving the dispatch's logical bytes
   ragged_all_to_all  MaxText's pipeline (bench/ragged.py): one row per
-              (token, expert) pair; in one process only (DEVICE.md)
+              (token, expert) pair; in one process only (docs/measuring.md)
 
 Link bytes per rank: jax_ep moves each remote row once; the reference's
 all_gather (dispatch) and all_to_all (combine) move (R-1)*T full rows; the raw

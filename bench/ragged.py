@@ -7,7 +7,7 @@ the rows into a worst-case `[R*T*K, H]` buffer. Combine runs the reverse
 `ragged_all_to_all` back into the sorted pairs, unsorts them with a gather and
 sums each token's K weighted rows in fp32.
 
-DEVICE.md: in several processes XLA refuses it unless
+docs/measuring.md, "Machines": in several processes XLA refuses it unless
 `--xla_gpu_allow_ragged_all_to_all_nccl_send_recv_fallback=true`, and with
 that flag a run did not finish in 400 s; it does not run on the CPU. The
 benchmark therefore times it in one process driving every local GPU.

@@ -15,7 +15,7 @@ class Shape:
 
 
 SHAPES = {
-    # DeepSeek-V3 training / prefill (DESIGN.md §8).
+    # DeepSeek-V3 training / prefill (docs/measuring.md).
     "dsv3": Shape(tokens=4096, hidden=7168, topk=8, experts=256),
     # DeepSeek-V3 decoding (low-latency kernels).
     "dsv3_ll": Shape(tokens=128, hidden=7168, topk=8, experts=288),

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check every change runs on a GPU machine (see DEVICE.md):
+# The GPU check every change runs on a GPU machine (docs/measuring.md):
 # build + install the package offline, run the GPU tests, then the benchmarks
 # when there are any.
 #
@@ -58,7 +58,7 @@ mkdir -p "$1"
 OUT=$(cd "$1" && pwd)
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-# NVLink multicast stays off in every process (DEVICE.md).
+# NVLink multicast stays off in every process (docs/processes.md).
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 \
   NVSHMEM_DISABLE_NVLS=1
 

@@ -1,4 +1,4 @@
-"""A dense model of jax_ep routing, written for the tests from DESIGN.md §4/§5.
+"""A dense model of jax_ep routing, written for the tests from docs/contract.md.
 
 Plain numpy loops over ranks, tokens and top-k slots, with no vectorised
 tricks and nothing taken from `jax_ep`: every function takes the *global*
@@ -7,7 +7,8 @@ inputs, split by source rank (`x[R, T, H]`, `topk_idx[R, T, K]`,
 rank must see, padding included. The tests compare every element of jax_ep's
 outputs with these.
 
-Conventions (the contract, spelled out where DESIGN.md leaves a choice):
+Conventions (the contract of docs/contract.md, spelled out where it leaves a
+choice):
   * Expert `e` is valid when `0 <= e < E`; it lives on rank `e // L`
     (`L = E / R`) as local expert `e - rank * L`. `-1` and every other id
     outside `[0, E)` select nothing.
@@ -27,9 +28,9 @@ Conventions (the contract, spelled out where DESIGN.md leaves a choice):
     k order of w[t, k] * y[row of (t, k)]` for the k whose expert is on r;
     `out[t] = round_bf16(0 + partial_r0 + partial_r1 + ...)`.
   * FP8: per token per 128 channels, `amax = max|x|` floored at 1e-4,
-    `scale = amax * f32(1/448)` (DESIGN.md §5 writes amax/448; fp8.py
-    specifies the product, which is what XLA computes for a division by a
-    constant anyway, and DeepEP's `amax * kFP8AmaxInv`), optionally rounded
+    `scale = amax * f32(1/448)` (a product, as docs/contract.md and fp8.py
+    specify: what XLA computes for a division by a constant anyway, and
+    DeepEP's `amax * kFP8AmaxInv`), optionally rounded
     up to a power of two,
     `q = e4m3(x * (1 / scale))` (round to nearest even); UE8M0 packs the
     biased exponents of four consecutive scales little-endian into an int32.

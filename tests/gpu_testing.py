@@ -43,8 +43,8 @@ def multi_rank_sizes(sizes=SHARED_RANKS) -> list[int]:
   return sorted({n} - {1} | {r for r in sizes if r > n and r % n == 0})
 
 
-# NVLink multicast stays off (DEVICE.md); no preallocation, so that the peer
-# buffers fit beside JAX's memory in each child.
+# NVLink multicast stays off (docs/processes.md); no preallocation, so that
+# the peer buffers fit beside JAX's memory in each child.
 CHILD_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
              "NVSHMEM_DISABLE_NVLS": "1",
              "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}

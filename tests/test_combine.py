@@ -190,8 +190,8 @@ def test_combine_of_dispatch_is_x_times_receiving_ranks(seed, num_ranks, kind):
 @pytest.mark.parametrize("num_ranks", [1, 2, 4, 8])
 def test_weighted_round_trip_is_x_times_sum_of_weights(seed, num_ranks, kind):
   """Each rank scales its rows by their received weights' sum; combine gives
-  x * sum over the token's valid k of w (STYLE.md e.3). Dyadic f32 values
-  keep every product and sum exact."""
+  x * sum over the token's valid k of w (docs/contract.md, "Round trips").
+  Dyadic f32 values keep every product and sum exact."""
   shape = SPECS["tiny"].shape
   rng = np.random.default_rng(seed)
   ep = Ep(num_ranks)

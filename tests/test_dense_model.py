@@ -1,6 +1,6 @@
 """The dense model itself, on cases small enough to work out by hand.
 
-Every other test trusts `dense_model`; these pin it to DESIGN.md §4/§5 with
+Every other test trusts `dense_model`; these pin it to docs/contract.md with
 answers written out here, not computed.
 """
 

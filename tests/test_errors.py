@@ -1,7 +1,7 @@
 """Bad input: every validated argument fails at trace time with its message.
 
-DESIGN.md §4 "Bad input": a Python error naming the op, the argument and the
-limit. The ops are only traced here (`jax.make_jaxpr`), never compiled.
+docs/contract.md, "Bad input": a Python error naming the op, the argument
+and the limit. The ops are only traced here (`jax.make_jaxpr`), never compiled.
 """
 
 import dataclasses
@@ -701,8 +701,8 @@ ZERO_TOKEN_OPS = {
 @pytest.mark.parametrize("op", list(ZERO_TOKEN_OPS))
 def test_zero_tokens_work_or_fail_clearly(ep, op):
   """T = 0 (nothing to send) is either an empty result or a jax_ep error
-  naming the op at trace time (DESIGN.md §4 "Bad input"); never an internal
-  crash."""
+  naming the op at trace time (docs/contract.md, "Bad input"); never an
+  internal crash."""
   x, i = np.zeros((0, 128), BF16), np.zeros((0, K), np.int32)
   try:
     ep.trace(lambda x, i: ZERO_TOKEN_OPS[op](ep.buffer, x, i), x, i)

@@ -1,6 +1,6 @@
 """per_token_cast_to_fp8 / per_token_cast_back against the dense model.
 
-The cast is part of the contract (DESIGN.md §5, jax_ep/_src/fp8.py): every
+The cast is part of the contract (docs/contract.md, jax_ep/_src/fp8.py): every
 fp8 path must produce the same bits, eager or jitted, so scales and values are
 compared exactly, and the round trip is checked against e4m3's error bound.
 """

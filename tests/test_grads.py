@@ -4,7 +4,7 @@
 against finite differences (the ops are linear, so `eps=1` is exact up to
 rounding). The backward rules are also compared bit for bit with the dense
 model's transposes: dispatch's is combine, combine's is a cached dispatch,
-LL dispatch's is a unit-weight LL combine (DESIGN.md §4, §5).
+LL dispatch's is a unit-weight LL combine (docs/contract.md, "Autodiff").
 """
 
 

@@ -36,8 +36,8 @@ pytestmark = NEEDS_KERNELS
 WORKER = pathlib.Path(worker.__file__).resolve()
 NUM_TOPK = 8
 # Environment of the processes these tests start: NVLink multicast stays off
-# (DEVICE.md), and no preallocation, since this process already holds most of
-# the GPUs' memory.
+# (docs/processes.md), and no preallocation, since this process already
+# holds most of the GPUs' memory.
 
 
 def _notify_alone(num_ranks: int, num_experts: int):

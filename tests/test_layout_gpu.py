@@ -3,9 +3,10 @@
 The kernel runs under `jax.jit` inside `jax.shard_map` over every local GPU
 (axis "ep"), each shard with its own random routing, and every output element
 is compared with the reference backend and with `layout_model`, a plain loop
-written from DESIGN.md §4. The kernel's `num_ranks` is the logical EP size the
-layout is computed for; it need not match the number of GPUs. Inputs are fresh
-random routings (conftest's `seed`; JAX_EP_TEST_SEED replays a failure).
+written from docs/contract.md. The kernel's `num_ranks` is the logical EP
+size the layout is computed for; it need not match the number of GPUs. Inputs
+are fresh random routings (conftest's `seed`; JAX_EP_TEST_SEED replays a
+failure).
 """
 
 from __future__ import annotations

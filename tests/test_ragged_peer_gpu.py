@@ -2,7 +2,7 @@
 
 With identity experts, dispatch then combine must give each token its rows
 times the sum of its weights (-1 choices weigh nothing). ragged_all_to_all
-runs in one process on GPUs only (DEVICE.md), so this is a GPU test.
+runs in one process on GPUs only (docs/measuring.md), so this is a GPU test.
 """
 
 import jax

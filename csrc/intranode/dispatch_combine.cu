@@ -2,7 +2,7 @@
 // buffers, by "push": a rank writes the rows a peer needs straight from its
 // input into that peer's data region, and the peer copies (dispatch) or sums
 // (combine) them into XLA's output while the rest is still arriving. Rows
-// that stay on a rank never touch the peer buffers. DESIGN.md §4 gives the
+// that stay on a rank never touch the peer buffers. docs/contract.md gives the
 // results, bit for bit (the pure-JAX reference is the oracle).
 //
 // Kernels per call, in stream order on each rank (R ranks, T tokens):

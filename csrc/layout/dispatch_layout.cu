@@ -1,7 +1,8 @@
 // get_dispatch_layout: which ranks and experts the tokens of one rank select.
 //
-// What it computes (DESIGN.md §4), from topk_idx[T, K] (int32, row-major) and
-// E experts spread over R ranks, L = E / R each, expert e on rank e / L:
+// What it computes (docs/contract.md), from topk_idx[T, K] (int32,
+// row-major) and E experts spread over R ranks, L = E / R each, expert e on
+// rank e / L:
 //   num_tokens_per_expert[e]  number of (t, k) with topk_idx[t, k] == e; a
 //                             token that lists e twice counts twice.
 //   is_token_in_rank[t, r]    some topk_idx[t, k] is an expert of rank r.

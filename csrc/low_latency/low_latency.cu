@@ -1,4 +1,5 @@
-// Low-latency dispatch and combine over NVSHMEM (DESIGN.md §5).
+// Low-latency dispatch and combine over NVSHMEM (docs/low_latency.md; results:
+// docs/contract.md).
 //
 // Protocol. Every call (a send half, then its receive half) takes the next
 // sequence number `seq` from device memory (State): the send kernel's blocks

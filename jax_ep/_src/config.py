@@ -32,13 +32,13 @@ MAX_NVL_SEND_WARPS = 15
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Config:
-  """How a communication kernel uses the GPU (DESIGN.md §7).
+  """How a communication kernel uses the GPU (docs/intranode.md, "Tuning").
 
   Attributes:
     num_sms: streaming multiprocessors a normal kernel may occupy (one block
       each, at most the GPU's SM count); the rest stay free for the model's
-      compute. Must be even, as DESIGN.md's configs are (the internode
-      kernels will pair a sender and a receiver block per channel).
+      compute. Must be even (the internode kernels will pair a sender and a
+      receiver block per channel).
     nvl_send_warps: warps of each 16-warp intranode block that push rows to
       peers (1 to 15); the others receive.
     nvl_chunk: tokens per arrival flag of the intranode kernels (a receiver

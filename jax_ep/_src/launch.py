@@ -51,7 +51,7 @@ def process_env(process_id: int, num_processes: int, port: int,
       _ENV_PREFIX + "NUM_PROCESSES": str(num_processes),
       _ENV_PREFIX + "PROCESS_ID": str(process_id),
       _ENV_PREFIX + "DEVICES": str(devices_per_process),
-      # Keep NVLink multicast off in every process (see DEVICE.md).
+      # Keep NVLink multicast off in every process (docs/processes.md).
       "NCCL_NVLS_ENABLE": "0",
       "NVSHMEM_DISABLE_NVLS": "1",
   }

@@ -1,9 +1,10 @@
 """Low-latency (decoding) dispatch and combine: API, checks, hooks, autodiff.
 
-Backward rules (DESIGN.md §5): dispatch's is a unit-weight combine; combine's
-is a dispatch of the output gradient scaled per selection, plus the weights'
-gradient. With `return_recv_hook=True` the op is split into a send half and a
-receive half (`RecvHook`); split ops are for inference and not differentiable.
+Backward rules (docs/contract.md, "Autodiff"): dispatch's is a unit-weight
+combine; combine's is a dispatch of the output gradient scaled per selection,
+plus the weights' gradient. With `return_recv_hook=True` the op is split into
+a send half and a receive half (`RecvHook`); split ops are for inference and
+not differentiable.
 """
 
 from __future__ import annotations
@@ -268,8 +269,9 @@ def low_latency_combine(buffer: Buffer, y: jax.Array, topk_idx: jax.Array,
     topk_idx: `int32[T, K]`, the ids given to the dispatch.
     topk_weights: `f32[T, K]` router weights.
     handle: `LowLatencyDispatched.handle`.
-    zero_copy: the caller wrote `y` straight into the kernels' send buffer
-      (a kernel option; the reference backend has no send buffer to skip).
+    zero_copy: NVSHMEM puts read `y` in place instead of a copy staged in
+      the heap (a kernel option: NVLink peers never need the staging; the
+      reference backend has none to skip).
     return_recv_hook: return a `RecvHook` instead of the result.
 
   Returns:

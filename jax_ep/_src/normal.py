@@ -1,7 +1,8 @@
 """Normal (training / prefill) dispatch and combine: API, checks, autodiff.
 
 The backward of dispatch is combine with the handle, the backward of combine
-is a cached dispatch, for the rows and for the top-k weights (DESIGN.md §4).
+is a cached dispatch, for the rows and for the top-k weights
+(docs/contract.md, "Autodiff").
 """
 
 from __future__ import annotations
@@ -134,11 +135,12 @@ def dispatch(buffer: Buffer, x, topk_idx: jax.Array | None = None,
     capacity: M, rows received per rank (static). Default `R*T`, which can
       never overflow. Rows past M are dropped, never written;
       `Dispatched.num_recv_tokens` still counts them (see `check_capacity`).
-    expert_alignment: round each of `num_tokens_per_expert` up to this.
+    expert_alignment: round each of `num_recv_tokens_per_expert` up to
+      this.
     handle: the handle of an earlier dispatch: sends `x` along the same routes
       without routing work (a cached dispatch); then pass neither `topk_idx`
       nor `topk_weights` nor sizes, and the result carries only `x`,
-      `scales`, `num_tokens` and `handle`.
+      `scales`, `num_recv_tokens` and `handle`.
 
   Returns:
     a `Dispatched`. Differentiable in `x` (bf16/f16/f32) and `topk_weights`;

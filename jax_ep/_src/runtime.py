@@ -5,7 +5,7 @@ mesh creates it with the same arguments), before the ops are traced. It is
 what every op takes first: it tells the op which mesh axis is the EP axis, how
 many ranks there are, how they are grouped into nodes, which backend runs and
 with which `Config`. On the "cuda" backend it also owns the NVLink peer
-buffers of the intranode kernels (DESIGN.md §3), one set per EP group.
+buffers of the intranode kernels (docs/processes.md), one set per EP group.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
     python -m jax_ep.tune [--tokens 4096 --hidden 7168 --topk 8 --experts 256
         --sms 16,24,32 --send-warps 2,4,6,8 --chunks 0,1,2,4,8
-        --calls 10 --reps 5 --out PATH]
+        --copy-engine 1,0 --calls 10 --reps 5 --out PATH]
 
 One process drives every visible GPU (EP size = number of GPUs). For each SM
 count it times bf16 dispatch and combine (`intranode_timing`) under every

@@ -8,7 +8,7 @@ handle, so their programs' time minus that of a program with that dispatch
 alone is what they count. The pure-JAX reference runs the same programs as the
 baseline.
 
-Logical bandwidth (DESIGN.md §8): bytes of all received rows (local ones
+Logical bandwidth (docs/measuring.md): bytes of all received rows (local ones
 included) per rank / time; link: bytes of rows received from another GPU per
 rank / time. The routing is uniform, as DeepEP's tests draw it (random scores,
 top-k).

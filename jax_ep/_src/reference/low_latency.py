@@ -1,4 +1,4 @@
-"""Reference low-latency dispatch and combine (DESIGN.md §5), per shard.
+"""Reference low-latency dispatch and combine (docs/contract.md), per shard.
 
 Each op is split in two like the kernels' hooks: a send half that moves data
 between ranks (`all_gather` / `all_to_all`) and a receive half that only

@@ -1,10 +1,10 @@
-"""Reference normal dispatch and combine (DESIGN.md §4), per shard.
+"""Reference normal dispatch and combine (docs/contract.md), per shard.
 
 Dispatch all-gathers every rank's rows and routing, then each rank gathers the
 rows it receives into a packed buffer; combine gathers each source's rows back
 into `[R, T, H]`, swaps them with one `all_to_all` and sums in rank order.
 Only gathers with precomputed indices touch rows: scatters with computed
-indices were 60x slower on GPUs (DEVICE.md).
+indices were 60x slower on GPUs (docs/measuring.md, "Machines").
 """
 
 from __future__ import annotations
