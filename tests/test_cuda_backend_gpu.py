@@ -192,6 +192,14 @@ def test_cuda_dispatch_without_nvl_bytes_says_what_to_pass():
                                             num_experts=EXPERTS).x, x, idx)
 
 
+def test_num_sms_above_the_gpus_is_refused_at_buffer_creation():
+  sms = GPUS[0].core_count
+  with pytest.raises(ValueError, match=(
+      f"config.num_sms is {sms + sms % 2 + 2} but the GPUs have {sms} SMs")):
+    jax_ep.Buffer(_mesh(), "ep", backend="cuda", num_nvl_bytes=1 << 20,
+                  config=jax_ep.Config(num_sms=sms + sms % 2 + 2))
+
+
 def test_low_latency_ops_without_the_heap_raise():
   mesh = _mesh()
   buffer = jax_ep.Buffer(mesh, "ep", backend="cuda")

@@ -6,6 +6,7 @@ and the limit. The ops are only traced here (`jax.make_jaxpr`), never compiled.
 
 import dataclasses
 import re
+import types
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 import jax_ep
 from jax_ep._src import native
+from jax_ep._src import runtime
 from ep_testing import BF16, Ep, cpu_devices
 
 R, T, H, K, E = 2, 4, 64, 2, 8  # the valid base case, per rank
@@ -731,3 +733,13 @@ def test_check_capacity_on_an_explicit_axis_says_what_to_do():
       "AxisType.Explicit (jax.make_mesh's default)")):
     checkify.checkify(f)(put(jnp.ones((8, 64), jnp.bfloat16)),
                          put(jnp.zeros((8, 2), jnp.int32)))
+
+
+def test_num_sms_above_the_sm_count_is_refused():
+  """runtime.check_sms, as Buffer runs it on GPUs (which say `core_count`)."""
+  gpu = types.SimpleNamespace(core_count=132)
+  runtime.check_sms(jax_ep.Config(num_sms=132), [gpu, gpu])
+  runtime.check_sms(jax_ep.Config(num_sms=200), [types.SimpleNamespace()])
+  with pytest.raises(ValueError, match=re.escape(
+      "jax_ep.Buffer: config.num_sms is 134 but the GPUs have 132 SMs")):
+    runtime.check_sms(jax_ep.Config(num_sms=134), [gpu])

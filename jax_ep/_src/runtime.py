@@ -158,6 +158,18 @@ def _resolve_backend(backend: str, devices: list[jax.Device]) -> str:
   return backend
 
 
+def check_sms(config: Config, devices) -> None:
+  """Refuses a `config.num_sms` above the SM count of `devices` (the kernels
+  keep one block per SM resident), at Buffer creation rather than at the
+  first call. Devices that do not say their SM count are not checked."""
+  counts = [d.core_count for d in devices if getattr(d, "core_count", None)]
+  if counts and config.num_sms > min(counts):
+    raise ValueError(
+        f"jax_ep.Buffer: config.num_sms is {config.num_sms} but the GPUs have "
+        f"{min(counts)} SMs; the kernels keep one block per SM resident, so "
+        f"num_sms must be <= {min(counts)}")
+
+
 class Buffer:
   """Runtime for expert-parallel communication over one mesh axis.
 
@@ -240,6 +252,8 @@ class Buffer:
     if (self.backend == "cuda" and num_nvl_bytes
         and self.topology.num_nodes == 1):
       from jax_ep._src.cuda import peer_buffers  # pylint: disable=g-import-not-at-top
+      check_sms(config, [d for d in mesh.devices.flat
+                         if d.process_index == jax.process_index()])
       for group in _ep_groups(mesh, axis_name):
         self._peer_buffers.append(
             peer_buffers.group_peer_buffers(group, int(num_nvl_bytes)))
