@@ -280,6 +280,12 @@ def compare(names, out, what: str) -> None:
                 what)
 
 
+def ranks_share_gpus() -> bool:
+  """Whether ranks share GPUs (`jax_ep.launch --ranks-per-gpu`): NCCL then
+  refuses every XLA collective across them, the reference backend's too."""
+  return jax_ep.launch.ranks_per_gpu() > 1
+
+
 def by_rank(*arrays):
   """(rank, values...) for each shard this process holds of `arrays`, all
   [R, ...] and split over the ranks alike."""
@@ -355,7 +361,7 @@ def run_multiprocess(mesh: Mesh, backend: str, seed: int, steps: int,
   the dense model, and against the reference backend where each rank has
   its own GPU (NCCL refuses the reference's collectives on a shared one)."""
   num_ranks = mesh.devices.size
-  with_reference = jax_ep.launch.ranks_per_gpu() == 1
+  with_reference = not ranks_share_gpus()
   cases = multiprocess_cases(num_ranks)
   with open_buffers(mesh, cases, backend) as buffers:
     rng = np.random.default_rng(seed)  # the same draws on every process

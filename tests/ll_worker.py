@@ -87,7 +87,7 @@ from jax.sharding import PartitionSpec as P
 
 import dense_model as dm
 import intranode_worker
-from intranode_worker import by_rank
+from intranode_worker import by_rank, ranks_share_gpus
 import jax_ep
 import jax_ep.launch
 from ep_testing import (BF16, FP8_MODES, assert_bf16_sum, assert_same, dyadic,
@@ -277,12 +277,6 @@ def _differ(a, b) -> int:
     return 0
   return int(np.count_nonzero(intranode_worker.bits(a) !=
                               intranode_worker.bits(b)))
-
-
-def ranks_share_gpus() -> bool:
-  """Whether ranks share GPUs (`jax_ep.launch --ranks-per-gpu`): NCCL then
-  refuses every XLA collective across them."""
-  return jax_ep.launch.ranks_per_gpu() > 1
 
 
 def reference_buffer(mesh: Mesh) -> jax_ep.Buffer | None:

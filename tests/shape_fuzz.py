@@ -412,7 +412,7 @@ def fuzz(mesh: Mesh, backend: str, seed: int, indices, families,
   line per draw; returns how many ran or were refused as they must."""
   num_ranks = mesh.devices.size
   # No f16 draws where ranks share a GPU (see `draw`).
-  shared_gpu = jax_ep.launch.ranks_per_gpu() > 1
+  shared_gpu = intranode_worker.ranks_share_gpus()
   draws = [(i, draw(seed, f, i, num_ranks, backend, shared_gpu))
            for f in families for i in indices]
   kern = kernel_buffer(mesh, backend, [d for _, d in draws])
