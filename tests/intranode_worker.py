@@ -378,32 +378,54 @@ def run_multiprocess(mesh: Mesh, backend: str, seed: int, steps: int,
   print(f"{who}: {steps} dispatch/combine steps passed", flush=True)
 
 
+def repeat_steps(steps: int, run_step, check_step, who: str) -> None:
+  """`steps` steps enqueued back to back in chunks of REPEAT_CHUNK:
+  `run_step()` draws a step's inputs and enqueues it, returning `(inputs,
+  outputs)`; `check_step(i, inputs, outputs)` checks step i. A chunk is
+  hashed and checked while the next one runs, so two chunks' outputs are
+  alive at a time. Prints the sha256 of every output (two runs must print
+  the same), then "<who>: repeat <steps> passed"."""
+  digest = hashlib.sha256()
+
+  def finish(chunk) -> None:
+    for i, (arrays, out) in chunk:
+      for leaf in jax.tree.leaves(out):
+        for _, values in by_rank(leaf):
+          digest.update(values.tobytes())
+      check_step(i, arrays, out)
+
+  pending = []
+  for first in range(0, steps, REPEAT_CHUNK):
+    chunk = [(i, run_step())
+             for i in range(first, min(first + REPEAT_CHUNK, steps))]
+    finish(pending)
+    pending = chunk
+  finish(pending)
+  print(f"{who}: repeat {steps} sha256 {digest.hexdigest()}", flush=True)
+  print(f"{who}: repeat {steps} passed", flush=True)
+
+
 def run_repeat(mesh: Mesh, backend: str, seed: int, steps: int,
                who: str) -> None:
-  """`steps` dispatch/combine pairs on fresh routings (REPEAT_CASE), enqueued
-  back to back in chunks, each checked against the dense model; prints the
-  sha256 of every output."""
+  """`steps` dispatch/combine pairs on fresh routings (REPEAT_CASE), each
+  checked against the dense model (`repeat_steps`)."""
   num_ranks = mesh.devices.size
   case = REPEAT_CASE
   with open_buffers(mesh, [case], backend) as buffers:
     program = step(mesh, buffers, case, with_reference=False, pair=True)
     rng = np.random.default_rng(seed)
-    digest = hashlib.sha256()
-    for first in range(0, steps, REPEAT_CHUNK):
-      draws = [inputs(rng, num_ranks, case)
-               for _ in range(min(REPEAT_CHUNK, steps - first))]
-      outs = [program(*[global_array(mesh, a, P(EP)) for a in arrays])
-              for arrays in draws]  # enqueued back to back
-      for i, (arrays, out) in enumerate(zip(draws, outs), first):
-        for leaf in out:
-          for _, values in by_rank(leaf):
-            digest.update(values.tobytes())
-        check_shards(case, num_ranks, arrays, out,
-                     f"{who}, seed={seed}, step {i} of {steps}, "
-                     f"{case.name()}", with_reference=False, pair=True)
+
+    def run_step():
+      arrays = inputs(rng, num_ranks, case)
+      return arrays, program(*[global_array(mesh, a, P(EP)) for a in arrays])
+
+    def check_step(i, arrays, out):
+      check_shards(case, num_ranks, arrays, out,
+                   f"{who}, seed={seed}, step {i} of {steps}, {case.name()}",
+                   with_reference=False, pair=True)
+
+    repeat_steps(steps, run_step, check_step, who)
     exchange.barrier("intranode_worker: repeat done")
-  print(f"{who}: repeat {steps} sha256 {digest.hexdigest()}", flush=True)
-  print(f"{who}: repeat {steps} passed", flush=True)
 
 
 def run_timeout(mesh: Mesh) -> int:

@@ -47,8 +47,8 @@ cannot run and the dense model (tests/dense_model.py) is the only oracle.
         backend's) bit for bit; then "worker i/R: mixed <case> passed".
     python ll_worker.py --seed N --repeat STEPS
         STEPS jitted dispatch/combine pairs of REPEAT_CASE with fresh
-        routings, enqueued back to back in chunks of REPEAT_CHUNK (the host
-        draws the next chunk and checks the last one while the GPU runs), on
+        routings, enqueued back to back in chunks (the host checks one chunk
+        while the GPU runs the next; intranode_worker.repeat_steps), on
         values whose combine sums are exact in fp32, so every output must
         equal the dense model's bits; every step is checked. Prints one
         sha256 over every step's outputs (two runs must print the same),
@@ -70,7 +70,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import pathlib
 import sys
 
@@ -177,8 +176,6 @@ CASES = SHARED_CASES + [
 ]
 # --repeat: small, so that the host (inputs, dense model) keeps up.
 REPEAT_CASE = Case(8, 2048, 8, 16)
-# --repeat: steps enqueued before the host checks them.
-REPEAT_CHUNK = 250
 # --mixed: normal and low-latency ops in one program.
 MIXED_CASE = Case(64, 2048, 8, 16, mode="bf16", skew=True)
 # --grads: bf16 (the fp8 cast is not differentiated).
@@ -377,10 +374,8 @@ def run_cases(mesh: Mesh, kern, ref, cases, seed: int, who: str) -> None:
 
 def run_repeat(mesh: Mesh, kern, case: Case, seed: int, steps: int,
                who: str) -> None:
-  """`steps` pairs on the kernels alone (the dense model checks each one),
-  in chunks: the host draws and enqueues a chunk, then hashes and checks the
-  one before while the GPU runs it, so two chunks' outputs are alive at a
-  time."""
+  """`steps` pairs on the kernels alone, each checked against the dense
+  model (`intranode_worker.repeat_steps`)."""
   num_ranks = mesh.devices.size
   rng = np.random.default_rng(seed)
   put = lambda a: intranode_worker.global_array(mesh, flat(a), P(EP))
@@ -388,41 +383,24 @@ def run_repeat(mesh: Mesh, kern, case: Case, seed: int, steps: int,
   y_host = expert_outputs(rng, num_ranks, case, exact=True)
   y = put(y_host)
   program = case_program(mesh, kern, None, case)
-  digest = hashlib.sha256()
 
-  def enqueue(first: int):
-    """The steps from `first` on: their inputs and (pending) outputs."""
-    inputs = [token_inputs(rng, num_ranks, case, exact=True)
-              for _ in range(min(REPEAT_CHUNK, steps - first))]
-    # Back to back: nothing waits on the host between steps. (A lax.scan
-    # stacking every step's outputs runs in quadratic time on CPUs.)
-    return first, [(arrays, program(*[put(a) for a in arrays], y))
-                   for arrays in inputs]
+  def run_step():
+    arrays = token_inputs(rng, num_ranks, case, exact=True)
+    result = program(*[put(a) for a in arrays], y)
+    return arrays, (result["got"], result["out"])
 
-  def check(first: int, chunk) -> None:
-    for step, ((x, idx, w), result) in enumerate(chunk, first):
-      for leaf in jax.tree.leaves((result["got"], result["out"])):
-        for _, values in by_rank(leaf):
-          digest.update(values.tobytes())
-      ctx = f"{who}, seed={seed}, step {step} of {steps}, {case.name()}"
-      dense = dm.low_latency_dispatch(x, idx, num_experts=case.experts,
-                                      max_tokens=case.tmax,
-                                      **FP8_MODES[case.mode])
-      check_dispatch(result["got"], None, dense, case, ctx)
-      want = dm.low_latency_combine(y_host, idx, w, dense)  # its slots
-      for rank, o in by_rank(result["out"]):
-        assert_same(o, want[rank], f"combine (rank {rank}, exact sums)", ctx)
+  def check_step(step, arrays, out):
+    (x, idx, w), (got, combined) = arrays, out
+    ctx = f"{who}, seed={seed}, step {step} of {steps}, {case.name()}"
+    dense = dm.low_latency_dispatch(x, idx, num_experts=case.experts,
+                                    max_tokens=case.tmax,
+                                    **FP8_MODES[case.mode])
+    check_dispatch(got, None, dense, case, ctx)
+    want = dm.low_latency_combine(y_host, idx, w, dense)  # its slots
+    for rank, o in by_rank(combined):
+      assert_same(o, want[rank], f"combine (rank {rank}, exact sums)", ctx)
 
-  pending = None
-  for first in range(0, steps, REPEAT_CHUNK):
-    chunk = enqueue(first)
-    if pending is not None:
-      check(*pending)
-    pending = chunk
-  if pending is not None:
-    check(*pending)
-  print(f"{who}: repeat {steps} sha256 {digest.hexdigest()}", flush=True)
-  print(f"{who}: repeat {steps} passed", flush=True)
+  intranode_worker.repeat_steps(steps, run_step, check_step, who)
 
 
 def vjp_program(mesh: Mesh, buffer, case: Case, *, combine: bool):

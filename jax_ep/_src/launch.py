@@ -172,7 +172,8 @@ def launch(command: list[str], num_processes: int, *,
   for p in procs:
     p.wait()
   for i, p in enumerate(procs):
-    if p.returncode < 0 and -p.returncode != signal.SIGKILL:  # ours kill
+    # The loop above SIGKILLs the others once one fails: those are no news.
+    if p.returncode < 0 and -p.returncode != signal.SIGKILL:
       print(f"jax_ep.launch: process {i} died of "
             f"{signal.Signals(-p.returncode).name}", file=sys.stderr)
   code = code or next((p.returncode for p in procs if p.returncode), 0)
