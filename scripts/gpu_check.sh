@@ -118,7 +118,7 @@ if [[ "${SKIP_TESTS:-0}" == 1 ]]; then
 else
   # shellcheck disable=SC2086  # TESTS is a list of targets
   if run_logged pytest_gpu.log 600 "$PYTHON" -m pytest \
-      -m "gpu and not pressure" -x -v ${TESTS:-tests}; then
+      -m "gpu and not pressure" -x -v --durations=25 ${TESTS:-tests}; then
     rc=0
   else
     rc=$?
