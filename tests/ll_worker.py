@@ -29,17 +29,14 @@ cannot run and the dense model (tests/dense_model.py) is the only oracle.
     --grads
         for each of GRAD_CASES (bf16: the fp8 cast is not differentiated),
         the VJPs straight out of the ops, against the dense model: a
-        dispatch's in x (the combine kernels) bit for bit, and, where each
-        rank has its own GPU, a combine's in y (a bf16 dispatch kernel) bit
-        for bit and in topk_weights within `dm.low_latency_combine_vjp`'s
-        bound (exactly 0 where k selects nothing). Where ranks share a GPU
-        the combine's VJP cannot run: beside its dispatch kernel it gathers
-        the routing and sums the weights' cotangents through XLA
-        collectives. Then, where the reference runs, the gradients in x,
-        topk_weights and y of sum(g * combine(dispatch(x).x * c + y)) on the
-        kernels and on the reference: d_x and d_y bit for bit, d_topk_weights
-        within 2^-10 of its largest element. Prints "worker i/R: grads <case>
-        passed".
+        dispatch's in x (the combine kernels) bit for bit, and a combine's
+        (two dispatches and a combine on the kernels) in y bit for bit and
+        in topk_weights within `dm.low_latency_combine_vjp`'s bound (exactly
+        0 where k selects nothing). Then, where the reference runs, the
+        gradients in x, topk_weights and y of sum(g * combine(dispatch(x).x
+        * c + y)) on the kernels and on the reference: d_x and d_y bit for
+        bit, d_topk_weights within 2^-10 of its largest element. Prints
+        "worker i/R: grads <case> passed".
     --mixed
         a normal dispatch/combine (intranode kernels) feeding a low-latency
         dispatch/combine in one jitted program, twice, equal to the dense
@@ -63,7 +60,7 @@ to check this script without GPUs:
     python -m jax_ep.launch -n 2 -- python tests/ll_worker.py --seed 0 \\
         --backend reference [--grads --mixed | --repeat 200]
 and with JAX_EP_LAUNCH_RANKS_PER_GPU=2 in the environment the processes take
-the paths of ranks sharing a GPU (no reference, no combine VJP).
+the paths of ranks sharing a GPU (no reference).
 """
 
 from __future__ import annotations
@@ -403,10 +400,10 @@ def run_repeat(mesh: Mesh, kern, case: Case, seed: int, steps: int,
   intranode_worker.repeat_steps(steps, run_step, check_step, who)
 
 
-def vjp_program(mesh: Mesh, buffer, case: Case, *, combine: bool):
+def vjp_program(mesh: Mesh, buffer, case: Case):
   """jit(shard_map) of the VJPs alone: global (x, idx, w, y, g_recv, g_out)
-  -> dict of d_x, a bf16 dispatch's VJP at g_recv, and with `combine` d_y
-  and d_w, a combine's at g_out (every leaf [R, ...]). Each is an op's
+  -> dict of d_x, a bf16 dispatch's VJP at g_recv, and d_y and d_w, a
+  combine's at g_out (every leaf [R, ...]). Each is an op's
   backward output as it is: XLA arithmetic after it would be free to skip a
   bf16 rounding (--xla_allow_excess_precision)."""
   def per_shard(x, idx, w, y, g_recv, g_out):
@@ -418,11 +415,10 @@ def vjp_program(mesh: Mesh, buffer, case: Case, *, combine: bool):
 
     _, dispatch_vjp, handle = jax.vjp(dispatch, x, has_aux=True)
     grads = dict(d_x=dispatch_vjp(g_recv)[0])
-    if combine:
-      _, combine_vjp = jax.vjp(
-          lambda y, w: jax_ep.low_latency_combine(buffer, y, idx, w, handle),
-          y, w)
-      grads["d_y"], grads["d_w"] = combine_vjp(g_out)
+    _, combine_vjp = jax.vjp(
+        lambda y, w: jax_ep.low_latency_combine(buffer, y, idx, w, handle),
+        y, w)
+    grads["d_y"], grads["d_w"] = combine_vjp(g_out)
     return _lead(grads)
 
   return jax.jit(jax.shard_map(per_shard, mesh=mesh, in_specs=P(EP),
@@ -441,8 +437,6 @@ def check_vjps(got, x, idx, w, y, g_recv, g_out, case: Case,
                                   routes)
   for rank, d_x in by_rank(got["d_x"]):
     assert_same(d_x, want_x[rank], f"dispatch VJP d_x (rank {rank})", ctx)
-  if "d_y" not in got:
-    return
   want_y, want_w, bound = dm.low_latency_combine_vjp(g_out, y, idx, w, routes)
   selects = (idx >= 0) & (idx < case.experts)
   for rank, d_y, d_w in by_rank(got["d_y"], got["d_w"]):
@@ -474,8 +468,7 @@ def grad_program(mesh: Mesh, buffer, case: Case):
 
 
 def run_grads(mesh: Mesh, kern, ref, cases, seed: int, who: str) -> None:
-  """The VJPs against the dense model (`check_vjps`; the combine's where
-  ranks have GPUs of their own: its backward runs XLA collectives), then,
+  """The VJPs against the dense model (`check_vjps`), then,
   where the reference runs, gradients through a whole program on both
   backends: d_x and d_y bit for bit, d_w within 2^-10 of its largest element
   (the same sums, perhaps fused in another order; wrong rows or slots would
@@ -483,8 +476,6 @@ def run_grads(mesh: Mesh, kern, ref, cases, seed: int, who: str) -> None:
   num_ranks = mesh.devices.size
   rng = np.random.default_rng(seed)
   put = lambda a: intranode_worker.global_array(mesh, flat(a), P(EP))
-  combine = not ranks_share_gpus()
-  vjps = "dispatch and combine" if combine else "dispatch (ranks share GPUs)"
   for case in cases:
     ctx = f"{who}, seed={seed}, grads, {case.name()}"
     # Weights in eighths: a token's weights for an expert it lists more
@@ -494,7 +485,7 @@ def run_grads(mesh: Mesh, kern, ref, cases, seed: int, who: str) -> None:
     # wrong or empty slot shows.
     y, g_recv = (expert_outputs(rng, num_ranks, case) for _ in range(2))
     g_out = normal(rng, x.shape, BF16)
-    got = vjp_program(mesh, kern, case, combine=combine)(
+    got = vjp_program(mesh, kern, case)(
         *[put(a) for a in (x, idx, w, y, g_recv, g_out)])
     check_vjps(got, x, idx, w, y, g_recv, g_out, case, ctx)
     if ref is not None:
@@ -512,7 +503,7 @@ def run_grads(mesh: Mesh, kern, ref, cases, seed: int, who: str) -> None:
                 f"{np.abs(a - b).max()} [{ctx}]")
           else:
             assert_same(a, b, f"{name} (rank {rank}, reference)", ctx)
-    print(f"{ctx}: VJPs of {vjps} as the dense model's; "
+    print(f"{ctx}: VJPs of dispatch and combine as the dense model's; "
           f"{'' if ref else 'no '}whole-program gradients as the reference's",
           flush=True)
     print(f"{who}: grads {case.name()} passed", flush=True)

@@ -18,6 +18,7 @@ import pytest
 
 import dense_model as dm
 import jax_ep
+from jax_ep._src import low_latency
 from ep_testing import (BF16, FP8_MODES, ROUTINGS, Ep, assert_bf16_sum,
                         assert_same, context, dyadic, flat, ll_tokens as tokens,
                         normal, routing, weights)
@@ -258,3 +259,21 @@ def test_ll_benchmark_shapes(seed, spec):
                       hidden=shape.hidden)
   y = dm.per_token_cast_back(*want.rows)
   check_ll_combined(out, y, idx, w, want, ctx)
+
+
+def test_combine_backward_carries_dots_home_exactly():
+  """low_latency_combine's backward brings each f32 dot <g[t], y[slot]> home
+  through a bf16 combine as three bf16 pieces: they must be bf16 values and
+  sum back to the dot exactly, across the exponent range."""
+  rng = np.random.default_rng(0)
+  n = 200_000
+  dots = (rng.choice([-1.0, 1.0], n) * rng.uniform(1.0, 2.0, n) *
+          np.exp2(rng.integers(-100, 127, n))).astype(np.float32)
+  dots = np.concatenate([dots, np.float32([
+      0.0, -0.0, 1.0, -3.0, np.inf, -np.inf, np.nan, 2.0**-100,
+      np.finfo(np.float32).eps, float(jnp.finfo(jnp.bfloat16).max)])])
+  pieces = np.asarray(low_latency._exact_bf16_pieces(jnp.asarray(dots)))
+  np.testing.assert_array_equal(
+      pieces, pieces.astype(jnp.bfloat16).astype(np.float32))
+  np.testing.assert_array_equal(
+      pieces[:, 0] + (pieces[:, 1] + pieces[:, 2]), dots)

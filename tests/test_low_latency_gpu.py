@@ -20,10 +20,10 @@ the dense model is the only oracle. Test ids name R.
   round_scale, UE8M0; hooks; zero_copy; zero_padding off. The "auto" launch
   then runs, since a launch costs 10-20 s:
   - the VJPs straight out of the ops against the dense model: a bf16
-    dispatch's (the combine kernels) and, where each rank has its own GPU
-    (its backward runs XLA collectives), a combine's (a bf16 dispatch
-    kernel); there also gradients through a dispatch, an expert and a
-    combine equal to the reference backend's;
+    dispatch's (the combine kernels) and a combine's (two dispatches and a
+    combine on the kernels); where each rank has its own GPU, also
+    gradients through a dispatch, an expert and a combine equal to the
+    reference backend's;
   - normal and low-latency ops in one program, on their kernels.
 * 1000 jitted dispatch/combine pairs at R = the GPUs with fresh routings,
   enqueued back to back, on values whose combine sums are exact: every

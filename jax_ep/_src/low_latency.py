@@ -317,20 +317,102 @@ def _ll_combine_fwd(combine, y, topk_idx, topk_weights, handle):
 
 def _ll_combine_bwd(combine, residual, g):
   y, topk_idx, topk_weights, handle = residual
-  g_at_slots = None
-  if combine.kernels is not None:
-    # The rows of g at the forward's slots: a bf16 dispatch of g with the
-    # same routing (the packing is deterministic, so the slots agree).
-    send = _DispatchSend(combine.axis_name, handle.num_ranks,
-                         handle.num_experts, handle.max_tokens, False, False,
-                         False, combine.kernels)
-    receive = _DispatchReceive(send, handle.num_tokens, topk_idx.shape[1],
-                               handle.hidden, True)
-    g_at_slots = receive(send(g, topk_idx)).x
-  d_y, d_weights = reference.combine_grads(
-      g, y, topk_idx, topk_weights, handle, axis_name=combine.axis_name,
-      g_at_slots=g_at_slots)
+  d_y, d_weights = _combine_grads(combine, g, y, topk_idx, topk_weights,
+                                  handle)
   return d_y, None, d_weights, None
+
+
+def _combine_grads(combine: _Combine, g, y, topk_idx, topk_weights,
+                   handle: LowLatencyHandle):
+  """Cotangents of `y` and `topk_weights` from three low-latency ops on the
+  combine's own backend, so no XLA collective runs (ranks may share a GPU):
+
+  1. a bf16 dispatch of `g` puts `g[t]` at the forward's slots (the packing
+     is deterministic, so the slots agree);
+  2. a dispatch of each token's weights and expert ids, their bits carried
+     in bf16 columns, tells each slot its token's routing: there
+     `d_y = bf16(g[t] * w_sum)`, `w_sum` the fp32 sum in k order of the
+     token's weights for that expert, and the dot `<g[t], y[slot]>` is taken
+     in fp32;
+  3. a combine brings the dots home: each dot, split into three bf16 pieces
+     that sum back to it exactly, goes in the columns of every k choosing
+     that expert, with weight 1 on each expert's first k. Every column gets
+     one term, so the combine's fp32 sums are exact.
+  """
+  num_tokens, topk = topk_idx.shape
+  num_local, slots, _ = y.shape
+  send = _DispatchSend(combine.axis_name, handle.num_ranks, handle.num_experts,
+                       handle.max_tokens, False, False, False, combine.kernels)
+
+  def dispatch(rows):
+    receive = _DispatchReceive(send, num_tokens, topk, rows.shape[1], True)
+    return receive(send(rows, topk_idx)).x
+
+  g_at_slots = dispatch(g)
+  # One low-latency op at a time: the second dispatch starts once the first
+  # has landed.
+  routing, g_at_slots = lax.optimization_barrier(
+      (_bits_as_bf16(topk_weights, topk_idx), g_at_slots))
+  slot_routing = dispatch(routing)
+  slot_weights = _bf16_as_bits(slot_routing[..., :2 * topk], jnp.float32)
+  slot_ids = _bf16_as_bits(slot_routing[..., 2 * topk:4 * topk], jnp.int32)
+  expert = (lax.axis_index(combine.axis_name) * num_local +
+            jnp.arange(num_local))
+  chosen = ((slot_ids == expert[:, None, None]) &
+            (handle.src_index < slots)[..., None])  # [L, S, K]
+  g_at_slots = g_at_slots.astype(jnp.float32)
+  w_sum = jnp.where(chosen, slot_weights, 0.0).sum(-1)
+  d_y = (g_at_slots * w_sum[..., None]).astype(y.dtype)
+
+  dots = jnp.einsum("lsh,lsh->ls", g_at_slots, y.astype(jnp.float32))
+  pieces = jnp.where(chosen[..., None], _exact_bf16_pieces(dots)[:, :, None],
+                     0).reshape(num_local, slots, 3 * topk)
+  summed = _weighted_combine(
+      combine, _pad_columns(pieces.astype(jnp.bfloat16)), topk_idx,
+      _first_selections(topk_idx),
+      dataclasses.replace(handle, hidden=_padded_columns(3 * topk)))
+  summed = summed[:, :3 * topk].astype(jnp.float32).reshape(num_tokens, topk, 3)
+  return d_y, summed[..., 0] + (summed[..., 1] + summed[..., 2])
+
+
+def _padded_columns(n: int) -> int:
+  """The low-latency kernels move rows of a multiple of 8 bf16 (16 bytes)."""
+  return -(-n // 8) * 8
+
+
+def _pad_columns(rows):
+  width = rows.shape[-1]
+  pad = [(0, 0)] * (rows.ndim - 1) + [(0, _padded_columns(width) - width)]
+  return jnp.pad(rows, pad)
+
+
+def _bits_as_bf16(*arrays):
+  """`[T, K]` 32-bit arrays as bf16 columns `[T, pad8(2K + 2K + ...)]`."""
+  columns = [lax.bitcast_convert_type(a, jnp.bfloat16).reshape(a.shape[0], -1)
+             for a in arrays]
+  return _pad_columns(jnp.concatenate(columns, axis=-1))
+
+
+def _bf16_as_bits(columns, dtype):
+  """Inverse of `_bits_as_bf16` for one array: `[..., 2K]` bf16 -> `[..., K]`."""
+  return lax.bitcast_convert_type(
+      columns.reshape(*columns.shape[:-1], -1, 2), dtype)
+
+
+def _exact_bf16_pieces(x):
+  """`f32[...]` -> `f32[..., 3]` of bf16 values with `p0 + (p1 + p2) == x`.
+
+  Each piece holds the next 8 bits of the 24-bit significand. Exact for
+  |x| from about 2^-100 (below, the last piece can fall under the smallest
+  normal bf16, which XLA may flush) up to bf16's largest finite value; inf
+  and NaN go whole in the first piece.
+  """
+  def bf16(v):
+    return v.astype(jnp.bfloat16).astype(jnp.float32)
+  hi = bf16(x)
+  rest = jnp.where(jnp.isfinite(hi), x - hi, 0.0)
+  mid = bf16(rest)
+  return jnp.stack([hi, mid, bf16(rest - mid)], axis=-1)
 
 
 _ll_combine.defvjp(_ll_combine_fwd, _ll_combine_bwd)
