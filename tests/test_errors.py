@@ -19,6 +19,8 @@ from jax.sharding import PartitionSpec as P
 import jax_ep
 from jax_ep._src import native
 from jax_ep._src import runtime
+from jax_ep._src.reference.low_latency import ReferenceLowLatency
+from jax_ep._src.reference.normal import ReferenceNormal
 from ep_testing import BF16, Ep, cpu_devices
 
 R, T, H, K, E = 2, 4, 64, 2, 8  # the valid base case, per rank
@@ -544,7 +546,7 @@ def test_buffer_node_size_must_be_supported():
 def test_reference_backend_ignores_num_nvl_bytes():
   buffer = jax_ep.Buffer(_mesh(2), "ep", backend="reference",
                          num_nvl_bytes=1 << 20)
-  assert buffer.nvl_kernels("dispatch") is None
+  assert buffer.normal_backend("dispatch") == ReferenceNormal("ep")
 
 
 def test_nothing_is_a_fallback_on_the_reference_backend():
@@ -563,7 +565,8 @@ def test_nothing_is_a_fallback_on_the_reference_backend():
 def test_reference_backend_ignores_num_ll_bytes():
   buffer = jax_ep.Buffer(_mesh(2), "ep", backend="reference",
                          num_ll_bytes=1 << 20, ll_transport="put")
-  assert buffer.ll_kernels("low_latency_dispatch") is None
+  assert buffer.low_latency_backend("low_latency_dispatch") == (
+      ReferenceLowLatency("ep"))
 
 
 @pytest.mark.skipif(native.extension() is None,

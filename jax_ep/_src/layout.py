@@ -6,7 +6,6 @@ import jax
 
 from jax_ep._src import checks
 from jax_ep._src.handles import Layout
-from jax_ep._src.reference import layout as reference
 from jax_ep._src.runtime import Buffer
 
 
@@ -31,10 +30,5 @@ def get_dispatch_layout(buffer: Buffer, topk_idx: jax.Array,
   buffer.check_inside_shard_map(op)
   num_experts = checks.experts(op, num_experts, buffer.num_ranks)
   checks.topk_idx(op, topk_idx, None, num_experts)
-  if buffer.uses_kernel(op):
-    from jax_ep._src.cuda import layout as kernel  # pylint: disable=g-import-not-at-top
-    impl = kernel.get_dispatch_layout
-  else:
-    impl = reference.get_dispatch_layout
-  return Layout(*impl(topk_idx, num_experts=num_experts,
-                      num_ranks=buffer.num_ranks))
+  return Layout(*buffer.layout_backend(op).get_dispatch_layout(
+      topk_idx, num_experts=num_experts, num_ranks=buffer.num_ranks))

@@ -18,12 +18,10 @@ import jax.numpy as jnp
 from jax import lax
 
 from jax_ep._src import checks
-from jax_ep._src.cuda import low_latency as cuda_ll
-from jax_ep._src.cuda.low_latency import LlKernels
+from jax_ep._src.backend import LowLatencyBackend
 from jax_ep._src.fp8 import check_fp8_hidden
 from jax_ep._src.handles import LowLatencyDispatched, LowLatencyHandle
 from jax_ep._src.nograd import no_gradient
-from jax_ep._src.reference import low_latency as reference
 from jax_ep._src.runtime import Buffer
 
 _HOOK_NO_GRAD = ("jax_ep.{op}: return_recv_hook=True splits the op for "
@@ -56,27 +54,20 @@ class RecvHook:
 
 @dataclasses.dataclass(frozen=True)
 class _DispatchSend:
-  """The send half: on the kernels when `kernels` is set, else the reference.
-  Its result, the pending value of a hook, is the kernels' ticket or the
-  reference's gathered rows."""
-  axis_name: str
+  """The send half of a dispatch on `backend`; its result is the pending
+  value of a hook."""
+  backend: LowLatencyBackend
   num_ranks: int
   num_experts: int
   max_tokens: int
   use_fp8: bool
   round_scale: bool
   use_ue8m0: bool
-  kernels: LlKernels | None
 
   def __call__(self, x, topk_idx):
-    if self.kernels is not None:
-      return cuda_ll.dispatch_send(
-          x, topk_idx, num_ranks=self.num_ranks, num_experts=self.num_experts,
-          max_tokens=self.max_tokens, use_fp8=self.use_fp8,
-          round_scale=self.round_scale or self.use_ue8m0,
-          kernels=self.kernels)
-    return reference.dispatch_send(
-        x, topk_idx, axis_name=self.axis_name, use_fp8=self.use_fp8,
+    return self.backend.dispatch_send(
+        x, topk_idx, num_ranks=self.num_ranks, num_experts=self.num_experts,
+        max_tokens=self.max_tokens, use_fp8=self.use_fp8,
         round_scale=self.round_scale, use_ue8m0=self.use_ue8m0)
 
 
@@ -90,21 +81,11 @@ class _DispatchReceive:
 
   def __call__(self, pending) -> LowLatencyDispatched:
     s = self.send
-    if s.kernels is not None:
-      x, scales, count, src_index, slot = cuda_ll.dispatch_recv(
-          pending, axis_name=s.axis_name, num_ranks=s.num_ranks,
-          num_experts=s.num_experts, max_tokens=s.max_tokens,
-          num_tokens=self.num_tokens, num_topk=self.num_topk,
-          hidden=self.hidden, use_fp8=s.use_fp8, use_ue8m0=s.use_ue8m0,
-          zero_padding=self.zero_padding, kernels=s.kernels)
-      handle = LowLatencyHandle(src_index, slot, s.num_ranks, s.num_experts,
-                                s.max_tokens, self.num_tokens, self.hidden)
-      return LowLatencyDispatched(x, scales, count, handle)
-    recv, count, handle = reference.dispatch_receive(
-        pending, axis_name=s.axis_name, num_ranks=s.num_ranks,
-        num_experts=s.num_experts, max_tokens=s.max_tokens)
-    return LowLatencyDispatched(recv[0], recv[1] if s.use_fp8 else None,
-                                count, handle)
+    return s.backend.dispatch_receive(
+        pending, num_ranks=s.num_ranks, num_experts=s.num_experts,
+        max_tokens=s.max_tokens, num_tokens=self.num_tokens,
+        num_topk=self.num_topk, hidden=self.hidden, use_fp8=s.use_fp8,
+        use_ue8m0=s.use_ue8m0, zero_padding=self.zero_padding)
 
 
 def low_latency_dispatch(buffer: Buffer, x: jax.Array, topk_idx: jax.Array, *,
@@ -163,13 +144,8 @@ def low_latency_dispatch(buffer: Buffer, x: jax.Array, topk_idx: jax.Array, *,
   if not isinstance(zero_padding, bool):
     raise TypeError(
         f"jax_ep.{op}: zero_padding must be a bool, got {zero_padding!r}")
-  kernels = buffer.ll_kernels(op)
-  if kernels is not None:
-    cuda_ll.check_shapes(op, kernels, max_tokens=max_tokens, hidden=hidden,
-                         topk=topk_idx.shape[1], num_experts=num_experts,
-                         num_ranks=num_ranks)
-  send = _DispatchSend(buffer.axis_name, num_ranks, num_experts, max_tokens,
-                       use_fp8, round_scale, use_ue8m0, kernels)
+  send = _DispatchSend(buffer.low_latency_backend(op), num_ranks, num_experts,
+                       max_tokens, use_fp8, round_scale, use_ue8m0)
   receive = _DispatchReceive(send, num_tokens, topk_idx.shape[1], hidden,
                              zero_padding)
   if return_recv_hook:
@@ -196,8 +172,8 @@ def _ll_dispatch_bwd(send, receive, residual, g):
   handle, topk_idx = residual
   if send.use_fp8:  # no_gradient has refused any gradient that needs this
     return None, None
-  d_x = _weighted_combine(_Combine(send.axis_name, send.kernels), g.x,
-                          topk_idx, _first_selections(topk_idx), handle)
+  d_x = _weighted_combine(_Combine(send.backend), g.x, topk_idx,
+                          _first_selections(topk_idx), handle)
   return d_x, None
 
 
@@ -214,32 +190,16 @@ def _first_selections(topk_idx):
 
 @dataclasses.dataclass(frozen=True)
 class _Combine:
-  """Both halves of a combine: on the kernels when `kernels` is set, else the
-  reference. The pending value is `(ticket, topk_idx, topk_weights)` on the
-  kernels, the reference's per-rank partial sums otherwise."""
-  axis_name: str
-  kernels: LlKernels | None
+  """Both halves of a combine on `backend`."""
+  backend: LowLatencyBackend
   zero_copy: bool = False
 
   def send(self, y, topk_idx, topk_weights, handle):
-    if self.kernels is None:
-      return reference.combine_send(y, topk_idx, topk_weights, handle,
-                                    axis_name=self.axis_name)
-    ticket = cuda_ll.combine_send(
-        y, handle.src_index, num_ranks=handle.num_ranks,
-        num_experts=handle.num_experts, max_tokens=handle.max_tokens,
-        zero_copy=self.zero_copy, kernels=self.kernels)
-    return ticket, topk_idx, topk_weights, handle
+    return self.backend.combine_send(y, topk_idx, topk_weights, handle,
+                                     zero_copy=self.zero_copy)
 
   def receive(self, pending):
-    if self.kernels is None:
-      return reference.combine_receive(pending, jnp.bfloat16)
-    ticket, topk_idx, topk_weights, handle = pending
-    return cuda_ll.combine_recv(
-        ticket, topk_idx, topk_weights, axis_name=self.axis_name,
-        num_ranks=handle.num_ranks, num_experts=handle.num_experts,
-        max_tokens=handle.max_tokens, hidden=handle.hidden,
-        kernels=self.kernels)
+    return self.backend.combine_receive(pending)
 
   __call__ = receive
 
@@ -292,13 +252,7 @@ def low_latency_combine(buffer: Buffer, y: jax.Array, topk_idx: jax.Array,
     raise ValueError(f"jax_ep.{op}: topk_weights is required")
   if not isinstance(zero_copy, bool):
     raise TypeError(f"jax_ep.{op}: zero_copy must be a bool, got {zero_copy!r}")
-  kernels = buffer.ll_kernels(op)
-  if kernels is not None:
-    cuda_ll.check_shapes(op, kernels, max_tokens=handle.max_tokens,
-                         hidden=handle.hidden, topk=topk_idx.shape[1],
-                         num_experts=handle.num_experts,
-                         num_ranks=handle.num_ranks)
-  combine = _Combine(buffer.axis_name, kernels, zero_copy)
+  combine = _Combine(buffer.low_latency_backend(op), zero_copy)
   if return_recv_hook:
     y, topk_weights = no_gradient((y, topk_weights), _HOOK_NO_GRAD.format(op=op))
     return RecvHook(combine.send(y, topk_idx, topk_weights, handle), combine)
@@ -341,8 +295,8 @@ def _combine_grads(combine: _Combine, g, y, topk_idx, topk_weights,
   """
   num_tokens, topk = topk_idx.shape
   num_local, slots, _ = y.shape
-  send = _DispatchSend(combine.axis_name, handle.num_ranks, handle.num_experts,
-                       handle.max_tokens, False, False, False, combine.kernels)
+  send = _DispatchSend(combine.backend, handle.num_ranks, handle.num_experts,
+                       handle.max_tokens, False, False, False)
 
   def dispatch(rows):
     receive = _DispatchReceive(send, num_tokens, topk, rows.shape[1], True)
@@ -356,7 +310,7 @@ def _combine_grads(combine: _Combine, g, y, topk_idx, topk_weights,
   slot_routing = dispatch(routing)
   slot_weights = _bf16_as_bits(slot_routing[..., :2 * topk], jnp.float32)
   slot_ids = _bf16_as_bits(slot_routing[..., 2 * topk:4 * topk], jnp.int32)
-  expert = (lax.axis_index(combine.axis_name) * num_local +
+  expert = (lax.axis_index(combine.backend.axis_name) * num_local +
             jnp.arange(num_local))
   chosen = ((slot_ids == expert[:, None, None]) &
             (handle.src_index < slots)[..., None])  # [L, S, K]

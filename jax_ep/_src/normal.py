@@ -16,75 +16,21 @@ import jax.numpy as jnp
 from jax.experimental import checkify
 
 from jax_ep._src import checks
-from jax_ep._src.cuda import intranode
+from jax_ep._src.backend import NormalBackend
 from jax_ep._src.fp8 import FP8_DTYPE, GROUP
 from jax_ep._src.handles import DispatchHandle, Dispatched
 from jax_ep._src.nograd import no_gradient
-from jax_ep._src.reference import normal as reference
-from jax_ep._src.runtime import Buffer, NvlKernels
-
-
-@dataclasses.dataclass(frozen=True)
-class _Comm:
-  """How the public op `op` moves rows: on the intranode kernels when `nvl`
-  is set, else with the reference's collectives. Both give the same bits,
-  and their handles are interchangeable."""
-  buffer: Buffer
-  op: str
-  nvl: NvlKernels | None
-
-  @classmethod
-  def of(cls, buffer: Buffer, op: str) -> _Comm:
-    return cls(buffer, op, buffer.nvl_kernels(op))
-
-  @property
-  def axis_name(self) -> str:
-    return self.buffer.axis_name
-
-  def dispatch(self, rows, topk_idx, topk_weights, route: _Route):
-    kw = dict(axis_name=self.axis_name, num_ranks=route.num_ranks,
-              num_experts=route.num_experts, capacity=route.capacity,
-              expert_alignment=route.expert_alignment)
-    if self.nvl is None:
-      return reference.dispatch(rows, topk_idx, topk_weights, **kw)
-    return intranode.dispatch(rows, topk_idx, topk_weights, **kw,
-                              op=self.op, **self.nvl.tuning())
-
-  def cached(self, rows, handle):
-    """Rows along `handle`'s routes (tuple in, tuple out)."""
-    if self.nvl is None:
-      return reference.cached_dispatch(rows, handle, axis_name=self.axis_name)
-    return intranode.cached_dispatch(rows, handle, axis_name=self.axis_name,
-                                     op=self.op, **self.nvl.tuning())
-
-  def combine(self, y, handle, bias=None, out_dtype=jnp.float32):
-    """fp32 sum in rank order of every rank's rows for each token, plus the
-    f32 `bias`, rounded once to `out_dtype` (f32 or y's dtype)."""
-    kernel = self.nvl is not None
-    if kernel and y.dtype not in intranode.COMBINE_DTYPES:
-      self.buffer.fall_back(
-          self.op, f"it combines {jnp.dtype(y.dtype).name} rows, and the "
-          "combine kernel sums bfloat16 and float32 rows")
-      kernel = False
-    if not kernel:
-      total = reference.combine(y, handle, axis_name=self.axis_name)
-      if bias is not None:
-        total = total + bias
-      return total.astype(out_dtype)
-    return intranode.combine(y, handle, axis_name=self.axis_name, bias=bias,
-                             out_dtype=out_dtype, op=self.op,
-                             **self.nvl.tuning())
+from jax_ep._src.runtime import Buffer
 
 
 @dataclasses.dataclass(frozen=True)
 class _Route:
   """Static parameters of one dispatch, shared by its forward and backward."""
-  comm: _Comm
+  backend: NormalBackend
   num_ranks: int
   num_experts: int
   capacity: int
   expert_alignment: int
-  fp8: bool
 
 
 def _token_rows(op: str, x) -> tuple[tuple[jax.Array, ...], bool]:
@@ -154,7 +100,7 @@ def dispatch(buffer: Buffer, x, topk_idx: jax.Array | None = None,
   if fp8:
     rows = no_gradient(rows, f"jax_ep.{op}: fp8 rows are not differentiable; "
                        "dispatch bf16 rows to train through dispatch")
-  comm = _Comm.of(buffer, op)
+  backend = buffer.normal_backend(op)
   if handle is not None:
     handle = checks.handle(op, handle, DispatchHandle, "dispatch",
                            buffer.num_ranks)
@@ -168,7 +114,7 @@ def dispatch(buffer: Buffer, x, topk_idx: jax.Array | None = None,
       raise ValueError(
           f"jax_ep.{op}: x has {num_tokens} tokens but the handle was made for "
           f"{handle.num_tokens}")
-    recv = _cached_dispatch(comm, rows, handle)
+    recv = _cached_dispatch(backend, rows, handle)
     return Dispatched(recv[0], recv[1] if fp8 else None, None, None,
                       handle.num_recv_tokens, None, handle)
 
@@ -184,8 +130,7 @@ def dispatch(buffer: Buffer, x, topk_idx: jax.Array | None = None,
   capacity = checks.positive_int(op, "capacity", capacity)
   expert_alignment = checks.positive_int(op, "expert_alignment",
                                          expert_alignment)
-  route = _Route(comm, num_ranks, num_experts, capacity, expert_alignment,
-                 fp8)
+  route = _Route(backend, num_ranks, num_experts, capacity, expert_alignment)
   recv, recv_idx, recv_weights, per_expert, handle = _dispatch(
       route, rows, topk_idx, topk_weights)
   mesh = buffer.mesh
@@ -198,7 +143,10 @@ def dispatch(buffer: Buffer, x, topk_idx: jax.Array | None = None,
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _dispatch(route: _Route, rows, topk_idx, topk_weights):
-  return route.comm.dispatch(rows, topk_idx, topk_weights, route)
+  return route.backend.dispatch(
+      rows, topk_idx, topk_weights, num_ranks=route.num_ranks,
+      num_experts=route.num_experts, capacity=route.capacity,
+      expert_alignment=route.expert_alignment)
 
 
 def _dispatch_fwd(route, rows, topk_idx, topk_weights):
@@ -210,36 +158,36 @@ def _dispatch_fwd(route, rows, topk_idx, topk_weights):
 def _dispatch_bwd(route, residual, g):
   handle, recv_idx = residual
   g_rows, _, g_weights, _, _ = g
-  d_rows = _rows_cotangent(route.comm, g_rows, handle)
+  d_rows = _rows_cotangent(route.backend, g_rows, handle)
   d_weights = None
   if g_weights is not None:
-    d_weights = route.comm.combine(jnp.where(recv_idx >= 0, g_weights, 0.0),
-                                   handle)
+    d_weights = route.backend.combine(
+        jnp.where(recv_idx >= 0, g_weights, 0.0), handle, None, jnp.float32)
   return d_rows, None, d_weights
 
 
 _dispatch.defvjp(_dispatch_fwd, _dispatch_bwd)
 
 
-def _rows_cotangent(comm: _Comm, g_rows, handle):
+def _rows_cotangent(backend: NormalBackend, g_rows, handle):
   """Combine of the received rows' cotangent; fp8 rows (q, scales) get none:
   `no_gradient` has refused any gradient that would need it."""
   if len(g_rows) == 2:
     return (None, None)
-  return (comm.combine(g_rows[0], handle, out_dtype=g_rows[0].dtype),)
+  return (backend.combine(g_rows[0], handle, None, g_rows[0].dtype),)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _cached_dispatch(comm: _Comm, rows, handle):
-  return comm.cached(rows, handle)
+def _cached_dispatch(backend: NormalBackend, rows, handle):
+  return backend.cached_dispatch(rows, handle)
 
 
-def _cached_dispatch_fwd(comm, rows, handle):
-  return comm.cached(rows, handle), handle
+def _cached_dispatch_fwd(backend, rows, handle):
+  return backend.cached_dispatch(rows, handle), handle
 
 
-def _cached_dispatch_bwd(comm, handle, g):
-  return _rows_cotangent(comm, g, handle), None
+def _cached_dispatch_bwd(backend, handle, g):
+  return _rows_cotangent(backend, g, handle), None
 
 
 _cached_dispatch.defvjp(_cached_dispatch_fwd, _cached_dispatch_bwd)
@@ -291,33 +239,34 @@ def combine(buffer: Buffer, y: jax.Array, handle: DispatchHandle,
   biases = _biases(op, bias, (handle.num_tokens, y.shape[1]))
   # Biases enter in fp32, so autodiff casts their cotangent back by itself.
   bias_sum = sum(b.astype(jnp.float32) for b in biases) if biases else None
-  comm = _Comm.of(buffer, op)
-  out, out_weights = _combine(comm, y, handle, topk_weights, bias_sum)
+  out, out_weights = _combine(buffer.normal_backend(op), y, handle,
+                              topk_weights, bias_sum)
   return out if topk_weights is None else (out, out_weights)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _combine(comm: _Comm, y, handle, topk_weights, bias):
-  out = comm.combine(y, handle, bias, out_dtype=y.dtype)
+def _combine(backend: NormalBackend, y, handle, topk_weights, bias):
+  out = backend.combine(y, handle, bias, y.dtype)
   out_weights = None
   if topk_weights is not None:
-    out_weights = comm.combine(topk_weights, handle)
+    out_weights = backend.combine(topk_weights, handle, None, jnp.float32)
   return out, out_weights
 
 
-def _combine_fwd(comm, y, handle, topk_weights, bias):
+def _combine_fwd(backend, y, handle, topk_weights, bias):
   # The bias's presence travels as a None/array leaf: residuals hold no bools.
   bias_marker = None if bias is None else jnp.zeros((), jnp.float32)
-  return _combine(comm, y, handle, topk_weights, bias), (handle, bias_marker)
+  return (_combine(backend, y, handle, topk_weights, bias),
+          (handle, bias_marker))
 
 
-def _combine_bwd(comm, residual, g):
+def _combine_bwd(backend, residual, g):
   handle, bias_marker = residual
   g_out, g_weights = g
-  d_y, = comm.cached((g_out,), handle)
+  d_y, = backend.cached_dispatch((g_out,), handle)
   d_weights = None
   if g_weights is not None:
-    d_weights, = comm.cached((g_weights,), handle)
+    d_weights, = backend.cached_dispatch((g_weights,), handle)
   d_bias = None if bias_marker is None else g_out.astype(jnp.float32)
   return d_y, None, d_weights, d_bias
 

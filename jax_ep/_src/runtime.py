@@ -3,9 +3,10 @@
 A `Buffer` is created once per process, collectively (every process of the
 mesh creates it with the same arguments), before the ops are traced. It is
 what every op takes first: it tells the op which mesh axis is the EP axis, how
-many ranks there are, how they are grouped into nodes, which backend runs and
-with which `Config`. On the "cuda" backend it also owns the NVLink peer
-buffers of the intranode kernels (docs/processes.md), one set per EP group.
+many ranks there are, how they are grouped into nodes, and which backend of
+the op's family runs it (`backend.py`). On the "cuda" backend it opens the
+kernels' backends, which own the NVLink peer buffers (one set per EP group)
+and the NVSHMEM heap (docs/processes.md).
 """
 
 from __future__ import annotations
@@ -21,7 +22,14 @@ from jax import lax
 
 from jax_ep._src import exchange
 from jax_ep._src import native
+from jax_ep._src.backend import LayoutBackend, LowLatencyBackend, NormalBackend
 from jax_ep._src.config import Config, tuned_config
+from jax_ep._src.cuda import layout as cuda_layout
+from jax_ep._src.cuda.intranode import CudaIntranode
+from jax_ep._src.cuda.low_latency import CudaLowLatency
+from jax_ep._src.reference import layout as reference_layout
+from jax_ep._src.reference.low_latency import ReferenceLowLatency
+from jax_ep._src.reference.normal import ReferenceNormal
 
 Backend = Literal["auto", "cuda", "reference"]
 _BACKENDS = ("auto", "cuda", "reference")
@@ -115,24 +123,6 @@ def _topology(mesh, axis_name, ranks_per_node) -> Topology:
         f"EP axis spans several nodes, got {ranks_per_node}")
   return Topology(num_ranks, ranks_per_node, num_ranks // ranks_per_node,
                   process_of_rank)
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class NvlKernels:
-  """What the intranode kernels of one Buffer need: its peer buffers (those
-  of the first EP group; every group has the same sizes) and their tuning."""
-
-  buffers: object  # jax_ep._src.cuda.peer_buffers.PeerBuffers
-  num_sms: int
-  send_warps: int
-  chunk_tokens: int
-  timeout_s: float
-  copy_engine: bool
-
-  def tuning(self) -> dict:
-    return dict(buffers=self.buffers, num_sms=self.num_sms,
-                send_warps=self.send_warps, chunk_tokens=self.chunk_tokens,
-                timeout_s=self.timeout_s, copy_engine=self.copy_engine)
 
 
 def _resolve_backend(backend: str, devices: list[jax.Device]) -> str:
@@ -245,32 +235,27 @@ class Buffer:
           f"{ll_transport!r}")
     self.num_nvl_bytes = num_nvl_bytes
     self.num_ll_bytes = num_ll_bytes
-    self._nvl: NvlKernels | None = None
-    self._ll = None
-    self._heap = None
-    self._peer_buffers = []
+    self._reference_normal = ReferenceNormal(axis_name)
+    self._reference_low_latency = ReferenceLowLatency(axis_name)
+    self._intranode: CudaIntranode | None = None
+    self._low_latency: CudaLowLatency | None = None
     if (self.backend == "cuda" and num_nvl_bytes
         and self.topology.num_nodes == 1):
-      from jax_ep._src.cuda import peer_buffers  # pylint: disable=g-import-not-at-top
       check_sms(config, [d for d in mesh.devices.flat
                          if d.process_index == jax.process_index()])
-      for group in _ep_groups(mesh, axis_name):
-        self._peer_buffers.append(
-            peer_buffers.group_peer_buffers(group, int(num_nvl_bytes)))
-      self._nvl = NvlKernels(self._peer_buffers[0], config.num_sms,
-                             config.nvl_send_warps, config.nvl_chunk,
-                             float(timeout_s), config.nvl_copy_engine)
+      self._intranode = CudaIntranode.open(
+          axis_name, _ep_groups(mesh, axis_name), int(num_nvl_bytes), config,
+          timeout_s=float(timeout_s), fall_back=self.fall_back)
     if self.backend == "cuda" and num_ll_bytes:
-      from jax_ep._src.cuda import low_latency, nvshmem  # pylint: disable=g-import-not-at-top
       groups = _ep_groups(mesh, axis_name)
       if len(groups) > 1:
         raise ValueError(
             "jax_ep.Buffer: the low-latency kernels (num_ll_bytes) support "
             f"one EP group per job; the mesh has {len(groups)} along the "
             "other axes")
-      self._heap = nvshmem.open_heap(groups[0], int(num_ll_bytes))
-      self._ll = low_latency.LlKernels(ll_transport == "put", float(timeout_s),
-                                       int(num_ll_bytes))
+      self._low_latency = CudaLowLatency.open(
+          axis_name, groups[0], int(num_ll_bytes),
+          force_put=ll_transport == "put", timeout_s=float(timeout_s))
 
   @property
   def num_ranks(self) -> int:
@@ -293,7 +278,7 @@ class Buffer:
           f"jax_ep.{op}: axis {self.axis_name!r} has size {size} here but the "
           f"Buffer was built for {self.num_ranks} ranks")
 
-  def uses_kernel(self, op: str) -> bool:
+  def _uses_kernel(self, op: str) -> bool:
     """Whether `op` runs a CUDA kernel; records a fallback when CUDA cannot.
 
     Raises:
@@ -307,17 +292,34 @@ class Buffer:
         self.fall_back(op, f"the EP axis spans {self.topology.num_nodes} "
                        "nodes and the internode kernels are not built yet")
         return False
-      if self._nvl is None:
+      if self._intranode is None:
         raise ValueError(
             f"jax_ep.{op} on the cuda backend needs the NVLink buffers: create "
             "the Buffer with num_nvl_bytes=jax_ep.nvl_buffer_bytes(num_tokens, "
             "hidden, topk, num_ranks) for the largest shapes you run")
-    if op in LL_OPS and self._ll is None:
+    if op in LL_OPS and self._low_latency is None:
       raise ValueError(
           f"jax_ep.{op} on the cuda backend needs the NVSHMEM heap: create the "
           "Buffer with num_ll_bytes=jax_ep.ll_buffer_bytes(max_tokens, hidden, "
           "num_experts) for the largest shapes you run (one process per GPU)")
     return True
+
+  def layout_backend(self, op: str) -> LayoutBackend:
+    """What runs `get_dispatch_layout` (`op`) for this Buffer."""
+    return cuda_layout if self._uses_kernel(op) else reference_layout
+
+  def normal_backend(self, op: str) -> NormalBackend:
+    """What runs the normal dispatch and combine for the public op `op`
+    (its backward included)."""
+    if self._uses_kernel(op):
+      return dataclasses.replace(self._intranode, op=op)
+    return self._reference_normal
+
+  def low_latency_backend(self, op: str) -> LowLatencyBackend:
+    """What runs the low-latency op `op` (its halves and its backward)."""
+    if self._uses_kernel(op):
+      return dataclasses.replace(self._low_latency, op=op)
+    return self._reference_low_latency
 
   def fall_back(self, op: str, reason: str) -> None:
     """Records that `op`, traced now, runs the reference on the cuda backend;
@@ -337,14 +339,6 @@ class Buffer:
     tracing (e.g. after the first call or `.lower()`)."""
     return tuple(self._fallbacks)
 
-  def nvl_kernels(self, op: str) -> NvlKernels | None:
-    """The intranode kernels' buffers and tuning when `op` runs on them."""
-    return self._nvl if self.uses_kernel(op) else None
-
-  def ll_kernels(self, op: str):
-    """The low-latency kernels' options (`LlKernels`) when `op` runs on them."""
-    return self._ll if self.uses_kernel(op) else None
-
   def close(self) -> None:
     """Frees the NVSHMEM heap and the NVLink buffers, which every Buffer over
     the same EP groups shares (collective: once every op has finished on
@@ -353,14 +347,12 @@ class Buffer:
     The heap goes first: its close waits for this GPU's work and for every
     rank, so no peer still writes into the NVLink buffers freed after it.
     """
-    if self._heap is not None:
-      self._heap.close()
-    self._heap = None
-    self._ll = None
-    for buffers in self._peer_buffers:
-      buffers.close()
-    self._peer_buffers = []
-    self._nvl = None
+    if self._low_latency is not None:
+      self._low_latency.close()
+    self._low_latency = None
+    if self._intranode is not None:
+      self._intranode.close()
+    self._intranode = None
 
   def __repr__(self):
     t = self.topology

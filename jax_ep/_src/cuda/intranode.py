@@ -1,6 +1,8 @@
-"""Intranode (NVLink) kernels: notify, dispatch, cached dispatch and combine
-(FFI targets jax_ep_intranode_notify, jax_ep_intranode_dispatch,
-jax_ep_intranode_cached_dispatch, jax_ep_intranode_combine).
+"""The "cuda" backend of the normal ops on one node (`CudaIntranode`, at the
+end) and the FFI calls of its NVLink kernels: notify, dispatch, cached
+dispatch and combine (targets jax_ep_intranode_notify,
+jax_ep_intranode_dispatch, jax_ep_intranode_cached_dispatch,
+jax_ep_intranode_combine).
 
 Needs the peer buffers of every EP device (`peer_buffers.create_peer_buffers`)
 to exist before the first call runs; dispatch and combine push rows into the
@@ -9,15 +11,21 @@ buffers' data region, sized with `intranode_buffer_bytes`.
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any, Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jax_ep._src import checks
 from jax_ep._src import native
+from jax_ep._src.config import Config
+from jax_ep._src.cuda import peer_buffers
 from jax_ep._src.cuda.varying import mark_varying
 from jax_ep._src.fp8 import FP8_DTYPE, GROUP
 from jax_ep._src.handles import DispatchHandle
+from jax_ep._src.reference.normal import ReferenceNormal
 
 _NOTIFY_TARGET = "jax_ep_intranode_notify"
 _DISPATCH_TARGET = "jax_ep_intranode_dispatch"
@@ -32,8 +40,6 @@ WARPS_PER_BLOCK = 16
 MAX_RANKS = 64
 MAX_EXPERTS = 1024
 DEFAULT_TIMEOUT_S = 10.0
-# Rows move as bytes in 4-byte words (16-byte vectors where aligned).
-ROW_WORD_BYTES = 4
 # The dtypes whose rows the combine kernel sums.
 COMBINE_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
 
@@ -184,21 +190,6 @@ def _tuning(op: str, num_sms: int, send_warps: int, chunk_tokens: int,
               copy_engine=np.int64(bool(copy_engine)))
 
 
-def _split_rows(op: str, rows) -> tuple[tuple[jax.Array, ...], int]:
-  """(rows, T) after checking 1 or 2 arrays of T rows of whole words."""
-  rows = tuple(rows)
-  if len(rows) not in (1, 2):
-    raise ValueError(f"jax_ep.{op}: rows must hold 1 or 2 arrays, got "
-                     f"{len(rows)}")
-  num_tokens = rows[0].shape[0]
-  checks.has_tokens(op, num_tokens)
-  for i, r in enumerate(rows):
-    checks.array(op, f"rows[{i}]", r, ndim=2, dtypes=(r.dtype,),
-                 shape=(num_tokens, None))
-    checks.row_bytes(op, f"rows[{i}]", r, ROW_WORD_BYTES)
-  return rows, num_tokens
-
-
 def _recv_row_types(rows, capacity: int):
   """Result types of recv_x and recv_scales (`[M, 0]` f32 when no scales)."""
   scales = rows[1] if len(rows) == 2 else None
@@ -225,7 +216,9 @@ def dispatch(rows, topk_idx: jax.Array, topk_weights: jax.Array | None, *,
 
   Same contract and results (bit for bit) as
   `jax_ep._src.reference.normal.dispatch`; call inside `jax.shard_map` on
-  every rank, in the same order as the other intranode calls.
+  every rank, in the same order as the other intranode calls. The public op
+  has checked the arguments; here only what the kernels add is: their
+  limits, the buffers' size and the tuning.
 
   Args:
     rows: `(x[T, H],)` (any dtype, rows a multiple of 4 bytes) or fp8
@@ -256,14 +249,9 @@ def dispatch(rows, topk_idx: jax.Array, topk_weights: jax.Array | None, *,
     None, num_tokens_per_expert int32[E/R], handle)`, `recv_rows` a tuple like
     `rows` with `M` rows.
   """
-  rows, num_tokens = _split_rows(op, rows)
-  num_experts = checks.experts(op, num_experts, num_ranks)
+  rows = tuple(rows)
+  num_tokens, num_topk = topk_idx.shape
   _check_limits(op, num_ranks, num_experts)
-  num_topk = checks.topk_idx(op, topk_idx, num_tokens, num_experts)
-  checks.topk_weights(op, topk_weights, (num_tokens, num_topk))
-  capacity = checks.positive_int(op, "capacity", capacity)
-  expert_alignment = checks.positive_int(op, "expert_alignment",
-                                         expert_alignment)
   tuning = _tuning(op, num_sms, send_warps, chunk_tokens, timeout_s,
                    copy_engine)
   row_bytes = [r.shape[1] * r.dtype.itemsize for r in rows] + [0]
@@ -300,13 +288,6 @@ def dispatch(rows, topk_idx: jax.Array, topk_weights: jax.Array | None, *,
           handle)
 
 
-def _check_handle(op: str, handle) -> DispatchHandle:
-  if not isinstance(handle, DispatchHandle):
-    raise TypeError(f"jax_ep.{op}: handle must be a DispatchHandle, got "
-                    f"{type(handle)}")
-  return handle
-
-
 def cached_dispatch(rows, handle: DispatchHandle, *, axis_name: str, buffers,
                     num_sms: int = DEFAULT_NUM_SMS,
                     send_warps: int = DEFAULT_SEND_WARPS,
@@ -332,11 +313,8 @@ def cached_dispatch(rows, handle: DispatchHandle, *, axis_name: str, buffers,
   Returns:
     `recv_rows`, a tuple like `rows` of `M` rows.
   """
-  handle = _check_handle(op, handle)
-  rows, num_tokens = _split_rows(op, rows)
-  if num_tokens != handle.num_tokens:
-    raise ValueError(f"jax_ep.{op}: rows have {num_tokens} tokens but the "
-                     f"handle was made for {handle.num_tokens}")
+  rows = tuple(rows)
+  num_tokens = handle.num_tokens
   tuning = _tuning(op, num_sms, send_warps, chunk_tokens, timeout_s,
                    copy_engine)
   row_bytes = [r.shape[1] * r.dtype.itemsize for r in rows] + [0]
@@ -380,23 +358,9 @@ def combine(y: jax.Array, handle: DispatchHandle, *, axis_name: str, buffers,
     copy_engine: accepted for a uniform tuning; combine always pushes with
       warps (the rows an owner needs are not at static places).
   """
-  handle = _check_handle(op, handle)
-  checks.array(op, "y", y, ndim=2,
-               dtypes=(jnp.bfloat16, jnp.float32), shape=(handle.capacity,
-                                                          None))
-  if y.shape[1] * y.dtype.itemsize % 4:
-    raise ValueError(f"jax_ep.{op}: rows of y must be a multiple of 4 bytes, "
-                     f"got {y.dtype}{list(y.shape)}")
   num_tokens, num_ranks = handle.num_tokens, handle.num_ranks
-  out_dtype = jnp.dtype(out_dtype)
-  if out_dtype not in (jnp.dtype(jnp.float32), jnp.dtype(y.dtype)):
-    raise ValueError(f"jax_ep.{op}: out_dtype must be float32 or y's dtype "
-                     f"{y.dtype}, got {out_dtype}")
   if bias is None:
     bias = jnp.zeros((num_tokens, 0), jnp.float32)
-  else:
-    checks.array(op, "bias", bias, ndim=2, dtypes=(jnp.float32,),
-                 shape=(num_tokens, y.shape[1]))
   tuning = _tuning(op, num_sms, send_warps, chunk_tokens, timeout_s,
                    copy_engine)
   module = _extension(op)
@@ -408,3 +372,60 @@ def combine(y: jax.Array, handle: DispatchHandle, *, axis_name: str, buffers,
       has_side_effect=True)
   return mark_varying(axis_name, call(y, handle.recv_row, bias,
                                   num_ranks=np.int64(num_ranks), **tuning))
+
+
+@dataclasses.dataclass(frozen=True)
+class CudaIntranode:
+  """The "cuda" backend of the normal ops on one node
+  (`backend.NormalBackend`): the NVLink peer buffers and the kernels'
+  tuning. Rows the combine kernel cannot sum go to `fallback` (recorded with
+  `fall_back`, `Buffer.fall_back`)."""
+
+  axis_name: str
+  # One PeerBuffers per EP group. The kernels find a device's own through
+  # the extension; the first group's sizes (every group's) bound the calls.
+  groups: tuple[Any, ...]
+  config: Config
+  timeout_s: float
+  fallback: ReferenceNormal
+  fall_back: Callable[[str, str], None]
+  op: str = "dispatch"  # the public op named in error messages
+
+  @classmethod
+  def open(cls, axis_name: str, groups, num_bytes: int, config: Config, *,
+           timeout_s: float, fall_back) -> CudaIntranode:
+    """Makes (or reuses) every EP group's peer buffers (collective)."""
+    return cls(axis_name, tuple(peer_buffers.group_peer_buffers(g, num_bytes)
+                                for g in groups),
+               config, timeout_s, ReferenceNormal(axis_name), fall_back)
+
+  def close(self) -> None:
+    for buffers in self.groups:
+      buffers.close()
+
+  def _tuning(self) -> dict:
+    c = self.config
+    return dict(buffers=self.groups[0], num_sms=c.num_sms,
+                send_warps=c.nvl_send_warps, chunk_tokens=c.nvl_chunk,
+                timeout_s=self.timeout_s, copy_engine=c.nvl_copy_engine,
+                op=self.op)
+
+  def dispatch(self, rows, topk_idx, topk_weights, *, num_ranks: int,
+               num_experts: int, capacity: int, expert_alignment: int):
+    return dispatch(rows, topk_idx, topk_weights, axis_name=self.axis_name,
+                    num_ranks=num_ranks, num_experts=num_experts,
+                    capacity=capacity, expert_alignment=expert_alignment,
+                    **self._tuning())
+
+  def cached_dispatch(self, rows, handle: DispatchHandle):
+    return cached_dispatch(rows, handle, axis_name=self.axis_name,
+                           **self._tuning())
+
+  def combine(self, y, handle: DispatchHandle, bias, out_dtype):
+    if y.dtype not in COMBINE_DTYPES:
+      self.fall_back(
+          self.op, f"it combines {jnp.dtype(y.dtype).name} rows, and the "
+          "combine kernel sums bfloat16 and float32 rows")
+      return self.fallback.combine(y, handle, bias, out_dtype)
+    return combine(y, handle, axis_name=self.axis_name, bias=bias,
+                   out_dtype=out_dtype, **self._tuning())

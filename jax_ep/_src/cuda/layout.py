@@ -1,4 +1,6 @@
-"""`get_dispatch_layout` on the CUDA kernel (FFI jax_ep_get_dispatch_layout)."""
+"""The "cuda" backend of `get_dispatch_layout` (this module is the
+`backend.LayoutBackend`): the FFI call of its kernel, target
+jax_ep_get_dispatch_layout."""
 
 from __future__ import annotations
 
@@ -6,7 +8,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_ep._src import checks
 from jax_ep._src import native
 
 _TARGET = "jax_ep_get_dispatch_layout"
@@ -21,7 +22,8 @@ def get_dispatch_layout(
   """Per-rank and per-expert counts of this shard's routing, on the GPU.
 
   Same contract as `jax_ep._src.reference.layout.get_dispatch_layout`. Call
-  per shard (inside `jax.shard_map`): shapes are per device.
+  per shard (inside `jax.shard_map`): shapes are per device. The public op
+  has checked the arguments; here only the kernel's limits are.
 
   Args:
     topk_idx: `int32[T, K]` expert ids, `1 <= K <= 32`; `-1` selects nothing;
@@ -34,9 +36,6 @@ def get_dispatch_layout(
     is_token_in_rank bool[T, R], num_invalid int32[])`.
   """
   op = "get_dispatch_layout"
-  num_ranks = checks.positive_int(op, "num_ranks", num_ranks)
-  num_experts = checks.experts(op, num_experts, num_ranks)
-  checks.topk_idx(op, topk_idx, None, num_experts)
   if num_experts > MAX_EXPERTS or num_ranks > MAX_RANKS:
     raise ValueError(
         f"jax_ep.{op}: the CUDA kernel supports num_experts <= {MAX_EXPERTS} "

@@ -1,20 +1,20 @@
-"""Low-latency kernels: the send and receive halves of dispatch and combine
-(FFI targets jax_ep_ll_dispatch_send, jax_ep_ll_dispatch_recv,
-jax_ep_ll_combine_send, jax_ep_ll_combine_recv).
+"""The "cuda" backend of the low-latency ops (`CudaLowLatency`, at the
+end) and the FFI calls of its kernels: the send and receive halves of
+dispatch and combine (targets jax_ep_ll_dispatch_send,
+jax_ep_ll_dispatch_recv, jax_ep_ll_combine_send, jax_ep_ll_combine_recv).
 
 A send half returns a ticket (uint32[2], the call's sequence number, made on
 the device) that its receive half takes: the receive reads the buffer set the
 send filled. Between them no SM waits, so compute placed there overlaps the
 peers' sends (over NVLink the send kernel moves the rows itself, which leaves
-less to hide than with RDMA puts). Every rank must issue the same sends in the same order. Two buffer
-sets alternate: a send waits until every peer has received the call that last
-used its set, so at most two sends may wait for their receives (a third times
-out with a message). XLA orders the halves by data dependence only, so
-independent low-latency ops in one program may run sends before receives.
-Needs this process's NVSHMEM heap
+less to hide than with RDMA puts). Every rank must issue the same sends in
+the same order. Two buffer sets alternate: a send waits until every peer has
+received the call that last used its set, so at most two sends may wait for
+their receives (a third times out with a message). XLA orders the halves by
+data dependence only, so independent low-latency ops in one program may run
+sends before receives. Needs this process's NVSHMEM heap
 (`nvshmem.open_heap`), sized with `heap_bytes` below.
 """
-
 from __future__ import annotations
 
 import dataclasses
@@ -24,8 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_ep._src import native
+from jax_ep._src.cuda import nvshmem
 from jax_ep._src.cuda.varying import mark_varying
 from jax_ep._src.fp8 import FP8_DTYPE, GROUP
+from jax_ep._src.handles import LowLatencyDispatched, LowLatencyHandle
 
 _TICKET = jax.ShapeDtypeStruct((2,), jnp.uint32)
 # The kernels' limits and heap layout (csrc/low_latency/low_latency.{cuh,cu}).
@@ -59,20 +61,7 @@ def heap_bytes(max_tokens: int, hidden: int, num_experts: int) -> int:
   return 2 * _align(per_set, _FLAG_SHARE * _ALIGN)
 
 
-@dataclasses.dataclass(frozen=True)
-class LlKernels:
-  """How a Buffer's low-latency ops run on the kernels."""
-
-  force_put: bool  # NVSHMEM puts even to peers that P2P stores reach
-  timeout_s: float
-  heap_bytes: int  # the Buffer's num_ll_bytes
-
-  @property
-  def timeout_ns(self) -> np.int64:
-    return np.int64(round(self.timeout_s * 1e9))
-
-
-def check_shapes(op: str, kernels: LlKernels, *, max_tokens: int,
+def check_shapes(op: str, num_ll_bytes: int, *, max_tokens: int,
                  hidden: int, topk: int, num_experts: int,
                  num_ranks: int) -> None:
   """Trace-time refusal of shapes the kernels or the heap cannot take."""
@@ -92,9 +81,9 @@ def check_shapes(op: str, kernels: LlKernels, *, max_tokens: int,
       raise ValueError(f"jax_ep.{op}: the low-latency kernels need {name} "
                        f"{limit}, got {value}")
   need = heap_bytes(max_tokens, hidden, num_experts)
-  if need > kernels.heap_bytes:
+  if need > num_ll_bytes:
     raise ValueError(
-        f"jax_ep.{op}: the Buffer's num_ll_bytes ({kernels.heap_bytes}) is "
+        f"jax_ep.{op}: the Buffer's num_ll_bytes ({num_ll_bytes}) is "
         f"too small for Tmax={max_tokens}, H={hidden}, E={num_experts}, which "
         f"need {need}: size it with jax_ep.ll_buffer_bytes for the largest "
         "shapes you run")
@@ -110,18 +99,18 @@ def _call(target: str, out_types, *args, **attrs):
 
 def dispatch_send(x, topk_idx, *, num_ranks: int, num_experts: int,
                   max_tokens: int, use_fp8: bool, round_scale: bool,
-                  kernels: LlKernels) -> jax.Array:
+                  force_put: bool, timeout_ns: int) -> jax.Array:
   """Sends each token (cast to fp8 when asked) to its experts' ranks."""
   return _call("jax_ep_ll_dispatch_send", _TICKET, x, topk_idx,
                num_experts=num_experts, max_tokens=max_tokens,
                num_ranks=num_ranks, use_fp8=use_fp8, round_scale=round_scale,
-               force_put=kernels.force_put, timeout_ns=kernels.timeout_ns)
+               force_put=force_put, timeout_ns=timeout_ns)
 
 
 def dispatch_recv(ticket, *, axis_name: str, num_ranks: int, num_experts: int,
                   max_tokens: int, num_tokens: int, num_topk: int, hidden: int,
                   use_fp8: bool, use_ue8m0: bool, zero_padding: bool,
-                  kernels: LlKernels):
+                  timeout_ns: int):
   """Packs the received rows; returns `(x, scales or None, count, src_index,
   slot)` with the shapes of `LowLatencyDispatched`."""
   num_local = num_experts // num_ranks
@@ -144,27 +133,104 @@ def dispatch_recv(ticket, *, axis_name: str, num_ranks: int, num_experts: int,
       "jax_ep_ll_dispatch_recv", out_types, ticket, num_experts=num_experts,
       max_tokens=max_tokens, num_ranks=num_ranks, num_tokens=num_tokens,
       num_topk=num_topk, use_fp8=use_fp8, use_ue8m0=use_ue8m0,
-      zero_padding=zero_padding, timeout_ns=kernels.timeout_ns))
+      zero_padding=zero_padding, timeout_ns=timeout_ns))
   return x, (scales if use_fp8 else None), count, src_index, slot
 
 
 def combine_send(y, src_index, *, num_ranks: int, num_experts: int,
-                 max_tokens: int, zero_copy: bool,
-                 kernels: LlKernels) -> jax.Array:
+                 max_tokens: int, zero_copy: bool, force_put: bool,
+                 timeout_ns: int) -> jax.Array:
   """Sends every received row's expert output back to its source rank."""
   return _call("jax_ep_ll_combine_send", _TICKET, y, src_index,
                num_experts=num_experts, max_tokens=max_tokens,
-               num_ranks=num_ranks, zero_copy=zero_copy,
-               force_put=kernels.force_put, timeout_ns=kernels.timeout_ns)
+               num_ranks=num_ranks, zero_copy=zero_copy, force_put=force_put,
+               timeout_ns=timeout_ns)
 
 
 def combine_recv(ticket, topk_idx, topk_weights, *, axis_name: str,
                  num_ranks: int, num_experts: int, max_tokens: int,
-                 hidden: int, kernels: LlKernels) -> jax.Array:
+                 hidden: int, timeout_ns: int) -> jax.Array:
   """Sums each token's weighted expert outputs (the reference's order)."""
   out_type = jax.ShapeDtypeStruct((topk_idx.shape[0], hidden), jnp.bfloat16)
   return mark_varying(axis_name, _call(
       "jax_ep_ll_combine_recv", out_type, ticket, topk_idx,
       topk_weights.astype(jnp.float32), num_experts=num_experts,
       max_tokens=max_tokens, num_ranks=num_ranks,
-      timeout_ns=kernels.timeout_ns))
+      timeout_ns=timeout_ns))
+
+
+@dataclasses.dataclass(frozen=True)
+class CudaLowLatency:
+  """The "cuda" backend of the low-latency ops (`backend.LowLatencyBackend`):
+  this process's NVSHMEM heap and how the kernels use it. A send's pending
+  value is its ticket (with, for combine, what the receive needs)."""
+
+  axis_name: str
+  heap: nvshmem.NvshmemHeap  # may be larger than asked: a process has one
+  num_ll_bytes: int  # what the Buffer asked for, and all its ops may use
+  force_put: bool  # NVSHMEM puts even to peers that P2P stores reach
+  timeout_s: float
+  op: str = "low_latency"  # the public op named in error messages
+
+  @classmethod
+  def open(cls, axis_name: str, devices_in_rank_order, num_bytes: int, *,
+           force_put: bool, timeout_s: float) -> CudaLowLatency:
+    """Opens the heap over the EP devices (collective; `nvshmem.open_heap`)."""
+    return cls(axis_name, nvshmem.open_heap(devices_in_rank_order, num_bytes),
+               num_bytes, force_put, timeout_s)
+
+  def close(self) -> None:
+    self.heap.close()
+
+  @property
+  def _timeout_ns(self) -> int:
+    return round(self.timeout_s * 1e9)
+
+  def _check(self, **shapes) -> None:
+    check_shapes(self.op, self.num_ll_bytes, **shapes)
+
+  def dispatch_send(self, x, topk_idx, *, num_ranks: int, num_experts: int,
+                    max_tokens: int, use_fp8: bool, round_scale: bool,
+                    use_ue8m0: bool):
+    self._check(max_tokens=max_tokens, hidden=x.shape[1],
+                topk=topk_idx.shape[1], num_experts=num_experts,
+                num_ranks=num_ranks)
+    return dispatch_send(x, topk_idx, num_ranks=num_ranks,
+                         num_experts=num_experts, max_tokens=max_tokens,
+                         use_fp8=use_fp8, round_scale=round_scale or use_ue8m0,
+                         force_put=self.force_put,
+                         timeout_ns=self._timeout_ns)
+
+  def dispatch_receive(self, pending, *, num_ranks: int, num_experts: int,
+                       max_tokens: int, num_tokens: int, num_topk: int,
+                       hidden: int, use_fp8: bool, use_ue8m0: bool,
+                       zero_padding: bool) -> LowLatencyDispatched:
+    x, scales, count, src_index, slot = dispatch_recv(
+        pending, axis_name=self.axis_name, num_ranks=num_ranks,
+        num_experts=num_experts, max_tokens=max_tokens, num_tokens=num_tokens,
+        num_topk=num_topk, hidden=hidden, use_fp8=use_fp8,
+        use_ue8m0=use_ue8m0, zero_padding=zero_padding,
+        timeout_ns=self._timeout_ns)
+    handle = LowLatencyHandle(src_index, slot, num_ranks, num_experts,
+                              max_tokens, num_tokens, hidden)
+    return LowLatencyDispatched(x, scales, count, handle)
+
+  def combine_send(self, y, topk_idx, topk_weights, handle: LowLatencyHandle,
+                   *, zero_copy: bool):
+    self._check(max_tokens=handle.max_tokens, hidden=handle.hidden,
+                topk=topk_idx.shape[1], num_experts=handle.num_experts,
+                num_ranks=handle.num_ranks)
+    ticket = combine_send(
+        y, handle.src_index, num_ranks=handle.num_ranks,
+        num_experts=handle.num_experts, max_tokens=handle.max_tokens,
+        zero_copy=zero_copy, force_put=self.force_put,
+        timeout_ns=self._timeout_ns)
+    return ticket, topk_idx, topk_weights, handle
+
+  def combine_receive(self, pending):
+    ticket, topk_idx, topk_weights, handle = pending
+    return combine_recv(
+        ticket, topk_idx, topk_weights, axis_name=self.axis_name,
+        num_ranks=handle.num_ranks, num_experts=handle.num_experts,
+        max_tokens=handle.max_tokens, hidden=handle.hidden,
+        timeout_ns=self._timeout_ns)

@@ -1,4 +1,5 @@
-"""Reference `get_dispatch_layout`: compares and sums, no scatters."""
+"""The "reference" backend of `get_dispatch_layout` (this module is the
+`backend.LayoutBackend`): compares and sums, no scatters."""
 
 from __future__ import annotations
 

@@ -8,12 +8,14 @@ token t); a token's rows are gathered, never scattered.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from jax_ep._src.fp8 import per_token_cast_to_fp8
-from jax_ep._src.handles import LowLatencyHandle
+from jax_ep._src.handles import LowLatencyDispatched, LowLatencyHandle
 from jax_ep._src.reference.normal import gather_rows, local_expert_ids, packed_sources
 
 
@@ -99,3 +101,41 @@ def combine_receive(partials, dtype):
   for source in range(1, partials.shape[0]):
     total = total + partials[source]
   return total.astype(dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceLowLatency:
+  """The "reference" backend of the low-latency ops
+  (`backend.LowLatencyBackend`). A send's pending value is what its
+  collectives moved; the receive touches local memory only."""
+
+  axis_name: str
+
+  def dispatch_send(self, x, topk_idx, *, num_ranks: int, num_experts: int,
+                    max_tokens: int, use_fp8: bool, round_scale: bool,
+                    use_ue8m0: bool):
+    del num_ranks, num_experts, max_tokens  # the receive's to apply
+    return dispatch_send(x, topk_idx, axis_name=self.axis_name,
+                         use_fp8=use_fp8, round_scale=round_scale,
+                         use_ue8m0=use_ue8m0)
+
+  def dispatch_receive(self, pending, *, num_ranks: int, num_experts: int,
+                       max_tokens: int, num_tokens: int, num_topk: int,
+                       hidden: int, use_fp8: bool, use_ue8m0: bool,
+                       zero_padding: bool) -> LowLatencyDispatched:
+    del num_tokens, num_topk, hidden, use_ue8m0  # all in `pending`
+    del zero_padding  # the reference always zeros the padding
+    recv, count, handle = dispatch_receive(
+        pending, axis_name=self.axis_name, num_ranks=num_ranks,
+        num_experts=num_experts, max_tokens=max_tokens)
+    return LowLatencyDispatched(recv[0], recv[1] if use_fp8 else None, count,
+                                handle)
+
+  def combine_send(self, y, topk_idx, topk_weights, handle: LowLatencyHandle,
+                   *, zero_copy: bool):
+    del zero_copy  # a kernel option: the reference stages nothing
+    return combine_send(y, topk_idx, topk_weights, handle,
+                        axis_name=self.axis_name)
+
+  def combine_receive(self, pending):
+    return combine_receive(pending, jnp.bfloat16)

@@ -9,6 +9,8 @@ indices were 60x slower on GPUs (docs/measuring.md, "Machines").
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -93,3 +95,25 @@ def combine(y: jax.Array, handle: DispatchHandle, *, axis_name: str):
   for source in range(1, handle.num_ranks):
     total = total + back[source].astype(jnp.float32)
   return total
+
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceNormal:
+  """The "reference" backend of the normal ops (`backend.NormalBackend`)."""
+
+  axis_name: str
+
+  def dispatch(self, rows, topk_idx, topk_weights, *, num_ranks: int,
+               num_experts: int, capacity: int, expert_alignment: int):
+    return dispatch(rows, topk_idx, topk_weights, axis_name=self.axis_name,
+                    num_ranks=num_ranks, num_experts=num_experts,
+                    capacity=capacity, expert_alignment=expert_alignment)
+
+  def cached_dispatch(self, rows, handle: DispatchHandle):
+    return cached_dispatch(rows, handle, axis_name=self.axis_name)
+
+  def combine(self, y, handle: DispatchHandle, bias, out_dtype):
+    total = combine(y, handle, axis_name=self.axis_name)
+    if bias is not None:
+      total = total + bias
+    return total.astype(out_dtype)
