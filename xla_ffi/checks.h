@@ -1,6 +1,7 @@
-// Helpers shared by the FFI handlers: buffer shape checks and the mapping of
-// csrc's Status onto ffi::Error. Both return errors, never throw: XLA calls
-// handlers without a try/catch.
+// What the FFI handlers check that XLA's decoding cannot (the sizes of
+// buffer dimensions, against each other and the attributes), and the mapping
+// of csrc's Status onto ffi::Error. Errors are returned, never thrown: XLA
+// calls handlers without a try/catch.
 #pragma once
 
 #include <cstddef>
@@ -29,7 +30,8 @@ inline std::string ShapeString(Dimensions dims) {
 }
 
 // InvalidArgument "<op>: <arg> must have rank <rank>, got shape [..]" unless
-// `dims` has `rank` dimensions.
+// `dims` has `rank` dimensions. Only untyped buffers need it: XLA checks the
+// rank of a Buffer<dtype, rank>.
 inline ffi::Error ExpectRank(std::string_view op, std::string_view arg,
                              Dimensions dims, size_t rank) {
   if (dims.size() == rank) return ffi::Error::Success();
@@ -50,44 +52,25 @@ inline ffi::Error ExpectShape(std::string_view op, std::string_view arg,
       ShapeString(want) + ", got " + ShapeString(dims));
 }
 
-// Bytes per row of a rank-2 buffer (0 otherwise): rows travel as bytes.
-inline int64_t RowBytes(const ffi::AnyBuffer& b) {
-  return b.dimensions().size() == 2
-             ? b.dimensions()[1] *
-                   static_cast<int64_t>(ffi::ByteWidth(b.element_type()))
-             : 0;
-}
-
-// The row arrays of a dispatch: x [T, C0] and scales [T, C1] (C1 may be 0)
-// in, recv_x [M, C0] and recv_scales [M, C1] of the same types out.
-inline ffi::Error ExpectDispatchRows(std::string_view op,
-                                     const ffi::AnyBuffer& x,
-                                     const ffi::AnyBuffer& scales,
-                                     const ffi::AnyBuffer& recv_x,
-                                     const ffi::AnyBuffer& recv_scales,
-                                     int64_t capacity) {
-  for (auto error : {ExpectRank(op, "x", x.dimensions(), 2),
-                     ExpectRank(op, "scales", scales.dimensions(), 2)}) {
+// The first failure of `errors`, or success.
+inline ffi::Error FirstFailure(std::initializer_list<ffi::Error> errors) {
+  for (const ffi::Error& error : errors) {
     if (error.failure()) return error;
-  }
-  const int64_t T = x.dimensions()[0];
-  for (auto error : {
-           ExpectShape(op, "scales", scales.dimensions(),
-                       {T, scales.dimensions()[1]}),
-           ExpectShape(op, "recv_x", recv_x.dimensions(),
-                       {capacity, x.dimensions()[1]}),
-           ExpectShape(op, "recv_scales", recv_scales.dimensions(),
-                       {capacity, scales.dimensions()[1]}),
-       }) {
-    if (error.failure()) return error;
-  }
-  if (recv_x.element_type() != x.element_type() ||
-      recv_scales.element_type() != scales.element_type()) {
-    return ffi::Error::InvalidArgument(
-        std::string(op) + ": recv_x and recv_scales must have the types of "
-                          "x and scales");
   }
   return ffi::Error::Success();
+}
+
+// InvalidArgument unless `num_experts` is a multiple of `num_ranks` >= 1: the
+// handlers size per-rank outputs by num_experts / num_ranks before the
+// launchers see the call.
+inline ffi::Error ExpectExpertsPerRank(std::string_view op, int64_t num_experts,
+                                       int64_t num_ranks) {
+  if (num_ranks >= 1 && num_experts % num_ranks == 0) {
+    return ffi::Error::Success();
+  }
+  return ffi::Error::InvalidArgument(
+      std::string(op) + ": num_experts (" + std::to_string(num_experts) +
+      ") must be a multiple of num_ranks (" + std::to_string(num_ranks) + ")");
 }
 
 inline ffi::Error ToFfiError(const Status& status) {

@@ -73,8 +73,6 @@ nb::dict Layout(int64_t num_bytes, int64_t num_ranks) {
   nb::dict out;
   out["data_bytes"] = layout.data_bytes;
   out["total_bytes"] = layout.total_bytes();
-  out["max_ranks"] = runtime::kMaxPeerRanks;
-  out["max_experts"] = runtime::kMaxNotifyExperts;
   return out;
 }
 

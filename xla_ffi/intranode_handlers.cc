@@ -1,0 +1,383 @@
+// FFI handlers of the intranode (NVLink) family: notify, dispatch, cached
+// dispatch and combine (csrc/intranode) on XLA's stream, over the peer
+// buffers that the registry holds for the device XLA runs the call on (the
+// rank comes from that entry). The launchers check the sizes against the
+// peer buffers and the kernels' limits; the handlers check XLA's buffers
+// against each other and the attributes.
+//
+// Each enqueues kernels, allocates nothing and never waits for the device;
+// the call sequence and parity live in device memory: safe in command buffers
+// (CUDA graphs). The peer buffers must outlive every replay.
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+
+#include "attributes.h"
+#include "checks.h"
+#include "handlers.h"
+#include "intranode/dispatch_combine.cuh"
+#include "intranode/notify.cuh"
+#include "runtime/peer_buffers.cuh"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = ::xla::ffi;
+using jax_ep::ffi_checks::ExpectExpertsPerRank;
+using jax_ep::ffi_checks::ExpectRank;
+using jax_ep::ffi_checks::ExpectShape;
+using jax_ep::ffi_checks::FirstFailure;
+using jax_ep::ffi_checks::ToFfiError;
+using jax_ep::intranode::Tuning;
+using PeerBuffersPtr = std::shared_ptr<const jax_ep::runtime::PeerBuffers>;
+
+namespace {
+
+// Sets `*buffers` to the registry entry of `device`, or returns
+// FailedPrecondition "<op>: jax_ep peer buffers: <why>".
+ffi::Error FindPeerBuffers(std::string_view op, int32_t device,
+                           PeerBuffersPtr* buffers) {
+  std::string why;
+  *buffers = jax_ep::runtime::FindPeerBuffers(device, &why);
+  if (*buffers != nullptr) return ffi::Error::Success();
+  return ffi::Error(ffi::ErrorCode::kFailedPrecondition,
+                    std::string(op) + ": jax_ep peer buffers: " + why);
+}
+
+// The row arrays of a dispatch: x [T, C0] and scales [T, C1] in, recv_x
+// [M, C0] and recv_scales [M, C1] of the same types out.
+ffi::Error ExpectDispatchRows(std::string_view op, const ffi::AnyBuffer& x,
+                              const ffi::AnyBuffer& scales,
+                              const ffi::AnyBuffer& recv_x,
+                              const ffi::AnyBuffer& recv_scales,
+                              int64_t capacity) {
+  if (auto error =
+          FirstFailure({ExpectRank(op, "x", x.dimensions(), 2),
+                        ExpectRank(op, "scales", scales.dimensions(), 2)});
+      error.failure()) {
+    return error;
+  }
+  const int64_t num_tokens = x.dimensions()[0];
+  if (auto error = FirstFailure({
+          ExpectShape(op, "scales", scales.dimensions(),
+                      {num_tokens, scales.dimensions()[1]}),
+          ExpectShape(op, "recv_x", recv_x.dimensions(),
+                      {capacity, x.dimensions()[1]}),
+          ExpectShape(op, "recv_scales", recv_scales.dimensions(),
+                      {capacity, scales.dimensions()[1]}),
+      });
+      error.failure()) {
+    return error;
+  }
+  if (recv_x.element_type() != x.element_type() ||
+      recv_scales.element_type() != scales.element_type()) {
+    return ffi::Error::InvalidArgument(
+        std::string(op) +
+        ": recv_x and recv_scales must have the types of x and scales");
+  }
+  return ffi::Error::Success();
+}
+
+// Bytes per row of a rank-2 buffer: the kernels move rows as bytes.
+int64_t RowBytes(const ffi::AnyBuffer& rows) {
+  return rows.dimensions()[1] *
+         static_cast<int64_t>(ffi::ByteWidth(rows.element_type()));
+}
+
+bool ToElementType(ffi::DataType type, jax_ep::intranode::ElementType* out) {
+  switch (type) {
+    case ffi::DataType::BF16:
+      *out = jax_ep::intranode::ElementType::kBF16;
+      return true;
+    case ffi::DataType::F32:
+      *out = jax_ep::intranode::ElementType::kF32;
+      return true;
+    default:
+      return false;
+  }
+}
+
+}  // namespace
+
+// Exchanges the layouts' counts between the ranks (LaunchNotify).
+// Checks: the shapes agree with num_ranks and num_experts.
+static ffi::Error IntranodeNotify(
+    cudaStream_t stream, int32_t device_ordinal,
+    ffi::BufferR1<ffi::S32> num_tokens_per_rank,
+    ffi::BufferR1<ffi::S32> num_tokens_per_expert, int64_t num_ranks,
+    int64_t num_experts, int64_t expert_alignment, int64_t timeout_ns,
+    ffi::ResultBufferR2<ffi::S32> count_matrix,
+    ffi::ResultBufferR1<ffi::S32> recv_tokens_per_expert) {
+  constexpr const char* kOp = jax_ep::targets::kIntranodeNotify;
+  if (auto error = ExpectExpertsPerRank(kOp, num_experts, num_ranks);
+      error.failure()) {
+    return error;
+  }
+  if (auto error = FirstFailure({
+          ExpectShape(kOp, "num_tokens_per_rank",
+                      num_tokens_per_rank.dimensions(), {num_ranks}),
+          ExpectShape(kOp, "num_tokens_per_expert",
+                      num_tokens_per_expert.dimensions(), {num_experts}),
+          ExpectShape(kOp, "count_matrix", count_matrix->dimensions(),
+                      {num_ranks, num_ranks}),
+          ExpectShape(kOp, "recv_tokens_per_expert",
+                      recv_tokens_per_expert->dimensions(),
+                      {num_experts / num_ranks}),
+      });
+      error.failure()) {
+    return error;
+  }
+  PeerBuffersPtr buffers;
+  if (auto error = FindPeerBuffers(kOp, device_ordinal, &buffers);
+      error.failure()) {
+    return error;
+  }
+  jax_ep::intranode::NotifyArgs a;
+  a.num_tokens_per_rank = num_tokens_per_rank.typed_data();
+  a.num_tokens_per_expert = num_tokens_per_expert.typed_data();
+  a.num_ranks = num_ranks;
+  a.num_experts = num_experts;
+  a.expert_alignment = expert_alignment;
+  a.timeout_ns = timeout_ns;
+  a.count_matrix = count_matrix->typed_data();
+  a.recv_tokens_per_expert = recv_tokens_per_expert->typed_data();
+  return ToFfiError(
+      jax_ep::intranode::LaunchNotify(buffers->view(), a, stream));
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    JaxEpIntranodeNotify, IntranodeNotify,
+    ffi::Ffi::Bind()
+        .Ctx<ffi::PlatformStream<cudaStream_t>>()
+        .Ctx<ffi::DeviceOrdinal>()
+        .Arg<ffi::BufferR1<ffi::S32>>()     // num_tokens_per_rank [R]
+        .Arg<ffi::BufferR1<ffi::S32>>()     // num_tokens_per_expert [E]
+        .Attr<int64_t>("num_ranks")         // R
+        .Attr<int64_t>("num_experts")       // E, a multiple of R
+        .Attr<int64_t>("expert_alignment")  // rounds recv_tokens_per_expert
+        .Attr<int64_t>("timeout_ns")        // per wait for a peer
+        .Ret<ffi::BufferR2<ffi::S32>>()     // count_matrix [R, R]: s sends d
+        .Ret<ffi::BufferR1<ffi::S32>>(),    // recv_tokens_per_expert [E / R]
+    {ffi::Traits::kCmdBufferCompatible});
+
+// A fresh dispatch: routes each token's rows to its experts' ranks
+// (LaunchDispatch).
+// Checks: shapes and row types agree with each other and the attributes.
+static ffi::Error IntranodeDispatch(
+    cudaStream_t stream, int32_t device_ordinal, ffi::AnyBuffer x,
+    ffi::AnyBuffer scales, ffi::BufferR2<ffi::S32> topk_idx,
+    ffi::BufferR2<ffi::F32> topk_weights, int64_t num_ranks,
+    int64_t num_experts, int64_t capacity, int64_t expert_alignment,
+    Tuning tuning, ffi::Result<ffi::AnyBuffer> recv_x,
+    ffi::Result<ffi::AnyBuffer> recv_scales,
+    ffi::ResultBufferR2<ffi::S32> recv_topk_idx,
+    ffi::ResultBufferR2<ffi::F32> recv_topk_weights,
+    ffi::ResultBufferR1<ffi::S32> num_recv_per_expert,
+    ffi::ResultBufferR1<ffi::S32> src_index,
+    ffi::ResultBufferR2<ffi::S32> recv_row,
+    ffi::ResultBufferR0<ffi::S32> num_recv_tokens) {
+  constexpr const char* kOp = jax_ep::targets::kIntranodeDispatch;
+  const int64_t M = capacity;
+  if (auto error = FirstFailure({
+          ExpectExpertsPerRank(kOp, num_experts, num_ranks),
+          ExpectDispatchRows(kOp, x, scales, *recv_x, *recv_scales, M),
+      });
+      error.failure()) {
+    return error;
+  }
+  const int64_t T = x.dimensions()[0];
+  const int64_t K = topk_idx.dimensions()[1];
+  if (auto error = FirstFailure({
+          ExpectShape(kOp, "topk_idx", topk_idx.dimensions(), {T, K}),
+          ExpectShape(kOp, "topk_weights", topk_weights.dimensions(), {T, K}),
+          ExpectShape(kOp, "recv_topk_idx", recv_topk_idx->dimensions(),
+                      {M, K}),
+          ExpectShape(kOp, "recv_topk_weights", recv_topk_weights->dimensions(),
+                      {M, K}),
+          ExpectShape(kOp, "num_recv_per_expert",
+                      num_recv_per_expert->dimensions(),
+                      {num_experts / num_ranks}),
+          ExpectShape(kOp, "src_index", src_index->dimensions(), {M}),
+          ExpectShape(kOp, "recv_row", recv_row->dimensions(), {num_ranks, T}),
+      });
+      error.failure()) {
+    return error;
+  }
+  PeerBuffersPtr buffers;
+  if (auto error = FindPeerBuffers(kOp, device_ordinal, &buffers);
+      error.failure()) {
+    return error;
+  }
+  jax_ep::intranode::DispatchArgs a;
+  a.rows[0] = x.untyped_data();
+  a.rows[1] = scales.untyped_data();
+  a.row_bytes[0] = RowBytes(x);
+  a.row_bytes[1] = RowBytes(scales);
+  a.topk_idx = topk_idx.typed_data();
+  a.topk_weights = topk_weights.typed_data();
+  a.num_tokens = T;
+  a.num_topk = K;
+  a.num_ranks = num_ranks;
+  a.num_experts = num_experts;
+  a.capacity = capacity;
+  a.expert_alignment = expert_alignment;
+  a.tuning = tuning;
+  a.recv_rows[0] = recv_x->untyped_data();
+  a.recv_rows[1] = recv_scales->untyped_data();
+  a.recv_topk_idx = recv_topk_idx->typed_data();
+  a.recv_topk_weights = recv_topk_weights->typed_data();
+  a.num_recv_per_expert = num_recv_per_expert->typed_data();
+  a.src_index = src_index->typed_data();
+  a.recv_row = recv_row->typed_data();
+  a.num_recv_tokens = num_recv_tokens->typed_data();
+  return ToFfiError(jax_ep::intranode::LaunchDispatch(*buffers, a, stream));
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    JaxEpIntranodeDispatch, IntranodeDispatch,
+    ffi::Ffi::Bind()
+        .Ctx<ffi::PlatformStream<cudaStream_t>>()
+        .Ctx<ffi::DeviceOrdinal>()
+        .Arg<ffi::AnyBuffer>()              // x [T, C0], rows sent as bytes
+        .Arg<ffi::AnyBuffer>()              // scales [T, C1], C1 may be 0
+        .Arg<ffi::BufferR2<ffi::S32>>()     // topk_idx [T, K], -1: none
+        .Arg<ffi::BufferR2<ffi::F32>>()     // topk_weights [T, K]
+        .Attr<int64_t>("num_ranks")         // R
+        .Attr<int64_t>("num_experts")       // E, a multiple of R
+        .Attr<int64_t>("capacity")          // M, rows this rank receives
+        .Attr<int64_t>("expert_alignment")  // rounds num_recv_per_expert
+        .Attr<Tuning>("tuning")             // attributes.h
+        .Ret<ffi::AnyBuffer>()              // recv_x [M, C0], x's type
+        .Ret<ffi::AnyBuffer>()              // recv_scales [M, C1]
+        .Ret<ffi::BufferR2<ffi::S32>>()     // recv_topk_idx [M, K]
+        .Ret<ffi::BufferR2<ffi::F32>>()     // recv_topk_weights [M, K]
+        .Ret<ffi::BufferR1<ffi::S32>>()     // num_recv_per_expert [E / R]
+        .Ret<ffi::BufferR1<ffi::S32>>()     // src_index [M]
+        .Ret<ffi::BufferR2<ffi::S32>>()     // recv_row [R, T]: the handle
+        .Ret<ffi::BufferR0<ffi::S32>>(),    // num_recv_tokens []
+    {ffi::Traits::kCmdBufferCompatible});
+
+// A dispatch that replays a handle's routing, the backward of combine
+// (LaunchCachedDispatch): recv_x[recv_row_me[s, t]] = x_s[t] for every kept
+// row; rows from min(num_recv_tokens, M) on are zero.
+// Checks: shapes and row types agree with each other and the attributes.
+static ffi::Error IntranodeCachedDispatch(
+    cudaStream_t stream, int32_t device_ordinal, ffi::AnyBuffer x,
+    ffi::AnyBuffer scales, ffi::BufferR2<ffi::S32> recv_row,
+    ffi::BufferR0<ffi::S32> num_recv_tokens, int64_t num_ranks,
+    int64_t capacity, Tuning tuning, ffi::Result<ffi::AnyBuffer> recv_x,
+    ffi::Result<ffi::AnyBuffer> recv_scales) {
+  constexpr const char* kOp = jax_ep::targets::kIntranodeCachedDispatch;
+  if (auto error =
+          ExpectDispatchRows(kOp, x, scales, *recv_x, *recv_scales, capacity);
+      error.failure()) {
+    return error;
+  }
+  const int64_t T = x.dimensions()[0];
+  if (auto error =
+          ExpectShape(kOp, "recv_row", recv_row.dimensions(), {num_ranks, T});
+      error.failure()) {
+    return error;
+  }
+  PeerBuffersPtr buffers;
+  if (auto error = FindPeerBuffers(kOp, device_ordinal, &buffers);
+      error.failure()) {
+    return error;
+  }
+  jax_ep::intranode::CachedDispatchArgs a;
+  a.rows[0] = x.untyped_data();
+  a.rows[1] = scales.untyped_data();
+  a.row_bytes[0] = RowBytes(x);
+  a.row_bytes[1] = RowBytes(scales);
+  a.recv_row = recv_row.typed_data();
+  a.num_recv_tokens = num_recv_tokens.typed_data();
+  a.num_tokens = T;
+  a.num_ranks = num_ranks;
+  a.capacity = capacity;
+  a.tuning = tuning;
+  a.recv_rows[0] = recv_x->untyped_data();
+  a.recv_rows[1] = recv_scales->untyped_data();
+  return ToFfiError(
+      jax_ep::intranode::LaunchCachedDispatch(*buffers, a, stream));
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    JaxEpIntranodeCachedDispatch, IntranodeCachedDispatch,
+    ffi::Ffi::Bind()
+        .Ctx<ffi::PlatformStream<cudaStream_t>>()
+        .Ctx<ffi::DeviceOrdinal>()
+        .Arg<ffi::AnyBuffer>()           // x [T, C0], rows sent as bytes
+        .Arg<ffi::AnyBuffer>()           // scales [T, C1], C1 may be 0
+        .Arg<ffi::BufferR2<ffi::S32>>()  // recv_row [R, T], the handle's
+        .Arg<ffi::BufferR0<ffi::S32>>()  // num_recv_tokens [], the handle's
+        .Attr<int64_t>("num_ranks")      // R
+        .Attr<int64_t>("capacity")       // M
+        .Attr<Tuning>("tuning")          // attributes.h
+        .Ret<ffi::AnyBuffer>()           // recv_x [M, C0], x's type
+        .Ret<ffi::AnyBuffer>(),          // recv_scales [M, C1]
+    {ffi::Traits::kCmdBufferCompatible});
+
+// Sums each token's expert outputs back on its own rank (LaunchCombine):
+// out[t] = sum over ranks r, in rank order, in fp32, of
+// y_r[recv_row_r[me, t]] (+0 where that is M), plus bias[t], rounded once to
+// out's type.
+// Checks: shapes agree with each other and num_ranks; y, out are bf16 or f32.
+static ffi::Error IntranodeCombine(cudaStream_t stream, int32_t device_ordinal,
+                                   ffi::AnyBuffer y,
+                                   ffi::BufferR2<ffi::S32> recv_row,
+                                   ffi::BufferR2<ffi::F32> bias,
+                                   int64_t num_ranks, Tuning tuning,
+                                   ffi::Result<ffi::AnyBuffer> out) {
+  constexpr const char* kOp = jax_ep::targets::kIntranodeCombine;
+  if (auto error = ExpectRank(kOp, "y", y.dimensions(), 2); error.failure()) {
+    return error;
+  }
+  const int64_t M = y.dimensions()[0];
+  const int64_t C = y.dimensions()[1];
+  const int64_t T = recv_row.dimensions()[1];
+  const bool has_bias = bias.dimensions()[1] != 0;
+  if (auto error = FirstFailure({
+          ExpectShape(kOp, "recv_row", recv_row.dimensions(), {num_ranks, T}),
+          ExpectShape(kOp, "bias", bias.dimensions(), {T, has_bias ? C : 0}),
+          ExpectShape(kOp, "out", out->dimensions(), {T, C}),
+      });
+      error.failure()) {
+    return error;
+  }
+  jax_ep::intranode::CombineArgs a;
+  if (!ToElementType(y.element_type(), &a.y_type) ||
+      !ToElementType(out->element_type(), &a.out_type)) {
+    return ffi::Error::InvalidArgument(std::string(kOp) +
+                                       ": y and out must be bf16 or f32");
+  }
+  PeerBuffersPtr buffers;
+  if (auto error = FindPeerBuffers(kOp, device_ordinal, &buffers);
+      error.failure()) {
+    return error;
+  }
+  a.y = y.untyped_data();
+  a.recv_row = recv_row.typed_data();
+  a.bias = has_bias ? bias.typed_data() : nullptr;
+  a.num_tokens = T;
+  a.num_channels = C;
+  a.num_ranks = num_ranks;
+  a.capacity = M;
+  a.tuning = tuning;
+  a.out = out->untyped_data();
+  return ToFfiError(jax_ep::intranode::LaunchCombine(*buffers, a, stream));
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    JaxEpIntranodeCombine, IntranodeCombine,
+    ffi::Ffi::Bind()
+        .Ctx<ffi::PlatformStream<cudaStream_t>>()
+        .Ctx<ffi::DeviceOrdinal>()
+        .Arg<ffi::AnyBuffer>()           // y [M, C], bf16 or f32
+        .Arg<ffi::BufferR2<ffi::S32>>()  // recv_row [R, T], the handle's
+        .Arg<ffi::BufferR2<ffi::F32>>()  // bias [T, C], or [T, 0] for none
+        .Attr<int64_t>("num_ranks")      // R
+        .Attr<Tuning>("tuning")          // attributes.h
+        .Ret<ffi::AnyBuffer>(),          // out [T, C], f32 or y's type
+    {ffi::Traits::kCmdBufferCompatible});
