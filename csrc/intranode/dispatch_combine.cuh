@@ -1,6 +1,7 @@
 // Intranode (NVLink) normal dispatch, cached dispatch and combine: the data
-// region layout, the arguments and the host launchers. The protocol is
-// described at the top of dispatch_combine.cu.
+// region layout, the arguments and the host launchers (launch.cu). The
+// protocol is described at the top of launch.cu (the call), dispatch.cu and
+// combine.cu (the kernels).
 #pragma once
 
 #include <cuda_runtime_api.h>

@@ -1,7 +1,8 @@
 // Low-latency (decoding) dispatch and combine over NVSHMEM: the symmetric
 // heap layout, the arguments and the host launchers of the four halves
 // (dispatch send / receive, combine send / receive). The protocol is
-// described at the top of low_latency.cu.
+// described at the top of kernels.cuh (what both halves share), send.cu and
+// receive.cu.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -20,6 +21,10 @@ constexpr int kCountBits = 24;
 constexpr int64_t kMaxSlotsPerExpert = 8192;
 constexpr int64_t kMaxRanks = 64;
 constexpr int64_t kMaxExperts = 4096;
+constexpr int kMaxTopk = 32;
+// Tokens per source are swept 32 at a time with one bit per sweep and lane
+// (WaitRows, receive.cu).
+constexpr int64_t kMaxTokens = 32 * 32;
 
 __host__ __device__ inline int64_t AlignUp(int64_t v, int64_t a) {
   return (v + a - 1) / a * a;
@@ -125,6 +130,10 @@ struct Heap {
   int num_ranks = 0;
   int num_sms = 0;
 };
+
+// InvalidArgument, naming `op`, unless the kernels take calls of `shape` and
+// `heap` is large enough for them (shape.cu). Every launcher checks it first.
+Status CheckShape(const char* op, const Heap& heap, const Shape& shape);
 
 struct Options {
   bool force_put = false;  // NVSHMEM puts even to peers reachable by P2P stores

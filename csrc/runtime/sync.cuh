@@ -1,6 +1,7 @@
-// Device-side synchronization helpers shared by the NVLink kernels: the PTX
+// Device-side synchronization helpers shared by the kernels: the PTX
 // memory-order wrappers (named <op>_<order>_<scope>_<space>) and the one
-// spin-wait with a timeout that every kernel routes its waits through.
+// spin-wait with a timeout (wait_until) that every kernel routes its waits
+// through.
 #pragma once
 
 #include <cstdint>
@@ -62,6 +63,23 @@ __device__ __forceinline__ uint64_t global_timer_ns() {
 
 // --- Waiting ------------------------------------------------------------------
 
+// The one spin-wait: polls until `arrived()` returns true, timing the wait
+// from the call. Once more than `timeout_ns` have passed, it calls `report()`,
+// which prints where the wait was and what it last saw, then traps: the kernel
+// fails instead of hanging the process. A wait that is usually over already
+// polls once before the call, so that it reads no clock then.
+template <typename Arrived, typename Report>
+__device__ __forceinline__ void wait_until(Arrived arrived, int64_t timeout_ns,
+                                           Report report) {
+  const uint64_t start = global_timer_ns();
+  while (!arrived()) {
+    if (static_cast<int64_t>(global_timer_ns() - start) > timeout_ns) {
+      report();
+      __trap();
+    }
+  }
+}
+
 // Where a wait happens, for the timeout report.
 struct WaitSite {
   const char* kernel;  // e.g. "intranode_notify"
@@ -70,25 +88,25 @@ struct WaitSite {
   int peer;            // the rank being waited for, or -1
 };
 
-// Spins until *flag >= expected (acquire, system scope) and returns the value
-// seen. After `timeout_ns` it prints the site, the expected and the last seen
-// value, then traps: the kernel fails instead of hanging the process.
+// Waits until *flag >= expected (acquire, system scope) and returns the value
+// seen. The timeout report gives the site, the expected and the last seen
+// value.
 __device__ __noinline__ inline uint64_t wait_at_least_acquire_sys(
     const uint64_t* flag, uint64_t expected, int64_t timeout_ns,
     const WaitSite& site) {
-  uint64_t seen = ld_acquire_sys_global(flag);
-  if (seen >= expected) return seen;
-  const uint64_t start = global_timer_ns();
-  while ((seen = ld_acquire_sys_global(flag)) < expected) {
-    if (static_cast<int64_t>(global_timer_ns() - start) > timeout_ns) {
+  uint64_t seen;
+  const auto arrived = [&] {
+    return (seen = ld_acquire_sys_global(flag)) >= expected;
+  };
+  if (!arrived()) {
+    wait_until(arrived, timeout_ns, [&] {
       printf("jax_ep %s timeout: rank %d, phase '%s', peer %d: expected >= "
              "%llu, seen %llu after %lld ns\n",
              site.kernel, site.rank, site.phase, site.peer,
              static_cast<unsigned long long>(expected),
              static_cast<unsigned long long>(seen),
              static_cast<long long>(timeout_ns));
-      __trap();
-    }
+    });
   }
   return seen;
 }
