@@ -275,7 +275,7 @@ def dispatch(rows, topk_idx: jax.Array, topk_weights: jax.Array | None, *,
        rows[0], _scales_arg(rows), topk_idx, weights,
        num_ranks=np.int64(num_ranks), num_experts=np.int64(num_experts),
        capacity=np.int64(capacity),
-       expert_alignment=np.int64(expert_alignment), **tuning)
+       expert_alignment=np.int64(expert_alignment), tuning=tuning)
   (recv_x, recv_scales, recv_idx, recv_weights, per_expert, src_index,
    recv_row, num_recv) = mark_varying(axis_name, (
        recv_x, recv_scales, recv_idx, recv_weights, per_expert, src_index,
@@ -327,7 +327,7 @@ def cached_dispatch(rows, handle: DispatchHandle, *, axis_name: str, buffers,
                           has_side_effect=True)
   recv_x, recv_scales = mark_varying(axis_name, call(
       rows[0], _scales_arg(rows), handle.recv_row, handle.num_recv_tokens,
-      num_ranks=np.int64(num_ranks), capacity=np.int64(capacity), **tuning))
+      num_ranks=np.int64(num_ranks), capacity=np.int64(capacity), tuning=tuning))
   return (recv_x,) if len(rows) == 1 else (recv_x, recv_scales)
 
 
@@ -371,7 +371,7 @@ def combine(y: jax.Array, handle: DispatchHandle, *, axis_name: str, buffers,
       jax.ShapeDtypeStruct((num_tokens, y.shape[1]), out_dtype),
       has_side_effect=True)
   return mark_varying(axis_name, call(y, handle.recv_row, bias,
-                                  num_ranks=np.int64(num_ranks), **tuning))
+                                  num_ranks=np.int64(num_ranks), tuning=tuning))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """The "cuda" backend of the low-latency ops (`CudaLowLatency`, at the
 end) and the FFI calls of its kernels: the send and receive halves of
-dispatch and combine (targets jax_ep_ll_dispatch_send,
-jax_ep_ll_dispatch_recv, jax_ep_ll_combine_send, jax_ep_ll_combine_recv).
+dispatch and combine (targets jax_ep_low_latency_dispatch_send,
+jax_ep_low_latency_dispatch_recv, jax_ep_low_latency_combine_send,
+jax_ep_low_latency_combine_recv).
 
 A send half returns a ticket (uint32[2], the call's sequence number, made on
 the device) that its receive half takes: the receive reads the buffer set the
@@ -93,28 +94,33 @@ def _call(target: str, out_types, *args, **attrs):
   if not native.register_targets():
     raise RuntimeError(f"jax_ep {target}: the CUDA extension is missing: "
                        f"{native.unavailable_reason()}")
-  attrs = {k: np.int64(v) for k, v in attrs.items()}
   return jax.ffi.ffi_call(target, out_types, has_side_effect=True)(*args, **attrs)
 
 
-def dispatch_send(x, topk_idx, *, num_ranks: int, num_experts: int,
-                  max_tokens: int, use_fp8: bool, round_scale: bool,
-                  force_put: bool, timeout_ns: int) -> jax.Array:
+def shape_attr(*, num_tokens: int, max_tokens: int, hidden: int,
+               num_topk: int, num_experts: int, num_ranks: int) -> dict:
+  """The `shape` struct attribute (csrc low_latency::Shape) of one dispatch
+  and the combine that returns it."""
+  return {k: np.int64(v) for k, v in dict(
+      num_tokens=num_tokens, max_tokens=max_tokens, hidden=hidden,
+      num_topk=num_topk, num_experts=num_experts, num_ranks=num_ranks).items()}
+
+
+def dispatch_send(x, topk_idx, *, shape: dict, options: dict, use_fp8: bool,
+                  round_scale: bool) -> jax.Array:
   """Sends each token (cast to fp8 when asked) to its experts' ranks."""
-  return _call("jax_ep_ll_dispatch_send", _TICKET, x, topk_idx,
-               num_experts=num_experts, max_tokens=max_tokens,
-               num_ranks=num_ranks, use_fp8=use_fp8, round_scale=round_scale,
-               force_put=force_put, timeout_ns=timeout_ns)
+  return _call("jax_ep_low_latency_dispatch_send", _TICKET, x, topk_idx,
+               shape=shape, options=options, use_fp8=bool(use_fp8),
+               round_scale=bool(round_scale))
 
 
-def dispatch_recv(ticket, *, axis_name: str, num_ranks: int, num_experts: int,
-                  max_tokens: int, num_tokens: int, num_topk: int, hidden: int,
-                  use_fp8: bool, use_ue8m0: bool, zero_padding: bool,
-                  timeout_ns: int):
+def dispatch_recv(ticket, *, axis_name: str, shape: dict, options: dict,
+                  use_fp8: bool, use_ue8m0: bool, zero_padding: bool):
   """Packs the received rows; returns `(x, scales or None, count, src_index,
   slot)` with the shapes of `LowLatencyDispatched`."""
-  num_local = num_experts // num_ranks
-  slots = num_ranks * max_tokens
+  num_ranks, hidden = int(shape["num_ranks"]), int(shape["hidden"])
+  num_local = int(shape["num_experts"]) // num_ranks
+  slots = num_ranks * int(shape["max_tokens"])
   if not use_fp8:
     x_type, scales_type = jnp.bfloat16, jax.ShapeDtypeStruct((0,), jnp.uint8)
   elif use_ue8m0:
@@ -130,33 +136,27 @@ def dispatch_recv(ticket, *, axis_name: str, num_ranks: int, num_experts: int,
                scales_type, jax.ShapeDtypeStruct((num_local,), jnp.int32),
                per_slot, per_slot)
   x, scales, count, src_index, slot = mark_varying(axis_name, _call(
-      "jax_ep_ll_dispatch_recv", out_types, ticket, num_experts=num_experts,
-      max_tokens=max_tokens, num_ranks=num_ranks, num_tokens=num_tokens,
-      num_topk=num_topk, use_fp8=use_fp8, use_ue8m0=use_ue8m0,
-      zero_padding=zero_padding, timeout_ns=timeout_ns))
+      "jax_ep_low_latency_dispatch_recv", out_types, ticket, shape=shape,
+      options=options, use_fp8=bool(use_fp8), use_ue8m0=bool(use_ue8m0),
+      zero_padding=bool(zero_padding)))
   return x, (scales if use_fp8 else None), count, src_index, slot
 
 
-def combine_send(y, src_index, *, num_ranks: int, num_experts: int,
-                 max_tokens: int, zero_copy: bool, force_put: bool,
-                 timeout_ns: int) -> jax.Array:
+def combine_send(y, src_index, *, shape: dict, options: dict,
+                 zero_copy: bool) -> jax.Array:
   """Sends every received row's expert output back to its source rank."""
-  return _call("jax_ep_ll_combine_send", _TICKET, y, src_index,
-               num_experts=num_experts, max_tokens=max_tokens,
-               num_ranks=num_ranks, zero_copy=zero_copy, force_put=force_put,
-               timeout_ns=timeout_ns)
+  return _call("jax_ep_low_latency_combine_send", _TICKET, y, src_index,
+               shape=shape, options=options, zero_copy=bool(zero_copy))
 
 
 def combine_recv(ticket, topk_idx, topk_weights, *, axis_name: str,
-                 num_ranks: int, num_experts: int, max_tokens: int,
-                 hidden: int, timeout_ns: int) -> jax.Array:
+                 shape: dict, options: dict) -> jax.Array:
   """Sums each token's weighted expert outputs (the reference's order)."""
-  out_type = jax.ShapeDtypeStruct((topk_idx.shape[0], hidden), jnp.bfloat16)
+  out_type = jax.ShapeDtypeStruct((topk_idx.shape[0], int(shape["hidden"])),
+                                  jnp.bfloat16)
   return mark_varying(axis_name, _call(
-      "jax_ep_ll_combine_recv", out_type, ticket, topk_idx,
-      topk_weights.astype(jnp.float32), num_experts=num_experts,
-      max_tokens=max_tokens, num_ranks=num_ranks,
-      timeout_ns=timeout_ns))
+      "jax_ep_low_latency_combine_recv", out_type, ticket, topk_idx,
+      topk_weights.astype(jnp.float32), shape=shape, options=options))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,54 +183,62 @@ class CudaLowLatency:
     self.heap.close()
 
   @property
-  def _timeout_ns(self) -> int:
-    return round(self.timeout_s * 1e9)
+  def _options(self) -> dict:
+    """The `options` struct attribute (csrc low_latency::Options)."""
+    return dict(force_put=bool(self.force_put),
+                timeout_ns=np.int64(round(self.timeout_s * 1e9)))
 
-  def _check(self, **shapes) -> None:
-    check_shapes(self.op, self.num_ll_bytes, **shapes)
+  def _shape(self, **sizes) -> dict:
+    """The `shape` attribute, once the kernels' limits and the heap's size
+    are checked for it."""
+    check_shapes(self.op, self.num_ll_bytes, max_tokens=sizes["max_tokens"],
+                 hidden=sizes["hidden"], topk=sizes["num_topk"],
+                 num_experts=sizes["num_experts"],
+                 num_ranks=sizes["num_ranks"])
+    return shape_attr(**sizes)
 
   def dispatch_send(self, x, topk_idx, *, num_ranks: int, num_experts: int,
                     max_tokens: int, use_fp8: bool, round_scale: bool,
                     use_ue8m0: bool):
-    self._check(max_tokens=max_tokens, hidden=x.shape[1],
-                topk=topk_idx.shape[1], num_experts=num_experts,
-                num_ranks=num_ranks)
-    return dispatch_send(x, topk_idx, num_ranks=num_ranks,
-                         num_experts=num_experts, max_tokens=max_tokens,
-                         use_fp8=use_fp8, round_scale=round_scale or use_ue8m0,
-                         force_put=self.force_put,
-                         timeout_ns=self._timeout_ns)
+    shape = self._shape(num_tokens=x.shape[0], max_tokens=max_tokens,
+                        hidden=x.shape[1], num_topk=topk_idx.shape[1],
+                        num_experts=num_experts, num_ranks=num_ranks)
+    return dispatch_send(x, topk_idx, shape=shape, options=self._options,
+                         use_fp8=use_fp8, round_scale=round_scale or use_ue8m0)
 
   def dispatch_receive(self, pending, *, num_ranks: int, num_experts: int,
                        max_tokens: int, num_tokens: int, num_topk: int,
                        hidden: int, use_fp8: bool, use_ue8m0: bool,
                        zero_padding: bool) -> LowLatencyDispatched:
+    shape = shape_attr(num_tokens=num_tokens, max_tokens=max_tokens,
+                       hidden=hidden, num_topk=num_topk,
+                       num_experts=num_experts, num_ranks=num_ranks)
     x, scales, count, src_index, slot = dispatch_recv(
-        pending, axis_name=self.axis_name, num_ranks=num_ranks,
-        num_experts=num_experts, max_tokens=max_tokens, num_tokens=num_tokens,
-        num_topk=num_topk, hidden=hidden, use_fp8=use_fp8,
-        use_ue8m0=use_ue8m0, zero_padding=zero_padding,
-        timeout_ns=self._timeout_ns)
+        pending, axis_name=self.axis_name, shape=shape, options=self._options,
+        use_fp8=use_fp8, use_ue8m0=use_ue8m0, zero_padding=zero_padding)
     handle = LowLatencyHandle(src_index, slot, num_ranks, num_experts,
                               max_tokens, num_tokens, hidden)
     return LowLatencyDispatched(x, scales, count, handle)
 
   def combine_send(self, y, topk_idx, topk_weights, handle: LowLatencyHandle,
                    *, zero_copy: bool):
-    self._check(max_tokens=handle.max_tokens, hidden=handle.hidden,
-                topk=topk_idx.shape[1], num_experts=handle.num_experts,
-                num_ranks=handle.num_ranks)
-    ticket = combine_send(
-        y, handle.src_index, num_ranks=handle.num_ranks,
-        num_experts=handle.num_experts, max_tokens=handle.max_tokens,
-        zero_copy=zero_copy, force_put=self.force_put,
-        timeout_ns=self._timeout_ns)
+    shape = self._shape(**_combine_sizes(handle, topk_idx))
+    ticket = combine_send(y, handle.src_index, shape=shape,
+                          options=self._options, zero_copy=zero_copy)
+    # A pytree (a hook's pending value may cross jit): the handle's sizes
+    # are static.
     return ticket, topk_idx, topk_weights, handle
 
   def combine_receive(self, pending):
     ticket, topk_idx, topk_weights, handle = pending
-    return combine_recv(
-        ticket, topk_idx, topk_weights, axis_name=self.axis_name,
-        num_ranks=handle.num_ranks, num_experts=handle.num_experts,
-        max_tokens=handle.max_tokens, hidden=handle.hidden,
-        timeout_ns=self._timeout_ns)
+    return combine_recv(ticket, topk_idx, topk_weights,
+                        axis_name=self.axis_name,
+                        shape=shape_attr(**_combine_sizes(handle, topk_idx)),
+                        options=self._options)
+
+
+def _combine_sizes(handle: LowLatencyHandle, topk_idx) -> dict:
+  """A combine's shape is its dispatch's."""
+  return dict(num_tokens=handle.num_tokens, max_tokens=handle.max_tokens,
+              hidden=handle.hidden, num_topk=topk_idx.shape[1],
+              num_experts=handle.num_experts, num_ranks=handle.num_ranks)
