@@ -11,7 +11,7 @@
 #   TESTS="..."   pytest targets (default: tests)
 #   PRESSURE=1    also run the pressure tests (pytest -m "gpu and
 #                 pressure" on TESTS), output in pressure.log
-#   SANITIZE=N    draws of each family of tests/shape_fuzz.py under
+#   SANITIZE=N    draws of each family of tests/workers/shape_fuzz.py under
 #                 compute-sanitizer memcheck and racecheck, and
 #                 scripts/sanitize_intranode.py under memcheck, at R = the
 #                 GPUs or 2 on one GPU (default 4; 0 skips them)
@@ -45,7 +45,7 @@
 #       scripts/gpu_check.sh OUT/pressure          (the pressure tests)
 # On one H200 the intranode pressure at R = 2 (10,000 pairs, twice) took
 # under 210 s; the low-latency one is of the same order. Should the second
-# call overrun, give each file its own call with TESTS=tests/<file>.
+# call overrun, give each file its own call with TESTS=tests/cuda/<file>.
 # Exit status: 0 when every step that ran passed. A failed build stops the
 # run; failed tests do not stop the benchmarks.
 set -euo pipefail
@@ -168,7 +168,7 @@ else
       "$(grep -hE 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/$log" | sort |
       uniq -c | tr -s ' \n' ' ')$(grep -h 'died of' "$OUT/$log" || true)"
   }
-  fuzz=(tests/shape_fuzz.py --seed "$seed" --draws "${SANITIZE:-4}")
+  fuzz=(tests/workers/shape_fuzz.py --seed "$seed" --draws "${SANITIZE:-4}")
   note "sanitizers: shape_fuzz.py seed $seed, ${SANITIZE:-4} draws per family"
   sanitize memcheck sanitize_memcheck.log "${fuzz[@]}"
   sanitize racecheck sanitize_racecheck.log "${fuzz[@]}"

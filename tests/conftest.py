@@ -1,10 +1,10 @@
-"""pytest setup for the jax_ep tests.
+"""pytest setup for the jax_ep tests (tests/README.md maps the folders).
 
 * Gives this process 8 CPU devices (before any backend starts), so the
   single-process tests run EP sizes 1, 2, 4 and 8 on CPU.
-* Puts the repository root on `sys.path`, so `import jax_ep` works from a
-  checkout without installing it, and tests/ itself, so the helpers
-  (`dense_model`, `ep_testing`, `specs`) import under any import mode.
+* Puts the repository, tests/support and tests/workers on `sys.path`
+  (`repo_paths`), so `jax_ep`, `bench`, the helpers and the workers import
+  under any import mode.
 * `seed`: a fresh random seed per test (override with JAX_EP_TEST_SEED=<n> to
   replay a failure); a failing test's report names it.
 """
@@ -19,10 +19,8 @@ import sys
 import jax
 import pytest
 
-_TESTS = pathlib.Path(__file__).resolve().parent
-for _path in (_TESTS.parent, _TESTS):  # jax_ep and bench; the test helpers
-  if str(_path) not in sys.path:
-    sys.path.insert(0, str(_path))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent / "support"))
+import repo_paths  # noqa: E402,F401  pylint: disable=g-import-not-at-top,unused-import
 
 NUM_CPU_DEVICES = 8
 jax.config.update("jax_num_cpu_devices", NUM_CPU_DEVICES)

@@ -5,7 +5,8 @@ test_low_latency_gpu.py runs this script through
 `gpu_testing.launch_per_gpu`: one process per GPU, or (`jax_ep.launch
 --ranks-per-gpu`) several ranks sharing each GPU. There NCCL refuses every
 XLA collective across the processes, so the pure-JAX reference backend
-cannot run and the dense model (tests/dense_model.py) is the only oracle.
+cannot run and the dense model (tests/support/dense_model.py) is the only
+oracle.
 
     python ll_worker.py --seed N [--transport auto|put] [--cases all|shared]
         [--grads] [--mixed]
@@ -57,8 +58,8 @@ cannot run and the dense model (tests/dense_model.py) is the only oracle.
 
 A hidden `--backend reference` runs the "kernel" side on the reference too,
 to check this script without GPUs:
-    python -m jax_ep.launch -n 2 -- python tests/ll_worker.py --seed 0 \\
-        --backend reference [--grads --mixed | --repeat 200]
+    python -m jax_ep.launch -n 2 -- python tests/workers/ll_worker.py \\
+        --seed 0 --backend reference [--grads --mixed | --repeat 200]
 and with JAX_EP_LAUNCH_RANKS_PER_GPU=2 in the environment the processes take
 the paths of ranks sharing a GPU (no reference).
 """
@@ -70,10 +71,11 @@ import dataclasses
 import pathlib
 import sys
 
-_TESTS = pathlib.Path(__file__).resolve().parent
-for _path in (_TESTS.parent, _TESTS):
-  if str(_path) not in sys.path:
-    sys.path.insert(0, str(_path))
+# Run as a script: tests/support first, where repo_paths puts the repository
+# and the other test folders on sys.path.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] /
+                       "support"))
+import repo_paths  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
 
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
@@ -104,7 +106,7 @@ class Case:
   topk: int
   experts: int
   max_tokens: int = 0  # Tmax; 0: `tokens`
-  mode: str = "fp8"  # a key of test_low_latency.FP8_MODES
+  mode: str = "fp8"  # a key of ep_testing.FP8_MODES
   skew: bool = False  # most tokens on expert 0 (intranode_worker.routing)
   hooks: bool = False  # return_recv_hook, each hook called after other work
   zero_copy: bool = False

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import pathlib
 import sys
 
 import jax
@@ -23,8 +22,9 @@ from jax.sharding import PartitionSpec as P
 
 import jax_ep
 from jax_ep._src import launch as launch_lib
+from repo_paths import REPO
 
-EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "moe"
+EXAMPLE = REPO / "examples" / "moe"
 if str(EXAMPLE) not in sys.path:
   sys.path.insert(0, str(EXAMPLE))
 import main as moe_main  # noqa: E402  (examples/moe/main.py)

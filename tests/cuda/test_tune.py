@@ -18,8 +18,7 @@ import jax_ep
 from jax_ep._src import config as config_lib
 from jax_ep._src import tune
 from jax_ep._src.cuda import intranode_timing
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from repo_paths import REPO
 H200 = "NVIDIA H200"
 
 

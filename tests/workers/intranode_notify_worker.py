@@ -22,10 +22,11 @@ import pathlib
 import sys
 import traceback
 
-_TESTS = pathlib.Path(__file__).resolve().parent
-for _path in (_TESTS.parent, _TESTS):
-  if str(_path) not in sys.path:
-    sys.path.insert(0, str(_path))
+# Run as a script: tests/support first, where repo_paths puts the repository
+# and the other test folders on sys.path.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] /
+                       "support"))
+import repo_paths  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
 
 import jax  # pylint: disable=g-import-not-at-top
 import numpy as np

@@ -4,14 +4,15 @@ must run as one program over both (it calls `jax_ep.launch.initialize()`)."""
 
 from __future__ import annotations
 
-import pathlib
 import re
 import subprocess
 import sys
 
 import numpy as np
 
-README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
+from repo_paths import REPO
+
+README = REPO / "README.md"
 # What the example leaves behind, printed after it.
 _REPORT = ('\nprint(f"example: {jax.process_count()} processes, "\n'
            '      f"out {out.dtype}{list(out.shape)}")\n')

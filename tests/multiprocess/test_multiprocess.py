@@ -10,7 +10,6 @@ mesh spanning all processes, and checks its own shards against the dense
 model. A failing process fails the test, with every process's output.
 """
 
-import pathlib
 import signal
 import sys
 import time
@@ -18,8 +17,9 @@ import time
 import pytest
 
 from jax_ep._src import launch
+from repo_paths import WORKERS
 
-WORKER = pathlib.Path(__file__).resolve().parent / "multiprocess_worker.py"
+WORKER = WORKERS / "multiprocess_worker.py"
 TIMEOUT_S = 90  # each configuration takes 10-30 s on 2 cores
 
 

@@ -19,8 +19,11 @@ import sys
 import time
 import traceback
 
-_TESTS = pathlib.Path(__file__).resolve().parent
-sys.path[:0] = [str(_TESTS.parent), str(_TESTS)]
+# Run as a script: tests/support first, where repo_paths puts the repository
+# and the other test folders on sys.path.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] /
+                       "support"))
+import repo_paths  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
 
 import jax_ep.launch  # pylint: disable=g-import-not-at-top
 

@@ -23,8 +23,8 @@ As a script, one process per rank (every process draws the same shapes),
 one GPU each or several ranks per GPU (`--ranks-per-gpu`):
 
     python -m jax_ep.launch -n R [--ranks-per-gpu K] -- python \\
-        tests/shape_fuzz.py --seed S --draws D [--families normal,low_latency]
-        [--only I] [--backend B]
+        tests/workers/shape_fuzz.py --seed S --draws D
+        [--families normal,low_latency] [--only I] [--backend B]
 
 prints one line per draw, then "worker i/R: fuzz <n> draws passed".
 `--only I` replays draw I of each family; `--backend reference` runs the
@@ -40,10 +40,11 @@ import pathlib
 import re
 import sys
 
-_TESTS = pathlib.Path(__file__).resolve().parent
-for _path in (_TESTS.parent, _TESTS):
-  if str(_path) not in sys.path:
-    sys.path.insert(0, str(_path))
+# Run as a script: tests/support first, where repo_paths puts the repository
+# and the other test folders on sys.path.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] /
+                       "support"))
+import repo_paths  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
 
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp

@@ -10,11 +10,11 @@ several ranks sharing a GPU with `jax_ep.launch --ranks-per-gpu`):
         S calls cycling through `multiprocess_cases` (peer buffers through
         CUDA IPC) on fresh inputs: dispatch, cached dispatch and combines
         (f32, bf16 with a bias, f32 rows). Each process checks the shards it
-        holds against the dense model (tests/dense_model.py), every output
-        and handle field bit for bit, and against the reference backend in
-        the same program where each rank has its own GPU (NCCL refuses the
-        reference's collectives where ranks share one); prints "worker i/R:
-        S dispatch/combine steps passed".
+        holds against the dense model (tests/support/dense_model.py), every
+        output and handle field bit for bit, and against the reference
+        backend in the same program where each rank has its own GPU (NCCL
+        refuses the reference's collectives where ranks share one); prints
+        "worker i/R: S dispatch/combine steps passed".
     python intranode_worker.py --seed N --repeat STEPS
         STEPS dispatch/combine pairs of REPEAT_CASE on fresh routings,
         enqueued back to back in chunks of REPEAT_CHUNK, every one checked
@@ -26,8 +26,8 @@ several ranks sharing a GPU with `jax_ep.launch --ranks-per-gpu`):
 
 A hidden `--backend reference` runs the "kernel" side on the reference, to
 check the dense-model oracle without GPUs:
-    python -m jax_ep.launch -n 2 -- python tests/intranode_worker.py \\
-        --seed 0 --backend reference
+    python -m jax_ep.launch -n 2 -- \\
+        python tests/workers/intranode_worker.py --seed 0 --backend reference
 """
 
 from __future__ import annotations
@@ -42,10 +42,11 @@ import pathlib
 import sys
 import time
 
-_TESTS = pathlib.Path(__file__).resolve().parent
-for _path in (_TESTS.parent, _TESTS):
-  if str(_path) not in sys.path:
-    sys.path.insert(0, str(_path))
+# Run as a script: tests/support first, where repo_paths puts the repository
+# and the other test folders on sys.path.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] /
+                       "support"))
+import repo_paths  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
 
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp

@@ -8,7 +8,7 @@ multiples of the GPUs: then several processes share each GPU (`jax_ep.launch
 --ranks-per-gpu`), which checks the multi-rank paths on a one-GPU machine;
 the GPU time-slices between them, so those runs take fewer draws. Every line
 of the log names the seed and the draw; `python -m jax_ep.launch -n R
-[--ranks-per-gpu K] -- python tests/shape_fuzz.py --seed S --only I`
+[--ranks-per-gpu K] -- python tests/workers/shape_fuzz.py --seed S --only I`
 replays draw I.
 
 scripts/gpu_check.sh also runs a slice of these draws under
