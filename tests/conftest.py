@@ -6,21 +6,26 @@
   (`repo_paths`), so `jax_ep`, `bench`, the helpers and the workers import
   under any import mode.
 * `seed`: a fresh random seed per test (override with JAX_EP_TEST_SEED=<n> to
-  replay a failure); a failing test's report names it.
+  replay a failure); a failing test's report names it. `rng` draws from it,
+  and `problem(num_ranks, shape)` is an `ep_testing.Problem`, the EP mesh and
+  inputs of a test, drawn from `rng`.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import pathlib
 import secrets
 import sys
 
 import jax
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent / "support"))
 import repo_paths  # noqa: E402,F401  pylint: disable=g-import-not-at-top,unused-import
+from ep_testing import Problem  # noqa: E402  pylint: disable=g-import-not-at-top
 
 NUM_CPU_DEVICES = 8
 jax.config.update("jax_num_cpu_devices", NUM_CPU_DEVICES)
@@ -35,6 +40,21 @@ def seed(request) -> int:
   value = int(value) if value else secrets.randbits(63)
   request.node.user_properties.append((_SEED_KEY, value))
   return value
+
+
+@pytest.fixture
+def rng(seed) -> np.random.Generator:
+  """numpy's default_rng(seed), which every random input of a test comes
+  from."""
+  return np.random.default_rng(seed)
+
+
+@pytest.fixture
+def problem(seed, rng):
+  """`problem(num_ranks, shape, **ep_kwargs)`: the test's `Problem` on
+  `num_ranks` CPU ranks, for `shape` (a `Shape` or a name in `specs.SPECS`),
+  drawing its inputs from `rng`."""
+  return functools.partial(Problem, seed, rng)
 
 
 @pytest.hookimpl(wrapper=True)

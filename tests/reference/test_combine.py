@@ -11,71 +11,63 @@ import pytest
 
 import dense_model as dm
 import jax_ep
-from ep_testing import (BF16, ROUTINGS, Ep, assert_same, context, dyadic, flat,
-                        normal, routing, weights)
 from bench.shapes import Shape
-from specs import RANKS, SPECS
+from ep_testing import BF16, ROUTINGS, assert_same, flat
+from specs import RANKS
 
 F32 = np.float32
 
 
-def run_combine(ep, shape, x, idx, y, *, row_weights=None, biases=None,
+def run_combine(p, x, idx, y, *, row_weights=None, biases=None,
                 capacity=None, bias_as=tuple):
   """Dispatches x, then combines the given y (and weights, biases) back."""
   num_biases = 0 if biases is None else len(biases)
 
   def body(x, i, y, *rest):
-    d = jax_ep.dispatch(ep.buffer, x, i, num_experts=shape.experts,
+    d = jax_ep.dispatch(p.buffer, x, i, num_experts=p.shape.experts,
                         capacity=capacity)
     w = rest[0] if row_weights is not None else None
     b = rest[len(rest) - num_biases:] if num_biases else ()
     bias = None if biases is None else (b[0] if bias_as is None else
                                         bias_as(b))
-    return jax_ep.combine(ep.buffer, y, d.handle, topk_weights=w, bias=bias)
+    return jax_ep.combine(p.buffer, y, d.handle, topk_weights=w, bias=bias)
 
   args = [flat(x), flat(idx), flat(y)]
   if row_weights is not None:
     args.append(flat(row_weights))
   args += [flat(b) for b in (biases or ())]
-  return ep.run(body, *args)
+  return p.run(body, *args)
 
 
 @pytest.mark.parametrize("num_ranks", [1, 2])
-def test_combine_of_negative_zeros_starts_at_the_first_rank(seed, num_ranks):
+def test_combine_of_negative_zeros_starts_at_the_first_rank(problem,
+                                                            num_ranks):
   """The sum starts at rank 0's term, not at a +0, and a rank that did not
   keep the token adds +0: rows of -0 sum to -0 exactly where every rank kept
   the token (at R = 1: where it was kept), else to +0."""
-  shape = SPECS["tiny"].shape
-  rng = np.random.default_rng(seed)
-  ep = Ep(num_ranks)
-  idx = routing(rng, num_ranks, shape.tokens, shape.topk, shape.experts,
-                "distinct")
-  x = normal(rng, (num_ranks, shape.tokens, shape.hidden), BF16)
-  y = np.full((num_ranks, num_ranks * shape.tokens, shape.hidden), -0.0, BF16)
-  out = run_combine(ep, shape, x, idx, y)
-  routes = dm.dispatch([x], idx, None, num_experts=shape.experts)
+  p = problem(num_ranks, "tiny")
+  idx, x = p.routing("distinct"), p.rows(BF16)
+  y = np.full((num_ranks, num_ranks * p.shape.tokens, p.shape.hidden), -0.0,
+              BF16)
+  out = run_combine(p, x, idx, y)
+  routes = dm.dispatch([x], idx, None, num_experts=p.shape.experts)
   want = dm.combine(y, routes)
-  assert_same(out, want, "out", context(seed, R=num_ranks))
+  assert_same(out, want, "out", p.context())
   kept_by_all = (routes.recv_row < routes.capacity).all(0)  # [R(src), T]
   assert (np.signbit(want.astype(F32)).all(-1) == kept_by_all).all()
 
 
 @pytest.mark.parametrize("kind", ROUTINGS)
 @pytest.mark.parametrize("num_ranks", RANKS)
-def test_combine_matches_dense_model(seed, num_ranks, kind):
-  shape = SPECS["tiny"].shape
-  rng = np.random.default_rng(seed)
-  ep = Ep(num_ranks)
-  idx = routing(rng, num_ranks, shape.tokens, shape.topk, shape.experts, kind)
-  x = normal(rng, (num_ranks, shape.tokens, shape.hidden), BF16)
-  m = num_ranks * shape.tokens
-  y = normal(rng, (num_ranks, m, shape.hidden), BF16)
-  row_w = weights(rng, (num_ranks, m, shape.topk))
-  bias = normal(rng, (num_ranks, shape.tokens, shape.hidden))
-  out, out_w = run_combine(ep, shape, x, idx, y, row_weights=row_w,
-                           biases=[bias], bias_as=None)
-  routes = dm.dispatch([x], idx, None, num_experts=shape.experts)
-  ctx = context(seed, R=num_ranks, routing=kind)
+def test_combine_matches_dense_model(problem, num_ranks, kind):
+  p = problem(num_ranks, "tiny")
+  idx, x = p.routing(kind), p.rows(BF16)
+  m = num_ranks * p.shape.tokens
+  y, row_w, bias = p.rows(BF16, num_rows=m), p.weights(num_rows=m), p.rows()
+  out, out_w = run_combine(p, x, idx, y, row_weights=row_w, biases=[bias],
+                           bias_as=None)
+  routes = dm.dispatch([x], idx, None, num_experts=p.shape.experts)
+  ctx = p.context(routing=kind)
   assert_same(out, dm.combine(y, routes, biases=[bias]), "out", ctx)
   assert_same(out_w, dm.combine(row_w, routes), "weights", ctx)
 
@@ -91,59 +83,45 @@ BIASES = {
 
 @pytest.mark.parametrize("bias", list(BIASES))
 @pytest.mark.parametrize("num_ranks", [2, 4])
-def test_combine_bias(seed, num_ranks, bias):
-  shape = SPECS["small"].shape
-  rng = np.random.default_rng(seed)
-  ep = Ep(num_ranks)
-  idx = routing(rng, num_ranks, shape.tokens, shape.topk, shape.experts,
-                "duplicates")
-  x = normal(rng, (num_ranks, shape.tokens, shape.hidden), BF16)
-  y = normal(rng, (num_ranks, num_ranks * shape.tokens, shape.hidden), BF16)
+def test_combine_bias(problem, num_ranks, bias):
+  p = problem(num_ranks, "small")
+  idx, x = p.routing("duplicates"), p.rows(BF16)
+  y = p.rows(BF16, num_rows=num_ranks * p.shape.tokens)
   bias_as, dtypes = BIASES[bias]
-  biases = [normal(rng, x.shape, d) * 4 for d in dtypes]
-  out = run_combine(ep, shape, x, idx, y, biases=biases or None,
-                    bias_as=bias_as)
-  routes = dm.dispatch([x], idx, None, num_experts=shape.experts)
+  biases = [p.rows(d) * 4 for d in dtypes]
+  out = run_combine(p, x, idx, y, biases=biases or None, bias_as=bias_as)
+  routes = dm.dispatch([x], idx, None, num_experts=p.shape.experts)
   assert_same(out, dm.combine(y, routes, biases=biases), "out",
-              context(seed, R=num_ranks, bias=bias))
+              p.context(bias=bias))
 
 
 @pytest.mark.parametrize("num_ranks", [4, 8])
-def test_combine_f32_rows_sum_in_rank_order(seed, num_ranks):
+def test_combine_f32_rows_sum_in_rank_order(problem, num_ranks):
   """f32 rows keep every bit of the fp32 sum: its order shows."""
-  shape = SPECS["small"].shape
-  rng = np.random.default_rng(seed)
-  ep = Ep(num_ranks)
-  idx = routing(rng, num_ranks, shape.tokens, shape.topk, shape.experts,
-                "distinct")
-  x = normal(rng, (num_ranks, shape.tokens, shape.hidden), F32)
+  p = problem(num_ranks, "small")
+  idx, x = p.routing("distinct"), p.rows(F32)
   # Magnitudes spread over 2^-10 .. 2^10: f32 addition is far from exact.
-  y = normal(rng, (num_ranks, num_ranks * shape.tokens, shape.hidden)) * \
-      np.exp2(rng.integers(-10, 11, size=(num_ranks, num_ranks * shape.tokens,
-                                          shape.hidden))).astype(F32)
-  bias = normal(rng, x.shape)
-  out = run_combine(ep, shape, x, idx, y, biases=[bias], bias_as=None)
-  routes = dm.dispatch([x], idx, None, num_experts=shape.experts)
-  assert_same(out, dm.combine(y, routes, biases=[bias]), "out",
-              context(seed, R=num_ranks))
+  y = p.rows(num_rows=num_ranks * p.shape.tokens)
+  y *= np.exp2(p.rng.integers(-10, 11, size=y.shape)).astype(F32)
+  bias = p.rows()
+  out = run_combine(p, x, idx, y, biases=[bias], bias_as=None)
+  routes = dm.dispatch([x], idx, None, num_experts=p.shape.experts)
+  assert_same(out, dm.combine(y, routes, biases=[bias]), "out", p.context())
 
 
-def test_combine_rounds_once_after_fp32_sum_in_rank_order(seed):
+def test_combine_rounds_once_after_fp32_sum_in_rank_order(problem):
   """Hand-made rows whose sum differs in any other order or precision."""
-  rng = np.random.default_rng(seed)
-  num_ranks, tokens, hidden, experts = 4, 3, 8, 4  # L = 1
-  shape = Shape(tokens=tokens, hidden=hidden, topk=3, experts=experts)
-  ep = Ep(num_ranks)
-  idx = routing(rng, num_ranks, tokens, 3, experts, "distinct")
+  num_ranks, tokens = 4, 3
+  p = problem(num_ranks, Shape(tokens=tokens, hidden=8, topk=3, experts=4))
+  idx = p.routing("distinct")  # L = 1
   idx[0, 0] = [0, 1, 2]  # token 0 of rank 0 -> row 0 of ranks 0, 1, 2
-  x = normal(rng, (num_ranks, tokens, hidden), BF16)
-  y = normal(rng, (num_ranks, num_ranks * tokens, hidden), BF16)
+  x, y = p.rows(BF16), p.rows(BF16, num_rows=num_ranks * tokens)
   y[:3, 0, 0] = [2.0**25, 1.0, -2.0**25]  # fp32, rank order: 0 (else 1)
   y[:3, 0, 1] = [1.0, 2.0**-8, 2.0**-8]   # fp32: 1 + 2^-7 (bf16 steps: 1)
   y[:3, 0, 2] = [1.0, 2.0**-9, 0.0]       # rounds to 1 once
-  out = run_combine(ep, shape, x, idx, y)
-  routes = dm.dispatch([x], idx, None, num_experts=experts)
-  ctx = context(seed)
+  out = run_combine(p, x, idx, y)
+  routes = dm.dispatch([x], idx, None, num_experts=p.shape.experts)
+  ctx = p.context()
   assert (routes.recv_row[:3, 0, 0] == 0).all() and \
       routes.recv_row[3, 0, 0] == num_ranks * tokens
   assert_same(out[0, 0, :3], np.array([0.0, 1.0 + 2.0**-7, 1.0], BF16),
@@ -164,81 +142,75 @@ def _ranks_receiving(idx, experts, num_ranks, recv_row=None, capacity=None):
 
 @pytest.mark.parametrize("kind", ["distinct", "duplicates", "hot", "invalid"])
 @pytest.mark.parametrize("num_ranks", RANKS)
-def test_combine_of_dispatch_is_x_times_receiving_ranks(seed, num_ranks, kind):
+def test_combine_of_dispatch_is_x_times_receiving_ranks(problem, num_ranks,
+                                                        kind):
   """combine(dispatch(x)) == x * #ranks holding the token; weights come back."""
-  shape = SPECS["tiny"].shape
-  rng = np.random.default_rng(seed)
-  ep = Ep(num_ranks)
-  idx = routing(rng, num_ranks, shape.tokens, shape.topk, shape.experts, kind)
-  x = dyadic(rng, (num_ranks, shape.tokens, shape.hidden))  # x*8 exact
-  w = weights(rng, idx.shape)
+  p = problem(num_ranks, "tiny")
+  idx = p.routing(kind)
+  x = p.dyadic_rows()  # x*8 exact
+  w = p.weights()
 
   def body(x, i, w):
-    d = jax_ep.dispatch(ep.buffer, x, i, w, num_experts=shape.experts)
-    return jax_ep.combine(ep.buffer, d.x, d.handle, d.topk_weights)
+    d = jax_ep.dispatch(p.buffer, x, i, w, num_experts=p.shape.experts)
+    return jax_ep.combine(p.buffer, d.x, d.handle, d.topk_weights)
 
-  out, out_w = ep.run(body, flat(x), flat(idx), flat(w))
-  n = _ranks_receiving(idx, shape.experts, num_ranks)
-  ctx = context(seed, R=num_ranks, routing=kind)
+  out, out_w = p.run(body, flat(x), flat(idx), flat(w))
+  n = _ranks_receiving(idx, p.shape.experts, num_ranks)
+  ctx = p.context(routing=kind)
   want = (x.astype(F32) * n[..., None] + F32(0)).astype(BF16)  # +0, not -0
   assert_same(out, want, "combine(dispatch(x))", ctx)
-  valid = (idx >= 0) & (idx < shape.experts)
+  valid = (idx >= 0) & (idx < p.shape.experts)
   assert_same(out_w, np.where(valid, w, F32(0)), "weights", ctx)
 
 
 @pytest.mark.parametrize("kind", ["distinct", "duplicates", "invalid"])
 @pytest.mark.parametrize("num_ranks", [1, 2, 4, 8])
-def test_weighted_round_trip_is_x_times_sum_of_weights(seed, num_ranks, kind):
+def test_weighted_round_trip_is_x_times_sum_of_weights(problem, num_ranks,
+                                                       kind):
   """Each rank scales its rows by their received weights' sum; combine gives
   x * sum over the token's valid k of w (docs/contract.md, "Round trips").
   Dyadic f32 values keep every product and sum exact."""
-  shape = SPECS["tiny"].shape
-  rng = np.random.default_rng(seed)
-  ep = Ep(num_ranks)
-  idx = routing(rng, num_ranks, shape.tokens, shape.topk, shape.experts, kind)
-  x = dyadic(rng, (num_ranks, shape.tokens, shape.hidden), F32)
+  p = problem(num_ranks, "tiny")
+  idx, x = p.routing(kind), p.dyadic_rows(F32)
   # Positive weights: no sum is zero, so no -0 (whose sign combine leaves
   # unspecified) can appear.
-  w = rng.integers(1, 9, size=idx.shape).astype(F32) / 4
+  w = p.rng.integers(1, 9, size=idx.shape).astype(F32) / 4
 
   def body(x, i, w):
-    d = jax_ep.dispatch(ep.buffer, x, i, w, num_experts=shape.experts)
+    d = jax_ep.dispatch(p.buffer, x, i, w, num_experts=p.shape.experts)
     y = d.x * d.topk_weights.sum(-1, keepdims=True)
-    return jax_ep.combine(ep.buffer, y, d.handle)
+    return jax_ep.combine(p.buffer, y, d.handle)
 
-  got = ep.run(body, flat(x), flat(idx), flat(w))
-  valid = (idx >= 0) & (idx < shape.experts)
+  got = p.run(body, flat(x), flat(idx), flat(w))
+  valid = (idx >= 0) & (idx < p.shape.experts)
   total = np.where(valid, w, F32(0)).sum(-1, keepdims=True)
   want = (x * total + F32(0)).astype(F32)
   assert_same(got, want, "combine(w-scaled dispatch(x))",
-              context(seed, R=num_ranks, routing=kind))
+              p.context(routing=kind))
 
 
 @pytest.mark.parametrize("num_ranks", [2, 4, 8])
-def test_combine_after_capacity_overflow(seed, num_ranks):
+def test_combine_after_capacity_overflow(problem, num_ranks):
   """Dropped rows add nothing; kept rows add exactly as without overflow."""
-  shape = SPECS["tiny"].shape
-  rng = np.random.default_rng(seed)
-  ep = Ep(num_ranks)
-  idx = routing(rng, num_ranks, shape.tokens, shape.topk, shape.experts, "hot")
-  x = dyadic(rng, (num_ranks, shape.tokens, shape.hidden))
-  counts = dm.dispatch([x], idx, None, num_experts=shape.experts).num_tokens
+  p = problem(num_ranks, "tiny")
+  idx, x = p.routing("hot"), p.dyadic_rows()
+  counts = dm.dispatch([x], idx, None, num_experts=p.shape.experts).num_tokens
   capacity = max(1, int(counts.max()) // 2)
-  y = normal(rng, (num_ranks, capacity, shape.hidden), BF16)
-  out = run_combine(ep, shape, x, idx, y, capacity=capacity)
-  routes = dm.dispatch([x], idx, None, num_experts=shape.experts,
+  y = p.rows(BF16, num_rows=capacity)
+  out = run_combine(p, x, idx, y, capacity=capacity)
+  routes = dm.dispatch([x], idx, None, num_experts=p.shape.experts,
                        capacity=capacity)
-  ctx = context(seed, R=num_ranks, capacity=capacity)
+  ctx = p.context(capacity=capacity)
   assert counts.max() > capacity, ctx
   assert_same(out, dm.combine(y, routes), "out", ctx)
 
   def identity(x, i):
-    d = jax_ep.dispatch(ep.buffer, x, i, num_experts=shape.experts,
+    d = jax_ep.dispatch(p.buffer, x, i, num_experts=p.shape.experts,
                         capacity=capacity)
-    return jax_ep.combine(ep.buffer, d.x, d.handle)
+    return jax_ep.combine(p.buffer, d.x, d.handle)
 
-  out = ep.run(identity, flat(x), flat(idx))
-  n = _ranks_receiving(idx, shape.experts, num_ranks, routes.recv_row,
+  out = p.run(identity, flat(x), flat(idx))
+  n = _ranks_receiving(idx, p.shape.experts, num_ranks, routes.recv_row,
                        capacity)
   assert_same(out, (x.astype(F32) * n[..., None] + F32(0)).astype(BF16),
               "combine(dispatch(x)) with drops", ctx)

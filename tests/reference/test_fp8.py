@@ -40,8 +40,7 @@ def spread(rng, shape, dtype):
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 @pytest.mark.parametrize("dtype", [BF16, np.float32], ids=["bf16", "f32"])
 @pytest.mark.parametrize("mode", list(MODES))
-def test_cast_matches_dense_model(seed, mode, dtype, jit):
-  rng = np.random.default_rng(seed)
+def test_cast_matches_dense_model(seed, rng, mode, dtype, jit):
   x = spread(rng, (3, 7, 1024), dtype)
   cast = lambda x: jax_ep.per_token_cast_to_fp8(x, **MODES[mode])
   q, s = (jax.jit(cast) if jit else cast)(jnp.asarray(x))
@@ -64,10 +63,10 @@ def _scales_to_invert(rng) -> np.ndarray:
 
 @pytest.mark.parametrize("platform", [
     "cpu", pytest.param("gpu", marks=NEEDS_GPU)])
-def test_reciprocal_is_correctly_rounded(seed, platform):
+def test_reciprocal_is_correctly_rounded(rng, platform):
   """The cast's `1 / scale` is IEEE's on every backend (XLA's f32 division
   on GPUs is not: it differed in 2,168,081 of 16M on an H200)."""
-  scales = _scales_to_invert(np.random.default_rng(seed))
+  scales = _scales_to_invert(rng)
   on_device = jax.device_put(scales, jax.devices(platform)[0])
   got = np.asarray(jax.jit(fp8._reciprocal)(on_device))  # pylint: disable=protected-access
   want = F32(1) / scales
@@ -98,8 +97,7 @@ def test_scale_is_amax_times_inverse_448(jit, rows):
 
 
 @pytest.mark.parametrize("mode", list(MODES))
-def test_cast_back_matches_dense_model(seed, mode):
-  rng = np.random.default_rng(seed)
+def test_cast_back_matches_dense_model(seed, rng, mode):
   x = spread(rng, (5, 512), np.float32)
   q, s = dm.per_token_cast_to_fp8(x, **MODES[mode])
   ctx = context(seed, mode=mode)
@@ -110,10 +108,9 @@ def test_cast_back_matches_dense_model(seed, mode):
 
 
 @pytest.mark.parametrize("mode", list(MODES))
-def test_round_trip_error_bound(seed, mode):
+def test_round_trip_error_bound(seed, rng, mode):
   """|x - back(cast(x))| <= |x| / 16 + scale / 1024 (e4m3: 3 mantissa bits,
   subnormal step 2^-9), and the amax of each group maps to <= 448."""
-  rng = np.random.default_rng(seed)
   x = spread(rng, (6, 512), np.float32)
   q, s = jax.jit(lambda x: jax_ep.per_token_cast_to_fp8(x, **MODES[mode]))(x)
   back = np.asarray(jax_ep.per_token_cast_back(q, s, dtype=jnp.float32))
@@ -142,8 +139,7 @@ def test_round_trip_error_bound(seed, mode):
     assert (amax_q[big] >= 208).all(), ctx
 
 
-def test_ue8m0_holds_the_round_scale_exponents(seed):
-  rng = np.random.default_rng(seed)
+def test_ue8m0_holds_the_round_scale_exponents(seed, rng):
   x = jnp.asarray(spread(rng, (4, 1024), np.float32))
   q1, s1 = jax_ep.per_token_cast_to_fp8(x, round_scale=True)
   q2, s2 = jax_ep.per_token_cast_to_fp8(x, use_ue8m0=True)

@@ -16,17 +16,20 @@ from jax.test_util import check_grads
 
 import dense_model as dm
 import jax_ep
-from ep_testing import (BF16, Ep, assert_same, context, flat, normal, routing,
-                        weights)
-from specs import SPECS
+from ep_testing import BF16, assert_same, flat
 
 F32 = np.float32
 REV = dict(order=1, modes=("rev",), eps=1.0)
 
 
-def sharded(ep, body):
+def sharded(p, body):
   """Global-array function of a per-rank body (outputs concatenated)."""
-  return ep.sharded(body, per_rank=False)
+  return p.sharded(body, per_rank=False)
+
+
+def put(p, a):
+  """A per-rank input [R, ...] as the global array, sharded over the ranks."""
+  return p.put(flat(a))
 
 
 # ---------------------------------------------------------------- check_grads
@@ -35,67 +38,53 @@ def sharded(ep, body):
 @pytest.mark.parametrize("capacity", [None, 4], ids=["default", "overflow"])
 @pytest.mark.parametrize("kind", ["duplicates", "invalid"])
 @pytest.mark.parametrize("num_ranks", [1, 2, 4])
-def test_check_grads_dispatch(seed, num_ranks, kind, capacity):
-  shape = SPECS["tiny"].shape
-  rng = np.random.default_rng(seed)
-  ep = Ep(num_ranks)
-  idx = ep.put(flat(routing(rng, num_ranks, shape.tokens, shape.topk,
-                            shape.experts, kind)))
-  x = ep.put(flat(normal(rng, (num_ranks, shape.tokens, shape.hidden))))
-  w = ep.put(flat(weights(rng, (num_ranks, shape.tokens, shape.topk))))
+def test_check_grads_dispatch(problem, num_ranks, kind, capacity):
+  p = problem(num_ranks, "tiny")
+  idx, x, w = (put(p, a) for a in (p.routing(kind), p.rows(), p.weights()))
 
   def body(x, w, i):
-    d = jax_ep.dispatch(ep.buffer, x, i, w, num_experts=shape.experts,
+    d = jax_ep.dispatch(p.buffer, x, i, w, num_experts=p.shape.experts,
                         capacity=capacity)
     return d.x, d.topk_weights
 
-  f = sharded(ep, body)
-  with ep.active():
+  f = sharded(p, body)
+  with p.active():
     check_grads(lambda x, w: f(x, w, idx), (x, w), **REV)
 
 
 @pytest.mark.parametrize("num_ranks", [2, 4])
-def test_check_grads_cached_dispatch(seed, num_ranks):
-  shape = SPECS["tiny"].shape
-  rng = np.random.default_rng(seed)
-  ep = Ep(num_ranks)
-  idx = ep.put(flat(routing(rng, num_ranks, shape.tokens, shape.topk,
-                            shape.experts, "hot")))
-  x1 = ep.put(flat(normal(rng, (num_ranks, shape.tokens, shape.hidden))))
-  x2 = ep.put(flat(normal(rng, (num_ranks, shape.tokens, shape.hidden))))
+def test_check_grads_cached_dispatch(problem, num_ranks):
+  p = problem(num_ranks, "tiny")
+  idx, x1, x2 = (put(p, a) for a in (p.routing("hot"), p.rows(), p.rows()))
 
   def body(x2, x1, i):
-    h = jax_ep.dispatch(ep.buffer, x1, i, num_experts=shape.experts,
+    h = jax_ep.dispatch(p.buffer, x1, i, num_experts=p.shape.experts,
                         capacity=7).handle
-    return jax_ep.dispatch(ep.buffer, x2, handle=h).x
+    return jax_ep.dispatch(p.buffer, x2, handle=h).x
 
-  f = sharded(ep, body)
-  with ep.active():
+  f = sharded(p, body)
+  with p.active():
     check_grads(lambda x2: f(x2, x1, idx), (x2,), **REV)
 
 
 @pytest.mark.parametrize("bias", ["none", "array", "tuple"])
 @pytest.mark.parametrize("num_ranks", [1, 2, 4])
-def test_check_grads_combine(seed, num_ranks, bias):
-  shape = SPECS["tiny"].shape
-  rng = np.random.default_rng(seed)
-  ep = Ep(num_ranks)
-  m = num_ranks * shape.tokens
-  idx = ep.put(flat(routing(rng, num_ranks, shape.tokens, shape.topk,
-                            shape.experts, "duplicates")))
-  x = ep.put(flat(normal(rng, (num_ranks, shape.tokens, shape.hidden))))
-  y = ep.put(flat(normal(rng, (num_ranks, m, shape.hidden))))
-  w = ep.put(flat(weights(rng, (num_ranks, m, shape.topk))))
-  biases = [ep.put(flat(normal(rng, (num_ranks, shape.tokens, shape.hidden))))
+def test_check_grads_combine(problem, num_ranks, bias):
+  p = problem(num_ranks, "tiny")
+  m = num_ranks * p.shape.tokens
+  idx, x, y, w = (put(p, a) for a in (
+      p.routing("duplicates"), p.rows(), p.rows(num_rows=m),
+      p.weights(num_rows=m)))
+  biases = [put(p, p.rows())
             for _ in range({"none": 0, "array": 1, "tuple": 2}[bias])]
 
   def body(x, i, y, w, *b):
-    h = jax_ep.dispatch(ep.buffer, x, i, num_experts=shape.experts).handle
-    return jax_ep.combine(ep.buffer, y, h, w, bias=None if not b else (
+    h = jax_ep.dispatch(p.buffer, x, i, num_experts=p.shape.experts).handle
+    return jax_ep.combine(p.buffer, y, h, w, bias=None if not b else (
         b[0] if bias == "array" else tuple(b)))
 
-  f = sharded(ep, body)
-  with ep.active():
+  f = sharded(p, body)
+  with p.active():
     check_grads(lambda y, w, *b: f(x, idx, y, w, *b), (y, w, *biases), **REV)
 
 
@@ -110,67 +99,54 @@ def test_check_grads_combine(seed, num_ranks, bias):
 
 @pytest.mark.parametrize("capacity", [None, 5], ids=["default", "overflow"])
 @pytest.mark.parametrize("num_ranks", [1, 2, 4, 8])
-def test_dispatch_vjp_is_combine(seed, num_ranks, capacity):
-  shape = SPECS["tiny"].shape
-  rng = np.random.default_rng(seed)
-  ep = Ep(num_ranks)
-  idx = routing(rng, num_ranks, shape.tokens, shape.topk, shape.experts,
-                "duplicates")
-  x = normal(rng, (num_ranks, shape.tokens, shape.hidden), BF16)
-  w = weights(rng, idx.shape)
-  routes = dm.dispatch([x], idx, w, num_experts=shape.experts,
+def test_dispatch_vjp_is_combine(problem, num_ranks, capacity):
+  p = problem(num_ranks, "tiny")
+  idx, x, w = p.routing("duplicates"), p.rows(BF16), p.weights()
+  routes = dm.dispatch([x], idx, w, num_experts=p.shape.experts,
                        capacity=capacity)
   m = routes.capacity
-  g_x = normal(rng, (num_ranks, m, shape.hidden), BF16)  # padding rows too
-  g_w = weights(rng, (num_ranks, m, shape.topk))
+  g_x = p.rows(BF16, num_rows=m)  # padding rows too
+  g_w = p.weights(num_rows=m)
 
   def body(x, w, i):
-    d = jax_ep.dispatch(ep.buffer, x, i, w, num_experts=shape.experts,
+    d = jax_ep.dispatch(p.buffer, x, i, w, num_experts=p.shape.experts,
                         capacity=capacity)
     return d.x, d.topk_weights
 
-  f = sharded(ep, body)
-  with ep.active():
-    _, vjp = jax.vjp(lambda x, w: f(x, w, ep.put(flat(idx))),
-                     ep.put(flat(x)), ep.put(flat(w)))
-    d_x, d_w = vjp((ep.put(flat(g_x)), ep.put(flat(g_w))))
-  ctx = context(seed, R=num_ranks, capacity=capacity)
-  want_x = dm.combine(g_x, routes).reshape(-1, shape.hidden)
+  f = sharded(p, body)
+  with p.active():
+    _, vjp = jax.vjp(lambda x, w: f(x, w, put(p, idx)), put(p, x), put(p, w))
+    d_x, d_w = vjp((put(p, g_x), put(p, g_w)))
+  ctx = p.context(capacity=capacity)
+  want_x = dm.combine(g_x, routes).reshape(-1, p.shape.hidden)
   assert_same(np.asarray(d_x), want_x, "d_x", ctx)
   masked = np.where(routes.topk_idx >= 0, g_w, F32(0))
-  want_w = dm.combine(masked, routes).reshape(-1, shape.topk)
+  want_w = dm.combine(masked, routes).reshape(-1, p.shape.topk)
   assert_same(np.asarray(d_w), want_w, "d_topk_weights", ctx)
 
 
 @pytest.mark.parametrize("bias_dtype", [np.float32, BF16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("num_ranks", [1, 2, 4, 8])
-def test_combine_vjp_is_cached_dispatch(seed, num_ranks, bias_dtype):
-  shape = SPECS["tiny"].shape
-  rng = np.random.default_rng(seed)
-  ep = Ep(num_ranks)
-  idx = routing(rng, num_ranks, shape.tokens, shape.topk, shape.experts,
-                "hot")
-  x = normal(rng, (num_ranks, shape.tokens, shape.hidden), BF16)
-  y = normal(rng, (num_ranks, 6, shape.hidden), BF16)
-  w = weights(rng, (num_ranks, 6, shape.topk))
-  b = normal(rng, x.shape, bias_dtype)
-  g_out = normal(rng, x.shape, BF16)
-  g_w = weights(rng, (num_ranks, shape.tokens, shape.topk))
+def test_combine_vjp_is_cached_dispatch(problem, num_ranks, bias_dtype):
+  capacity = 6
+  p = problem(num_ranks, "tiny")
+  idx, x = p.routing("hot"), p.rows(BF16)
+  y, w = p.rows(BF16, num_rows=capacity), p.weights(num_rows=capacity)
+  b, g_out, g_w = p.rows(bias_dtype), p.rows(BF16), p.weights()
 
   def body(y, w, b, x, i):
-    h = jax_ep.dispatch(ep.buffer, x, i, num_experts=shape.experts,
-                        capacity=6).handle
-    return jax_ep.combine(ep.buffer, y, h, w, bias=b)
+    h = jax_ep.dispatch(p.buffer, x, i, num_experts=p.shape.experts,
+                        capacity=capacity).handle
+    return jax_ep.combine(p.buffer, y, h, w, bias=b)
 
-  f = sharded(ep, body)
-  with ep.active():
-    _, vjp = jax.vjp(lambda y, w, b: f(y, w, b, ep.put(flat(x)),
-                                       ep.put(flat(idx))),
-                     *[ep.put(flat(a)) for a in (y, w, b)])
-    d_y, d_w, d_b = vjp((ep.put(flat(g_out)), ep.put(flat(g_w))))
-  ctx = context(seed, R=num_ranks, bias=bias_dtype)
-  want = dm.dispatch([g_out, g_w], idx, None, num_experts=shape.experts,
-                     capacity=6)
+  f = sharded(p, body)
+  with p.active():
+    _, vjp = jax.vjp(lambda y, w, b: f(y, w, b, put(p, x), put(p, idx)),
+                     *[put(p, a) for a in (y, w, b)])
+    d_y, d_w, d_b = vjp((put(p, g_out), put(p, g_w)))
+  ctx = p.context(bias=bias_dtype)
+  want = dm.dispatch([g_out, g_w], idx, None, num_experts=p.shape.experts,
+                     capacity=capacity)
   assert_same(np.asarray(d_y), flat(want.rows[0]), "d_y", ctx)
   assert_same(np.asarray(d_w), flat(want.rows[1]), "d_topk_weights", ctx)
   assert_same(np.asarray(d_b), flat(g_out.astype(F32).astype(bias_dtype)),
@@ -179,31 +155,25 @@ def test_combine_vjp_is_cached_dispatch(seed, num_ranks, bias_dtype):
 
 @pytest.mark.parametrize("kind", ["distinct", "duplicates", "invalid", "hot"])
 @pytest.mark.parametrize("num_ranks", [1, 2, 4, 8])
-def test_low_latency_dispatch_vjp_is_transpose(seed, num_ranks, kind):
+def test_low_latency_dispatch_vjp_is_transpose(problem, num_ranks, kind):
   """d_x = bf16(fp32 sum, owner rank order then k order, of g over the slots
   of the token's distinct experts); empty slots of g are never read."""
-  shape = SPECS["small"].shape
-  rng = np.random.default_rng(seed)
-  ep = Ep(num_ranks)
-  max_tokens = shape.tokens + 2
-  num_local = shape.experts // num_ranks
-  idx = routing(rng, num_ranks, shape.tokens, shape.topk, shape.experts, kind)
-  x = normal(rng, (num_ranks, shape.tokens, shape.hidden), BF16)
-  g = normal(rng, (num_ranks, num_local, num_ranks * max_tokens,
-                   shape.hidden), BF16)
+  p = problem(num_ranks, "small")
+  max_tokens = p.shape.tokens + 2
+  idx, x, g = p.routing(kind), p.rows(BF16), p.expert_outputs(max_tokens)
 
   def body(x, i):
     return jax_ep.low_latency_dispatch(
-        ep.buffer, x, i, num_max_dispatch_tokens_per_rank=max_tokens,
-        num_experts=shape.experts, use_fp8=False).x
+        p.buffer, x, i, num_max_dispatch_tokens_per_rank=max_tokens,
+        num_experts=p.shape.experts, use_fp8=False).x
 
-  f = sharded(ep, body)
-  with ep.active():
-    recv, vjp = jax.vjp(lambda x: f(x, ep.put(flat(idx))), ep.put(flat(x)))
-    (d_x,) = vjp(ep.put(g.reshape(-1, *g.shape[2:])))
-  routes = dm.low_latency_dispatch(x, idx, num_experts=shape.experts,
+  f = sharded(p, body)
+  with p.active():
+    recv, vjp = jax.vjp(lambda x: f(x, put(p, idx)), put(p, x))
+    (d_x,) = vjp(put(p, g))
+  routes = dm.low_latency_dispatch(x, idx, num_experts=p.shape.experts,
                                    max_tokens=max_tokens)
-  ctx = context(seed, R=num_ranks, routing=kind)
+  ctx = p.context(routing=kind)
   want = dm.low_latency_combine(g, idx, dm.first_selections(idx), routes)
   d_x = np.asarray(d_x).reshape(x.shape)
   assert_same(d_x, want, "d_x", ctx)
@@ -218,41 +188,33 @@ def test_low_latency_dispatch_vjp_is_transpose(seed, num_ranks, kind):
 
 @pytest.mark.parametrize("kind", ["distinct", "duplicates", "invalid"])
 @pytest.mark.parametrize("num_ranks", [1, 2, 4, 8])
-def test_low_latency_combine_vjp(seed, num_ranks, kind):
+def test_low_latency_combine_vjp(problem, num_ranks, kind):
   """d_y[l, slot of t] = bf16(g[t] * sum of t's weights for l), 0 in empty
   slots; d_w[t, k] = <g[t], y[slot of (t, k)]>, 0 where k selects nothing."""
-  shape = SPECS["small"].shape
-  rng = np.random.default_rng(seed)
-  ep = Ep(num_ranks)
-  max_tokens = shape.tokens + 1
-  num_local = shape.experts // num_ranks
-  slots = num_ranks * max_tokens
-  idx = routing(rng, num_ranks, shape.tokens, shape.topk, shape.experts, kind)
-  x = normal(rng, (num_ranks, shape.tokens, shape.hidden), BF16)
-  w = weights(rng, idx.shape)
-  y = normal(rng, (num_ranks, num_local, slots, shape.hidden), BF16)
-  g = normal(rng, x.shape, BF16)
+  p = problem(num_ranks, "small")
+  max_tokens = p.shape.tokens + 1
+  idx, x, w = p.routing(kind), p.rows(BF16), p.weights()
+  y, g = p.expert_outputs(max_tokens), p.rows(BF16)
 
   def body(y, w, x, i):
     d = jax_ep.low_latency_dispatch(
-        ep.buffer, x, i, num_max_dispatch_tokens_per_rank=max_tokens,
-        num_experts=shape.experts, use_fp8=False)
-    return jax_ep.low_latency_combine(ep.buffer, y, i, w, d.handle)
+        p.buffer, x, i, num_max_dispatch_tokens_per_rank=max_tokens,
+        num_experts=p.shape.experts, use_fp8=False)
+    return jax_ep.low_latency_combine(p.buffer, y, i, w, d.handle)
 
-  f = sharded(ep, body)
-  with ep.active():
-    _, vjp = jax.vjp(lambda y, w: f(y, w, ep.put(flat(x)), ep.put(flat(idx))),
-                     ep.put(y.reshape(-1, slots, shape.hidden)),
-                     ep.put(flat(w)))
-    d_y, d_w = vjp(ep.put(flat(g)))
+  f = sharded(p, body)
+  with p.active():
+    _, vjp = jax.vjp(lambda y, w: f(y, w, put(p, x), put(p, idx)),
+                     put(p, y), put(p, w))
+    d_y, d_w = vjp(put(p, g))
   d_y = np.asarray(d_y).reshape(y.shape)
   d_w = np.asarray(d_w).reshape(w.shape)
-  routes = dm.low_latency_dispatch(x, idx, num_experts=shape.experts,
+  routes = dm.low_latency_dispatch(x, idx, num_experts=p.shape.experts,
                                    max_tokens=max_tokens)
   want_y, want_w, bound_w = dm.low_latency_combine_vjp(g, y, idx, w, routes)
-  ctx = context(seed, R=num_ranks, routing=kind)
+  ctx = p.context(routing=kind)
   assert_same(d_y, want_y, "d_y", ctx)
-  selects = (idx >= 0) & (idx < shape.experts)
+  selects = (idx >= 0) & (idx < p.shape.experts)
   assert_same(d_w[~selects], np.zeros((~selects).sum(), F32),
               "d_topk_weights (no selection)", ctx)
   err = np.abs(d_w.astype(np.float64) - want_w)
@@ -263,9 +225,9 @@ def test_low_latency_combine_vjp(seed, num_ranks, kind):
 # ---------------------------------------------------------------- refusals
 
 
-def _grad_error(ep, body, x, idx):
-  f = sharded(ep, body)
-  with ep.active():
+def _grad_error(p, body, x, idx):
+  f = sharded(p, body)
+  with p.active():
     return jax.grad(lambda x: jnp.sum(f(x, idx)))(x)
 
 
@@ -277,48 +239,44 @@ HOOK = ("jax_ep.{op}: return_recv_hook=True splits the op for inference and "
         "is not differentiable; call it without hooks to differentiate")
 
 
-def _refusal_setup(seed, num_ranks=2):
-  shape = SPECS["small"].shape
-  rng = np.random.default_rng(seed)
-  ep = Ep(num_ranks)
-  idx = ep.put(flat(routing(rng, num_ranks, shape.tokens, shape.topk,
-                            shape.experts, "distinct")))
-  x = ep.put(flat(normal(rng, (num_ranks, shape.tokens, shape.hidden))))
-  return shape, ep, idx, x
+def _refusal_setup(problem):
+  """Two ranks, and a routing and f32 x put on them."""
+  p = problem(2, "small")
+  return p, put(p, p.routing("distinct")), put(p, p.rows())
 
 
-def _ll(ep, shape, x, i, **kwargs):
+def _ll(p, x, i, **kwargs):
   return jax_ep.low_latency_dispatch(
-      ep.buffer, x.astype(jnp.bfloat16), i,
-      num_max_dispatch_tokens_per_rank=shape.tokens,
-      num_experts=shape.experts, **kwargs)
+      p.buffer, x.astype(jnp.bfloat16), i,
+      num_max_dispatch_tokens_per_rank=p.shape.tokens,
+      num_experts=p.shape.experts, **kwargs)
 
 
 @pytest.mark.parametrize("case", ["fp8_dispatch", "fp8_dispatch_scales_only",
                                   "fp8_cached_dispatch", "ll_fp8",
                                   "ll_dispatch_hook", "ll_combine_hook"])
-def test_refused_gradients_raise(seed, case):
-  shape, ep, idx, x = _refusal_setup(seed)
+def test_refused_gradients_raise(problem, case):
+  p, idx, x = _refusal_setup(problem)
 
   def body(x, i):
     if case.startswith("fp8"):
       pair = jax_ep.per_token_cast_to_fp8(x)
       if case == "fp8_cached_dispatch":
-        h = jax_ep.dispatch(ep.buffer, x, i, num_experts=shape.experts).handle
-        d = jax_ep.dispatch(ep.buffer, pair, handle=h)
+        h = jax_ep.dispatch(p.buffer, x, i, num_experts=p.shape.experts).handle
+        d = jax_ep.dispatch(p.buffer, pair, handle=h)
       else:
-        d = jax_ep.dispatch(ep.buffer, pair, i, num_experts=shape.experts)
+        d = jax_ep.dispatch(p.buffer, pair, i, num_experts=p.shape.experts)
       if case == "fp8_dispatch_scales_only":
         return d.scales.sum(-1)
       return d.x.astype(jnp.float32).sum(-1) * d.scales.sum(-1)
     if case == "ll_fp8":
-      return _ll(ep, shape, x, i).scales.sum((0, 2))
+      return _ll(p, x, i).scales.sum((0, 2))
     if case == "ll_dispatch_hook":
-      return _ll(ep, shape, x, i, use_fp8=False,
+      return _ll(p, x, i, use_fp8=False,
                  return_recv_hook=True)().x.astype(jnp.float32).sum((0, 2))
-    d = _ll(ep, shape, x, i, use_fp8=False)
+    d = _ll(p, x, i, use_fp8=False)
     w = jnp.ones(i.shape, jnp.float32)
-    hook = jax_ep.low_latency_combine(ep.buffer, d.x, i, w, d.handle,
+    hook = jax_ep.low_latency_combine(p.buffer, d.x, i, w, d.handle,
                                       return_recv_hook=True)
     return hook().astype(jnp.float32).sum(-1)
 
@@ -327,29 +285,28 @@ def test_refused_gradients_raise(seed, case):
              "ll_combine_hook": HOOK.format(op="low_latency_combine")}.get(
                  case, FP8_ROWS)
   with pytest.raises(TypeError, match=message.replace("(", r"\(")):
-    _grad_error(ep, body, x, idx)
+    _grad_error(p, body, x, idx)
 
 
 @pytest.mark.parametrize("case", ["fp8_dispatch", "ll_fp8", "ll_hooks"])
-def test_non_differentiable_ops_pass_when_not_differentiated(seed, case):
+def test_non_differentiable_ops_pass_when_not_differentiated(problem, case):
   """fp8 rows and hooks are fine inside a gradient that does not reach them."""
-  shape, ep, idx, x = _refusal_setup(seed)
+  p, idx, x = _refusal_setup(problem)
   const = jax.lax.stop_gradient
 
   def body(x, i):
     if case == "fp8_dispatch":
-      d = jax_ep.dispatch(ep.buffer, jax_ep.per_token_cast_to_fp8(const(x)), i,
-                          num_experts=shape.experts)
+      d = jax_ep.dispatch(p.buffer, jax_ep.per_token_cast_to_fp8(const(x)), i,
+                          num_experts=p.shape.experts)
       side = d.scales.sum()
     elif case == "ll_fp8":
-      side = _ll(ep, shape, const(x), i).scales.sum()
+      side = _ll(p, const(x), i).scales.sum()
     else:
-      d = _ll(ep, shape, const(x), i, use_fp8=False, return_recv_hook=True)()
+      d = _ll(p, const(x), i, use_fp8=False, return_recv_hook=True)()
       w = jnp.ones(i.shape, jnp.float32)
-      side = jax_ep.low_latency_combine(ep.buffer, d.x, i, w, d.handle,
+      side = jax_ep.low_latency_combine(p.buffer, d.x, i, w, d.handle,
                                         return_recv_hook=True)().sum()
     return (x * x).sum(-1) + const(side.astype(jnp.float32)) * 0
 
-  g = _grad_error(ep, body, x, idx)
-  assert_same(np.asarray(g), np.asarray(x) * 2, "grad", context(seed,
-                                                                case=case))
+  g = _grad_error(p, body, x, idx)
+  assert_same(np.asarray(g), np.asarray(x) * 2, "grad", p.context(case=case))

@@ -1,25 +1,22 @@
 """get_dispatch_layout against the dense model, every routing kind and EP size."""
 
-import numpy as np
 import pytest
 
 import dense_model as dm
 import jax_ep
-from ep_testing import ROUTINGS, Ep, assert_same, context, flat, routing
-from specs import RANKS, SPECS
+from ep_testing import ROUTINGS, assert_same, flat
+from specs import RANKS
 
 
 @pytest.mark.parametrize("kind", ROUTINGS)
 @pytest.mark.parametrize("num_ranks", RANKS)
-def test_layout_matches_dense_model(seed, num_ranks, kind):
-  shape = SPECS["tiny"].shape
-  rng = np.random.default_rng(seed)
-  ep = Ep(num_ranks)
-  idx = routing(rng, num_ranks, shape.tokens, shape.topk, shape.experts, kind)
-  got = ep.run(lambda i: jax_ep.get_dispatch_layout(ep.buffer, i,
-                                                    shape.experts), flat(idx))
-  want = dm.layout(idx, shape.experts)
-  ctx = context(seed, R=num_ranks, routing=kind)
+def test_layout_matches_dense_model(problem, num_ranks, kind):
+  p = problem(num_ranks, "tiny")
+  idx = p.routing(kind)
+  got = p.run(lambda i: jax_ep.get_dispatch_layout(p.buffer, i,
+                                                   p.shape.experts), flat(idx))
+  want = dm.layout(idx, p.shape.experts)
+  ctx = p.context(routing=kind)
   assert isinstance(got, jax_ep.Layout)
   assert_same(got.num_tokens_per_rank, want.num_tokens_per_rank,
               "num_tokens_per_rank", ctx)
@@ -33,15 +30,13 @@ def test_layout_matches_dense_model(seed, num_ranks, kind):
 
 
 @pytest.mark.parametrize("spec", ["ci", "dsv3_cut"])
-def test_layout_benchmark_shapes(seed, spec):
-  shape = SPECS[spec].shape
-  rng = np.random.default_rng(seed)
-  ep = Ep(8)
-  idx = routing(rng, 8, shape.tokens, shape.topk, shape.experts, "hot")
-  got = ep.run(lambda i: jax_ep.get_dispatch_layout(ep.buffer, i,
-                                                    shape.experts), flat(idx))
-  want = dm.layout(idx, shape.experts)
-  ctx = context(seed, spec=spec)
+def test_layout_benchmark_shapes(problem, spec):
+  p = problem(8, spec)
+  idx = p.routing("hot")
+  got = p.run(lambda i: jax_ep.get_dispatch_layout(p.buffer, i,
+                                                   p.shape.experts), flat(idx))
+  want = dm.layout(idx, p.shape.experts)
+  ctx = p.context(spec=spec)
   for field in ("num_tokens_per_rank", "num_tokens_per_expert",
                 "is_token_in_rank", "num_invalid"):
     assert_same(getattr(got, field), getattr(want, field), field, ctx)

@@ -19,10 +19,9 @@ import pytest
 import dense_model as dm
 import jax_ep
 from jax_ep._src import low_latency
-from ep_testing import (BF16, FP8_MODES, ROUTINGS, Ep, assert_bf16_sum,
-                        assert_same, context, dyadic, flat, ll_tokens as tokens,
-                        normal, routing, weights)
-from specs import RANKS, SPECS, params
+from ep_testing import (BF16, FP8_MODES, ROUTINGS, assert_bf16_sum,
+                        assert_same, flat)
+from specs import RANKS, params
 
 F32 = np.float32
 
@@ -44,49 +43,41 @@ def check_ll_dispatched(got, want: dm.LowLatencyDispatch, ctx, *, fp8,
       want.count.shape[0], want.max_tokens, num_tokens, hidden), ctx
 
 
-def ll_dispatch(ep, shape, max_tokens, **kwargs):
+def ll_dispatch(p, max_tokens, **kwargs):
   return lambda x, i: jax_ep.low_latency_dispatch(
-      ep.buffer, x, i, num_max_dispatch_tokens_per_rank=max_tokens,
-      num_experts=shape.experts, **kwargs)
+      p.buffer, x, i, num_max_dispatch_tokens_per_rank=max_tokens,
+      num_experts=p.shape.experts, **kwargs)
 
 
 @pytest.mark.parametrize("kind", ROUTINGS)
 @pytest.mark.parametrize("num_ranks", RANKS)
-def test_ll_dispatch_matches_dense_model(seed, num_ranks, kind):
-  shape = SPECS["small"].shape
-  rng = np.random.default_rng(seed)
-  ep = Ep(num_ranks)
-  max_tokens = shape.tokens + (0 if num_ranks in (1, 4) else 2)  # T <= Tmax
-  idx = routing(rng, num_ranks, shape.tokens, shape.topk, shape.experts, kind)
-  x = tokens(rng, num_ranks, shape.tokens, shape.hidden)
-  got = ep.run(ll_dispatch(ep, shape, max_tokens, use_fp8=False), flat(x),
-               flat(idx))
-  want = dm.low_latency_dispatch(x, idx, num_experts=shape.experts,
+def test_ll_dispatch_matches_dense_model(problem, num_ranks, kind):
+  p = problem(num_ranks, "small")
+  max_tokens = p.shape.tokens + (0 if num_ranks in (1, 4) else 2)  # T <= Tmax
+  idx, x = p.routing(kind), p.ll_tokens()
+  got = p.run(ll_dispatch(p, max_tokens, use_fp8=False), flat(x), flat(idx))
+  want = dm.low_latency_dispatch(x, idx, num_experts=p.shape.experts,
                                  max_tokens=max_tokens)
-  check_ll_dispatched(got, want, context(seed, R=num_ranks, routing=kind,
-                                         Tmax=max_tokens), fp8=False,
-                      num_tokens=shape.tokens, hidden=shape.hidden)
+  check_ll_dispatched(got, want, p.context(routing=kind, Tmax=max_tokens),
+                      fp8=False, num_tokens=p.shape.tokens,
+                      hidden=p.shape.hidden)
 
 
 @pytest.mark.parametrize("mode", [m for m in FP8_MODES if m != "bf16"])
 @pytest.mark.parametrize("num_ranks", RANKS)
-def test_ll_dispatch_fp8(seed, num_ranks, mode):
-  shape = SPECS["ue8m0"].shape
-  rng = np.random.default_rng(seed)
-  ep = Ep(num_ranks)
-  max_tokens = shape.tokens + 1
-  idx = routing(rng, num_ranks, shape.tokens, shape.topk, shape.experts,
-                "duplicates")
-  x = tokens(rng, num_ranks, shape.tokens, shape.hidden)
-  got = ep.run(ll_dispatch(ep, shape, max_tokens, **FP8_MODES[mode]), flat(x),
-               flat(idx))
-  want = dm.low_latency_dispatch(x, idx, num_experts=shape.experts,
+def test_ll_dispatch_fp8(problem, num_ranks, mode):
+  p = problem(num_ranks, "ue8m0")
+  max_tokens = p.shape.tokens + 1
+  idx, x = p.routing("duplicates"), p.ll_tokens()
+  got = p.run(ll_dispatch(p, max_tokens, **FP8_MODES[mode]), flat(x),
+              flat(idx))
+  want = dm.low_latency_dispatch(x, idx, num_experts=p.shape.experts,
                                  max_tokens=max_tokens, **FP8_MODES[mode])
-  check_ll_dispatched(got, want, context(seed, R=num_ranks, mode=mode),
-                      fp8=True, num_tokens=shape.tokens, hidden=shape.hidden)
+  check_ll_dispatched(got, want, p.context(mode=mode), fp8=True,
+                      num_tokens=p.shape.tokens, hidden=p.shape.hidden)
   if "ue8m0" in mode:
     assert got.scales.dtype == np.int32
-    assert got.scales.shape[-1] == shape.hidden // 512
+    assert got.scales.shape[-1] == p.shape.hidden // 512
 
 
 def check_ll_combined(got, y, idx, w, routes, ctx, what="out"):
@@ -95,58 +86,44 @@ def check_ll_combined(got, y, idx, w, routes, ctx, what="out"):
   assert_bf16_sum(got, total, abs_sum, idx.shape[-1], what, ctx)
 
 
-def random_expert_outputs(rng, num_ranks, shape, max_tokens):
-  """bf16 y[R, L, R*Tmax, H], random in every slot (empty ones too)."""
-  return normal(rng, (num_ranks, shape.experts // num_ranks,
-                      num_ranks * max_tokens, shape.hidden), BF16)
-
-
 @pytest.mark.parametrize("kind", ROUTINGS)
 @pytest.mark.parametrize("num_ranks", RANKS)
-def test_ll_combine_matches_dense_model(seed, num_ranks, kind):
-  shape = SPECS["small"].shape
-  rng = np.random.default_rng(seed)
-  ep = Ep(num_ranks)
-  max_tokens = shape.tokens + 1
-  idx = routing(rng, num_ranks, shape.tokens, shape.topk, shape.experts, kind)
-  x = tokens(rng, num_ranks, shape.tokens, shape.hidden)
-  w = weights(rng, idx.shape)
-  y = random_expert_outputs(rng, num_ranks, shape, max_tokens)
+def test_ll_combine_matches_dense_model(problem, num_ranks, kind):
+  p = problem(num_ranks, "small")
+  max_tokens = p.shape.tokens + 1
+  idx, x, w = p.routing(kind), p.ll_tokens(), p.weights()
+  y = p.expert_outputs(max_tokens)
   zero_copy = bool(num_ranks % 2)
 
   def body(x, i, w, y):
-    d = ll_dispatch(ep, shape, max_tokens, use_fp8=False)(x, i)
-    return jax_ep.low_latency_combine(ep.buffer, y[0], i, w, d.handle,
+    d = ll_dispatch(p, max_tokens, use_fp8=False)(x, i)
+    return jax_ep.low_latency_combine(p.buffer, y[0], i, w, d.handle,
                                       zero_copy=zero_copy)
 
-  got = ep.run(body, flat(x), flat(idx), flat(w), y)
-  routes = dm.low_latency_dispatch(x, idx, num_experts=shape.experts,
+  got = p.run(body, flat(x), flat(idx), flat(w), y)
+  routes = dm.low_latency_dispatch(x, idx, num_experts=p.shape.experts,
                                    max_tokens=max_tokens)
-  check_ll_combined(got, y, idx, w, routes, context(
-      seed, R=num_ranks, routing=kind, zero_copy=zero_copy))
+  check_ll_combined(got, y, idx, w, routes, p.context(routing=kind,
+                                                      zero_copy=zero_copy))
 
 
 @pytest.mark.parametrize("kind", ["distinct", "duplicates", "invalid"])
 @pytest.mark.parametrize("num_ranks", [1, 4, 8])
-def test_ll_round_trip_counts_each_expert_once(seed, num_ranks, kind):
+def test_ll_round_trip_counts_each_expert_once(problem, num_ranks, kind):
   """combine(dispatch(x), w=1) == x * (number of distinct valid experts)."""
-  shape = SPECS["small"].shape
-  rng = np.random.default_rng(seed)
-  ep = Ep(num_ranks)
-  idx = routing(rng, num_ranks, shape.tokens, shape.topk, shape.experts, kind)
-  x = dyadic(rng, (num_ranks, shape.tokens, shape.hidden), bits=3)
+  p = problem(num_ranks, "small")
+  idx, x = p.routing(kind), p.dyadic_rows(bits=3)
   ones = dm.first_selections(idx)  # a duplicate's second slot gets weight 0
 
   def body(x, i, w):
-    d = ll_dispatch(ep, shape, shape.tokens, use_fp8=False)(x, i)
-    return jax_ep.low_latency_combine(ep.buffer, d.x, i, w, d.handle)
+    d = ll_dispatch(p, p.shape.tokens, use_fp8=False)(x, i)
+    return jax_ep.low_latency_combine(p.buffer, d.x, i, w, d.handle)
 
-  got = ep.run(body, flat(x), flat(idx), flat(ones))
-  n = np.array([[len({int(e) for e in row if 0 <= e < shape.experts})
+  got = p.run(body, flat(x), flat(idx), flat(ones))
+  n = np.array([[len({int(e) for e in row if 0 <= e < p.shape.experts})
                  for row in rank] for rank in idx])
   want = (x.astype(F32) * n[..., None] + F32(0)).astype(BF16)
-  assert_same(got, want, "combine(dispatch(x))", context(seed, R=num_ranks,
-                                                         routing=kind))
+  assert_same(got, want, "combine(dispatch(x))", p.context(routing=kind))
 
 
 # ---------------------------------------------------------------- hooks
@@ -155,108 +132,93 @@ def test_ll_round_trip_counts_each_expert_once(seed, num_ranks, kind):
 @pytest.mark.parametrize("after", ["none", "arrays"])
 @pytest.mark.parametrize("mode", ["bf16", "fp8_ue8m0"])
 @pytest.mark.parametrize("num_ranks", [2, 4])
-def test_ll_dispatch_hook_gives_the_same_result(seed, num_ranks, mode, after):
-  shape = SPECS["ue8m0"].shape
-  rng = np.random.default_rng(seed)
-  ep = Ep(num_ranks)
-  idx = routing(rng, num_ranks, shape.tokens, shape.topk, shape.experts, "hot")
-  x = tokens(rng, num_ranks, shape.tokens, shape.hidden)
+def test_ll_dispatch_hook_gives_the_same_result(problem, num_ranks, mode,
+                                                after):
+  p = problem(num_ranks, "ue8m0")
+  idx, x = p.routing("hot"), p.ll_tokens()
   seen = {}
 
   def body(x, i):
-    plain = ll_dispatch(ep, shape, shape.tokens, **FP8_MODES[mode])(x, i)
-    hook = ll_dispatch(ep, shape, shape.tokens, return_recv_hook=True,
+    plain = ll_dispatch(p, p.shape.tokens, **FP8_MODES[mode])(x, i)
+    hook = ll_dispatch(p, p.shape.tokens, return_recv_hook=True,
                        **FP8_MODES[mode])(x, i)
     seen["hook"] = hook
     overlap = jnp.tanh(x.astype(jnp.float32)) * 2  # "compute in between"
     hooked = hook(overlap, x) if after == "arrays" else hook()
     return plain, hooked, overlap
 
-  plain, hooked, _ = ep.run(body, flat(x), flat(idx))
-  ctx = context(seed, R=num_ranks, mode=mode, after=after)
+  plain, hooked, _ = p.run(body, flat(x), flat(idx))
+  ctx = p.context(mode=mode, after=after)
   assert isinstance(seen["hook"], jax_ep.RecvHook), ctx
-  want = dm.low_latency_dispatch(x, idx, num_experts=shape.experts,
-                                 max_tokens=shape.tokens, **FP8_MODES[mode])
+  want = dm.low_latency_dispatch(x, idx, num_experts=p.shape.experts,
+                                 max_tokens=p.shape.tokens, **FP8_MODES[mode])
   for got in (plain, hooked):
     check_ll_dispatched(got, want, ctx, fp8=mode != "bf16",
-                        num_tokens=shape.tokens, hidden=shape.hidden)
+                        num_tokens=p.shape.tokens, hidden=p.shape.hidden)
 
 
 @pytest.mark.parametrize("after", ["none", "arrays"])
 @pytest.mark.parametrize("num_ranks", [2, 4])
-def test_ll_combine_hook_gives_the_same_result(seed, num_ranks, after):
-  shape = SPECS["small"].shape
-  rng = np.random.default_rng(seed)
-  ep = Ep(num_ranks)
-  idx = routing(rng, num_ranks, shape.tokens, shape.topk, shape.experts,
-                "duplicates")
-  x = tokens(rng, num_ranks, shape.tokens, shape.hidden)
-  w = weights(rng, idx.shape)
-  y = random_expert_outputs(rng, num_ranks, shape, shape.tokens)
+def test_ll_combine_hook_gives_the_same_result(problem, num_ranks, after):
+  p = problem(num_ranks, "small")
+  idx, x, w = p.routing("duplicates"), p.ll_tokens(), p.weights()
+  y = p.expert_outputs(p.shape.tokens)
   seen = {}
 
   def body(x, i, w, y):
-    d = ll_dispatch(ep, shape, shape.tokens, use_fp8=False)(x, i)
-    plain = jax_ep.low_latency_combine(ep.buffer, y[0], i, w, d.handle)
-    hook = jax_ep.low_latency_combine(ep.buffer, y[0], i, w, d.handle,
+    d = ll_dispatch(p, p.shape.tokens, use_fp8=False)(x, i)
+    plain = jax_ep.low_latency_combine(p.buffer, y[0], i, w, d.handle)
+    hook = jax_ep.low_latency_combine(p.buffer, y[0], i, w, d.handle,
                                       return_recv_hook=True)
     seen["hook"] = hook
     hooked = hook(jnp.cos(w), y) if after == "arrays" else hook()
     return plain, hooked
 
-  plain, hooked = ep.run(body, flat(x), flat(idx), flat(w), y)
-  ctx = context(seed, R=num_ranks, after=after)
+  plain, hooked = p.run(body, flat(x), flat(idx), flat(w), y)
+  ctx = p.context(after=after)
   assert isinstance(seen["hook"], jax_ep.RecvHook), ctx
-  routes = dm.low_latency_dispatch(x, idx, num_experts=shape.experts,
-                                   max_tokens=shape.tokens)
+  routes = dm.low_latency_dispatch(x, idx, num_experts=p.shape.experts,
+                                   max_tokens=p.shape.tokens)
   check_ll_combined(plain, y, idx, w, routes, ctx)
   assert_same(hooked, plain, "out (hook) vs out (no hook)", ctx)
 
 
-def test_hook_pins_receive_after_the_given_compute(seed):
+def test_hook_pins_receive_after_the_given_compute(problem):
   """hook(after) ties the receive to `after` (optimization_barrier); a hook
   crosses a jit boundary as a pytree."""
-  shape = SPECS["small"].shape
-  rng = np.random.default_rng(seed)
-  ep = Ep(2)
-  idx = routing(rng, 2, shape.tokens, shape.topk, shape.experts, "distinct")
-  x = tokens(rng, 2, shape.tokens, shape.hidden)
+  p = problem(2, "small")
+  idx, x = p.routing("distinct"), p.ll_tokens()
 
   def body(x, i):
-    hook = ll_dispatch(ep, shape, shape.tokens, use_fp8=False,
+    hook = ll_dispatch(p, p.shape.tokens, use_fp8=False,
                        return_recv_hook=True)(x, i)
     hook = jax.jit(lambda h: h)(hook)  # a pytree through jit
     return hook(jnp.sin(x.astype(jnp.float32))).x
 
-  jaxpr = str(ep.trace(body, flat(x), flat(idx)))
+  jaxpr = str(p.trace(body, flat(x), flat(idx)))
   assert "optimization_barrier" in jaxpr
-  got = ep.run(body, flat(x), flat(idx))
-  want = dm.low_latency_dispatch(x, idx, num_experts=shape.experts,
-                                 max_tokens=shape.tokens)
-  assert_same(got, want.rows[0], "x", context(seed))
+  got = p.run(body, flat(x), flat(idx))
+  want = dm.low_latency_dispatch(x, idx, num_experts=p.shape.experts,
+                                 max_tokens=p.shape.tokens)
+  assert_same(got, want.rows[0], "x", p.context())
 
 
 @pytest.mark.parametrize("spec", params("dsv3_ll_cut", "dsv3_ll"))
-def test_ll_benchmark_shapes(seed, spec):
-  shape = spec.shape
-  num_ranks = 8 if "ci" in spec.tags else 2
-  rng = np.random.default_rng(seed)
-  ep = Ep(num_ranks)
-  idx = routing(rng, num_ranks, shape.tokens, shape.topk, shape.experts, "hot")
-  x = tokens(rng, num_ranks, shape.tokens, shape.hidden)
-  w = weights(rng, idx.shape)
+def test_ll_benchmark_shapes(problem, spec):
+  p = problem(8 if "ci" in spec.tags else 2, spec.shape)
+  idx, x, w = p.routing("hot"), p.ll_tokens(), p.weights()
 
   def body(x, i, w):
-    d = ll_dispatch(ep, shape, shape.tokens, use_fp8=True)(x, i)
+    d = ll_dispatch(p, p.shape.tokens, use_fp8=True)(x, i)
     y = jax_ep.per_token_cast_back(d.x, d.scales)
-    return d, jax_ep.low_latency_combine(ep.buffer, y, i, w, d.handle)
+    return d, jax_ep.low_latency_combine(p.buffer, y, i, w, d.handle)
 
-  got, out = ep.run(body, flat(x), flat(idx), flat(w))
-  want = dm.low_latency_dispatch(x, idx, num_experts=shape.experts,
-                                 max_tokens=shape.tokens, use_fp8=True)
-  ctx = context(seed, spec=spec.name, R=num_ranks)
-  check_ll_dispatched(got, want, ctx, fp8=True, num_tokens=shape.tokens,
-                      hidden=shape.hidden)
+  got, out = p.run(body, flat(x), flat(idx), flat(w))
+  want = dm.low_latency_dispatch(x, idx, num_experts=p.shape.experts,
+                                 max_tokens=p.shape.tokens, use_fp8=True)
+  ctx = p.context(spec=spec.name)
+  check_ll_dispatched(got, want, ctx, fp8=True, num_tokens=p.shape.tokens,
+                      hidden=p.shape.hidden)
   y = dm.per_token_cast_back(*want.rows)
   check_ll_combined(out, y, idx, w, want, ctx)
 

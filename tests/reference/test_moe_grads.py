@@ -38,8 +38,7 @@ def _compare(got, want, names, ctx, atol_rel=1e-5):
 
 @pytest.mark.parametrize("topk", [2, 3])
 @pytest.mark.parametrize("num_ranks", [1, 2, 4, 8])
-def test_moe_gradients_match_dense(seed, num_ranks, topk):
-  rng = np.random.default_rng(seed)
+def test_moe_gradients_match_dense(seed, rng, num_ranks, topk):
   ep = Ep(num_ranks)
   x, w_router, w1, w2, probe = _params(rng, num_ranks, ffn=8)
   idx = np.asarray(jax.jit(choose_experts, static_argnums=2)(x, w_router,
@@ -66,13 +65,12 @@ def test_moe_gradients_match_dense(seed, num_ranks, topk):
 
 
 @pytest.mark.parametrize("num_ranks", [1, 2, 4, 8])
-def test_low_latency_moe_gradients_match_dense(seed, num_ranks):
+def test_low_latency_moe_gradients_match_dense(seed, rng, num_ranks):
   """K = 2: every sum of two terms is the same in any order. But the LL path
   rounds to bf16, and XLA may contract a multiply-add into an FMA on one side
   and not the other: a bf16 rounding tie can then flip one term by one bf16
   step (seen: 9.4e-5 on a gradient whose largest entry is 2.4), so entries
   may differ by 1e-3 of the largest (a wrong gradient is off by O(1))."""
-  rng = np.random.default_rng(seed)
   ep = Ep(num_ranks)
   n = num_ranks * TOKENS
   x = rng.standard_normal((n, HIDDEN), dtype=F32)

@@ -1,4 +1,8 @@
-"""Shared helpers of the jax_ep tests: meshes, sharded runs, inputs, checks."""
+"""Shared helpers of the jax_ep tests: meshes, sharded runs, inputs, checks.
+
+`Problem` (conftest's `problem` fixture) bundles what most tests set up: an
+EP mesh of CPU ranks, a per-rank shape, and the inputs drawn for them.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jax_ep
+from bench.shapes import Shape
+from specs import SPECS
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 EP = P("ep")
@@ -192,6 +198,82 @@ def flat(a):
   return a.reshape(a.shape[0] * a.shape[1], *a.shape[2:])
 
 
+# Low-latency dispatch modes, by name.
+FP8_MODES = {
+    "bf16": dict(use_fp8=False),
+    "fp8": dict(use_fp8=True),
+    "fp8_round_scale": dict(use_fp8=True, round_scale=True),
+    "fp8_ue8m0": dict(use_fp8=True, use_ue8m0=True),
+    "fp8_round_scale_ue8m0": dict(use_fp8=True, round_scale=True,
+                                  use_ue8m0=True),
+}
+
+
+def ll_tokens(rng, num_ranks, num_tokens, hidden):
+  """bf16 rows with per-token magnitudes from 2^-12 to 2^12; one zero row."""
+  x = normal(rng, (num_ranks, num_tokens, hidden)) * np.exp2(
+      rng.integers(-12, 13, size=(num_ranks, num_tokens, 1))).astype(np.float32)
+  x[0, 0] = 0.0  # amax floor
+  return x.astype(BF16)
+
+
+class Problem(Ep):
+  """An `Ep` of `num_ranks` CPU ranks, a per-rank `shape` (a `Shape` or a
+  name in `specs.SPECS`), and the test's random inputs for them.
+
+  Every input is drawn from `rng` (seeded with the test's `seed`) in the
+  order the test asks for it, so a seed replays all of them. Inputs are per
+  rank, [R, ...]; `flat` gives the global array.
+  """
+
+  def __init__(self, seed: int, rng: np.random.Generator, num_ranks: int,
+               shape: Shape | str, **ep_kwargs):
+    super().__init__(num_ranks, **ep_kwargs)
+    self.seed = seed
+    self.rng = rng
+    self.shape = SPECS[shape].shape if isinstance(shape, str) else shape
+
+  def routing(self, kind: str) -> np.ndarray:
+    """int32[R, T, K] expert ids of one of the `ROUTINGS` kinds."""
+    s = self.shape
+    return routing(self.rng, self.num_ranks, s.tokens, s.topk, s.experts,
+                   kind)
+
+  def rows(self, dtype=np.float32, num_rows: int | None = None) -> np.ndarray:
+    """dtype[R, num_rows, H] random normal rows; num_rows defaults to T
+    (tokens, biases, cotangents of the output)."""
+    num_rows = self.shape.tokens if num_rows is None else num_rows
+    return normal(self.rng, (self.num_ranks, num_rows, self.shape.hidden),
+                  dtype)
+
+  def dyadic_rows(self, dtype=BF16, bits: int = 4) -> np.ndarray:
+    """dtype[R, T, H] of `dyadic` values: sums of them are exact."""
+    return dyadic(self.rng, (self.num_ranks, self.shape.tokens,
+                             self.shape.hidden), dtype, bits=bits)
+
+  def weights(self, num_rows: int | None = None) -> np.ndarray:
+    """f32[R, num_rows, K] router-like `weights`; num_rows defaults to T."""
+    num_rows = self.shape.tokens if num_rows is None else num_rows
+    return weights(self.rng, (self.num_ranks, num_rows, self.shape.topk))
+
+  def ll_tokens(self) -> np.ndarray:
+    """bf16[R, T, H] tokens of a low-latency dispatch (`ll_tokens`)."""
+    return ll_tokens(self.rng, self.num_ranks, self.shape.tokens,
+                     self.shape.hidden)
+
+  def expert_outputs(self, max_tokens: int) -> np.ndarray:
+    """bf16[R, L, R*max_tokens, H]: low-latency expert outputs (or their
+    cotangents), random in every slot, empty ones too, so reading an empty
+    slot would show."""
+    s = self.shape
+    return normal(self.rng, (self.num_ranks, s.experts // self.num_ranks,
+                             self.num_ranks * max_tokens, s.hidden), BF16)
+
+  def context(self, **params) -> str:
+    """`context` of the test's seed, R and `params`."""
+    return context(self.seed, R=self.num_ranks, **params)
+
+
 # ---------------------------------------------------------------- checks
 
 
@@ -277,21 +359,3 @@ def context(seed: int, **params) -> str:
   extra = ", ".join(f"{k}={v}" for k, v in params.items())
   return f"seed={seed} (rerun with JAX_EP_TEST_SEED={seed}){', ' + extra if extra else ''}"
 
-
-# Low-latency dispatch modes, by name.
-FP8_MODES = {
-    "bf16": dict(use_fp8=False),
-    "fp8": dict(use_fp8=True),
-    "fp8_round_scale": dict(use_fp8=True, round_scale=True),
-    "fp8_ue8m0": dict(use_fp8=True, use_ue8m0=True),
-    "fp8_round_scale_ue8m0": dict(use_fp8=True, round_scale=True,
-                                  use_ue8m0=True),
-}
-
-
-def ll_tokens(rng, num_ranks, num_tokens, hidden):
-  """bf16 rows with per-token magnitudes from 2^-12 to 2^12; one zero row."""
-  x = normal(rng, (num_ranks, num_tokens, hidden)) * np.exp2(
-      rng.integers(-12, 13, size=(num_ranks, num_tokens, 1))).astype(np.float32)
-  x[0, 0] = 0.0  # amax floor
-  return x.astype(BF16)

@@ -15,10 +15,9 @@ from ep_testing import cpu_devices
 
 
 @pytest.mark.parametrize("pair", [False, True], ids=["steps", "repeat"])
-def test_intranode_worker_dense_outputs_are_the_contract(seed, pair):
+def test_intranode_worker_dense_outputs_are_the_contract(seed, rng, pair):
   num_ranks = 2
   mesh = Mesh(np.array(cpu_devices(num_ranks)), (worker.EP,))
-  rng = np.random.default_rng(seed)
   cases = ([worker.REPEAT_CASE] if pair else
            worker.multiprocess_cases(num_ranks))
   for case in cases:
