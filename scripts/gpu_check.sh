@@ -43,9 +43,11 @@
 #       and the sanitizers at R = 2)
 #   SKIP_TESTS=1 SANITIZE=0 PRESSURE=1 SKIP_BENCH=1 DEMO_STEPS=0 \
 #       scripts/gpu_check.sh OUT/pressure          (the pressure tests)
-# On one H200 the intranode pressure at R = 2 (10,000 pairs, twice) took
-# under 210 s; the low-latency one is of the same order. Should the second
-# call overrun, give each file its own call with TESTS=tests/cuda/<file>.
+# Measured on one H200 (2026-12-02): the first call 500 s (build 21 s, tests
+# 385 s, sanitizers with SANITIZE=2 about 90 s); the second 560 s (intranode
+# pressure 284 s, low-latency 252 s, the R = 2 runs of 10,000 pairs taking
+# 246 and 219 s). Should the second call overrun, give each file its own
+# call with TESTS=tests/cuda/<file>.
 # Exit status: 0 when every step that ran passed. A failed build stops the
 # run; failed tests do not stop the benchmarks.
 set -euo pipefail
