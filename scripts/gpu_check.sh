@@ -38,7 +38,7 @@
 #   ceilings.log    NVLink write ceilings, every GPU sending (CEILINGS)
 #   summary.txt     one line per step, also printed at the end
 # On a one-GPU machine the whole check needs two 10-minute device calls:
-#   SKIP_BENCH=1 DEMO_STEPS=0 scripts/gpu_check.sh OUT/tests
+#   SANITIZE=2 SKIP_BENCH=1 DEMO_STEPS=0 scripts/gpu_check.sh OUT/tests
 #       (the GPU tests, multi-rank ones at R = 2, 4 and 8 sharing the GPU,
 #       and the sanitizers at R = 2)
 #   SKIP_TESTS=1 SANITIZE=0 PRESSURE=1 SKIP_BENCH=1 DEMO_STEPS=0 \
