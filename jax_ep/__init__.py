@@ -4,8 +4,6 @@ Every op runs inside `jax.shard_map` over the EP mesh axis of a `Buffer`.
 """
 
 from jax_ep._src.config import Config as Config
-from jax_ep._src.cuda.intranode import intranode_buffer_bytes as nvl_buffer_bytes
-from jax_ep._src.cuda.low_latency import heap_bytes as ll_buffer_bytes
 from jax_ep._src.fp8 import per_token_cast_back as per_token_cast_back
 from jax_ep._src.fp8 import per_token_cast_to_fp8 as per_token_cast_to_fp8
 from jax_ep._src.handles import Dispatched as Dispatched
@@ -24,5 +22,7 @@ from jax_ep._src.runtime import Buffer as Buffer
 from jax_ep._src.runtime import Fallback as Fallback
 from jax_ep._src.runtime import FallbackWarning as FallbackWarning
 from jax_ep._src.runtime import Topology as Topology
+from jax_ep._src.sizes import ll_buffer_bytes as ll_buffer_bytes
+from jax_ep._src.sizes import nvl_buffer_bytes as nvl_buffer_bytes
 
 __version__ = "0.1.0"

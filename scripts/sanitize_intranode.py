@@ -35,6 +35,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import jax_ep.launch
 from jax_ep._src import exchange
+from jax_ep._src import sizes
 from jax_ep._src.cuda import intranode, peer_buffers
 
 EP = "ep"
@@ -59,7 +60,7 @@ def main() -> None:
   idx = put(rng.integers(-1, E, (R * T, K)).astype(np.int32))
   w = put(rng.random((R * T, K)).astype(np.float32))
   buffers = peer_buffers.create_peer_buffers(
-      gpus, intranode.intranode_buffer_bytes(T, H, K, R))
+      gpus, sizes.nvl_buffer_bytes(T, H, K, R))
   kw = dict(axis_name=EP, num_ranks=R, num_experts=E, capacity=R * T * 3 // 4,
             expert_alignment=4, buffers=buffers, num_sms=4, chunk_tokens=5)
   ways = (False,) if args.ways == "push" else (False, True)

@@ -9,8 +9,8 @@ namespace jax_ep {
 // peer_buffers_{create,open,close,layout}: the NVLink peer-buffer registry.
 void BindPeerBuffers(nanobind::module_& m);
 
-// nvshmem_{unique_id,open,close}, ll_heap_bytes: the NVSHMEM heap of the
-// low-latency kernels.
+// nvshmem_{unique_id,open,close}: the NVSHMEM heap of the low-latency
+// kernels.
 void BindNvshmem(nanobind::module_& m);
 
 }  // namespace jax_ep

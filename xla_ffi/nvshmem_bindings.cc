@@ -1,13 +1,12 @@
 // Python bindings of the NVSHMEM runtime (csrc/runtime/nvshmem_heap.cuh), used
-// by jax_ep/_src/cuda/nvshmem.py: nvshmem_unique_id, nvshmem_open,
-// nvshmem_close and ll_heap_bytes. Failures raise ValueError (bad arguments)
-// or RuntimeError (CUDA, NVSHMEM) with csrc's message.
+// by jax_ep/_src/cuda/nvshmem.py: nvshmem_unique_id, nvshmem_open and
+// nvshmem_close. Failures raise ValueError (bad arguments) or RuntimeError
+// (CUDA, NVSHMEM) with csrc's message.
 
 #include <cstdint>
 #include <string>
 
 #include "bindings.h"
-#include "low_latency/low_latency.cuh"
 #include "nanobind/nanobind.h"
 #include "runtime/nvshmem_heap.cuh"
 
@@ -40,12 +39,6 @@ void BindNvshmem(nb::module_& m) {
         device, heap_bytes));
   });
   m.def("nvshmem_close", [] { RaiseUnlessOk(runtime::CloseNvshmemHeap()); });
-  m.def("ll_heap_bytes", [](int64_t max_tokens, int64_t hidden,
-                            int64_t num_experts) {
-    // R does not change the sizes: L * R = E.
-    return low_latency::HeapBytes(
-        {max_tokens, max_tokens, hidden, 1, num_experts, 1});
-  });
 }
 
 }  // namespace jax_ep

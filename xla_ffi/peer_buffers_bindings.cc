@@ -8,9 +8,9 @@
 #include <vector>
 
 #include "bindings.h"
+#include "common/limits.h"
 #include "nanobind/nanobind.h"
 #include "nanobind/stl/vector.h"
-#include "intranode/dispatch_combine.cuh"
 #include "runtime/peer_buffers.cuh"
 
 namespace nb = nanobind;
@@ -62,10 +62,10 @@ void Open(int32_t device, nb::bytes handles,
 }
 
 nb::dict Layout(int64_t num_bytes, int64_t num_ranks) {
-  if (num_ranks < 1 || num_ranks > runtime::kMaxPeerRanks || num_bytes < 0) {
+  if (num_ranks < 1 || num_ranks > kMaxRanks || num_bytes < 0) {
     throw nb::value_error(
         ("jax_ep peer buffers: need 1 <= num_ranks <= " +
-         std::to_string(runtime::kMaxPeerRanks) + " and num_bytes >= 0, got " +
+         std::to_string(kMaxRanks) + " and num_bytes >= 0, got " +
          std::to_string(num_ranks) + " and " + std::to_string(num_bytes))
             .c_str());
   }
@@ -74,21 +74,6 @@ nb::dict Layout(int64_t num_bytes, int64_t num_ranks) {
   out["data_bytes"] = layout.data_bytes;
   out["total_bytes"] = layout.total_bytes();
   return out;
-}
-
-// Data-region bytes an intranode dispatch and combine of these shapes need.
-int64_t IntranodeDataBytes(int64_t num_tokens, int64_t num_ranks,
-                           int64_t num_topk, int64_t row_bytes,
-                           int64_t scale_row_bytes,
-                           int64_t combine_row_bytes) {
-  if (num_tokens < 0 || num_ranks < 1 || num_topk < 0 || row_bytes < 0 ||
-      scale_row_bytes < 0 || combine_row_bytes < 0) {
-    throw nb::value_error(
-        "jax_ep intranode_data_bytes: sizes must be >= 0 (num_ranks >= 1)");
-  }
-  return intranode::RequiredDataBytes(num_tokens, num_ranks, num_topk,
-                                      row_bytes, scale_row_bytes,
-                                      combine_row_bytes);
 }
 
 }  // namespace
@@ -110,11 +95,6 @@ void BindPeerBuffers(nb::module_& m) {
   m.def("peer_buffers_layout", &Layout, nb::arg("num_bytes"),
         nb::arg("num_ranks"),
         "Sizes of one rank's allocation for a data region of `num_bytes`.");
-  m.def("intranode_data_bytes", &IntranodeDataBytes, nb::arg("num_tokens"),
-        nb::arg("num_ranks"), nb::arg("num_topk"), nb::arg("row_bytes"),
-        nb::arg("scale_row_bytes"), nb::arg("combine_row_bytes"),
-        "Data-region bytes that intranode dispatch and combine of these "
-        "shapes need.");
 }
 
 }  // namespace jax_ep

@@ -139,7 +139,7 @@ __device__ void ReduceToken(const CombineParams& p, const char* const* rows,
 
 template <typename In, typename Out>
 __global__ void __launch_bounds__(kThreads) CombineKernel(CombineParams p) {
-  __shared__ const char* token_rows[kWarps][runtime::kMaxPeerRanks];
+  __shared__ const char* token_rows[kWarps][kMaxRanks];
   const Common& c = p.c;
   char* const local = c.buffers.local_base;
   char* const* peer_bases = c.buffers.layout.peer_bases(local);

@@ -91,7 +91,7 @@ __device__ __forceinline__ void MoveTopk(int base, int n, int mine, int K,
 // Block d: positions[d, t] into the scratch; d's count into every peer's
 // count slot and the counts of d's experts into d's.
 __global__ void __launch_bounds__(kThreads) StageDispatch(DispatchParams p) {
-  __shared__ int expert_counts[runtime::kMaxNotifyExperts];
+  __shared__ int expert_counts[kMaxNormalExperts];
   __shared__ int warp_offsets[kWarps];
   __shared__ int chunk_total;
   const Common& c = p.c;
@@ -277,8 +277,8 @@ __device__ void PadDispatchRow(const DispatchParams& p, int row) {
 __global__ void __launch_bounds__(kThreads) DispatchKernel(DispatchParams p) {
   // offset_at[d]: where this rank's rows start at rank d; offset_from[s]:
   // where rank s's rows start here ([R]: the total received).
-  __shared__ int offset_at[runtime::kMaxPeerRanks];
-  __shared__ int offset_from[runtime::kMaxPeerRanks + 1];
+  __shared__ int offset_at[kMaxRanks];
+  __shared__ int offset_from[kMaxRanks + 1];
   const Common& c = p.c;
   const runtime::BufferLayout& layout = c.buffers.layout;
   char* const local = c.buffers.local_base;

@@ -1,101 +1,19 @@
-// Intranode (NVLink) normal dispatch, cached dispatch and combine: the data
-// region layout, the arguments and the host launchers (launch.cu). The
-// protocol is described at the top of launch.cu (the call), dispatch.cu and
-// combine.cu (the kernels).
+// Intranode (NVLink) normal dispatch, cached dispatch and combine: the
+// arguments and the host launchers (launch.cu). The data region's layout is
+// in call_layout.h; the protocol is described at the top of launch.cu (the
+// call), dispatch.cu and combine.cu (the kernels).
 #pragma once
 
 #include <cuda_runtime_api.h>
 
-#include <algorithm>
 #include <cstdint>
 
+#include "common/limits.h"
 #include "common/status.h"
+#include "intranode/call_layout.h"
 #include "runtime/peer_buffers.cuh"
 
 namespace jax_ep::intranode {
-
-// Slot q of a receiver's data region holds what its q-th other rank sends it.
-__host__ __device__ inline int PeerSlot(int source, int receiver) {
-  return source < receiver ? source : source - 1;
-}
-
-// The data region as one call uses it. Every rank derives the same layout
-// from the call's shapes, so an offset is valid in every peer's region.
-//
-//   scratch  int32[R, T]: a fresh dispatch's positions (read by this rank
-//            only) or a cached dispatch's staged recv_row (read by peers)
-//   R - 1 peer slots, slot PeerSlot(s, me) written by rank s only, each:
-//     rows0    [T, row_bytes[0]]   token t's row at t (x, fp8 rows or y)
-//     rows1    [T, row_bytes[1]]   fp8 scales, or empty
-//     row_of   int32[T]            dispatch: t's position among the tokens s
-//                                  sends here (-1: none); combine: t's row
-//                                  at s, or M
-//     topk_idx int32[T, K]         dispatch: token t's expert ids
-//     weights  f32[T, K]           dispatch: token t's weights
-// Sections are 256-byte aligned.
-struct CallLayout {
-  int64_t num_tokens;    // T
-  int64_t num_ranks;     // R
-  int64_t num_topk;      // K (0 for combine and cached dispatch)
-  int64_t row_bytes[2];  // bytes per token of the (up to) two row arrays
-
-  __host__ __device__ int64_t section(int64_t bytes) const {
-    return runtime::AlignUp(bytes, 256);
-  }
-  __host__ __device__ int64_t scratch_bytes() const {
-    return section(num_ranks * num_tokens * 4);
-  }
-  __host__ __device__ int64_t rows_offset(int i) const {
-    return i == 0 ? 0 : section(num_tokens * row_bytes[0]);
-  }
-  __host__ __device__ int64_t row_of_offset() const {
-    return rows_offset(1) + section(num_tokens * row_bytes[1]);
-  }
-  __host__ __device__ int64_t topk_idx_offset() const {
-    return row_of_offset() + section(num_tokens * 4);
-  }
-  __host__ __device__ int64_t weights_offset() const {
-    return topk_idx_offset() + section(num_tokens * num_topk * 4);
-  }
-  __host__ __device__ int64_t slot_bytes() const {
-    return weights_offset() + section(num_tokens * num_topk * 4);
-  }
-  __host__ __device__ int64_t bytes() const {
-    return scratch_bytes() + (num_ranks - 1) * slot_bytes();
-  }
-
-  __host__ __device__ int32_t* scratch(char* base) const {
-    return reinterpret_cast<int32_t*>(base);
-  }
-  __host__ __device__ char* slot(char* base, int q) const {
-    return base + scratch_bytes() + q * slot_bytes();
-  }
-  __host__ __device__ char* rows(char* base, int q, int i) const {
-    return slot(base, q) + rows_offset(i);
-  }
-  __host__ __device__ int32_t* row_of(char* base, int q) const {
-    return reinterpret_cast<int32_t*>(slot(base, q) + row_of_offset());
-  }
-  __host__ __device__ int32_t* topk_idx(char* base, int q) const {
-    return reinterpret_cast<int32_t*>(slot(base, q) + topk_idx_offset());
-  }
-  __host__ __device__ float* weights(char* base, int q) const {
-    return reinterpret_cast<float*>(slot(base, q) + weights_offset());
-  }
-};
-
-// Data-region bytes that a dispatch (rows of row_bytes + scale_row_bytes,
-// top-K) and a combine (rows of combine_row_bytes) of T tokens over R ranks
-// need: the larger of the two layouts.
-inline int64_t RequiredDataBytes(int64_t num_tokens, int64_t num_ranks,
-                                 int64_t num_topk, int64_t row_bytes,
-                                 int64_t scale_row_bytes,
-                                 int64_t combine_row_bytes) {
-  const CallLayout dispatch{num_tokens, num_ranks, num_topk,
-                            {row_bytes, scale_row_bytes}};
-  const CallLayout combine{num_tokens, num_ranks, 0, {combine_row_bytes, 0}};
-  return std::max(dispatch.bytes(), combine.bytes());
-}
 
 // How the kernels use the GPU (jax_ep.Config; the autotuner sweeps them).
 struct Tuning {
@@ -117,9 +35,9 @@ struct DispatchArgs {
   const int32_t* topk_idx;        // [T, K]
   const float* topk_weights;      // [T, K]
   int64_t num_tokens;             // T >= 1
-  int64_t num_topk;               // 1 <= K <= 32
+  int64_t num_topk;               // 1 <= K <= kMaxTopk
   int64_t num_ranks;              // R, must equal the buffers' R
-  int64_t num_experts;            // E, a multiple of R, <= 1024
+  int64_t num_experts;            // E, a multiple of R, <= kMaxNormalExperts
   int64_t capacity;               // M >= 1
   int64_t expert_alignment;       // >= 1
   Tuning tuning;

@@ -22,10 +22,9 @@ namespace jax_ep::intranode {
 // loads in flight without spilling.
 inline constexpr int kThreads = 512;
 inline constexpr int kWarps = kThreads / 32;
-inline constexpr int kMaxTopk = 32;
 inline constexpr int kUnroll = 8;  // 16-byte loads in flight per lane
 inline constexpr unsigned kFullMask = 0xffffffffu;
-static_assert(runtime::kMaxPeerRanks <= kThreads, "a thread per rank");
+static_assert(kMaxRanks <= kThreads, "a thread per rank");
 
 enum class Op { kDispatch, kCachedDispatch, kCombine };
 

@@ -176,7 +176,7 @@ Status SetRows(const char* op, const runtime::PeerView& buffers,
 
 // --- Barrier ------------------------------------------------------------------
 
-__global__ void __launch_bounds__(runtime::kMaxPeerRanks)
+__global__ void __launch_bounds__(kMaxRanks)
     Barrier(runtime::PeerView v, int num_ranks, int64_t timeout_ns, Op op) {
   __shared__ uint64_t sequence;
   const runtime::BufferLayout& layout = v.layout;
@@ -200,8 +200,8 @@ __global__ void __launch_bounds__(runtime::kMaxPeerRanks)
 }
 
 Status LaunchBarrier(const Common& c, Op op, cudaStream_t stream) {
-  Barrier<<<1, runtime::kMaxPeerRanks, 0, stream>>>(c.buffers, c.num_ranks,
-                                                    c.timeout_ns, op);
+  Barrier<<<1, kMaxRanks, 0, stream>>>(c.buffers, c.num_ranks, c.timeout_ns,
+                                       op);
   return Launched("Barrier launch");
 }
 
@@ -319,16 +319,16 @@ Status LaunchDispatch(const runtime::PeerBuffers& peer_buffers,
     return s;
   }
   DispatchParams p{common};
-  if (a.num_experts < 1 || a.num_experts > runtime::kMaxNotifyExperts ||
+  if (a.num_experts < 1 || a.num_experts > kMaxNormalExperts ||
       a.num_experts % a.num_ranks != 0) {
     return Fail(op, "num_experts must be a multiple of num_ranks in [1, " +
-                        std::to_string(runtime::kMaxNotifyExperts) + "], got " +
+                        std::to_string(kMaxNormalExperts) + "], got " +
                         std::to_string(a.num_experts));
   }
   if (a.num_topk < 1 || a.num_topk > kMaxTopk || a.expert_alignment < 1) {
-    return Fail(op, "need 1 <= num_topk <= 32 and expert_alignment >= 1, got "
-                    "num_topk=" + std::to_string(a.num_topk) +
-                        ", expert_alignment=" +
+    return Fail(op, "need 1 <= num_topk <= " + std::to_string(kMaxTopk) +
+                        " and expert_alignment >= 1, got num_topk=" +
+                        std::to_string(a.num_topk) + ", expert_alignment=" +
                         std::to_string(a.expert_alignment));
   }
   if (Status s = SetRows(op, buffers, a.rows, a.row_bytes, a.recv_rows,

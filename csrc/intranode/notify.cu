@@ -45,7 +45,7 @@ namespace jax_ep::intranode {
 namespace {
 
 constexpr int kThreads = 256;
-static_assert(runtime::kMaxPeerRanks <= kThreads, "a thread per rank");
+static_assert(kMaxRanks <= kThreads, "a thread per rank");
 
 struct Params {
   runtime::PeerView buffers;
@@ -138,11 +138,11 @@ Status Validate(const runtime::PeerView& buffers, const NotifyArgs& a) {
                 " but this device's peer buffers were created for " +
                 std::to_string(ranks) + " ranks");
   }
-  if (a.num_experts < 1 || a.num_experts > runtime::kMaxNotifyExperts ||
+  if (a.num_experts < 1 || a.num_experts > kMaxNormalExperts ||
       a.num_experts % ranks != 0) {
     return fail("num_experts must be a multiple of num_ranks (" +
                 std::to_string(ranks) + ") in [1, " +
-                std::to_string(runtime::kMaxNotifyExperts) + "], got " +
+                std::to_string(kMaxNormalExperts) + "], got " +
                 std::to_string(a.num_experts));
   }
   if (a.expert_alignment < 1 || a.expert_alignment > (1 << 20)) {

@@ -66,10 +66,10 @@ __global__ void __launch_bounds__(kThreads) ZeroCountsKernel(Params p) {
 
 // One block's shared memory.
 struct BlockState {
-  int expert_count[kMaxExperts];
+  int expert_count[kMaxNormalExperts];
   int rank_count[kMaxRanks];
   int invalid_count;
-  uint8_t rank_of_expert[kMaxExperts];
+  uint8_t rank_of_expert[kMaxNormalExperts];
 };
 
 __device__ void InitBlockState(const Params& p, BlockState& s) {
@@ -189,9 +189,10 @@ Status Validate(const DispatchLayoutArgs& a) {
     return fail("num_topk must be in [1, " + std::to_string(kMaxTopk) +
                 "], got " + std::to_string(a.num_topk));
   }
-  if (!in_range(a.num_experts, 1, kMaxExperts)) {
-    return fail("num_experts must be in [1, " + std::to_string(kMaxExperts) +
-                "], got " + std::to_string(a.num_experts));
+  if (!in_range(a.num_experts, 1, kMaxNormalExperts)) {
+    return fail("num_experts must be in [1, " +
+                std::to_string(kMaxNormalExperts) + "], got " +
+                std::to_string(a.num_experts));
   }
   if (!in_range(a.num_ranks, 1, kMaxRanks)) {
     return fail("num_ranks must be in [1, " + std::to_string(kMaxRanks) +

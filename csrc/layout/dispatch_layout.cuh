@@ -6,14 +6,10 @@
 
 #include <cstdint>
 
+#include "common/limits.h"
 #include "common/status.h"
 
 namespace jax_ep::layout {
-
-// Supported sizes; LaunchDispatchLayout rejects anything outside them.
-inline constexpr int64_t kMaxTopk = 32;
-inline constexpr int64_t kMaxExperts = 1024;
-inline constexpr int64_t kMaxRanks = 64;
 
 // Device pointers and sizes of one call. Row-major arrays; num_experts must be
 // a multiple of num_ranks. Pointers into empty arrays may be null.
@@ -21,7 +17,7 @@ struct DispatchLayoutArgs {
   const int32_t* topk_idx;         // [num_tokens, num_topk]
   int64_t num_tokens;              // >= 0
   int64_t num_topk;                // [1, kMaxTopk]
-  int64_t num_experts;             // [1, kMaxExperts]
+  int64_t num_experts;             // [1, kMaxNormalExperts]
   int64_t num_ranks;               // [1, kMaxRanks]
   int32_t* num_tokens_per_rank;    // [num_ranks]
   int32_t* num_tokens_per_expert;  // [num_experts]

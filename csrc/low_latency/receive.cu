@@ -183,7 +183,8 @@ __global__ void __launch_bounds__(kRecvThreads, 2)
   const int64_t scale_bytes =
       !a.use_fp8 ? 0 : (a.use_ue8m0 ? H / kScaleGroup : H / kScaleGroup * 4);
 
-  __shared__ int32_t source_of[kMaxSlotsPerExpert];  // s * Tmax + t per row
+  // s * Tmax + t per row.
+  __shared__ int32_t source_of[kMaxLowLatencySlotsPerExpert];
   __shared__ int32_t counts[kMaxRanks];
   __shared__ int32_t offsets[kMaxRanks + 1];
 

@@ -222,7 +222,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   bool put = false;
   // Counted while the block's first row drains (a block without a token
   // counts after the loop), signalled after the block's rows.
-  __shared__ int32_t tokens_of[kMaxExperts];
+  __shared__ int32_t tokens_of[kMaxLowLatencyExperts];
   for (int64_t e = threadIdx.x; e < E; e += kThreads) tokens_of[e] = 0;
   bool counted = false;
 
@@ -358,8 +358,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   // expert (each expert gets a warp when there are fewer warps than experts);
   // warp j of an expert sends its rows j, j + W / L, ... up to the first
   // empty slot: every warp starts at once, whatever the counts.
-  // 32-bit indices (S <= kMaxSlotsPerExpert, checked at launch): beside the
-  // put path's inlined NVSHMEM code, 64-bit ones spilled.
+  // 32-bit indices (S <= kMaxLowLatencySlotsPerExpert, checked at launch):
+  // beside the put path's inlined NVSHMEM code, 64-bit ones spilled.
   bool put = false;
   const int num_warps = static_cast<int>(gridDim.x) * kWarps;
   const int experts = static_cast<int>(L), slots = static_cast<int>(S);

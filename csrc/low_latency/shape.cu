@@ -1,7 +1,6 @@
-// Which call shapes the low-latency kernels take, and the NVSHMEM heap a
-// shape needs (SetLayout, both buffer sets). Host code only: no NVSHMEM.
+// Which call shapes the low-latency kernels take, and whether the NVSHMEM heap
+// is large enough for them (heap_layout.h). Host code only: no NVSHMEM.
 
-#include <algorithm>
 #include <string>
 
 #include "low_latency/low_latency.cuh"
@@ -18,20 +17,22 @@ Status CheckShape(const char* op, const Heap& heap, const Shape& sh) {
                " PEs");
   }
   if (sh.num_experts <= 0 || sh.num_experts % sh.num_ranks != 0 ||
-      sh.num_experts > kMaxExperts) {
+      sh.num_experts > kMaxLowLatencyExperts) {
     return bad("num_experts must be a positive multiple of the ranks, at most " +
-               std::to_string(kMaxExperts) + ", got " +
+               std::to_string(kMaxLowLatencyExperts) + ", got " +
                std::to_string(sh.num_experts));
   }
-  if (sh.max_tokens < 1 || sh.max_tokens > kMaxTokens ||
+  if (sh.max_tokens < 1 || sh.max_tokens > kMaxLowLatencyTokens ||
       sh.num_tokens > sh.max_tokens) {
-    return bad("need 1 <= T <= Tmax <= " + std::to_string(kMaxTokens) +
+    return bad("need 1 <= T <= Tmax <= " +
+               std::to_string(kMaxLowLatencyTokens) +
                ", got T=" + std::to_string(sh.num_tokens) +
                ", Tmax=" + std::to_string(sh.max_tokens));
   }
   if (sh.num_ranks > kMaxRanks ||
-      sh.num_ranks * sh.max_tokens > kMaxSlotsPerExpert) {
-    return bad("R * Tmax must be <= " + std::to_string(kMaxSlotsPerExpert) +
+      sh.num_ranks * sh.max_tokens > kMaxLowLatencySlotsPerExpert) {
+    return bad("R * Tmax must be <= " +
+               std::to_string(kMaxLowLatencySlotsPerExpert) +
                " and R <= " + std::to_string(kMaxRanks));
   }
   if (sh.num_topk < 1 || sh.num_topk > kMaxTopk) {
@@ -53,16 +54,6 @@ Status CheckShape(const char* op, const Heap& heap, const Shape& sh) {
                "for the largest shapes you run");
   }
   return Status();
-}
-
-int64_t HeapBytes(const Shape& shape) {
-  const SetLayout layout{shape};
-  const int64_t unit = kFlagShare * kAlign;
-  // The flags fit in set / kFlagShare, the data in the rest.
-  const int64_t set = std::max(layout.flags_bytes() * kFlagShare,
-                               (layout.data_bytes() * kFlagShare +
-                                kFlagShare - 2) / (kFlagShare - 1));
-  return 2 * AlignUp(set, unit);
 }
 
 }  // namespace jax_ep::low_latency

@@ -1,7 +1,7 @@
 // The NVSHMEM runtime of the low-latency kernels: one NVSHMEM job per process
 // group (one process per GPU), bootstrapped from a unique id that the Python
 // side shares through the jax.distributed key-value store, and one symmetric
-// allocation split into the two buffer sets of low_latency.cuh.
+// allocation split into the two buffer sets of low_latency/heap_layout.h.
 //
 // A process has at most one open heap, for its one GPU; the FFI handlers take
 // it from CurrentHeap. Closing is collective (nvshmem_finalize) and must come

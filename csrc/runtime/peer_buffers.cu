@@ -71,9 +71,9 @@ Registry& GetRegistry() {
 Status PeerBuffers::Create(int32_t device, int64_t data_bytes, int32_t rank,
                            int32_t num_ranks,
                            std::unique_ptr<PeerBuffers>* out) {
-  if (num_ranks < 1 || num_ranks > kMaxPeerRanks) {
+  if (num_ranks < 1 || num_ranks > kMaxRanks) {
     return Status::InvalidArgument("num_ranks must be in [1, " +
-                                   std::to_string(kMaxPeerRanks) + "], got " +
+                                   std::to_string(kMaxRanks) + "], got " +
                                    std::to_string(num_ranks));
   }
   if (rank < 0 || rank >= num_ranks) {

@@ -30,22 +30,17 @@
 #include <string>
 #include <vector>
 
+#include "common/host_device.h"
+#include "common/limits.h"
 #include "common/status.h"
 
 namespace jax_ep::runtime {
 
-// Largest EP size and expert count the control region is laid out for.
-inline constexpr int64_t kMaxPeerRanks = 64;
-inline constexpr int64_t kMaxNotifyExperts = 1024;
 // Arrival flags per source rank: the most chunks one dispatch or combine call
 // may split a source's tokens into.
 inline constexpr int64_t kMaxChunks = 4096;
 inline constexpr int64_t kIpcHandleBytes = sizeof(cudaIpcMemHandle_t);
 static_assert(kIpcHandleBytes == 64, "cudaIpcMemHandle_t is 64 bytes");
-
-constexpr __host__ __device__ int64_t AlignUp(int64_t value, int64_t align) {
-  return (value + align - 1) / align * align;
-}
 
 // Byte layout of one rank's allocation, used both to size it (host) and to
 // find things in it (host and device). Every rank of an EP group has the same
@@ -54,14 +49,14 @@ struct BufferLayout {
   int64_t data_bytes;  // requested data region, rounded up to 256 bytes
   int64_t num_ranks;   // R
   // Ints per notify slot: a source's count row (R) plus the per-expert counts
-  // it sends to one destination (L = E / R <= kMaxNotifyExperts / R).
+  // it sends to one destination (L = E / R <= kMaxNormalExperts / R).
   int64_t slot_ints;
 
   __host__ __device__ BufferLayout(int64_t requested_data_bytes,
                                    int64_t ranks)
       : data_bytes(AlignUp(requested_data_bytes, 256)),
         num_ranks(ranks),
-        slot_ints(AlignUp(ranks + kMaxNotifyExperts / ranks, 4)) {}
+        slot_ints(AlignUp(ranks + kMaxNormalExperts / ranks, 4)) {}
 
   // Control region, relative to the allocation's base. 128-byte sections.
   __host__ __device__ int64_t sequence_offset() const { return data_bytes; }

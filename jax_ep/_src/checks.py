@@ -8,6 +8,9 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
+# The API's bound on K, on every backend (docs/contract.md): the kernels'
+# kMaxTopk (csrc/common/limits.h), which a test holds equal. A Python constant
+# so that the reference backend checks it without the compiled sizes module.
 MAX_TOPK = 32
 ROW_ALIGN_BYTES = 16  # rows move in 16-byte vectors
 FLOAT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16),

@@ -1,8 +1,12 @@
-"""The compiled extension `jax_ep._jax_ep` and its XLA FFI targets.
+"""The compiled modules of jax_ep: the extension `jax_ep._jax_ep` with its
+XLA FFI targets, and `jax_ep._jax_ep_sizes`, the kernels' limits and buffer
+sizes.
 
-The extension is optional: a build without CUDA installs the pure-Python
-package only. Nothing here raises when it is missing; callers that need the
-kernels ask `extension()` and report `unavailable_reason()`.
+The extension is optional: a build without CUDA installs the package without
+it. Nothing here raises when it is missing; callers that need the kernels ask
+`extension()` and report `unavailable_reason()`. The sizes module is built by
+every install (it needs a C++ compiler, not CUDA); `sizes_module()` raises
+when it is missing.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ import types
 
 import jax
 
-_MODULE = "jax_ep._jax_ep"
+_EXTENSION = "jax_ep._jax_ep"
+_SIZES_MODULE = "jax_ep._jax_ep_sizes"
 _register_lock = threading.Lock()
 _registered = False
 
@@ -22,9 +27,9 @@ _registered = False
 @functools.cache
 def _load() -> tuple[types.ModuleType | None, str]:
   try:
-    return importlib.import_module(_MODULE), ""
+    return importlib.import_module(_EXTENSION), ""
   except ModuleNotFoundError as e:
-    if e.name != _MODULE:
+    if e.name != _EXTENSION:
       return None, f"failed to import: {e}"
     return None, (
         "not built (this install of jax_ep has no CUDA kernels: it was built "
@@ -41,6 +46,22 @@ def extension() -> types.ModuleType | None:
 def unavailable_reason() -> str:
   """Why `extension()` is None, in a phrase; "" when the extension loaded."""
   return _load()[1]
+
+
+def sizes_module() -> types.ModuleType:
+  """The module `jax_ep._jax_ep_sizes` (xla_ffi/sizes_module.cc).
+
+  Raises:
+    ImportError: it is not built, as in a checkout used without installing.
+  """
+  try:
+    return importlib.import_module(_SIZES_MODULE)
+  except ModuleNotFoundError as e:
+    if e.name != _SIZES_MODULE:
+      raise
+    raise ImportError(
+        f"{_SIZES_MODULE} is not built: install jax_ep with pip, which "
+        "builds it with or without CUDA (it needs a C++ compiler)") from e
 
 
 def register_targets() -> bool:

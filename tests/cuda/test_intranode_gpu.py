@@ -38,6 +38,7 @@ import intranode_worker as worker
 from intranode_worker import Case
 from gpu_testing import (GPUS, NEEDS_KERNELS, every_worker, launch_per_gpu,
                          multi_rank_sizes)
+from jax_ep._src import sizes
 from jax_ep._src.cuda import intranode
 from jax_ep._src.cuda import peer_buffers
 from jax_ep._src.fp8 import FP8_DTYPE
@@ -84,7 +85,7 @@ SCAN_CASE = Case(128, 2048, 8, 256)
 
 @pytest.fixture(scope="module")
 def setup():
-  num_bytes = max(intranode.intranode_buffer_bytes(
+  num_bytes = max(sizes.nvl_buffer_bytes(
       c.tokens, c.hidden, c.topk, R, FP8_DTYPE if c.fp8 else jnp.bfloat16)
       for c in CASES)
   buffers = peer_buffers.create_peer_buffers(GPUS, num_bytes)
@@ -183,11 +184,11 @@ def test_too_small_buffers_are_refused_at_trace_time(setup):
 
 
 def test_buffer_bytes_grow_with_the_shapes():
-  small = intranode.intranode_buffer_bytes(128, 2048, 8, 2)
-  big = intranode.intranode_buffer_bytes(4096, 7168, 8, 2)
+  small = sizes.nvl_buffer_bytes(128, 2048, 8, 2)
+  big = sizes.nvl_buffer_bytes(4096, 7168, 8, 2)
   assert 4096 * 7168 * 2 <= big  # a slot of T bf16 rows for the one peer
   assert small < big
-  assert intranode.intranode_buffer_bytes(4096, 7168, 8, 8) > 7 * 4096 * 7168 * 2
+  assert sizes.nvl_buffer_bytes(4096, 7168, 8, 8) > 7 * 4096 * 7168 * 2
 
 
 @pytest.mark.parametrize("num_ranks", multi_rank_sizes(),

@@ -17,7 +17,6 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jax_ep
-from jax_ep._src import native
 from jax_ep._src import runtime
 from jax_ep._src.reference.low_latency import ReferenceLowLatency
 from jax_ep._src.reference.normal import ReferenceNormal
@@ -569,15 +568,6 @@ def test_reference_backend_ignores_num_ll_bytes():
       ReferenceLowLatency("ep"))
 
 
-@pytest.mark.skipif(native.extension() is None,
-                    reason="needs the compiled extension")
-def test_ll_buffer_bytes_equals_the_kernels_layout():
-  for shape in ((1, 128, 2), (3, 2056, 16), (128, 7168, 288), (1024, 8192, 4096),
-                (7, 2048, 1)):
-    assert jax_ep.ll_buffer_bytes(*shape) == (
-        native.extension().ll_heap_bytes(*shape)), shape
-
-
 def test_ll_buffer_bytes_grows_with_every_shape_but_not_with_ranks():
   # Two sets of E*Tmax message, combine-row and staging slots: linear in
   # Tmax and E, about 6H bytes per slot and set pair.
@@ -587,8 +577,6 @@ def test_ll_buffer_bytes_grows_with_every_shape_but_not_with_ranks():
     assert jax_ep.ll_buffer_bytes(*bigger) > base
 
 
-@pytest.mark.skipif(native.extension() is None,
-                    reason="needs the compiled extension")
 def test_nvl_buffer_bytes_follows_the_slot_layout():
   # slots of T rows with their routing (position + K ids + K
   # weights), plus an int32 [R, T] scratch; sections 256-byte aligned.

@@ -60,6 +60,7 @@ import dense_model as dm
 import jax_ep.launch
 from ep_testing import assert_same
 from jax_ep._src import exchange
+from jax_ep._src import sizes
 from jax_ep._src.cuda import intranode
 from jax_ep._src.cuda import peer_buffers
 from jax_ep._src.fp8 import FP8_DTYPE, GROUP
@@ -351,7 +352,7 @@ def open_buffers(mesh: Mesh, cases, backend: str = "cuda"):
   num_ranks = mesh.devices.size
   return peer_buffers.create_peer_buffers(
       list(mesh.devices.flat),
-      max(intranode.intranode_buffer_bytes(
+      max(sizes.nvl_buffer_bytes(
           c.tokens, c.hidden, c.topk, num_ranks,
           FP8_DTYPE if c.fp8 else jnp.bfloat16) for c in cases))
 

@@ -6,7 +6,7 @@ jax_ep_intranode_combine).
 
 Needs the peer buffers of every EP device (`peer_buffers.create_peer_buffers`)
 to exist before the first call runs; dispatch and combine push rows into the
-buffers' data region, sized with `intranode_buffer_bytes`.
+buffers' data region, sized with `sizes.nvl_buffer_bytes`.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ import numpy as np
 
 from jax_ep._src import checks
 from jax_ep._src import native
+from jax_ep._src import sizes
 from jax_ep._src.config import Config
 from jax_ep._src.cuda import peer_buffers
 from jax_ep._src.cuda.varying import mark_varying
-from jax_ep._src.fp8 import FP8_DTYPE, GROUP
 from jax_ep._src.handles import DispatchHandle
 from jax_ep._src.reference.normal import ReferenceNormal
 
@@ -36,9 +36,6 @@ DEFAULT_NUM_SMS = 24
 DEFAULT_SEND_WARPS = 4
 DEFAULT_CHUNK_TOKENS = 4  # measured best on 2xH200 at T=4096
 WARPS_PER_BLOCK = 16
-# The control region's limits (csrc/runtime/peer_buffers.cuh).
-MAX_RANKS = 64
-MAX_EXPERTS = 1024
 DEFAULT_TIMEOUT_S = 10.0
 # The dtypes whose rows the combine kernel sums.
 COMBINE_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
@@ -103,43 +100,11 @@ def notify(num_tokens_per_rank: jax.Array, num_tokens_per_expert: jax.Array,
       timeout_ns=np.int64(round(timeout_s * 1e9))))
 
 
-def _extension(op: str):
+def _require_kernels(op: str) -> None:
   if not native.register_targets():
     raise RuntimeError(
         f"jax_ep.{op}: the CUDA kernels are unavailable (jax_ep._jax_ep: "
         f"{native.unavailable_reason()})")
-  return native.extension()
-
-
-def intranode_buffer_bytes(num_tokens: int, hidden: int, topk: int,
-                           num_ranks: int, dtype=jnp.bfloat16) -> int:
-  """Data-region bytes (`create_peer_buffers(..., num_bytes)`) that
-  intranode `dispatch`, cached dispatch and `combine` need for these per-rank
-  shapes.
-
-  Args:
-    num_tokens: T, tokens per rank.
-    hidden: H, channels per token.
-    topk: K.
-    num_ranks: R.
-    dtype: dtype of the dispatched rows: bf16 (f16, f32), or
-      `float8_e4m3fn` for fp8 rows with f32 scales `[T, H/128]`. Combine is
-      sized for `y` of `max(2, itemsize)` bytes per channel.
-
-  Returns:
-    Bytes: a slot of T rows (with their routing) for each of the R - 1 peers,
-    plus an int32 [R, T] scratch array. The capacity M does not matter: rows
-    past it are never sent.
-  """
-  dtype = jnp.dtype(dtype)
-  if dtype == jnp.dtype(FP8_DTYPE):
-    row_bytes, scale_bytes, combine_bytes = hidden, hidden // GROUP * 4, 2 * hidden
-  else:
-    row_bytes = hidden * dtype.itemsize
-    scale_bytes, combine_bytes = 0, hidden * max(2, dtype.itemsize)
-  return int(_extension("intranode_buffer_bytes").intranode_data_bytes(
-      int(num_tokens), int(num_ranks), int(topk), int(row_bytes),
-      int(scale_bytes), int(combine_bytes)))
 
 
 def _check_buffers(op: str, buffers, num_ranks: int, needed: int) -> None:
@@ -160,10 +125,12 @@ def _check_buffers(op: str, buffers, num_ranks: int, needed: int) -> None:
 
 
 def _check_limits(op: str, num_ranks: int, num_experts: int) -> None:
-  if num_experts > MAX_EXPERTS or num_ranks > MAX_RANKS:
+  limit = sizes.limits()
+  max_experts, max_ranks = limit["max_normal_experts"], limit["max_ranks"]
+  if num_experts > max_experts or num_ranks > max_ranks:
     raise ValueError(
         f"jax_ep.{op}: the intranode CUDA kernels support num_experts <= "
-        f"{MAX_EXPERTS} and an EP size <= {MAX_RANKS}, got num_experts="
+        f"{max_experts} and an EP size <= {max_ranks}, got num_experts="
         f"{num_experts} on {num_ranks} ranks; use a Buffer with "
         "backend='reference' for more")
 
@@ -231,7 +198,7 @@ def dispatch(rows, topk_idx: jax.Array, topk_weights: jax.Array | None, *,
     num_ranks, num_experts, capacity, expert_alignment: R, E (a multiple of
       R, <= 1024), M, alignment of the per-expert counts.
     buffers: the `PeerBuffers` of the EP devices; their data region must hold
-      `intranode_buffer_bytes` for these shapes.
+      `sizes.nvl_buffer_bytes` for these shapes.
     num_sms: blocks of the main kernel (one per SM).
     send_warps: warps per block (of 16) that push rows to peers; the others
       receive.
@@ -255,8 +222,8 @@ def dispatch(rows, topk_idx: jax.Array, topk_weights: jax.Array | None, *,
   tuning = _tuning(op, num_sms, send_warps, chunk_tokens, timeout_s,
                    copy_engine)
   row_bytes = [r.shape[1] * r.dtype.itemsize for r in rows] + [0]
-  module = _extension(op)
-  _check_buffers(op, buffers, num_ranks, module.intranode_data_bytes(
+  _require_kernels(op)
+  _check_buffers(op, buffers, num_ranks, sizes.intranode_data_bytes(
       num_tokens, num_ranks, num_topk, row_bytes[0], row_bytes[1], 0))
   weights = (topk_weights if topk_weights is not None else
              jnp.zeros(topk_idx.shape, jnp.float32))
@@ -319,8 +286,8 @@ def cached_dispatch(rows, handle: DispatchHandle, *, axis_name: str, buffers,
                    copy_engine)
   row_bytes = [r.shape[1] * r.dtype.itemsize for r in rows] + [0]
   num_ranks, capacity = handle.num_ranks, handle.capacity
-  module = _extension(op)
-  _check_buffers(op, buffers, num_ranks, module.intranode_data_bytes(
+  _require_kernels(op)
+  _check_buffers(op, buffers, num_ranks, sizes.intranode_data_bytes(
       num_tokens, num_ranks, 0, row_bytes[0], row_bytes[1], 0))
   call = jax.ffi.ffi_call(_CACHED_DISPATCH_TARGET,
                           _recv_row_types(rows, capacity),
@@ -363,8 +330,8 @@ def combine(y: jax.Array, handle: DispatchHandle, *, axis_name: str, buffers,
     bias = jnp.zeros((num_tokens, 0), jnp.float32)
   tuning = _tuning(op, num_sms, send_warps, chunk_tokens, timeout_s,
                    copy_engine)
-  module = _extension(op)
-  _check_buffers(op, buffers, num_ranks, module.intranode_data_bytes(
+  _require_kernels(op)
+  _check_buffers(op, buffers, num_ranks, sizes.intranode_data_bytes(
       num_tokens, num_ranks, 0, 0, 0, y.shape[1] * y.dtype.itemsize))
   call = jax.ffi.ffi_call(
       _COMBINE_TARGET,

@@ -32,6 +32,7 @@ from jax_ep._src.cuda import intranode
 from jax_ep._src.cuda import peer_buffers
 from jax_ep._src.fp8 import FP8_DTYPE, GROUP, per_token_cast_to_fp8
 from jax_ep._src.reference import normal as reference
+from jax_ep._src.sizes import nvl_buffer_bytes
 
 OPS = ("dispatch", "cached_dispatch", "combine")
 TUNING_FIELDS = ("num_sms", "send_warps", "chunk_tokens", "copy_engine")
@@ -182,8 +183,7 @@ def time_intranode(devices: Sequence[jax.Device], *, tokens: int, hidden: int,
         report(records[-1])
 
   records = []
-  sizes = intranode.intranode_buffer_bytes(
-      T, H, K, R, FP8_DTYPE if fp8 else jnp.bfloat16)
+  sizes = nvl_buffer_bytes(T, H, K, R, FP8_DTYPE if fp8 else jnp.bfloat16)
   with (peer_buffers.create_peer_buffers(devices, sizes) if tunings
         else contextlib.nullcontext()) as buffers:
     for tuning in tunings:

@@ -9,11 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_ep._src import native
+from jax_ep._src import sizes
 
 _TARGET = "jax_ep_get_dispatch_layout"
-# The kernel's supported sizes (csrc/layout/dispatch_layout.cuh).
-MAX_EXPERTS = 1024
-MAX_RANKS = 64
 
 
 def get_dispatch_layout(
@@ -36,10 +34,12 @@ def get_dispatch_layout(
     is_token_in_rank bool[T, R], num_invalid int32[])`.
   """
   op = "get_dispatch_layout"
-  if num_experts > MAX_EXPERTS or num_ranks > MAX_RANKS:
+  limit = sizes.limits()
+  max_experts, max_ranks = limit["max_normal_experts"], limit["max_ranks"]
+  if num_experts > max_experts or num_ranks > max_ranks:
     raise ValueError(
-        f"jax_ep.{op}: the CUDA kernel supports num_experts <= {MAX_EXPERTS} "
-        f"and num_ranks <= {MAX_RANKS}, got {num_experts} and {num_ranks}; "
+        f"jax_ep.{op}: the CUDA kernel supports num_experts <= {max_experts} "
+        f"and num_ranks <= {max_ranks}, got {num_experts} and {num_ranks}; "
         "use backend='reference'")
   if not native.register_targets():
     raise RuntimeError(

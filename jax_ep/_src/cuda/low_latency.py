@@ -14,7 +14,7 @@ received the call that last used its set, so at most two sends may wait for
 their receives (a third times out with a message). XLA orders the halves by
 data dependence only, so independent low-latency ops in one program may run
 sends before receives. Needs this process's NVSHMEM heap
-(`nvshmem.open_heap`), sized with `heap_bytes` below.
+(`nvshmem.open_heap`), sized with `sizes.ll_buffer_bytes`.
 """
 from __future__ import annotations
 
@@ -25,63 +25,34 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_ep._src import native
+from jax_ep._src import sizes
 from jax_ep._src.cuda import nvshmem
 from jax_ep._src.cuda.varying import mark_varying
 from jax_ep._src.fp8 import FP8_DTYPE, GROUP
 from jax_ep._src.handles import LowLatencyDispatched, LowLatencyHandle
 
 _TICKET = jax.ShapeDtypeStruct((2,), jnp.uint32)
-# The kernels' limits and heap layout (csrc/low_latency/low_latency.{cuh,cu}).
-MAX_TOKENS = 1024
-MAX_SLOTS_PER_EXPERT = 8192  # R * Tmax
-MAX_TOPK = 32
-MAX_RANKS = 64
-MAX_EXPERTS = 4096
-_ALIGN = 256
-_FLAG_SHARE = 64  # a set's flags region is this fraction of it
-
-
-def _align(value: int, to: int) -> int:
-  return -(-value // to) * to
-
-
-def heap_bytes(max_tokens: int, hidden: int, num_experts: int) -> int:
-  """Bytes of NVSHMEM heap that low-latency calls of these shapes need: two
-  buffer sets of E*Tmax message, combine-row and staging slots (the layout of
-  `SetLayout` in csrc/low_latency/low_latency.cuh; the number of ranks does
-  not matter, L * R = E)."""
-  slots = num_experts * max_tokens
-  message = _align(2 * hidden, 16)
-  row = 2 * hidden
-  flags = _align((MAX_RANKS + MAX_EXPERTS + 2 * slots) * 8, _ALIGN)
-  data = (_align(slots * message, _ALIGN) + 2 * _align(slots * row, _ALIGN) +
-          _align(max_tokens * message, _ALIGN))
-  # The flags fit in set / _FLAG_SHARE, the data in the rest.
-  per_set = max(flags * _FLAG_SHARE,
-                -(-data * _FLAG_SHARE // (_FLAG_SHARE - 1)))
-  return 2 * _align(per_set, _FLAG_SHARE * _ALIGN)
 
 
 def check_shapes(op: str, num_ll_bytes: int, *, max_tokens: int,
                  hidden: int, topk: int, num_experts: int,
                  num_ranks: int) -> None:
   """Trace-time refusal of shapes the kernels or the heap cannot take."""
-  limits = (
-      (max_tokens <= MAX_TOKENS, "num_max_dispatch_tokens_per_rank",
-       max_tokens, f"<= {MAX_TOKENS}"),
-      (num_ranks * max_tokens <= MAX_SLOTS_PER_EXPERT,
-       "num_ranks * num_max_dispatch_tokens_per_rank", num_ranks * max_tokens,
-       f"<= {MAX_SLOTS_PER_EXPERT}"),
-      (num_ranks <= MAX_RANKS, "the EP size", num_ranks, f"<= {MAX_RANKS}"),
-      (num_experts <= MAX_EXPERTS, "num_experts", num_experts,
-       f"<= {MAX_EXPERTS}"),
-      (topk <= MAX_TOPK, "topk", topk, f"<= {MAX_TOPK}"),
+  limit = sizes.limits()
+  checked = (
+      ("num_max_dispatch_tokens_per_rank", max_tokens,
+       limit["max_low_latency_tokens"]),
+      ("num_ranks * num_max_dispatch_tokens_per_rank", num_ranks * max_tokens,
+       limit["max_low_latency_slots_per_expert"]),
+      ("the EP size", num_ranks, limit["max_ranks"]),
+      ("num_experts", num_experts, limit["max_low_latency_experts"]),
+      ("topk", topk, limit["max_topk"]),
   )
-  for ok, name, value, limit in limits:
-    if not ok:
+  for name, value, most in checked:
+    if value > most:
       raise ValueError(f"jax_ep.{op}: the low-latency kernels need {name} "
-                       f"{limit}, got {value}")
-  need = heap_bytes(max_tokens, hidden, num_experts)
+                       f"<= {most}, got {value}")
+  need = sizes.ll_buffer_bytes(max_tokens, hidden, num_experts)
   if need > num_ll_bytes:
     raise ValueError(
         f"jax_ep.{op}: the Buffer's num_ll_bytes ({num_ll_bytes}) is "

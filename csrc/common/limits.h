@@ -1,0 +1,42 @@
+// The largest sizes the kernels take, one definition each. The launchers
+// refuse calls outside them, the layouts size buffers from them, and the
+// _jax_ep_sizes module hands them to Python, which refuses such calls at
+// trace time with these numbers. Plain C++: g++ builds that module without
+// CUDA.
+#pragma once
+
+#include <cstdint>
+
+namespace jax_ep {
+
+// K, the experts one token selects, for every op. The API promises it on
+// every backend, so the reference backend refuses more too
+// (jax_ep/_src/checks.py).
+inline constexpr int64_t kMaxTopk = 32;
+
+// R, the EP size, for every kernel (a Buffer serves every op family over one
+// EP axis): get_dispatch_layout keeps a token's ranks in one 64-bit mask, and
+// the intranode barrier and notify give each rank a thread.
+inline constexpr int64_t kMaxRanks = 64;
+
+// E for the normal ops' kernels. They count per expert in shared memory
+// (get_dispatch_layout, the dispatch's stage kernel) and in the peer buffers'
+// count slots, which hold kMaxNormalExperts / R local experts per source; one
+// limit, as get_dispatch_layout's counts are what intranode notify sends.
+inline constexpr int64_t kMaxNormalExperts = 1024;
+
+// E for the low-latency kernels: a send block counts every expert's tokens
+// in shared memory, and each buffer set has a count signal per expert at a
+// fixed offset (low_latency/heap_layout.h).
+inline constexpr int64_t kMaxLowLatencyExperts = 4096;
+
+// Tmax, the tokens per rank of a low-latency call: a receive sweeps a
+// source's tokens 32 at a time, with one bit per sweep and lane (WaitRows,
+// low_latency/receive.cu).
+inline constexpr int64_t kMaxLowLatencyTokens = 32 * 32;
+
+// R * Tmax, the slots of one local expert in a low-latency receive, each
+// indexed in shared memory (int32).
+inline constexpr int64_t kMaxLowLatencySlotsPerExpert = 8192;
+
+}  // namespace jax_ep

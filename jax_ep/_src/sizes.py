@@ -1,0 +1,76 @@
+"""The kernels' limits and the buffer bytes their calls need, as csrc defines
+them once (csrc/common/limits.h, csrc/intranode/call_layout.h,
+csrc/low_latency/heap_layout.h), read from the module `jax_ep._jax_ep_sizes`.
+
+Every install builds that module, with or without CUDA, so the sizing helpers
+(`jax_ep.nvl_buffer_bytes`, `jax_ep.ll_buffer_bytes`) answer on a CPU-only
+install too. It is read on first use, not at import: the reference backend
+runs without it.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from jax_ep._src import native
+from jax_ep._src.fp8 import FP8_DTYPE, GROUP
+
+
+def limits() -> dict[str, int]:
+  """The largest sizes the kernels take, by their C++ names in snake case:
+  `max_topk` and `max_ranks` (every kernel), `max_normal_experts`
+  (`get_dispatch_layout` and the intranode kernels), and the low-latency
+  kernels' `max_low_latency_experts`, `max_low_latency_tokens` (Tmax) and
+  `max_low_latency_slots_per_expert` (R * Tmax)."""
+  return native.sizes_module().limits()
+
+
+def intranode_data_bytes(num_tokens: int, num_ranks: int, num_topk: int,
+                         row_bytes: int, scale_row_bytes: int,
+                         combine_row_bytes: int) -> int:
+  """Data-region bytes that an intranode dispatch (rows of `row_bytes` plus
+  `scale_row_bytes`, top-`num_topk`) and a combine (rows of
+  `combine_row_bytes`) of `num_tokens` tokens over `num_ranks` ranks need."""
+  return native.sizes_module().intranode_data_bytes(
+      int(num_tokens), int(num_ranks), int(num_topk), int(row_bytes),
+      int(scale_row_bytes), int(combine_row_bytes))
+
+
+def nvl_buffer_bytes(num_tokens: int, hidden: int, topk: int,
+                     num_ranks: int, dtype=jnp.bfloat16) -> int:
+  """Data-region bytes (`create_peer_buffers(..., num_bytes)`) that
+  intranode `dispatch`, cached dispatch and `combine` need for these per-rank
+  shapes.
+
+  Args:
+    num_tokens: T, tokens per rank.
+    hidden: H, channels per token.
+    topk: K.
+    num_ranks: R.
+    dtype: dtype of the dispatched rows: bf16 (f16, f32), or
+      `float8_e4m3fn` for fp8 rows with f32 scales `[T, H/128]`. Combine is
+      sized for `y` of `max(2, itemsize)` bytes per channel.
+
+  Returns:
+    Bytes: a slot of T rows (with their routing) for each of the R - 1 peers,
+    plus an int32 [R, T] scratch array. The capacity M does not matter: rows
+    past it are never sent.
+  """
+  dtype = jnp.dtype(dtype)
+  if dtype == jnp.dtype(FP8_DTYPE):
+    row_bytes, scale_bytes = hidden, hidden // GROUP * 4
+    combine_bytes = 2 * hidden
+  else:
+    row_bytes = hidden * dtype.itemsize
+    scale_bytes, combine_bytes = 0, hidden * max(2, dtype.itemsize)
+  return intranode_data_bytes(num_tokens, num_ranks, topk, row_bytes,
+                              scale_bytes, combine_bytes)
+
+
+def ll_buffer_bytes(max_tokens: int, hidden: int, num_experts: int) -> int:
+  """Bytes of NVSHMEM heap that low-latency calls of these shapes need: two
+  buffer sets of E*Tmax message, combine-row and staging slots (the layout of
+  `SetLayout` in csrc/low_latency/heap_layout.h; the number of ranks does not
+  matter, L * R = E)."""
+  return native.sizes_module().ll_heap_bytes(
+      int(max_tokens), int(hidden), int(num_experts))
