@@ -119,3 +119,11 @@ def test_low_latency_kernels_refuse_one_past_their_limits(shape, name, most,
   with pytest.raises(ValueError, match=re.escape(message)):
     low_latency.check_shapes("low_latency_dispatch", 1 << 62,
                              **(args | shape))
+
+
+def test_nvl_buffer_bytes_grow_with_the_shapes():
+  small = sizes.nvl_buffer_bytes(128, 2048, 8, 2)
+  big = sizes.nvl_buffer_bytes(4096, 7168, 8, 2)
+  assert 4096 * 7168 * 2 <= big  # a slot of T bf16 rows for the one peer
+  assert small < big
+  assert sizes.nvl_buffer_bytes(4096, 7168, 8, 8) > 7 * 4096 * 7168 * 2
