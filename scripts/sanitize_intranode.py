@@ -35,7 +35,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import jax_ep.launch
 from jax_ep._src import exchange
+from jax_ep._src import runtime
 from jax_ep._src import sizes
+from jax_ep._src.config import Config
 from jax_ep._src.cuda import intranode, peer_buffers
 
 EP = "ep"
@@ -61,19 +63,20 @@ def main() -> None:
   w = put(rng.random((R * T, K)).astype(np.float32))
   buffers = peer_buffers.create_peer_buffers(
       gpus, sizes.nvl_buffer_bytes(T, H, K, R))
-  kw = dict(axis_name=EP, num_ranks=R, num_experts=E, capacity=R * T * 3 // 4,
-            expert_alignment=4, buffers=buffers, num_sms=4, chunk_tokens=5)
   ways = (False,) if args.ways == "push" else (False, True)
 
   def per_shard(x, idx, w):
     outs = []
     for copy_engine in ways:
-      rows, _, _, _, h = intranode.dispatch((x,), idx, w, **kw,
-                                            copy_engine=copy_engine)
-      back = intranode.cached_dispatch((x,), h, axis_name=EP, buffers=buffers,
-                                       num_sms=4, copy_engine=copy_engine)
-      out = intranode.combine(rows[0], h, axis_name=EP, buffers=buffers,
-                              num_sms=4)
+      kernels = dict(axis_name=EP, buffers=buffers,
+                     timeout_s=runtime.DEFAULT_TIMEOUT_S,
+                     config=Config(num_sms=4, nvl_chunk=5,
+                                   nvl_copy_engine=copy_engine))
+      rows, _, _, _, h = intranode.dispatch(
+          (x,), idx, w, num_ranks=R, num_experts=E, capacity=R * T * 3 // 4,
+          expert_alignment=4, **kernels)
+      back = intranode.cached_dispatch((x,), h, **kernels)
+      out = intranode.combine(rows[0], h, **kernels)
       outs += [rows[0], back[0], out]
     return tuple(outs)
 

@@ -4,9 +4,9 @@
         --experts 256 --calls 20 --reps 10 --fp8
         --tunings 24:8:0:1,24:4:2:0] [--no-reference]
 
-Each tuning is num_sms:send_warps:chunk_tokens[:copy_engine] (chunk 0:
-automatic; copy_engine 1, the default, or 0). Prints
-one JSON record per line; the method and the records' fields are described in
+Each tuning is the `jax_ep.Config` fields
+num_sms:nvl_send_warps:nvl_chunk[:nvl_copy_engine] (nvl_chunk 0: automatic;
+nvl_copy_engine 1, the default here, or 0). Prints one JSON record per line; the method and the records' fields are described in
 `jax_ep._src.cuda.intranode_timing`.
 """
 
@@ -21,6 +21,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 import jax  # pylint: disable=g-import-not-at-top
 
+from jax_ep._src.config import Config
 from jax_ep._src.cuda import intranode_timing
 
 
@@ -39,9 +40,9 @@ def main() -> None:
   tunings = []
   for text in args.tunings.split(","):
     values = [int(v) for v in text.split(":")] + [1]  # copy engine by default
-    tuning = dict(zip(intranode_timing.TUNING_FIELDS, values))
-    tuning["copy_engine"] = bool(tuning["copy_engine"])
-    tunings.append(tuning)
+    num_sms, send_warps, chunk, copy_engine = values[:4]
+    tunings.append(Config(num_sms=num_sms, nvl_send_warps=send_warps,
+                          nvl_chunk=chunk, nvl_copy_engine=bool(copy_engine)))
   intranode_timing.time_intranode(
       jax.devices("gpu"), tokens=args.tokens, hidden=args.hidden,
       topk=args.topk, experts=args.experts,

@@ -18,10 +18,10 @@
 // nvl_send_warps, nvl_chunk and nvl_copy_engine, and the backend's timeout.
 XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(::jax_ep::intranode::Tuning,
                                       StructMember<int64_t>("num_sms"),
-                                      StructMember<int64_t>("send_warps"),
-                                      StructMember<int64_t>("chunk_tokens"),
+                                      StructMember<int64_t>("nvl_send_warps"),
+                                      StructMember<int64_t>("nvl_chunk"),
                                       StructMember<int64_t>("timeout_ns"),
-                                      StructMember<int64_t>("copy_engine"));
+                                      StructMember<int64_t>("nvl_copy_engine"));
 
 // The shapes of one low-latency dispatch and the combine that returns it:
 // every rank derives the heap offsets from them.

@@ -13,11 +13,11 @@
 // knows the whole count matrix, hence where every source's rows start in
 // every destination's output: rows ordered by source, then token.
 // Two ways move the rows and routing into a destination's slot:
-//   copy engines (Tuning::copy_engine): a side stream forked off XLA's after
-//     the barrier copies ALL T rows, the routing (positions[d], topk_idx,
-//     weights) and, piece by piece, releases the arrival flags of the
-//     piece's chunks with a one-block kernel (ForkCopies, launch.cu); XLA's
-//     stream waits for it after the main kernel. No warp pushes.
+//   copy engines (Tuning::nvl_copy_engine): a side stream forked off XLA's
+//     after the barrier copies ALL T rows, the routing (positions[d],
+//     topk_idx, weights) and, piece by piece, releases the arrival flags of
+//     the piece's chunks with a one-block kernel (ForkCopies, launch.cu);
+//     XLA's stream waits for it after the main kernel. No warp pushes.
 //   pushing warps: each block has `send_warps` pushing warps; a pushing warp
 //     takes (chunk, destination) items: it writes the chunk's positions,
 //     and for each token kept at the destination the row, expert ids and

@@ -15,16 +15,19 @@
 
 namespace jax_ep::intranode {
 
-// How the kernels use the GPU (jax_ep.Config; the autotuner sweeps them).
+// How the kernels use the GPU: jax_ep.Config's fields of the same names (the
+// autotuner sweeps them) and the backend's timeout.
 struct Tuning {
-  int64_t num_sms;       // blocks of the main kernel, 1 per SM
-  int64_t send_warps;    // warps per block (of 16) that push to peers
-  int64_t chunk_tokens;  // tokens per arrival flag; 0 picks one
-  int64_t timeout_ns;    // per wait for a peer, then report and trap
+  int64_t num_sms;         // blocks of the main kernel, 1 per SM
+  int64_t nvl_send_warps;  // warps per block (of 16) that push to peers
+  int64_t nvl_chunk;       // tokens per arrival flag; 0 picks one
+  int64_t timeout_ns;      // per wait for a peer, then report and trap
   // Dispatches only: 1 moves every token's row and routing to each peer with
   // the copy engines (no SM pushes, every warp receives); 0 pushes the
-  // selected rows with `send_warps` warps per block.
-  int64_t copy_engine;
+  // selected rows with `nvl_send_warps` warps per block. Combine ignores it
+  // and always pushes with warps: the rows an owner needs are not at static
+  // places.
+  int64_t nvl_copy_engine;
 };
 
 // One fresh dispatch. Device pointers; every rank calls it with the same

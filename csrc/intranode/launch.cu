@@ -98,16 +98,18 @@ Status Plan(const char* op, const runtime::PeerBuffers& peer_buffers,
   if (Status s = CheckResident(op, peer_buffers, tuning.num_sms); !s.ok()) {
     return s;
   }
-  if (tuning.send_warps < 1 || tuning.send_warps >= kWarps) {
-    return Fail(op, "send_warps must be in [1, " + std::to_string(kWarps - 1) +
-                        "], got " + std::to_string(tuning.send_warps));
+  if (tuning.nvl_send_warps < 1 || tuning.nvl_send_warps >= kWarps) {
+    return Fail(op, "nvl_send_warps must be in [1, " +
+                        std::to_string(kWarps - 1) + "], got " +
+                        std::to_string(tuning.nvl_send_warps));
   }
-  if (tuning.chunk_tokens < 0) {
-    return Fail(op, "chunk_tokens must be >= 0 (0: automatic), got " +
-                        std::to_string(tuning.chunk_tokens));
+  if (tuning.nvl_chunk < 0) {
+    return Fail(op, "nvl_chunk must be >= 0 (0: automatic), got " +
+                        std::to_string(tuning.nvl_chunk));
   }
-  const int64_t send_warps = num_ranks > 1 && warps_push ? tuning.send_warps : 0;
-  int64_t chunk = tuning.chunk_tokens;
+  const int64_t send_warps =
+      num_ranks > 1 && warps_push ? tuning.nvl_send_warps : 0;
+  int64_t chunk = tuning.nvl_chunk;
   if (chunk == 0 && send_warps > 0) {
     // About four chunks per pushing warp, so that receivers start early.
     const int64_t pushers = tuning.num_sms * send_warps;
@@ -311,7 +313,7 @@ Status LaunchDispatch(const runtime::PeerBuffers& peer_buffers,
                       const DispatchArgs& a, cudaStream_t stream) {
   const char* op = "dispatch";
   const runtime::PeerView buffers = peer_buffers.view();
-  const bool copy_engine = a.tuning.copy_engine != 0 && a.num_ranks > 1;
+  const bool copy_engine = a.tuning.nvl_copy_engine != 0 && a.num_ranks > 1;
   Common common{buffers};
   if (Status s = Plan(op, peer_buffers, a.num_ranks, a.num_tokens,
                       a.capacity, a.tuning, !copy_engine, &common);
@@ -373,7 +375,7 @@ Status LaunchCachedDispatch(const runtime::PeerBuffers& peer_buffers,
                             const CachedDispatchArgs& a, cudaStream_t stream) {
   const char* op = "cached dispatch";
   const runtime::PeerView buffers = peer_buffers.view();
-  const bool copy_engine = a.tuning.copy_engine != 0 && a.num_ranks > 1;
+  const bool copy_engine = a.tuning.nvl_copy_engine != 0 && a.num_ranks > 1;
   Common common{buffers};
   if (Status s = Plan(op, peer_buffers, a.num_ranks, a.num_tokens,
                       a.capacity, a.tuning, !copy_engine, &common);

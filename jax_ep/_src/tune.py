@@ -6,8 +6,9 @@
 
 One process drives every visible GPU (EP size = number of GPUs). For each SM
 count it times bf16 dispatch and combine (`intranode_timing`) under every
-(send warps, chunk tokens) pair and scores a tuning by dispatch + combine
-time. The chosen config is the fastest one of the smallest SM count whose best
+combination of the other `Config` fields swept (--send-warps: nvl_send_warps,
+--chunks: nvl_chunk, --copy-engine: nvl_copy_engine) and scores a tuning by
+dispatch + combine time. The chosen config is the fastest one of the smallest SM count whose best
 is within 3% of the overall best: SMs the kernels do not take stay with the
 model's compute. The entry (config and the measured figures) goes into the
 tuned-config file (`jax_ep._src.config`), replacing the one for the same
@@ -37,8 +38,8 @@ def choose(totals: dict[tuple, float]) -> tuple[dict[int, tuple], tuple]:
   """The best tuning per SM count, and the chosen one.
 
   Args:
-    totals: score (lower is better) of each (num_sms, send_warps,
-      chunk_tokens, copy_engine).
+    totals: score (lower is better) of each tuning, keyed by its
+      `intranode_timing.TUNING_FIELDS` values (num_sms first).
 
   Returns:
     `(best_per_num_sms, chosen)`: the best tuning of each SM count, and the
@@ -56,9 +57,7 @@ def choose(totals: dict[tuple, float]) -> tuple[dict[int, tuple], tuple]:
 
 
 def tune(devices: Sequence[jax.Device], *, tokens: int, hidden: int,
-         topk: int, experts: int, num_sms: Sequence[int],
-         send_warps: Sequence[int], chunks: Sequence[int],
-         copy_engine: Sequence[bool] = (True, False), calls: int = 10,
+         topk: int, experts: int, configs: Sequence[Config], calls: int = 10,
          reps: int = 5,
          report: Callable[[dict], None] | None = None) -> dict:
   """Times every tuning on `devices` and returns the tuned-config entry.
@@ -66,8 +65,7 @@ def tune(devices: Sequence[jax.Device], *, tokens: int, hidden: int,
   Args:
     devices: the local GPUs, in rank order, all of one kind.
     tokens, hidden, topk, experts: the shapes timed (T per rank, H, K, E).
-    num_sms, send_warps, chunks, copy_engine: the values swept (every
-      combination).
+    configs: the tunings swept (`sweep`).
     calls, reps: as `intranode_timing.time_intranode`.
     report: called with each timing record as it is measured.
 
@@ -76,12 +74,9 @@ def tune(devices: Sequence[jax.Device], *, tokens: int, hidden: int,
     `write_tuned_config`; `measured` holds the shapes, the chosen tuning's
     times, one row per tuning and per SM count's best, and every record.
   """
-  tunings = [dict(num_sms=s, send_warps=w, chunk_tokens=c, copy_engine=e)
-             for s, w, c, e in itertools.product(num_sms, send_warps, chunks,
-                                                 copy_engine)]
   records = intranode_timing.time_intranode(
       devices, tokens=tokens, hidden=hidden, topk=topk, experts=experts,
-      dtype="bf16", tunings=tunings, reference_too=False,
+      dtype="bf16", tunings=configs, reference_too=False,
       ops=("dispatch", "combine"), calls=calls, reps=reps, report=report)
   times = {}
   for r in records:
@@ -96,11 +91,9 @@ def tune(devices: Sequence[jax.Device], *, tokens: int, hidden: int,
                 combine_us=times[key]["combine"],
                 total_us=round(totals[key], 1))
 
-  s, w, c, e = chosen
   return dict(
       device_kind=devices[0].device_kind, num_ranks=len(devices),
-      config=dict(num_sms=s, nvl_send_warps=w, nvl_chunk=c,
-                  nvl_copy_engine=bool(e)),
+      config=dict(zip(intranode_timing.TUNING_FIELDS, chosen)),
       measured=dict(
           date=datetime.date.today().isoformat(), jax=jax.__version__,
           tokens=tokens, hidden=hidden, topk=topk, experts=experts,
@@ -119,17 +112,28 @@ def format_table(entry: dict) -> str:
   lines = [f"{entry['device_kind']}, {entry['num_ranks']} GPUs, "
            f"T={measured['tokens']} H={measured['hidden']} "
            f"K={measured['topk']} E={measured['experts']}, bf16 (µs per call)",
-           f"{'num_sms':>7} {'send_warps':>10} {'chunk':>5} {'copy_eng':>8} "
-           f"{'dispatch':>9} {'combine':>9} {'total':>9}"]
+           f"{'num_sms':>7} {'nvl_send_warps':>14} {'nvl_chunk':>9} "
+           f"{'nvl_copy_engine':>15} {'dispatch':>9} {'combine':>9} "
+           f"{'total':>9}"]
   for r in measured["tunings"]:
     key = tuple(r[f] for f in intranode_timing.TUNING_FIELDS)
     mark = ("  <- chosen" if key == chosen else
             "  <- best for its num_sms" if key in best else "")
-    lines.append(f"{r['num_sms']:>7} {r['send_warps']:>10} "
-                 f"{r['chunk_tokens']:>5} {int(r['copy_engine']):>8} "
+    lines.append(f"{r['num_sms']:>7} {r['nvl_send_warps']:>14} "
+                 f"{r['nvl_chunk']:>9} {int(r['nvl_copy_engine']):>15} "
                  f"{r['dispatch_us']:>9.1f} "
                  f"{r['combine_us']:>9.1f} {r['total_us']:>9.1f}{mark}")
   return "\n".join(lines)
+
+
+def sweep(num_sms: Sequence[int], nvl_send_warps: Sequence[int],
+          nvl_chunk: Sequence[int],
+          nvl_copy_engine: Sequence[bool]) -> list[Config]:
+  """Every combination of the values as a `Config` (ValueError names the
+  first that is not a valid one)."""
+  return [Config(num_sms=s, nvl_send_warps=w, nvl_chunk=c, nvl_copy_engine=e)
+          for s, w, c, e in itertools.product(num_sms, nvl_send_warps,
+                                              nvl_chunk, nvl_copy_engine)]
 
 
 def _int_list(text: str) -> list[int]:
@@ -172,13 +176,16 @@ def main(argv: Sequence[str] | None = None) -> int:
   ap.add_argument("--topk", type=int, default=8)
   ap.add_argument("--experts", type=int, default=256)
   ap.add_argument("--sms", type=_int_list, default=[16, 24, 32],
-                  help="SM counts (blocks) to try")
+                  help="SM counts (blocks) to try (Config.num_sms)")
   ap.add_argument("--send-warps", type=_int_list, default=[2, 4, 6, 8],
-                  help="pushing warps per 16-warp block to try")
+                  help="pushing warps per 16-warp block to try "
+                  "(Config.nvl_send_warps)")
   ap.add_argument("--chunks", type=_int_list, default=[0, 1, 2, 4, 8],
-                  help="tokens per arrival flag to try (0: automatic)")
+                  help="tokens per arrival flag to try (Config.nvl_chunk; 0: "
+                  "automatic)")
   ap.add_argument("--copy-engine", type=_int_list, default=[1, 0],
-                  help="dispatch by copy engine (1) or pushing warps (0)")
+                  help="dispatch by copy engine (1) or pushing warps (0) "
+                  "(Config.nvl_copy_engine)")
   ap.add_argument("--calls", type=int, default=10,
                   help="chained calls per timed program")
   ap.add_argument("--reps", type=int, default=5,
@@ -188,11 +195,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "or ~/.cache/jax_ep/config.json)")
   args = ap.parse_args(argv)
   # Every tuning must make a valid Config; check before any GPU work.
-  for s, w, c in itertools.product(args.sms, args.send_warps, args.chunks):
-    try:
-      Config(num_sms=s, nvl_send_warps=w, nvl_chunk=c)
-    except ValueError as e:
-      ap.error(str(e))
+  try:
+    configs = sweep(args.sms, args.send_warps, args.chunks,
+                    [bool(e) for e in args.copy_engine])
+  except ValueError as e:
+    ap.error(str(e))
   gpus = _local_gpus()
   if args.experts % len(gpus):
     ap.error(f"--experts ({args.experts}) must be a multiple of the number "
@@ -200,16 +207,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   out = args.out or tuned_config_path()
 
   def progress(record):
-    print(f"{record['op']:>8}: num_sms {record['num_sms']}, send_warps "
-          f"{record['send_warps']}, chunk {record['chunk_tokens']}, copy "
-          f"engine {int(record['copy_engine'])}: "
+    print(f"{record['op']:>8}: num_sms {record['num_sms']}, nvl_send_warps "
+          f"{record['nvl_send_warps']}, nvl_chunk {record['nvl_chunk']}, "
+          f"nvl_copy_engine {int(record['nvl_copy_engine'])}: "
           f"{record['time_us']} µs", file=sys.stderr, flush=True)
 
   entry = tune(gpus, tokens=args.tokens, hidden=args.hidden, topk=args.topk,
-               experts=args.experts, num_sms=args.sms,
-               send_warps=args.send_warps, chunks=args.chunks,
-               copy_engine=[bool(e) for e in args.copy_engine],
-               calls=args.calls, reps=args.reps, report=progress)
+               experts=args.experts, configs=configs, calls=args.calls,
+               reps=args.reps, report=progress)
   print(format_table(entry))
   write_tuned_config(out, entry)
   print(f"wrote {entry['config']} for {entry['device_kind']} x "

@@ -35,10 +35,11 @@ from jax import lax
 from jax.sharding import Mesh
 
 import intranode_worker as worker
-from intranode_worker import Case
+from intranode_worker import Case, PUSH
 from gpu_testing import (GPUS, NEEDS_KERNELS, every_worker, launch_per_gpu,
                          multi_rank_sizes)
 from jax_ep._src import sizes
+from jax_ep._src.config import Config
 from jax_ep._src.cuda import intranode
 from jax_ep._src.cuda import peer_buffers
 from jax_ep._src.fp8 import FP8_DTYPE
@@ -64,20 +65,28 @@ CASES = [
     Case(4096, 7168, 8, 256, fp8=True),
     # fp8 scale rows of 8 and 12 bytes (H = 256, 384): not whole 16 bytes.
     Case(7, 256, 4, 16, fp8=True),
-    Case(33, 384, 8, 256, fp8=True, copy_engine=False),
+    Case(33, 384, 8, 256, fp8=True, config=PUSH),
     Case(4096, 2056, 8, 256),  # H not a multiple of 128 (4112-byte rows)
     # Warps push the dispatched rows (no copy engine).
-    Case(128, 7168, 8, 256, skew=True, copy_engine=False),
-    Case(4096, 7168, 8, 256, capacity=3000, copy_engine=False),
-    Case(128, 7168, 8, 256, fp8=True, copy_engine=False),
-    # Tunings the autotuner may pick: one block, lone pusher, tiny chunks.
-    Case(128, 2048, 8, 256, num_sms=1, send_warps=1, chunk_tokens=1),
-    Case(128, 2048, 8, 256, num_sms=1, send_warps=1, chunk_tokens=1,
-         copy_engine=False),
-    Case(4096, 7168, 8, 256, num_sms=8, send_warps=15, chunk_tokens=1,
-         copy_engine=False),
-    Case(1000, 2048, 8, 256, num_sms=64, send_warps=4, chunk_tokens=1000),
-    Case(4096, 2048, 8, 256, chunk_tokens=4096),  # one chunk, one piece
+    Case(128, 7168, 8, 256, skew=True, config=PUSH),
+    Case(4096, 7168, 8, 256, capacity=3000, config=PUSH),
+    Case(128, 7168, 8, 256, fp8=True, config=PUSH),
+    # Tunings the autotuner may pick: the fewest blocks Config allows (2),
+    # lone pusher, tiny chunks.
+    Case(128, 2048, 8, 256,
+         config=Config(num_sms=2, nvl_send_warps=1, nvl_chunk=1,
+                       nvl_copy_engine=True)),
+    Case(128, 2048, 8, 256,
+         config=Config(num_sms=2, nvl_send_warps=1, nvl_chunk=1)),
+    Case(4096, 7168, 8, 256,
+         config=Config(num_sms=8, nvl_send_warps=15, nvl_chunk=1)),
+    # Chunks past nvl_buffer need a larger one (the kernels do not use it).
+    Case(1000, 2048, 8, 256,
+         config=Config(num_sms=64, nvl_chunk=1000, nvl_buffer=1000,
+                       nvl_copy_engine=True)),
+    Case(4096, 2048, 8, 256,  # one chunk, one piece
+         config=Config(nvl_chunk=4096, nvl_buffer=4096,
+                       nvl_copy_engine=True)),
 ]
 CASES = [c for c in CASES if c.topk <= c.experts]  # the ops need K <= E
 SCAN_CASE = Case(128, 2048, 8, 256)
@@ -131,16 +140,17 @@ def test_200_pairs_are_bitwise_repeatable(setup, seed):
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
   put = lambda a: jax.device_put(a, NamedSharding(mesh, P(None, worker.EP)))
   x, idx, w, y = put(x), put(idx), put(w), put(y)
-  kw = dict(axis_name=worker.EP, num_ranks=R, num_experts=case.experts,
-            capacity=R * case.tokens, expert_alignment=1, buffers=buffers)
+  kernels = dict(axis_name=worker.EP, buffers=buffers,
+                 timeout_s=worker.KERNEL_TIMEOUT_S)
+  kw = dict(num_ranks=R, num_experts=case.experts, capacity=R * case.tokens,
+            expert_alignment=1, **kernels)
 
   def per_shard(x, idx, w, y):
     def body(carry, xs):
       x, idx, w, y = xs
       rows, r_idx, r_w, _, h = intranode.dispatch((x,), idx, w, **kw)
-      out = intranode.combine(y, h, axis_name=worker.EP, buffers=buffers)
-      back = intranode.cached_dispatch((x,), h, axis_name=worker.EP,
-                                       buffers=buffers)[0]
+      out = intranode.combine(y, h, **kernels)
+      back = intranode.cached_dispatch((x,), h, **kernels)[0]
       return carry, (rows[0][None], r_idx[None], r_w[None], h.recv_row[None],
                      out[None], back[None])
     return lax.scan(body, None, (x, idx, w, y))[1]
@@ -180,7 +190,8 @@ def test_too_small_buffers_are_refused_at_trace_time(setup):
                      match="num_nvl_bytes with jax_ep.nvl_buffer_bytes"):
     jax.eval_shape(lambda x, idx: intranode.dispatch(
         (x,), idx, None, axis_name=worker.EP, num_ranks=R, num_experts=256,
-        capacity=R * tokens, expert_alignment=1, buffers=buffers), x, idx)
+        capacity=R * tokens, expert_alignment=1, buffers=buffers,
+        timeout_s=worker.KERNEL_TIMEOUT_S), x, idx)
 
 
 @pytest.mark.parametrize("num_ranks", multi_rank_sizes(),

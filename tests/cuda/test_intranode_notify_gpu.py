@@ -27,6 +27,7 @@ from jax.sharding import Mesh
 import intranode_notify_worker as worker
 from gpu_testing import (CHILD_ENV, GPUS, NEEDS_KERNELS, every_worker,
                          launch_per_gpu)
+from jax_ep._src import runtime
 from jax_ep._src.cuda import intranode
 from jax_ep._src.cuda import peer_buffers
 
@@ -47,7 +48,8 @@ def _notify_alone(num_ranks: int, num_experts: int):
   per_expert = jax.device_put(np.zeros(num_experts, np.int32), device)
   return jax.block_until_ready(jax.jit(
       lambda a, b: intranode.notify(a, b, num_ranks=num_ranks,
-                                    num_experts=num_experts))(
+                                    num_experts=num_experts,
+                                    timeout_s=runtime.DEFAULT_TIMEOUT_S))(
                                         per_rank, per_expert))
 
 

@@ -17,6 +17,7 @@ import pytest
 
 import jax_ep
 from jax_ep._src import checks
+from jax_ep._src import runtime
 from jax_ep._src import sizes
 from jax_ep._src.cuda import intranode
 from jax_ep._src.cuda import layout as cuda_layout
@@ -91,7 +92,8 @@ def test_intranode_kernels_refuse_one_past_their_limits(num_experts,
   with pytest.raises(ValueError, match=re.escape(message)):
     intranode.notify(np.zeros(num_ranks, np.int32),
                      np.zeros(num_experts, np.int32), num_ranks=num_ranks,
-                     num_experts=num_experts)
+                     num_experts=num_experts,
+                     timeout_s=runtime.DEFAULT_TIMEOUT_S)
 
 
 _TOKENS = LIMITS["max_low_latency_tokens"]

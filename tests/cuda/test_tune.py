@@ -184,17 +184,19 @@ def test_tune_scores_dispatch_plus_combine(monkeypatch, config_file):
     records = []
     for t in tunings:
       for op in ops:
-        time_us = (3000 / t["num_sms"] / (2 if t["copy_engine"] else 1)
+        time_us = (3000 / t.num_sms / (2 if t.nvl_copy_engine else 1)
                    if op == "dispatch"
-                   else 100 + abs(t["chunk_tokens"] - 2) + t["send_warps"])
-        records.append(dict(op=op, impl="jax_ep", **t, time_us=time_us))
+                   else 100 + abs(t.nvl_chunk - 2) + t.nvl_send_warps)
+        records.append(dict(op=op, impl="jax_ep",
+                            **intranode_timing.tuning_fields(t),
+                            time_us=time_us))
     return records
 
   monkeypatch.setattr(intranode_timing, "time_intranode", fake_time_intranode)
   gpus = [types.SimpleNamespace(device_kind=H200)] * 2
   result = tune.tune(gpus, tokens=64, hidden=256, topk=2, experts=8,
-                     num_sms=[24, 32], send_warps=[2, 4], chunks=[0, 2],
-                     copy_engine=[True, False])
+                     configs=tune.sweep([24, 32], [2, 4], [0, 2],
+                                        [True, False]))
   # 32 SMs: 46.875 + 102 = 148.875; 24 SMs: 62.5 + 102 = 164.5 (over 3%).
   assert result["config"] == dict(num_sms=32, nvl_send_warps=2, nvl_chunk=2,
                                   nvl_copy_engine=True)

@@ -588,29 +588,16 @@ def test_nvl_buffer_bytes_follows_the_slot_layout():
   assert fp8 < jax_ep.nvl_buffer_bytes(T, H, K, 2)  # combine rows are bf16
 
 
-@pytest.mark.parametrize("tuning,exc,message", [
-    (dict(send_warps=16), ValueError,
-     "jax_ep.intranode_dispatch: send_warps must be below 16 (warps per "
-     "block), got 16"),
-    (dict(send_warps=0), ValueError, "send_warps"),
-    (dict(num_sms=0), ValueError, "num_sms"),
-    (dict(chunk_tokens=-1), ValueError,
-     "jax_ep.intranode_dispatch: chunk_tokens must be an int >= 0 (0: "
-     "automatic), got -1"),
-    (dict(copy_engine="yes"), TypeError,
-     "jax_ep.intranode_dispatch: copy_engine must be a bool, got 'yes'"),
-    (dict(timeout_s=0.0), ValueError,
-     "jax_ep.intranode_dispatch: timeout_s must be > 0, got 0.0"),
-])
-def test_intranode_kernel_tuning_is_checked_at_trace_time(tuning, exc,
-                                                          message):
+def test_intranode_kernel_timeout_is_checked_at_trace_time():
+  """The wrappers check only the timeout: `Config` checked the rest."""
   from jax_ep._src.cuda import intranode  # pylint: disable=g-import-not-at-top
   x = jax.ShapeDtypeStruct((16, 256), jnp.bfloat16)
   idx = jax.ShapeDtypeStruct((16, 2), jnp.int32)
-  with pytest.raises(exc, match=esc(message)):
+  with pytest.raises(ValueError, match=esc(
+      "jax_ep.intranode_dispatch: timeout_s must be > 0, got 0.0")):
     jax.eval_shape(lambda x, idx: intranode.dispatch(
         (x,), idx, None, axis_name="ep", num_ranks=2, num_experts=8,
-        capacity=32, expert_alignment=1, buffers=None, **tuning), x, idx)
+        capacity=32, expert_alignment=1, buffers=None, timeout_s=0.0), x, idx)
 
 
 def test_buffer_cuda_backend_on_cpu_is_a_clear_error():
@@ -652,6 +639,13 @@ def test_config_fields_must_be_positive_ints(field, value):
   with pytest.raises(ValueError, match=esc(
       f"jax_ep.Config: {field} must be a positive int, got {value!r}")):
     jax_ep.Config(**{field: value})
+
+
+@pytest.mark.parametrize("value", [1, 0, None, "yes"])
+def test_config_nvl_copy_engine_must_be_a_bool(value):
+  with pytest.raises(ValueError, match=esc(
+      f"jax_ep.Config: nvl_copy_engine must be a bool, got {value!r}")):
+    jax_ep.Config(nvl_copy_engine=value)
 
 
 @pytest.mark.parametrize("kwargs,message", [

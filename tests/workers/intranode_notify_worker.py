@@ -35,6 +35,7 @@ from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jax_ep._src import runtime
 from jax_ep._src.cuda import intranode
 from jax_ep._src.cuda import layout as cuda_layout
 
@@ -84,7 +85,7 @@ def _per_shard(idx, *, num_ranks, num_experts, alignment, timeout_s):
 
 @functools.cache
 def notify_step(mesh: Mesh, num_experts: int, alignment: int,
-                timeout_s: float = intranode.DEFAULT_TIMEOUT_S):
+                timeout_s: float = runtime.DEFAULT_TIMEOUT_S):
   """jit(shard_map(layout + notify)): topk int32[R*T, K] (sharded over ranks)
   -> (count_matrix int32[R, R, R], recv int32[R, L]), rank-major."""
   num_ranks = mesh.devices.size
@@ -109,7 +110,7 @@ def notify_scan(mesh: Mesh, num_experts: int, alignment: int):
     def body(carry, step_idx):
       counts, recv = _per_shard(
           step_idx, num_ranks=num_ranks, num_experts=num_experts,
-          alignment=alignment, timeout_s=intranode.DEFAULT_TIMEOUT_S)
+          alignment=alignment, timeout_s=runtime.DEFAULT_TIMEOUT_S)
       return carry, (counts[None], recv[None])
 
     _, out = lax.scan(body, None, idx)

@@ -61,6 +61,7 @@ import jax_ep.launch
 from ep_testing import assert_same
 from jax_ep._src import exchange
 from jax_ep._src import sizes
+from jax_ep._src.config import Config
 from jax_ep._src.cuda import intranode
 from jax_ep._src.cuda import peer_buffers
 from jax_ep._src.fp8 import FP8_DTYPE, GROUP
@@ -72,6 +73,12 @@ REPEAT_CHUNK = 250
 # The timeout check: rank 0's wait, and how long rank 1 stays away.
 _TIMEOUT_S = 0.5
 _ABSENT_S = 60.0
+# The kernels' wait for a peer in the other checks: a hang fails in seconds.
+KERNEL_TIMEOUT_S = 10.0
+# The kernels' tuning of most cases: copy-engine dispatches, automatic chunks.
+COPY_ENGINE = Config(nvl_chunk=0, nvl_copy_engine=True)
+# The same with warps pushing the dispatched rows.
+PUSH = Config(nvl_chunk=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,28 +92,17 @@ class Case:
   fp8: bool = False
   weights: bool = True
   skew: bool = False  # most tokens to expert 0
-  num_sms: int = 0  # kernel tuning; 0: the defaults
-  send_warps: int = 0
-  chunk_tokens: int = 0
-  copy_engine: bool = True  # False: warps push the dispatched rows
-
-  def tuning(self) -> dict[str, int]:
-    out = dict(chunk_tokens=self.chunk_tokens, copy_engine=self.copy_engine)
-    if self.num_sms:
-      out["num_sms"] = self.num_sms
-    if self.send_warps:
-      out["send_warps"] = self.send_warps
-    return out
+  config: Config = COPY_ENGINE  # the kernels' tuning
 
   def name(self) -> str:
+    tuning = "".join(
+        f"-{f.name}={getattr(self.config, f.name)}"
+        for f in dataclasses.fields(Config)
+        if getattr(self.config, f.name) != getattr(COPY_ENGINE, f.name))
     return (f"T{self.tokens}-H{self.hidden}-K{self.topk}-E{self.experts}-"
             f"M{self.capacity}-a{self.alignment}"
             f"{'-fp8' if self.fp8 else ''}{'' if self.weights else '-now'}"
-            f"{'-skew' if self.skew else ''}"
-            f"{f'-sm{self.num_sms}' if self.num_sms else ''}"
-            f"{f'-w{self.send_warps}' if self.send_warps else ''}"
-            f"{f'-c{self.chunk_tokens}' if self.chunk_tokens else ''}"
-            f"{'' if self.copy_engine else '-push'}")
+            f"{'-skew' if self.skew else ''}{tuning}")
 
 
 # --repeat: small rows, so that the host (inputs, dense model) keeps up.
@@ -157,7 +153,8 @@ def _outputs(case: Case, num_ranks: int, buffers, x, scales, idx, w, y,
   if buffers is None:
     ops, extra = reference, {}
   else:
-    ops, extra = intranode, dict(buffers=buffers, **case.tuning())
+    ops, extra = intranode, dict(buffers=buffers, config=case.config,
+                                 timeout_s=KERNEL_TIMEOUT_S)
   recv_rows, recv_idx, recv_w, per_expert, h = ops.dispatch(
       rows, idx, w, axis_name=EP, num_ranks=num_ranks,
       num_experts=case.experts,
@@ -330,18 +327,21 @@ def multiprocess_cases(num_ranks: int) -> list[Case]:
   """What `--steps` cycles through: every path of the kernels at small
   shapes (the dense model runs on the host for each)."""
   return [Case(7, 2048, 8, 256),
-          Case(128, 7168, 8, 256, alignment=4, copy_engine=False),
+          Case(128, 7168, 8, 256, alignment=4, config=PUSH),
           Case(300, 2048, 2, num_ranks, capacity=200),
           Case(128, 7168, 8, 256, fp8=True, skew=True),
           Case(1, 2048, 1, 256, weights=False),
           # fp8 scale rows of 8 and 12 bytes; H not a multiple of 128
           Case(7, 256, 4, 16, fp8=True),
-          Case(33, 384, 8, 256, fp8=True, copy_engine=False),
+          Case(33, 384, 8, 256, fp8=True, config=PUSH),
           Case(64, 2056, 8, 256, capacity=50, skew=True),
-          # tunings the autotuner may pick: one block, lone pusher
-          Case(96, 2048, 8, 256, num_sms=1, send_warps=1, chunk_tokens=1,
-               copy_engine=False),
-          Case(256, 4096, 8, 256, num_sms=8, send_warps=15, chunk_tokens=7)]
+          # tunings the autotuner may pick: the fewest blocks Config allows
+          # (2), lone pusher
+          Case(96, 2048, 8, 256,
+               config=Config(num_sms=2, nvl_send_warps=1, nvl_chunk=1)),
+          Case(256, 4096, 8, 256,
+               config=Config(num_sms=8, nvl_send_warps=15, nvl_chunk=7,
+                             nvl_copy_engine=True))]
 
 
 def open_buffers(mesh: Mesh, cases, backend: str = "cuda"):

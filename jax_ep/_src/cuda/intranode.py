@@ -31,19 +31,13 @@ _NOTIFY_TARGET = "jax_ep_intranode_notify"
 _DISPATCH_TARGET = "jax_ep_intranode_dispatch"
 _CACHED_DISPATCH_TARGET = "jax_ep_intranode_cached_dispatch"
 _COMBINE_TARGET = "jax_ep_intranode_combine"
-DEFAULT_NUM_SMS = 24
-# Of the 16 warps of a block, how many push to peers (the rest receive).
-DEFAULT_SEND_WARPS = 4
-DEFAULT_CHUNK_TOKENS = 4  # measured best on 2xH200 at T=4096
-WARPS_PER_BLOCK = 16
-DEFAULT_TIMEOUT_S = 10.0
 # The dtypes whose rows the combine kernel sums.
 COMBINE_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
 
 
 def notify(num_tokens_per_rank: jax.Array, num_tokens_per_expert: jax.Array,
            *, num_ranks: int, num_experts: int, expert_alignment: int = 1,
-           timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[jax.Array, jax.Array]:
+           timeout_s: float) -> tuple[jax.Array, jax.Array]:
   """Exchanges every rank's dispatch counts over NVLink (collective).
 
   Call per shard inside `jax.shard_map` over the EP axis, on every rank, the
@@ -135,26 +129,16 @@ def _check_limits(op: str, num_ranks: int, num_experts: int) -> None:
         "backend='reference' for more")
 
 
-def _tuning(op: str, num_sms: int, send_warps: int, chunk_tokens: int,
-            timeout_s: float, copy_engine: bool) -> dict[str, np.int64]:
-  """The kernels' tuning attributes (csrc intranode::Tuning), checked."""
-  num_sms = checks.positive_int(op, "num_sms", num_sms)
-  send_warps = checks.positive_int(op, "send_warps", send_warps)
-  if send_warps >= WARPS_PER_BLOCK:
-    raise ValueError(f"jax_ep.{op}: send_warps must be below "
-                     f"{WARPS_PER_BLOCK} (warps per block), got {send_warps}")
-  if not isinstance(chunk_tokens, int) or chunk_tokens < 0:
-    raise ValueError(f"jax_ep.{op}: chunk_tokens must be an int >= 0 (0: "
-                     f"automatic), got {chunk_tokens!r}")
+def _tuning(op: str, config: Config, timeout_s: float) -> dict[str, np.int64]:
+  """The kernels' tuning attribute (csrc intranode::Tuning). `Config` checked
+  its fields when it was made; only the timeout is left to check."""
   if not timeout_s > 0:
     raise ValueError(f"jax_ep.{op}: timeout_s must be > 0, got {timeout_s!r}")
-  if not isinstance(copy_engine, (bool, np.bool_)):
-    raise TypeError(f"jax_ep.{op}: copy_engine must be a bool, got "
-                    f"{copy_engine!r}")
-  return dict(num_sms=np.int64(num_sms), send_warps=np.int64(send_warps),
-              chunk_tokens=np.int64(chunk_tokens),
+  return dict(num_sms=np.int64(config.num_sms),
+              nvl_send_warps=np.int64(config.nvl_send_warps),
+              nvl_chunk=np.int64(config.nvl_chunk),
               timeout_ns=np.int64(round(timeout_s * 1e9)),
-              copy_engine=np.int64(bool(copy_engine)))
+              nvl_copy_engine=np.int64(config.nvl_copy_engine))
 
 
 def _recv_row_types(rows, capacity: int):
@@ -174,18 +158,15 @@ def _scales_arg(rows) -> jax.Array:
 
 def dispatch(rows, topk_idx: jax.Array, topk_weights: jax.Array | None, *,
              axis_name: str, num_ranks: int, num_experts: int, capacity: int,
-             expert_alignment: int, buffers, num_sms: int = DEFAULT_NUM_SMS,
-             send_warps: int = DEFAULT_SEND_WARPS,
-             chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-             timeout_s: float = DEFAULT_TIMEOUT_S, copy_engine: bool = False,
-             op: str = "intranode_dispatch"):
+             expert_alignment: int, buffers, timeout_s: float,
+             config: Config = Config(), op: str = "intranode_dispatch"):
   """Fresh intranode dispatch on the NVLink kernels, per shard.
 
   Same contract and results (bit for bit) as
   `jax_ep._src.reference.normal.dispatch`; call inside `jax.shard_map` on
   every rank, in the same order as the other intranode calls. The public op
   has checked the arguments; here only what the kernels add is: their
-  limits, the buffers' size and the tuning.
+  limits, the buffers' size and the timeout.
 
   Args:
     rows: `(x[T, H],)` (any dtype, rows a multiple of 4 bytes) or fp8
@@ -199,16 +180,13 @@ def dispatch(rows, topk_idx: jax.Array, topk_weights: jax.Array | None, *,
       R, <= 1024), M, alignment of the per-expert counts.
     buffers: the `PeerBuffers` of the EP devices; their data region must hold
       `sizes.nvl_buffer_bytes` for these shapes.
-    num_sms: blocks of the main kernel (one per SM).
-    send_warps: warps per block (of 16) that push rows to peers; the others
-      receive.
-    chunk_tokens: tokens per arrival flag (0: about four chunks per pushing
-      warp, or two per receiving warp with the copy engines).
     timeout_s: per wait for a peer, then the kernel reports and traps.
-    copy_engine: move every token's row and routing to each peer with the
-      GPU's copy engines, leaving every warp to receive (no SM pushes; sends
-      all T rows, so best when most tokens go to every peer, as at R=2);
-      else warps push the selected rows.
+    config: how the kernels use the GPU: `num_sms` blocks, `nvl_send_warps`
+      pushing warps per block, `nvl_chunk` tokens per arrival flag (0: about
+      four chunks per pushing warp, or two per receiving warp with the copy
+      engines), and `nvl_copy_engine` (move every token's row and routing to
+      each peer with the GPU's copy engines, leaving every warp to receive;
+      sends all T rows, so best when most tokens go to every peer, as at R=2).
     op: the op named in error messages (the public op that calls this).
 
   Returns:
@@ -219,8 +197,7 @@ def dispatch(rows, topk_idx: jax.Array, topk_weights: jax.Array | None, *,
   rows = tuple(rows)
   num_tokens, num_topk = topk_idx.shape
   _check_limits(op, num_ranks, num_experts)
-  tuning = _tuning(op, num_sms, send_warps, chunk_tokens, timeout_s,
-                   copy_engine)
+  tuning = _tuning(op, config, timeout_s)
   row_bytes = [r.shape[1] * r.dtype.itemsize for r in rows] + [0]
   _require_kernels(op)
   _check_buffers(op, buffers, num_ranks, sizes.intranode_data_bytes(
@@ -256,11 +233,7 @@ def dispatch(rows, topk_idx: jax.Array, topk_weights: jax.Array | None, *,
 
 
 def cached_dispatch(rows, handle: DispatchHandle, *, axis_name: str, buffers,
-                    num_sms: int = DEFAULT_NUM_SMS,
-                    send_warps: int = DEFAULT_SEND_WARPS,
-                    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-                    timeout_s: float = DEFAULT_TIMEOUT_S,
-                    copy_engine: bool = False,
+                    timeout_s: float, config: Config = Config(),
                     op: str = "intranode_cached_dispatch"):
   """Intranode dispatch that replays `handle`'s routing, per shard (the
   backward of combine): no routing input, no counting.
@@ -274,16 +247,14 @@ def cached_dispatch(rows, handle: DispatchHandle, *, axis_name: str, buffers,
       handle's.
     handle: the `DispatchHandle` of a dispatch over the same ranks.
     axis_name: the EP axis (results vary over it).
-    buffers, num_sms, send_warps, chunk_tokens, timeout_s, copy_engine, op:
-      as `dispatch`.
+    buffers, timeout_s, config, op: as `dispatch`.
 
   Returns:
     `recv_rows`, a tuple like `rows` of `M` rows.
   """
   rows = tuple(rows)
   num_tokens = handle.num_tokens
-  tuning = _tuning(op, num_sms, send_warps, chunk_tokens, timeout_s,
-                   copy_engine)
+  tuning = _tuning(op, config, timeout_s)
   row_bytes = [r.shape[1] * r.dtype.itemsize for r in rows] + [0]
   num_ranks, capacity = handle.num_ranks, handle.capacity
   _require_kernels(op)
@@ -299,12 +270,8 @@ def cached_dispatch(rows, handle: DispatchHandle, *, axis_name: str, buffers,
 
 
 def combine(y: jax.Array, handle: DispatchHandle, *, axis_name: str, buffers,
-            bias: jax.Array | None = None, out_dtype=jnp.float32,
-            num_sms: int = DEFAULT_NUM_SMS,
-            send_warps: int = DEFAULT_SEND_WARPS,
-            chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-            timeout_s: float = DEFAULT_TIMEOUT_S,
-            copy_engine: bool = False,
+            timeout_s: float, bias: jax.Array | None = None,
+            out_dtype=jnp.float32, config: Config = Config(),
             op: str = "intranode_combine") -> jax.Array:
   """Intranode combine on the NVLink kernels, per shard.
 
@@ -321,15 +288,14 @@ def combine(y: jax.Array, handle: DispatchHandle, *, axis_name: str, buffers,
     buffers: the EP devices' `PeerBuffers`.
     bias: optional `f32[T, C]`.
     out_dtype: `float32` or `y.dtype`.
-    num_sms, send_warps, chunk_tokens, timeout_s, op: as `dispatch`.
-    copy_engine: accepted for a uniform tuning; combine always pushes with
-      warps (the rows an owner needs are not at static places).
+    timeout_s, op: as `dispatch`.
+    config: as `dispatch`, but combine ignores `nvl_copy_engine` and always
+      pushes with warps (the rows an owner needs are not at static places).
   """
   num_tokens, num_ranks = handle.num_tokens, handle.num_ranks
   if bias is None:
     bias = jnp.zeros((num_tokens, 0), jnp.float32)
-  tuning = _tuning(op, num_sms, send_warps, chunk_tokens, timeout_s,
-                   copy_engine)
+  tuning = _tuning(op, config, timeout_s)
   _require_kernels(op)
   _check_buffers(op, buffers, num_ranks, sizes.intranode_data_bytes(
       num_tokens, num_ranks, 0, 0, 0, y.shape[1] * y.dtype.itemsize))
@@ -371,11 +337,8 @@ class CudaIntranode:
       buffers.close()
 
   def _tuning(self) -> dict:
-    c = self.config
-    return dict(buffers=self.groups[0], num_sms=c.num_sms,
-                send_warps=c.nvl_send_warps, chunk_tokens=c.nvl_chunk,
-                timeout_s=self.timeout_s, copy_engine=c.nvl_copy_engine,
-                op=self.op)
+    return dict(buffers=self.groups[0], config=self.config,
+                timeout_s=self.timeout_s, op=self.op)
 
   def dispatch(self, rows, topk_idx, topk_weights, *, num_ranks: int,
                num_experts: int, capacity: int, expert_alignment: int):

@@ -28,6 +28,8 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jax_ep._src import runtime
+from jax_ep._src.config import Config
 from jax_ep._src.cuda import intranode
 from jax_ep._src.cuda import peer_buffers
 from jax_ep._src.fp8 import FP8_DTYPE, GROUP, per_token_cast_to_fp8
@@ -35,13 +37,19 @@ from jax_ep._src.reference import normal as reference
 from jax_ep._src.sizes import nvl_buffer_bytes
 
 OPS = ("dispatch", "cached_dispatch", "combine")
-TUNING_FIELDS = ("num_sms", "send_warps", "chunk_tokens", "copy_engine")
+# The Config fields the intranode kernels read: each kernel record holds them.
+TUNING_FIELDS = ("num_sms", "nvl_send_warps", "nvl_chunk", "nvl_copy_engine")
 _EP = "ep"
+
+
+def tuning_fields(config: Config) -> dict:
+  """The `TUNING_FIELDS` of `config`, as a record holds them."""
+  return {f: getattr(config, f) for f in TUNING_FIELDS}
 
 
 def time_intranode(devices: Sequence[jax.Device], *, tokens: int, hidden: int,
                    topk: int, experts: int, dtype: str = "bf16",
-                   tunings: Sequence[dict] = (), reference_too: bool = True,
+                   tunings: Sequence[Config] = (), reference_too: bool = True,
                    ops: Sequence[str] = OPS, calls: int = 10, reps: int = 5,
                    report: Callable[[dict], None] | None = None) -> list[dict]:
   """Times the intranode kernels, one tuning after the other, on these GPUs.
@@ -55,9 +63,9 @@ def time_intranode(devices: Sequence[jax.Device], *, tokens: int, hidden: int,
     experts: E, a multiple of the number of devices.
     dtype: rows of dispatch and cached dispatch: "bf16" or "fp8" (e4m3 with
       f32 scales, cast outside the timed loop). Combine is always bf16.
-    tunings: keyword arguments of the kernels, each a dict of `num_sms`,
-      `send_warps`, `chunk_tokens` and `copy_engine`; every tuning shares one
-      set of peer buffers.
+    tunings: the kernels' configs, timed one after the other; every tuning
+      shares one set of peer buffers. The kernels wait for a peer as long as
+      a Buffer's (`runtime.DEFAULT_TIMEOUT_S`).
     reference_too: time the pure-JAX reference as well (impl "reference").
     ops: which of "dispatch", "cached_dispatch", "combine" to time.
     calls: calls per timed program.
@@ -67,22 +75,18 @@ def time_intranode(devices: Sequence[jax.Device], *, tokens: int, hidden: int,
   Returns:
     One record per (implementation, op): `op`, `impl` ("jax_ep" or
     "reference"), `dtype`, `tokens`, `hidden`, `topk`, `experts`, `ranks`,
-    the tuning fields (jax_ep only), `time_us`, `logical_gbps`, `link_gbps`
+    the `TUNING_FIELDS` (jax_ep only), `time_us`, `logical_gbps`, `link_gbps`
     (None when the time is 0: lost in the noise) and `device` (the device
     kind).
 
   Raises:
-    ValueError: an unknown dtype, op or tuning field.
+    ValueError: an unknown dtype or op.
   """
   if dtype not in ("bf16", "fp8"):
     raise ValueError(
         f"time_intranode: dtype must be bf16 or fp8, got {dtype!r}")
   if set(ops) - set(OPS):
     raise ValueError(f"time_intranode: ops must be among {OPS}, got {ops}")
-  for tuning in tunings:
-    if set(tuning) - set(TUNING_FIELDS):
-      raise ValueError(f"time_intranode: tuning fields are {TUNING_FIELDS}, "
-                       f"got {tuning}")
   devices = list(devices)
   R, T, H, K, E = len(devices), tokens, hidden, topk, experts
   fp8 = dtype == "fp8"
@@ -149,7 +153,7 @@ def time_intranode(devices: Sequence[jax.Device], *, tokens: int, hidden: int,
   link_rows = recv_rows - sum(rows_to[r][r] for r in range(R))
   row_bytes = H + H // GROUP * 4 if fp8 else H * 2
 
-  def record(op, impl, tuning, seconds):
+  def record(op, impl, config, seconds):
     nbytes = H * 2 if op == "combine" else row_bytes
 
     def gbps(rows):
@@ -160,14 +164,15 @@ def time_intranode(devices: Sequence[jax.Device], *, tokens: int, hidden: int,
       return round(rows / R * nbytes / seconds / 1e9, 1)
     return dict(
         op=op, impl=impl, dtype="bf16" if op == "combine" else dtype,
-        tokens=T, hidden=H, topk=K, experts=E, ranks=R, **(tuning or {}),
+        tokens=T, hidden=H, topk=K, experts=E, ranks=R,
+        **(tuning_fields(config) if config else {}),
         time_us=round(max(seconds, 0) * 1e6, 1),
         logical_gbps=gbps(recv_rows), link_gbps=gbps(link_rows),
         device=devices[0].device_kind)
 
-  def measure(impl, tuning, dispatch_fn, cached_fn, combine_fn, records):
+  def measure(impl, config, dispatch_fn, cached_fn, combine_fn, records):
     if "dispatch" in ops:
-      records.append(record("dispatch", impl, tuning,
+      records.append(record("dispatch", impl, config,
                             timed(dispatch_program(dispatch_fn)) / calls))
       if report:
         report(records[-1])
@@ -178,7 +183,7 @@ def time_intranode(devices: Sequence[jax.Device], *, tokens: int, hidden: int,
           dispatch_fn, lambda x_rows, y, h: y[:T] * 0))
     for op, fn in others:
       seconds = timed(after_dispatch_program(dispatch_fn, fn)) - one
-      records.append(record(op, impl, tuning, seconds / calls))
+      records.append(record(op, impl, config, seconds / calls))
       if report:
         report(records[-1])
 
@@ -186,15 +191,17 @@ def time_intranode(devices: Sequence[jax.Device], *, tokens: int, hidden: int,
   sizes = nvl_buffer_bytes(T, H, K, R, FP8_DTYPE if fp8 else jnp.bfloat16)
   with (peer_buffers.create_peer_buffers(devices, sizes) if tunings
         else contextlib.nullcontext()) as buffers:
-    for tuning in tunings:
+    for config in tunings:
+      kernels = dict(buffers=buffers, config=config,
+                     timeout_s=runtime.DEFAULT_TIMEOUT_S)
       measure(
-          "jax_ep", tuning,
-          lambda rows, idx, w, t=tuning: intranode.dispatch(
-              rows, idx, w, buffers=buffers, **kw, **t),
-          lambda x_rows, y, h, t=tuning: intranode.cached_dispatch(
-              x_rows, h, axis_name=_EP, buffers=buffers, **t)[0],
-          lambda x_rows, y, h, t=tuning: intranode.combine(
-              y, h, axis_name=_EP, buffers=buffers, out_dtype=y.dtype, **t),
+          "jax_ep", config,
+          lambda rows, idx, w, k=kernels: intranode.dispatch(
+              rows, idx, w, **kw, **k),
+          lambda x_rows, y, h, k=kernels: intranode.cached_dispatch(
+              x_rows, h, axis_name=_EP, **k)[0],
+          lambda x_rows, y, h, k=kernels: intranode.combine(
+              y, h, axis_name=_EP, out_dtype=y.dtype, **k),
           records)
   if reference_too:
     measure(
