@@ -12,6 +12,7 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -31,6 +32,7 @@ using jax_ep::ffi_checks::ExpectShape;
 using jax_ep::ffi_checks::FirstFailure;
 using jax_ep::ffi_checks::ToFfiError;
 using jax_ep::intranode::Tuning;
+using jax_ep::runtime::PeerBuffers;
 using PeerBuffersPtr = std::shared_ptr<const jax_ep::runtime::PeerBuffers>;
 
 namespace {
@@ -44,6 +46,21 @@ ffi::Error FindPeerBuffers(std::string_view op, int32_t device,
   if (*buffers != nullptr) return ffi::Error::Success();
   return ffi::Error(ffi::ErrorCode::kFailedPrecondition,
                     std::string(op) + ": jax_ep peer buffers: " + why);
+}
+
+// The end of every handler, once it has listed its checks and filled its
+// launcher's args: the first failed check, else `launch` on the peer buffers
+// of `device`.
+template <typename Launch>
+ffi::Error CheckAndLaunch(const char* op, int32_t device,
+                          std::initializer_list<ffi::Error> checks,
+                          Launch launch) {
+  if (auto error = FirstFailure(checks); error.failure()) return error;
+  PeerBuffersPtr buffers;
+  if (auto error = FindPeerBuffers(op, device, &buffers); error.failure()) {
+    return error;
+  }
+  return ToFfiError(launch(*buffers));
 }
 
 // The row arrays of a dispatch: x [T, C0] and scales [T, C1] in, recv_x
@@ -115,25 +132,6 @@ static ffi::Error IntranodeNotify(
       error.failure()) {
     return error;
   }
-  if (auto error = FirstFailure({
-          ExpectShape(kOp, "num_tokens_per_rank",
-                      num_tokens_per_rank.dimensions(), {num_ranks}),
-          ExpectShape(kOp, "num_tokens_per_expert",
-                      num_tokens_per_expert.dimensions(), {num_experts}),
-          ExpectShape(kOp, "count_matrix", count_matrix->dimensions(),
-                      {num_ranks, num_ranks}),
-          ExpectShape(kOp, "recv_tokens_per_expert",
-                      recv_tokens_per_expert->dimensions(),
-                      {num_experts / num_ranks}),
-      });
-      error.failure()) {
-    return error;
-  }
-  PeerBuffersPtr buffers;
-  if (auto error = FindPeerBuffers(kOp, device_ordinal, &buffers);
-      error.failure()) {
-    return error;
-  }
   jax_ep::intranode::NotifyArgs a;
   a.num_tokens_per_rank = num_tokens_per_rank.typed_data();
   a.num_tokens_per_expert = num_tokens_per_expert.typed_data();
@@ -143,8 +141,22 @@ static ffi::Error IntranodeNotify(
   a.timeout_ns = timeout_ns;
   a.count_matrix = count_matrix->typed_data();
   a.recv_tokens_per_expert = recv_tokens_per_expert->typed_data();
-  return ToFfiError(
-      jax_ep::intranode::LaunchNotify(buffers->view(), a, stream));
+  return CheckAndLaunch(
+      kOp, device_ordinal,
+      {
+          ExpectShape(kOp, "num_tokens_per_rank",
+                      num_tokens_per_rank.dimensions(), {num_ranks}),
+          ExpectShape(kOp, "num_tokens_per_expert",
+                      num_tokens_per_expert.dimensions(), {num_experts}),
+          ExpectShape(kOp, "count_matrix", count_matrix->dimensions(),
+                      {num_ranks, num_ranks}),
+          ExpectShape(kOp, "recv_tokens_per_expert",
+                      recv_tokens_per_expert->dimensions(),
+                      {num_experts / num_ranks}),
+      },
+      [&](const PeerBuffers& buffers) {
+        return jax_ep::intranode::LaunchNotify(buffers.view(), a, stream);
+      });
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
@@ -189,27 +201,6 @@ static ffi::Error IntranodeDispatch(
   }
   const int64_t T = x.dimensions()[0];
   const int64_t K = topk_idx.dimensions()[1];
-  if (auto error = FirstFailure({
-          ExpectShape(kOp, "topk_idx", topk_idx.dimensions(), {T, K}),
-          ExpectShape(kOp, "topk_weights", topk_weights.dimensions(), {T, K}),
-          ExpectShape(kOp, "recv_topk_idx", recv_topk_idx->dimensions(),
-                      {M, K}),
-          ExpectShape(kOp, "recv_topk_weights", recv_topk_weights->dimensions(),
-                      {M, K}),
-          ExpectShape(kOp, "num_recv_per_expert",
-                      num_recv_per_expert->dimensions(),
-                      {num_experts / num_ranks}),
-          ExpectShape(kOp, "src_index", src_index->dimensions(), {M}),
-          ExpectShape(kOp, "recv_row", recv_row->dimensions(), {num_ranks, T}),
-      });
-      error.failure()) {
-    return error;
-  }
-  PeerBuffersPtr buffers;
-  if (auto error = FindPeerBuffers(kOp, device_ordinal, &buffers);
-      error.failure()) {
-    return error;
-  }
   jax_ep::intranode::DispatchArgs a;
   a.rows[0] = x.untyped_data();
   a.rows[1] = scales.untyped_data();
@@ -232,7 +223,24 @@ static ffi::Error IntranodeDispatch(
   a.src_index = src_index->typed_data();
   a.recv_row = recv_row->typed_data();
   a.num_recv_tokens = num_recv_tokens->typed_data();
-  return ToFfiError(jax_ep::intranode::LaunchDispatch(*buffers, a, stream));
+  return CheckAndLaunch(
+      kOp, device_ordinal,
+      {
+          ExpectShape(kOp, "topk_idx", topk_idx.dimensions(), {T, K}),
+          ExpectShape(kOp, "topk_weights", topk_weights.dimensions(), {T, K}),
+          ExpectShape(kOp, "recv_topk_idx", recv_topk_idx->dimensions(),
+                      {M, K}),
+          ExpectShape(kOp, "recv_topk_weights", recv_topk_weights->dimensions(),
+                      {M, K}),
+          ExpectShape(kOp, "num_recv_per_expert",
+                      num_recv_per_expert->dimensions(),
+                      {num_experts / num_ranks}),
+          ExpectShape(kOp, "src_index", src_index->dimensions(), {M}),
+          ExpectShape(kOp, "recv_row", recv_row->dimensions(), {num_ranks, T}),
+      },
+      [&](const PeerBuffers& buffers) {
+        return jax_ep::intranode::LaunchDispatch(buffers, a, stream);
+      });
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
@@ -276,16 +284,6 @@ static ffi::Error IntranodeCachedDispatch(
     return error;
   }
   const int64_t T = x.dimensions()[0];
-  if (auto error =
-          ExpectShape(kOp, "recv_row", recv_row.dimensions(), {num_ranks, T});
-      error.failure()) {
-    return error;
-  }
-  PeerBuffersPtr buffers;
-  if (auto error = FindPeerBuffers(kOp, device_ordinal, &buffers);
-      error.failure()) {
-    return error;
-  }
   jax_ep::intranode::CachedDispatchArgs a;
   a.rows[0] = x.untyped_data();
   a.rows[1] = scales.untyped_data();
@@ -299,8 +297,12 @@ static ffi::Error IntranodeCachedDispatch(
   a.tuning = tuning;
   a.recv_rows[0] = recv_x->untyped_data();
   a.recv_rows[1] = recv_scales->untyped_data();
-  return ToFfiError(
-      jax_ep::intranode::LaunchCachedDispatch(*buffers, a, stream));
+  return CheckAndLaunch(
+      kOp, device_ordinal,
+      {ExpectShape(kOp, "recv_row", recv_row.dimensions(), {num_ranks, T})},
+      [&](const PeerBuffers& buffers) {
+        return jax_ep::intranode::LaunchCachedDispatch(buffers, a, stream);
+      });
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
@@ -338,25 +340,9 @@ static ffi::Error IntranodeCombine(cudaStream_t stream, int32_t device_ordinal,
   const int64_t C = y.dimensions()[1];
   const int64_t T = recv_row.dimensions()[1];
   const bool has_bias = bias.dimensions()[1] != 0;
-  if (auto error = FirstFailure({
-          ExpectShape(kOp, "recv_row", recv_row.dimensions(), {num_ranks, T}),
-          ExpectShape(kOp, "bias", bias.dimensions(), {T, has_bias ? C : 0}),
-          ExpectShape(kOp, "out", out->dimensions(), {T, C}),
-      });
-      error.failure()) {
-    return error;
-  }
   jax_ep::intranode::CombineArgs a;
-  if (!ToElementType(y.element_type(), &a.y_type) ||
-      !ToElementType(out->element_type(), &a.out_type)) {
-    return ffi::Error::InvalidArgument(std::string(kOp) +
-                                       ": y and out must be bf16 or f32");
-  }
-  PeerBuffersPtr buffers;
-  if (auto error = FindPeerBuffers(kOp, device_ordinal, &buffers);
-      error.failure()) {
-    return error;
-  }
+  const bool types_ok = ToElementType(y.element_type(), &a.y_type) &&
+                        ToElementType(out->element_type(), &a.out_type);
   a.y = y.untyped_data();
   a.recv_row = recv_row.typed_data();
   a.bias = has_bias ? bias.typed_data() : nullptr;
@@ -366,7 +352,19 @@ static ffi::Error IntranodeCombine(cudaStream_t stream, int32_t device_ordinal,
   a.capacity = M;
   a.tuning = tuning;
   a.out = out->untyped_data();
-  return ToFfiError(jax_ep::intranode::LaunchCombine(*buffers, a, stream));
+  return CheckAndLaunch(
+      kOp, device_ordinal,
+      {
+          ExpectShape(kOp, "recv_row", recv_row.dimensions(), {num_ranks, T}),
+          ExpectShape(kOp, "bias", bias.dimensions(), {T, has_bias ? C : 0}),
+          ExpectShape(kOp, "out", out->dimensions(), {T, C}),
+          types_ok ? ffi::Error::Success()
+                   : ffi::Error::InvalidArgument(
+                         std::string(kOp) + ": y and out must be bf16 or f32"),
+      },
+      [&](const PeerBuffers& buffers) {
+        return jax_ep::intranode::LaunchCombine(buffers, a, stream);
+      });
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(

@@ -11,6 +11,7 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <string>
 
 #include "attributes.h"
@@ -32,6 +33,23 @@ using jax_ep::low_latency::Shape;
 // A ticket is the send's sequence number as two u32 words (lo, hi).
 constexpr int64_t kTicketWords = 2;
 
+// The end of every handler, once it has listed its checks and filled its
+// launcher's args: the first failed check, else `launch` on this process's
+// NVSHMEM heap.
+template <typename Args>
+static ffi::Error CheckAndLaunch(
+    const char* op, std::initializer_list<ffi::Error> checks,
+    jax_ep::Status (*launch)(const Heap&, const Args&, cudaStream_t),
+    const Args& a, cudaStream_t stream) {
+  if (auto error = FirstFailure(checks); error.failure()) return error;
+  Heap heap;
+  if (auto error = ToFfiError(jax_ep::runtime::CurrentHeap(op, &heap));
+      error.failure()) {
+    return error;
+  }
+  return ToFfiError(launch(heap, a, stream));
+}
+
 // Sends each token, cast to fp8 when asked, to its experts' ranks
 // (LaunchDispatchSend).
 // Checks: x and topk_idx agree with `shape`.
@@ -43,20 +61,6 @@ static ffi::Error LowLatencyDispatchSend(cudaStream_t stream,
                                          ffi::ResultBufferR1<ffi::U32> ticket) {
   constexpr const char* kOp = jax_ep::targets::kLowLatencyDispatchSend;
   const int64_t T = shape.num_tokens;
-  if (auto error = FirstFailure({
-          ExpectShape(kOp, "x", x.dimensions(), {T, shape.hidden}),
-          ExpectShape(kOp, "topk_idx", topk_idx.dimensions(),
-                      {T, shape.num_topk}),
-          ExpectShape(kOp, "ticket", ticket->dimensions(), {kTicketWords}),
-      });
-      error.failure()) {
-    return error;
-  }
-  Heap heap;
-  if (auto error = ToFfiError(jax_ep::runtime::CurrentHeap(kOp, &heap));
-      error.failure()) {
-    return error;
-  }
   jax_ep::low_latency::DispatchSendArgs a;
   a.shape = shape;
   a.x = x.typed_data();
@@ -65,7 +69,15 @@ static ffi::Error LowLatencyDispatchSend(cudaStream_t stream,
   a.round_scale = round_scale;
   a.options = options;
   a.ticket = ticket->typed_data();
-  return ToFfiError(jax_ep::low_latency::LaunchDispatchSend(heap, a, stream));
+  return CheckAndLaunch(
+      kOp,
+      {
+          ExpectShape(kOp, "x", x.dimensions(), {T, shape.hidden}),
+          ExpectShape(kOp, "topk_idx", topk_idx.dimensions(),
+                      {T, shape.num_topk}),
+          ExpectShape(kOp, "ticket", ticket->dimensions(), {kTicketWords}),
+      },
+      jax_ep::low_latency::LaunchDispatchSend, a, stream);
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
@@ -106,35 +118,13 @@ static ffi::Error LowLatencyDispatchRecv(
   const int64_t scale_columns =
       H / (use_ue8m0 ? 4 * jax_ep::low_latency::kScaleGroup
                      : jax_ep::low_latency::kScaleGroup);
-  if (auto error = FirstFailure({
-          ExpectShape(kOp, "ticket", ticket.dimensions(), {kTicketWords}),
-          ExpectShape(kOp, "recv_x", recv_x->dimensions(), {L, S, H}),
-          use_fp8 ? ExpectShape(kOp, "recv_scales", recv_scales->dimensions(),
-                                {L, S, scale_columns})
-                  : ffi::Error::Success(),
-          ExpectShape(kOp, "count", count->dimensions(), {L}),
-          ExpectShape(kOp, "src_index", src_index->dimensions(), {L, S}),
-          ExpectShape(kOp, "slot", slot->dimensions(), {L, S}),
-      });
-      error.failure()) {
-    return error;
-  }
   const ffi::DataType x_type =
       use_fp8 ? ffi::DataType::F8E4M3FN : ffi::DataType::BF16;
   const ffi::DataType scales_type =
       use_ue8m0 ? ffi::DataType::S32 : ffi::DataType::F32;
-  if (recv_x->element_type() != x_type ||
-      (use_fp8 && recv_scales->element_type() != scales_type)) {
-    return ffi::Error::InvalidArgument(
-        std::string(kOp) +
-        ": recv_x must be f8e4m3fn with use_fp8 (recv_scales f32, or s32 "
-        "with use_ue8m0), else bf16");
-  }
-  Heap heap;
-  if (auto error = ToFfiError(jax_ep::runtime::CurrentHeap(kOp, &heap));
-      error.failure()) {
-    return error;
-  }
+  const bool types_ok =
+      recv_x->element_type() == x_type &&
+      (!use_fp8 || recv_scales->element_type() == scales_type);
   jax_ep::low_latency::DispatchRecvArgs a;
   a.shape = shape;
   a.ticket = ticket.typed_data();
@@ -147,7 +137,25 @@ static ffi::Error LowLatencyDispatchRecv(
   a.count = count->typed_data();
   a.src_index = src_index->typed_data();
   a.slot = slot->typed_data();
-  return ToFfiError(jax_ep::low_latency::LaunchDispatchRecv(heap, a, stream));
+  return CheckAndLaunch(
+      kOp,
+      {
+          ExpectShape(kOp, "ticket", ticket.dimensions(), {kTicketWords}),
+          ExpectShape(kOp, "recv_x", recv_x->dimensions(), {L, S, H}),
+          use_fp8 ? ExpectShape(kOp, "recv_scales", recv_scales->dimensions(),
+                                {L, S, scale_columns})
+                  : ffi::Error::Success(),
+          ExpectShape(kOp, "count", count->dimensions(), {L}),
+          ExpectShape(kOp, "src_index", src_index->dimensions(), {L, S}),
+          ExpectShape(kOp, "slot", slot->dimensions(), {L, S}),
+          types_ok ? ffi::Error::Success()
+                   : ffi::Error::InvalidArgument(
+                         std::string(kOp) +
+                         ": recv_x must be f8e4m3fn with use_fp8 "
+                         "(recv_scales f32, or s32 with use_ue8m0), else "
+                         "bf16"),
+      },
+      jax_ep::low_latency::LaunchDispatchRecv, a, stream);
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
@@ -184,19 +192,6 @@ static ffi::Error LowLatencyCombineSend(cudaStream_t stream,
   }
   const int64_t L = shape.num_local();
   const int64_t S = shape.num_ranks * shape.max_tokens;
-  if (auto error = FirstFailure({
-          ExpectShape(kOp, "y", y.dimensions(), {L, S, shape.hidden}),
-          ExpectShape(kOp, "src_index", src_index.dimensions(), {L, S}),
-          ExpectShape(kOp, "ticket", ticket->dimensions(), {kTicketWords}),
-      });
-      error.failure()) {
-    return error;
-  }
-  Heap heap;
-  if (auto error = ToFfiError(jax_ep::runtime::CurrentHeap(kOp, &heap));
-      error.failure()) {
-    return error;
-  }
   jax_ep::low_latency::CombineSendArgs a;
   a.shape = shape;
   a.y = y.typed_data();
@@ -204,7 +199,14 @@ static ffi::Error LowLatencyCombineSend(cudaStream_t stream,
   a.zero_copy = zero_copy;
   a.options = options;
   a.ticket = ticket->typed_data();
-  return ToFfiError(jax_ep::low_latency::LaunchCombineSend(heap, a, stream));
+  return CheckAndLaunch(
+      kOp,
+      {
+          ExpectShape(kOp, "y", y.dimensions(), {L, S, shape.hidden}),
+          ExpectShape(kOp, "src_index", src_index.dimensions(), {L, S}),
+          ExpectShape(kOp, "ticket", ticket->dimensions(), {kTicketWords}),
+      },
+      jax_ep::low_latency::LaunchCombineSend, a, stream);
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
@@ -231,20 +233,6 @@ static ffi::Error LowLatencyCombineRecv(cudaStream_t stream,
   constexpr const char* kOp = jax_ep::targets::kLowLatencyCombineRecv;
   const int64_t T = shape.num_tokens;
   const int64_t K = shape.num_topk;
-  if (auto error = FirstFailure({
-          ExpectShape(kOp, "ticket", ticket.dimensions(), {kTicketWords}),
-          ExpectShape(kOp, "topk_idx", topk_idx.dimensions(), {T, K}),
-          ExpectShape(kOp, "topk_weights", topk_weights.dimensions(), {T, K}),
-          ExpectShape(kOp, "out", out->dimensions(), {T, shape.hidden}),
-      });
-      error.failure()) {
-    return error;
-  }
-  Heap heap;
-  if (auto error = ToFfiError(jax_ep::runtime::CurrentHeap(kOp, &heap));
-      error.failure()) {
-    return error;
-  }
   jax_ep::low_latency::CombineRecvArgs a;
   a.shape = shape;
   a.ticket = ticket.typed_data();
@@ -252,7 +240,15 @@ static ffi::Error LowLatencyCombineRecv(cudaStream_t stream,
   a.weights = topk_weights.typed_data();
   a.options = options;
   a.out = out->typed_data();
-  return ToFfiError(jax_ep::low_latency::LaunchCombineRecv(heap, a, stream));
+  return CheckAndLaunch(
+      kOp,
+      {
+          ExpectShape(kOp, "ticket", ticket.dimensions(), {kTicketWords}),
+          ExpectShape(kOp, "topk_idx", topk_idx.dimensions(), {T, K}),
+          ExpectShape(kOp, "topk_weights", topk_weights.dimensions(), {T, K}),
+          ExpectShape(kOp, "out", out->dimensions(), {T, shape.hidden}),
+      },
+      jax_ep::low_latency::LaunchCombineRecv, a, stream);
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
