@@ -47,12 +47,14 @@ class Config:
       peer with the GPU's copy engines, so no SM pushes and every warp
       receives; False (the default, faster on 2xH200): `nvl_send_warps` warps
       per block push the selected rows. Combine always pushes with warps.
-    nvl_buffer: tokens per channel of an NVLink ring buffer. The intranode
-      kernels do not use it: their buffer holds a whole call (sized with
-      `nvl_buffer_bytes`), so no sender ever waits for a receiver. It only
-      bounds `nvl_chunk`.
-    rdma_chunk: tokens moved per RDMA flow-control step (internode).
-    rdma_buffer: tokens held per channel in the RDMA ring buffers (internode).
+    nvl_buffer: reserved for the internode kernels (tokens per channel of
+      their NVLink forwarding ring). No kernel reads it yet: the intranode
+      buffer holds a whole call (sized with `nvl_buffer_bytes`), so no
+      sender ever waits for a receiver. It only bounds `nvl_chunk`.
+    rdma_chunk: reserved for the internode kernels (tokens per RDMA
+      flow-control step); no kernel reads it yet.
+    rdma_buffer: reserved for the internode kernels (tokens per channel of
+      the RDMA ring buffers); no kernel reads it yet.
 
   The reference backend ignores the configuration; it is validated all the same
   so that a bad config fails the same way on every backend.
