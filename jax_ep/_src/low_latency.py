@@ -356,17 +356,22 @@ def _bf16_as_bits(columns, dtype):
 def _exact_bf16_pieces(x):
   """`f32[...]` -> `f32[..., 3]` of bf16 values with `p0 + (p1 + p2) == x`.
 
-  Each piece holds the next 8 bits of the 24-bit significand. Exact for
-  |x| from about 2^-100 (below, the last piece can fall under the smallest
-  normal bf16, which XLA may flush) up to bf16's largest finite value; inf
-  and NaN go whole in the first piece.
+  Each piece holds the next 8 bits of the 24-bit significand, cut by masking
+  the f32 bits: a round trip through a bf16 convert would not do, because
+  XLA's GPU compiler drops f32 -> bf16 -> f32 pairs as excess precision
+  (--xla_allow_excess_precision, on by default), which left the dots
+  rounded to bf16 on the GPU. Exact for |x| from about 2^-100 (below, the
+  last piece can fall under the smallest normal bf16, which XLA may flush)
+  to f32's largest finite value; inf and NaN go whole in the first piece.
   """
-  def bf16(v):
-    return v.astype(jnp.bfloat16).astype(jnp.float32)
-  hi = bf16(x)
-  rest = jnp.where(jnp.isfinite(hi), x - hi, 0.0)
-  mid = bf16(rest)
-  return jnp.stack([hi, mid, bf16(rest - mid)], axis=-1)
+  def top_bits(v):  # the bf16 value with v's sign, exponent and 7 top bits
+    bits = lax.bitcast_convert_type(v, jnp.uint32) & jnp.uint32(0xFFFF0000)
+    return lax.bitcast_convert_type(bits, jnp.float32)
+  finite = jnp.isfinite(x)
+  hi = jnp.where(finite, top_bits(x), x)
+  rest = jnp.where(finite, x - hi, 0.0)
+  mid = top_bits(rest)
+  return jnp.stack([hi, mid, rest - mid], axis=-1)
 
 
 _ll_combine.defvjp(_ll_combine_fwd, _ll_combine_bwd)

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import dense_model as dm
+from gpu_testing import NEEDS_GPU
 import jax_ep
 from jax_ep._src import low_latency
 from ep_testing import (BF16, FP8_MODES, ROUTINGS, assert_bf16_sum,
@@ -223,18 +224,26 @@ def test_ll_benchmark_shapes(problem, spec):
   check_ll_combined(out, y, idx, w, want, ctx)
 
 
-def test_combine_backward_carries_dots_home_exactly():
+@pytest.mark.parametrize("how", [
+    "eager", "jit", pytest.param("jit-gpu", marks=NEEDS_GPU)])
+def test_combine_backward_carries_dots_home_exactly(how):
   """low_latency_combine's backward brings each f32 dot <g[t], y[slot]> home
   through a bf16 combine as three bf16 pieces: they must be bf16 values and
-  sum back to the dot exactly, across the exponent range."""
+  sum back to the dot exactly, across the exponent range, eagerly and
+  compiled (where XLA may drop convert pairs)."""
   rng = np.random.default_rng(0)
   n = 200_000
   dots = (rng.choice([-1.0, 1.0], n) * rng.uniform(1.0, 2.0, n) *
           np.exp2(rng.integers(-100, 127, n))).astype(np.float32)
   dots = np.concatenate([dots, np.float32([
       0.0, -0.0, 1.0, -3.0, np.inf, -np.inf, np.nan, 2.0**-100,
-      np.finfo(np.float32).eps, float(jnp.finfo(jnp.bfloat16).max)])])
-  pieces = np.asarray(low_latency._exact_bf16_pieces(jnp.asarray(dots)))
+      np.finfo(np.float32).eps, float(jnp.finfo(jnp.bfloat16).max),
+      np.finfo(np.float32).max, -np.finfo(np.float32).max])])
+  split = low_latency._exact_bf16_pieces
+  dots_in = jnp.asarray(dots)
+  if how == "jit-gpu":  # XLA's GPU compiler drops f32 -> bf16 -> f32 pairs
+    dots_in = jax.device_put(dots_in, jax.devices("gpu")[0])
+  pieces = np.asarray((split if how == "eager" else jax.jit(split))(dots_in))
   np.testing.assert_array_equal(
       pieces, pieces.astype(jnp.bfloat16).astype(np.float32))
   np.testing.assert_array_equal(
