@@ -37,20 +37,18 @@
 #   time.log        scripts/time_intranode.py's JSON lines (TIME_ARGS)
 #   ceilings.log    NVLink write ceilings, every GPU sending (CEILINGS)
 #   summary.txt     one line per step, also printed at the end
-# On a one-GPU machine the whole check needs three 10-minute device calls:
+# On a one-GPU machine the whole check needs two 10-minute device calls:
 #   SANITIZE=0 SKIP_BENCH=1 DEMO_STEPS=0 scripts/gpu_check.sh OUT/tests
 #       (the GPU tests, multi-rank ones at R = 2, 4 and 8 sharing the GPU)
 #   SKIP_TESTS=1 SANITIZE=2 PRESSURE=1 SKIP_BENCH=1 DEMO_STEPS=0 \
-#       TESTS=tests/cuda/test_low_latency_gpu.py scripts/gpu_check.sh OUT/ll
-#       (the sanitizers at R = 2 and the low-latency pressure tests)
-#   SKIP_TESTS=1 SANITIZE=0 PRESSURE=1 SKIP_BENCH=1 DEMO_STEPS=0 \
-#       TESTS=tests/cuda/test_intranode_gpu.py scripts/gpu_check.sh OUT/nvl
-#       (the intranode pressure tests)
+#       scripts/gpu_check.sh OUT/pressure
+#       (the pressure tests of both families, then the sanitizers at R = 2)
 # Measured on one H200 (2026-12-02): build 20-25 s; GPU tests 385-482 s
 # (the shape fuzz at R = 1 alone 50-82 s, by its draws); sanitizers with
-# SANITIZE=2 about 90 s; low-latency pressure 236-252 s, intranode 284 s
-# (the R = 2 runs of 10,000 pairs 203-219 and 246 s). A machine's start
-# adds about 40 s to each call.
+# SANITIZE=2 about 90 s; pressure runs of 10,000 pairs at R = 2 203-219 s
+# (low-latency) and 246 s (intranode), of 200 at R = 8 32 and 37 s, which
+# is why tests/support/gpu_testing.py's PRESSURE_PAIRS is 7,500 at R = 2
+# (some 430 s of pressure in all). A machine's start adds about 40 s.
 # Exit status: 0 when every step that ran passed. A failed build stops the
 # run; failed tests do not stop the benchmarks.
 set -euo pipefail

@@ -17,8 +17,8 @@ pure-JAX reference, bit for bit (every output and every handle field).
   backend where each rank has its own GPU).
 * A rank that never arrives (R = 2): the other's dispatch names rank, phase
   and peer and fails instead of hanging.
-* Pressure (marked `pressure`): 10,000 pairs at R = 2 and 200 at R = 8 on
-  fresh routings, each equal to the dense model, the same sha256 twice.
+* Pressure (marked `pressure`): gpu_testing.PRESSURE_PAIRS pairs (7,500 at
+  R = 2, 200 at R = 8) on fresh routings, each equal to the dense model, the same sha256 twice.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ from jax.sharding import Mesh
 
 import intranode_worker as worker
 from intranode_worker import Case, PUSH
-from gpu_testing import (GPUS, NEEDS_KERNELS, every_worker, launch_per_gpu,
-                         multi_rank_sizes)
+from gpu_testing import (GPUS, NEEDS_KERNELS, PRESSURE_PAIRS, every_worker,
+                         launch_per_gpu, multi_rank_sizes)
 from jax_ep._src import sizes
 from jax_ep._src.config import Config
 from jax_ep._src.cuda import intranode
@@ -208,19 +208,14 @@ def test_one_process_per_rank(capfd, seed, num_ranks):
     assert line in out, report
 
 
-# Pairs per run: 10,000 at R = 2 (two runs took under 210 s sharing one
-# H200), fewer at R = 8, where two runs of 1,000 took over 120 s.
-PRESSURE_STEPS = {2: 10_000, 8: 200}
-
-
 @pytest.mark.pressure
 @pytest.mark.parametrize("num_ranks", [r for r in multi_rank_sizes()
-                                       if r in PRESSURE_STEPS],
+                                       if r in PRESSURE_PAIRS],
                          ids=lambda r: f"R{r}")
 def test_pressure_pairs_hash_the_same_twice(capfd, seed, num_ranks):
   """Dispatch/combine pairs on fresh routings, back to back, each equal to
   the dense model; two launches with the same seed print the same sha256."""
-  steps = PRESSURE_STEPS[num_ranks]
+  steps = PRESSURE_PAIRS[num_ranks]
   digests = []
   for _ in range(2):
     code, out, report = launch_per_gpu(

@@ -29,7 +29,8 @@ the dense model is the only oracle. Test ids name R.
   enqueued back to back, on values whose combine sums are exact: every
   output equal to the dense model's; run twice: the same sha256 both times.
   Pressure (marked `pressure`; scripts/gpu_check.sh runs it in a call of its
-  own): the same with 10,000 pairs at R = 2 and 200 at R = 8.
+  own): the same with gpu_testing.PRESSURE_PAIRS pairs (7,500 at R = 2, 200
+  at R = 8).
 * A rank that never calls (R = 2: one GPU each, or sharing one): the other's
   dispatch names its rank and phase and fails instead of hanging.
 """
@@ -42,8 +43,8 @@ import re
 import pytest
 
 import ll_worker as worker
-from gpu_testing import (GPUS, NEEDS_KERNELS, every_worker, launch_per_gpu,
-                         multi_rank_sizes)
+from gpu_testing import (GPUS, NEEDS_KERNELS, PRESSURE_PAIRS, every_worker,
+                         launch_per_gpu, multi_rank_sizes)
 
 pytestmark = NEEDS_KERNELS
 WORKER = pathlib.Path(worker.__file__).resolve()
@@ -51,11 +52,9 @@ WORKER = pathlib.Path(worker.__file__).resolve()
 # sharing each GPU.
 PER_GPU = max(len(GPUS), 1)
 SIZES = sorted({PER_GPU, *multi_rank_sizes()})
-# --repeat pairs per run: at R = the GPUs, and (pressure) where ranks share a
-# GPU at R = 2 and 8, fewer at 8: time-slicing 8 ranks makes a pair some 35
-# ms there, 5 ms at R = 2.
+# --repeat pairs per run at R = the GPUs; the pressure runs where ranks share
+# a GPU take gpu_testing.PRESSURE_PAIRS.
 REPEAT_STEPS = 1000
-PRESSURE_STEPS = {2: 10_000, 8: 200}
 
 
 def _ranks_id(num_ranks: int) -> str:
@@ -105,9 +104,9 @@ def test_kernels_match_the_dense_model(capfd, seed, transport, num_ranks):
 @pytest.mark.parametrize("num_ranks, steps", [
     pytest.param(PER_GPU, REPEAT_STEPS,
                  id=f"{_ranks_id(PER_GPU)}-{REPEAT_STEPS}"),
-    *[pytest.param(r, PRESSURE_STEPS[r], marks=pytest.mark.pressure,
-                   id=f"{_ranks_id(r)}-{PRESSURE_STEPS[r]}")
-      for r in multi_rank_sizes() if r in PRESSURE_STEPS]])
+    *[pytest.param(r, PRESSURE_PAIRS[r], marks=pytest.mark.pressure,
+                   id=f"{_ranks_id(r)}-{PRESSURE_PAIRS[r]}")
+      for r in multi_rank_sizes() if r in PRESSURE_PAIRS]])
 def test_repeated_pairs_hash_the_same_twice(capfd, seed, num_ranks, steps):
   """Identical inputs give identical bits, launch after launch."""
   digests = []

@@ -31,6 +31,13 @@ NEEDS_KERNELS = NEEDS_GPU + [
 # share each GPU (`jax_ep.launch --ranks-per-gpu`), which checks the
 # multi-rank paths on a one-GPU machine. The GPU time-slices between them.
 SHARED_RANKS = (2, 4, 8)
+# Dispatch/combine pairs per run of the pressure tests (`-m pressure`, run
+# twice each), sized so that both families' runs and the sanitizers fit one
+# 10-minute device call beside the build (scripts/gpu_check.sh). Measured on
+# one H200: two runs of 10,000 pairs took 246 s (intranode) and 203-219 s
+# (low-latency) at R = 2; two of 200 took 37 and 32 s at R = 8, where
+# time-slicing 8 ranks makes a pair some 35 ms.
+PRESSURE_PAIRS = {2: 7_500, 8: 200}
 
 
 def multi_rank_sizes(sizes=SHARED_RANKS) -> list[int]:
