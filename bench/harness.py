@@ -1,12 +1,9 @@
 """Timing and records: the one harness every benchmark uses.
 
-Timing method: the op runs `iters_per_call` times inside one jitted
-`fori_loop` (each iteration's input depends on the last output, so nothing is
-hoisted or overlapped), the loop is timed with the host clock around
-`block_until_ready`, and the per-call time is the loop's time over the
-iterations. That is repeated `reps` times after `warmup` runs; the median is
-reported. Every process runs the same loop; the collectives keep the ranks in
-lockstep; process 0's figure is recorded.
+Timing method: `jax_ep/_src/timing.py` (the tuner's too), re-exported here:
+the op runs `iters_per_call` times inside one jitted `fori_loop`, the loop is
+timed with the host clock, the median over `reps` loops counts. Process 0's
+figure is recorded.
 
 Bandwidth (docs/measuring.md), per rank:
   logical = bytes of all rows this rank receives (local rows included) / time;
@@ -22,55 +19,16 @@ import datetime
 import json
 import os
 import shlex
-import statistics
 import sys
-import time
-from typing import Callable
 
 import jax
-import numpy as np
-from jax import lax
-from jax.sharding import PartitionSpec as P
 
+from jax_ep._src.timing import (chained_loop, random_routing, time_combine,
+                                time_dispatch, time_loop, time_per_call)
 
-def chained_loop(step: Callable, iters: int, mesh) -> Callable:
-  """Jitted `iters` calls of the per-shard `step(carry) -> out` in `shard_map`.
-
-  Each call's input depends on the last call's output: the first element of
-  the output's first leaf is written into the carry's first leaf (2-D).
-  """
-  def body(_, carry):
-    out = step(carry)
-    leaves, tree = jax.tree.flatten(carry)
-    first = jax.tree.leaves(out)[0]
-    link = first.reshape(-1)[:1].astype(leaves[0].dtype).reshape(1, 1)
-    leaves[0] = lax.dynamic_update_slice(leaves[0], link, (0, 0))
-    return jax.tree.unflatten(tree, leaves)
-
-  loop = lambda carry: lax.fori_loop(0, iters, body, carry)
-  return jax.jit(jax.shard_map(loop, mesh=mesh, in_specs=P("ep"),
-                               out_specs=P("ep")))
-
-
-def time_per_call(step: Callable, carry, mesh, *, iters: int, reps: int,
-                  warmup: int) -> float:
-  """Median seconds per call of `step` over `reps` timed loops."""
-  return time_loop(chained_loop(step, iters, mesh), carry, iters=iters,
-                   reps=reps, warmup=warmup)
-
-
-def time_loop(loop: Callable, carry, *, iters: int, reps: int,
-              warmup: int) -> float:
-  """Median seconds per call of a `chained_loop` of `iters` calls over
-  `reps` timed runs, after `warmup` runs."""
-  for _ in range(warmup):
-    jax.block_until_ready(loop(carry))
-  times = []
-  for _ in range(reps):
-    start = time.perf_counter()
-    jax.block_until_ready(loop(carry))
-    times.append((time.perf_counter() - start) / iters)
-  return statistics.median(times)
+__all__ = ["Record", "chained_loop", "device_name", "gbps", "print_header",
+           "print_row", "random_routing", "time_combine", "time_dispatch",
+           "time_loop", "time_per_call", "write_records"]
 
 
 def device_name() -> str:
@@ -137,10 +95,3 @@ def print_row(r: Record) -> None:
   print(f"{r.op:<21}{r.impl:<19}{r.dtype:<6}{r.ranks:>6}{r.tokens:>7}"
         f"{r.hidden:>7}{sms:>5}{r.time_us:>10.1f}{fmt(r.logical_gbps):>9}"
         f"{fmt(r.link_gbps):>8}{'  ' + r.note if r.note else ''}", flush=True)
-
-
-def random_routing(rng: np.random.Generator, tokens: int, topk: int,
-                   experts: int) -> np.ndarray:
-  """Distinct random experts per token, as a softmax router's top-k gives."""
-  scores = rng.random((tokens, experts))
-  return np.argsort(-scores, axis=1)[:, :topk].astype(np.int32)

@@ -88,15 +88,6 @@ def _sharded(mesh, f):
   return jax.shard_map(f, mesh=mesh, in_specs=P("ep"), out_specs=P("ep"))
 
 
-def _lead(tree):
-  """Gives every leaf a leading rank axis, so shard_map can return it."""
-  return jax.tree.map(lambda a: a[None], tree)
-
-
-def _unlead(tree):
-  return jax.tree.map(lambda a: a[0], tree)
-
-
 def run(mesh, shape: Shape, *, impls, dtypes, ops, seed: int, iters: int,
         reps: int, warmup: int, num_sms=(None,)) -> list[harness.Record]:
   """Times every impl and op on one shape; jax_ep once per SM count in
@@ -104,7 +95,7 @@ def run(mesh, shape: Shape, *, impls, dtypes, ops, seed: int, iters: int,
   problem = Problem(mesh, shape, seed)
   ranks = problem.ranks
   records = []
-  timing = dict(iters=iters, reps=reps, warmup=warmup)
+  loops = dict(iters=iters, reps=reps, warmup=warmup)
 
   def record(op, impl, dtype, seconds, logical, link, num_sms=None):
     records.append(harness.Record(
@@ -122,12 +113,12 @@ def run(mesh, shape: Shape, *, impls, dtypes, ops, seed: int, iters: int,
           for sms in (num_sms if impl == "jax_ep" else (None,))]
   for impl, sms in runs:
     if impl == "ragged_all_to_all":
-      _run_ragged(problem, ops, record, timing)
+      _run_ragged(problem, ops, record, loops)
       continue
     if impl == "all_to_all":
       if "dispatch" in ops:
         for dtype in dtypes:
-          _run_all_to_all(problem, dtype, record, timing)
+          _run_all_to_all(problem, dtype, record, loops)
       continue
     # Without its kernel an op would time the reference a second time.
     ops_here = [op for op in ops if impl != "jax_ep" or
@@ -148,7 +139,7 @@ def run(mesh, shape: Shape, *, impls, dtypes, ops, seed: int, iters: int,
     if "layout" in ops_here:
       t = harness.time_per_call(
           lambda idx: jax_ep.get_dispatch_layout(buffer, idx, shape.experts),
-          problem.idx, mesh, **timing)
+          problem.idx, mesh, **loops)
       record("layout", impl, "int32", t, None, None)
 
     for dtype in dtypes:
@@ -157,28 +148,17 @@ def run(mesh, shape: Shape, *, impls, dtypes, ops, seed: int, iters: int,
       fp8 = dtype == "fp8"
       row = _row_bytes(shape.hidden, fp8)
 
-      def step(carry):
-        return dispatch(*carry).x
-
       carry = (problem.fp8 if fp8 else problem.x, problem.idx, problem.weights)
-      t = harness.time_per_call(step, carry, mesh, **timing)
+      t = harness.time_dispatch(buffer, carry, mesh,
+                                num_experts=shape.experts, **loops)
       record("dispatch", impl, dtype, t, problem.recv_rows * row,
              wire(gathered, row), num_sms)
 
     row = _row_bytes(shape.hidden, False)
     if "combine" in ops_here:
-      def rows_and_handle(x, i, w):
-        d = dispatch(x, i, w)
-        return d.x, _lead(d.handle)
-
-      carry = jax.jit(_sharded(mesh, rows_and_handle))(
-          problem.x, problem.idx, problem.weights)
-
-      def combine_step(carry):
-        y, handle = carry
-        return jax_ep.combine(buffer, y, _unlead(handle))
-
-      t = harness.time_per_call(combine_step, carry, mesh, **timing)
+      t = harness.time_combine(
+          buffer, (problem.x, problem.idx, problem.weights), mesh,
+          num_experts=shape.experts, **loops)
       record("combine", impl, "bf16", t, problem.recv_rows * row,
              wire(gathered, row), num_sms)
 
@@ -189,13 +169,13 @@ def run(mesh, shape: Shape, *, impls, dtypes, ops, seed: int, iters: int,
 
       t = harness.time_per_call(round_trip,
                                 (problem.x, problem.idx, problem.weights),
-                                mesh, **timing)
+                                mesh, **loops)
       record("dispatch_combine", impl, "bf16", t, 2 * problem.recv_rows * row,
              wire(2 * gathered, row), num_sms)
   return records
 
 
-def _run_all_to_all(problem: Problem, dtype: str, record, timing) -> None:
+def _run_all_to_all(problem: Problem, dtype: str, record, loops) -> None:
   """A raw all_to_all whose received bytes equal the dispatch's logical bytes."""
   shape, ranks, mesh = problem.shape, problem.ranks, problem.mesh
   fp8 = dtype == "fp8"
@@ -211,12 +191,12 @@ def _run_all_to_all(problem: Problem, dtype: str, record, timing) -> None:
     return jax.lax.all_to_all(a.reshape(ranks, per_peer, width), "ep", 0,
                               0).reshape(-1, width)
 
-  t = harness.time_per_call(step, data, mesh, **timing)
+  t = harness.time_per_call(step, data, mesh, **loops)
   total = ranks * per_peer * row
   record("dispatch", "all_to_all", dtype, t, total, total * (ranks - 1) / ranks)
 
 
-def _run_ragged(problem: Problem, ops, record, timing) -> None:
+def _run_ragged(problem: Problem, ops, record, loops) -> None:
   """MaxText's ragged_all_to_all pipeline, bf16 (see bench/ragged.py)."""
   shape, ranks, mesh = problem.shape, problem.ranks, problem.mesh
   if jax.process_count() > 1 or jax.devices()[0].platform != "gpu":
@@ -233,7 +213,7 @@ def _run_ragged(problem: Problem, ops, record, timing) -> None:
   if "dispatch" in ops:
     t = harness.time_per_call(
         lambda c: ragged.dispatch(c[0], c[1], routes(c[1]), **kw), carry,
-        mesh, **timing)
+        mesh, **loops)
     record("dispatch", "ragged_all_to_all", "bf16", t,
            problem.recv_pairs * row, problem.remote_pairs * row)
   if "dispatch_combine" in ops:
@@ -243,6 +223,6 @@ def _run_ragged(problem: Problem, ops, record, timing) -> None:
       return ragged.combine(ragged.dispatch(x, idx, r, **kw), idx, w, r,
                             axis_name="ep")
 
-    t = harness.time_per_call(round_trip, carry, mesh, **timing)
+    t = harness.time_per_call(round_trip, carry, mesh, **loops)
     record("dispatch_combine", "ragged_all_to_all", "bf16", t,
            2 * problem.recv_pairs * row, 2 * problem.remote_pairs * row)

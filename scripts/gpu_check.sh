@@ -15,8 +15,10 @@
 #                 compute-sanitizer memcheck and racecheck, and
 #                 scripts/sanitize_intranode.py under memcheck, at R = the
 #                 GPUs or 2 on one GPU (default 4; 0 skips them)
-#   TIME_ARGS=".." also run scripts/time_intranode.py with these arguments
-#                 (one process over every GPU), output in time.log
+#   TUNE_ARGS=".." also run the tuner, python -m jax_ep.tune, with these
+#                 arguments (one process over every GPU; e.g. "--sms 24
+#                 --send-warps 8 --chunks 0 --copy-engine 1" times one
+#                 tuning), output in tune.log, its entry in tuned_config.json
 #   PROBES=1      also run the fp8 cast probes (bench/probes/e4m3_cvt.cu,
 #                 scripts/fp8_cast_probe.py), output in probes.log
 #   CEILINGS=1    also measure the NVLink write ceilings between all local
@@ -34,7 +36,7 @@
 #   bench.json      its records; only when bench/__main__.py exists
 #   bench_ll.log, bench_ll.json   the low-latency benchmark (shape dsv3_ll),
 #                   kernel times from the profiler included
-#   time.log        scripts/time_intranode.py's JSON lines (TIME_ARGS)
+#   tune.log, tuned_config.json   the tuner's table and entry (TUNE_ARGS)
 #   ceilings.log    NVLink write ceilings, every GPU sending (CEILINGS)
 #   summary.txt     one line per step, also printed at the end
 # On a one-GPU machine the whole check needs two 10-minute device calls:
@@ -178,11 +180,11 @@ else
   sanitize memcheck sanitize_intranode.log scripts/sanitize_intranode.py
 fi
 
-# --- KERNEL TIMING -----------------------------------------------------------
-if [[ -n "${TIME_ARGS:-}" ]]; then
-  # shellcheck disable=SC2086  # TIME_ARGS is a list of arguments
-  optional_step timing time.log 600 \
-    "$PYTHON" scripts/time_intranode.py $TIME_ARGS
+# --- TUNER -------------------------------------------------------------------
+if [[ -n "${TUNE_ARGS:-}" ]]; then
+  # shellcheck disable=SC2086  # TUNE_ARGS is a list of arguments
+  optional_step tuner tune.log 600 \
+    "$PYTHON" -m jax_ep.tune $TUNE_ARGS --out "$OUT/tuned_config.json"
 fi
 
 # --- PROBES ------------------------------------------------------------------

@@ -2,13 +2,14 @@
 
     python -m jax_ep.tune [--tokens 4096 --hidden 7168 --topk 8 --experts 256
         --sms 16,24,32 --send-warps 2,4,6,8 --chunks 0,1,2,4,8
-        --copy-engine 1,0 --calls 10 --reps 5 --out PATH]
+        --copy-engine 1,0 --iters 10 --reps 20 --out PATH]
 
 One process drives every visible GPU (EP size = number of GPUs). For each SM
-count it times bf16 dispatch and combine (`intranode_timing`) under every
-combination of the other `Config` fields swept (--send-warps: nvl_send_warps,
---chunks: nvl_chunk, --copy-engine: nvl_copy_engine) and scores a tuning by
-dispatch + combine time. The chosen config is the fastest one of the smallest SM count whose best
+count it times bf16 `dispatch` and `combine` on a `Buffer` of that config,
+the way every benchmark times (`jax_ep._src.timing`), under every combination
+of the other `Config` fields swept (--send-warps: nvl_send_warps, --chunks:
+nvl_chunk, --copy-engine: nvl_copy_engine) and scores a tuning by dispatch +
+combine time. The chosen config is the fastest one of the smallest SM count whose best
 is within 3% of the overall best: SMs the kernels do not take stay with the
 model's compute. The entry (config and the measured figures) goes into the
 tuned-config file (`jax_ep._src.config`), replacing the one for the same
@@ -24,14 +25,59 @@ import sys
 from typing import Callable, Sequence
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jax_ep._src import native
+from jax_ep._src import runtime
+from jax_ep._src import timing
 from jax_ep._src.config import Config, tuned_config_path, write_tuned_config
-from jax_ep._src.cuda import intranode_timing
+from jax_ep._src.sizes import nvl_buffer_bytes
 
 # A smaller SM count wins when its best time is within this fraction of the
 # overall best.
 SM_SLACK = 0.03
+# The Config fields the intranode kernels read: each record holds them.
+TUNING_FIELDS = ("num_sms", "nvl_send_warps", "nvl_chunk", "nvl_copy_engine")
+
+
+def tuning_fields(config: Config) -> dict:
+  """The `TUNING_FIELDS` of `config`, as a record holds them."""
+  return {f: getattr(config, f) for f in TUNING_FIELDS}
+
+
+def problem(mesh, *, tokens: int, hidden: int, topk: int, experts: int,
+            seed: int = 0) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Global (x bf16, topk_idx, topk_weights) of `tokens` per rank on the
+  mesh's "ep" axis, routed as a softmax router's top-k."""
+  rng = np.random.default_rng(seed)
+  ranks = mesh.shape["ep"]
+  idx = timing.random_routing(rng, ranks * tokens, topk, experts)
+  x = rng.standard_normal((ranks * tokens, hidden), dtype=np.float32)
+  weights = rng.random(idx.shape, dtype=np.float32)
+  sharding = NamedSharding(mesh, P("ep"))
+  return (jax.device_put(jnp.asarray(x, jnp.bfloat16), sharding),
+          jax.device_put(idx, sharding), jax.device_put(weights, sharding))
+
+
+def time_config(mesh, config: Config, inputs, *, experts: int, iters: int,
+                reps: int, warmup: int, backend: str = "cuda") -> dict:
+  """One tuning's record: µs per call of bf16 dispatch and of combine on a
+  `Buffer` with `config` (`timing.time_dispatch`/`time_combine`). Every
+  config's Buffer shares the group's NVLink buffers."""
+  x, idx, _ = inputs
+  buffer = runtime.Buffer(
+      mesh, "ep", backend=backend, config=config,
+      num_nvl_bytes=nvl_buffer_bytes(x.shape[0] // mesh.shape["ep"],
+                                     x.shape[1], idx.shape[1],
+                                     mesh.shape["ep"]))
+  loops = dict(num_experts=experts, iters=iters, reps=reps, warmup=warmup)
+  return dict(**tuning_fields(config),
+              dispatch_us=round(timing.time_dispatch(
+                  buffer, inputs, mesh, **loops) * 1e6, 1),
+              combine_us=round(timing.time_combine(
+                  buffer, inputs, mesh, **loops) * 1e6, 1))
 
 
 def choose(totals: dict[tuple, float]) -> tuple[dict[int, tuple], tuple]:
@@ -39,7 +85,7 @@ def choose(totals: dict[tuple, float]) -> tuple[dict[int, tuple], tuple]:
 
   Args:
     totals: score (lower is better) of each tuning, keyed by its
-      `intranode_timing.TUNING_FIELDS` values (num_sms first).
+      `TUNING_FIELDS` values (num_sms first).
 
   Returns:
     `(best_per_num_sms, chosen)`: the best tuning of each SM count, and the
@@ -57,58 +103,56 @@ def choose(totals: dict[tuple, float]) -> tuple[dict[int, tuple], tuple]:
 
 
 def tune(devices: Sequence[jax.Device], *, tokens: int, hidden: int,
-         topk: int, experts: int, configs: Sequence[Config], calls: int = 10,
-         reps: int = 5,
+         topk: int, experts: int, configs: Sequence[Config], iters: int = 10,
+         reps: int = 20, warmup: int = 2, backend: str = "cuda",
          report: Callable[[dict], None] | None = None) -> dict:
   """Times every tuning on `devices` and returns the tuned-config entry.
 
   Args:
-    devices: the local GPUs, in rank order, all of one kind.
+    devices: the local devices, in rank order, all of one kind (GPUs; CPUs
+      with backend "reference" run the same steps, for testing).
     tokens, hidden, topk, experts: the shapes timed (T per rank, H, K, E).
     configs: the tunings swept (`sweep`).
-    calls, reps: as `intranode_timing.time_intranode`.
-    report: called with each timing record as it is measured.
+    iters, reps, warmup: `jax_ep._src.timing`'s loop: calls per timed loop,
+      timed loops (the median counts), untimed loops first.
+    backend: the `Buffer`'s backend.
+    report: called with each tuning's record as it is measured.
 
   Returns:
     `{"device_kind", "num_ranks", "config", "measured"}` for
     `write_tuned_config`; `measured` holds the shapes, the chosen tuning's
-    times, one row per tuning and per SM count's best, and every record.
+    times, and one row per tuning and per SM count's best.
   """
-  records = intranode_timing.time_intranode(
-      devices, tokens=tokens, hidden=hidden, topk=topk, experts=experts,
-      dtype="bf16", tunings=configs, reference_too=False,
-      ops=("dispatch", "combine"), calls=calls, reps=reps, report=report)
-  times = {}
-  for r in records:
-    key = tuple(r[f] for f in intranode_timing.TUNING_FIELDS)
-    times.setdefault(key, {})[r["op"]] = r["time_us"]
-  totals = {k: t["dispatch"] + t["combine"] for k, t in times.items()}
-  best_per_sms, chosen = choose(totals)
-
-  def row(key):
-    return dict(zip(intranode_timing.TUNING_FIELDS, key),
-                dispatch_us=times[key]["dispatch"],
-                combine_us=times[key]["combine"],
-                total_us=round(totals[key], 1))
-
+  mesh = Mesh(np.array(devices), ("ep",))
+  inputs = problem(mesh, tokens=tokens, hidden=hidden, topk=topk,
+                   experts=experts)
+  rows = {}
+  for config in configs:
+    row = time_config(mesh, config, inputs, experts=experts, iters=iters,
+                      reps=reps, warmup=warmup, backend=backend)
+    row["total_us"] = round(row["dispatch_us"] + row["combine_us"], 1)
+    rows[tuple(row[f] for f in TUNING_FIELDS)] = row
+    if report:
+      report(row)
+  best_per_sms, chosen = choose({k: r["total_us"] for k, r in rows.items()})
   return dict(
       device_kind=devices[0].device_kind, num_ranks=len(devices),
-      config=dict(zip(intranode_timing.TUNING_FIELDS, chosen)),
+      config=dict(zip(TUNING_FIELDS, chosen)),
       measured=dict(
           date=datetime.date.today().isoformat(), jax=jax.__version__,
           tokens=tokens, hidden=hidden, topk=topk, experts=experts,
-          dtype="bf16", calls=calls, reps=reps,
-          score="dispatch_us + combine_us", chosen=row(chosen),
-          best_per_num_sms=[row(k) for _, k in sorted(best_per_sms.items())],
-          tunings=[row(k) for k in sorted(totals)], records=records))
+          dtype="bf16", iters=iters, reps=reps, warmup=warmup,
+          score="dispatch_us + combine_us", chosen=rows[chosen],
+          best_per_num_sms=[rows[k] for _, k in sorted(best_per_sms.items())],
+          tunings=[rows[k] for k in sorted(rows)]))
 
 
 def format_table(entry: dict) -> str:
   """The entry's per-tuning times as a text table; marks the best tunings."""
   measured = entry["measured"]
-  best = {tuple(r[f] for f in intranode_timing.TUNING_FIELDS)
+  best = {tuple(r[f] for f in TUNING_FIELDS)
           for r in measured["best_per_num_sms"]}
-  chosen = tuple(measured["chosen"][f] for f in intranode_timing.TUNING_FIELDS)
+  chosen = tuple(measured["chosen"][f] for f in TUNING_FIELDS)
   lines = [f"{entry['device_kind']}, {entry['num_ranks']} GPUs, "
            f"T={measured['tokens']} H={measured['hidden']} "
            f"K={measured['topk']} E={measured['experts']}, bf16 (µs per call)",
@@ -116,7 +160,7 @@ def format_table(entry: dict) -> str:
            f"{'nvl_copy_engine':>15} {'dispatch':>9} {'combine':>9} "
            f"{'total':>9}"]
   for r in measured["tunings"]:
-    key = tuple(r[f] for f in intranode_timing.TUNING_FIELDS)
+    key = tuple(r[f] for f in TUNING_FIELDS)
     mark = ("  <- chosen" if key == chosen else
             "  <- best for its num_sms" if key in best else "")
     lines.append(f"{r['num_sms']:>7} {r['nvl_send_warps']:>14} "
@@ -186,10 +230,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   ap.add_argument("--copy-engine", type=_int_list, default=[1, 0],
                   help="dispatch by copy engine (1) or pushing warps (0) "
                   "(Config.nvl_copy_engine)")
-  ap.add_argument("--calls", type=int, default=10,
-                  help="chained calls per timed program")
-  ap.add_argument("--reps", type=int, default=5,
-                  help="timed runs per program (the median counts)")
+  ap.add_argument("--iters", type=int, default=10,
+                  help="chained calls per timed loop")
+  ap.add_argument("--reps", type=int, default=20,
+                  help="timed loops per op and tuning (the median counts)")
+  ap.add_argument("--warmup", type=int, default=2,
+                  help="untimed loops first")
   ap.add_argument("--out", default=None,
                   help="tuned-config file to update (default: $JAX_EP_CONFIG "
                   "or ~/.cache/jax_ep/config.json)")
@@ -206,15 +252,15 @@ def main(argv: Sequence[str] | None = None) -> int:
              f"of GPUs ({len(gpus)})")
   out = args.out or tuned_config_path()
 
-  def progress(record):
-    print(f"{record['op']:>8}: num_sms {record['num_sms']}, nvl_send_warps "
-          f"{record['nvl_send_warps']}, nvl_chunk {record['nvl_chunk']}, "
-          f"nvl_copy_engine {int(record['nvl_copy_engine'])}: "
-          f"{record['time_us']} µs", file=sys.stderr, flush=True)
+  def progress(row):
+    print(f"num_sms {row['num_sms']}, nvl_send_warps {row['nvl_send_warps']}, "
+          f"nvl_chunk {row['nvl_chunk']}, nvl_copy_engine "
+          f"{int(row['nvl_copy_engine'])}: dispatch {row['dispatch_us']} µs, "
+          f"combine {row['combine_us']} µs", file=sys.stderr, flush=True)
 
   entry = tune(gpus, tokens=args.tokens, hidden=args.hidden, topk=args.topk,
-               experts=args.experts, configs=configs, calls=args.calls,
-               reps=args.reps, report=progress)
+               experts=args.experts, configs=configs, iters=args.iters,
+               reps=args.reps, warmup=args.warmup, report=progress)
   print(format_table(entry))
   write_tuned_config(out, entry)
   print(f"wrote {entry['config']} for {entry['device_kind']} x "

@@ -1,7 +1,8 @@
 """The autotuner's CPU side: Config fields, the tuned-config file, the choice.
 
-The sweep itself needs GPUs; here `time_intranode` is replaced by made-up
-records, and the command line is only checked for its help and its refusal to
+The sweep times the kernels on GPUs; here it runs on CPU ranks with the
+reference backend (the same steps, meaningless times), the choice is checked
+on made-up times, and the command line only for its help and its refusal to
 run without a GPU.
 """
 
@@ -10,14 +11,13 @@ import os
 import re
 import subprocess
 import sys
-import types
 
 import pytest
 
 import jax_ep
 from jax_ep._src import config as config_lib
 from jax_ep._src import tune
-from jax_ep._src.cuda import intranode_timing
+from ep_testing import cpu_devices
 from repo_paths import REPO
 H200 = "NVIDIA H200"
 
@@ -177,39 +177,49 @@ def test_choose_prefers_fewer_sms_within_three_percent(t16, t24, chosen):
 def test_tune_scores_dispatch_plus_combine(monkeypatch, config_file):
   # Made-up times: dispatch falls with num_sms and halves with the copy
   # engine, combine is best at chunk 2.
-  def fake_time_intranode(devices, *, tunings, ops, dtype, reference_too,
-                          **kwargs):
-    assert dtype == "bf16" and not reference_too
-    assert set(ops) == {"dispatch", "combine"}
-    records = []
-    for t in tunings:
-      for op in ops:
-        time_us = (3000 / t.num_sms / (2 if t.nvl_copy_engine else 1)
-                   if op == "dispatch"
-                   else 100 + abs(t.nvl_chunk - 2) + t.nvl_send_warps)
-        records.append(dict(op=op, impl="jax_ep",
-                            **intranode_timing.tuning_fields(t),
-                            time_us=time_us))
-    return records
+  def fake_time_config(mesh, config, inputs, **kwargs):
+    return dict(**tune.tuning_fields(config),
+                dispatch_us=(3000 / config.num_sms /
+                             (2 if config.nvl_copy_engine else 1)),
+                combine_us=(100 + abs(config.nvl_chunk - 2) +
+                            config.nvl_send_warps))
 
-  monkeypatch.setattr(intranode_timing, "time_intranode", fake_time_intranode)
-  gpus = [types.SimpleNamespace(device_kind=H200)] * 2
-  result = tune.tune(gpus, tokens=64, hidden=256, topk=2, experts=8,
+  monkeypatch.setattr(tune, "time_config", fake_time_config)
+  monkeypatch.setattr(tune, "problem", lambda mesh, **kwargs: None)
+  devices = cpu_devices(2)
+  kind = devices[0].device_kind
+  result = tune.tune(devices, tokens=64, hidden=256, topk=2, experts=8,
                      configs=tune.sweep([24, 32], [2, 4], [0, 2],
                                         [True, False]))
   # 32 SMs: 46.875 + 102 = 148.875; 24 SMs: 62.5 + 102 = 164.5 (over 3%).
   assert result["config"] == dict(num_sms=32, nvl_send_warps=2, nvl_chunk=2,
                                   nvl_copy_engine=True)
-  assert (result["device_kind"], result["num_ranks"]) == (H200, 2)
+  assert (result["device_kind"], result["num_ranks"]) == (kind, 2)
   measured = result["measured"]
   assert measured["chosen"]["total_us"] == 148.9
-  assert len(measured["tunings"]) == 16 and len(measured["records"]) == 32
+  assert len(measured["tunings"]) == 16
   assert [r["num_sms"] for r in measured["best_per_num_sms"]] == [24, 32]
   table = tune.format_table(result)
   assert "<- chosen" in table and "<- best for its num_sms" in table
   config_lib.write_tuned_config(config_file, result)
-  assert config_lib.tuned_config(H200, 2) == jax_ep.Config(
+  assert config_lib.tuned_config(kind, 2) == jax_ep.Config(
       num_sms=32, nvl_send_warps=2, nvl_chunk=2, nvl_copy_engine=True)
+
+
+def test_tune_times_each_config_with_the_shared_timing_method():
+  """The sweep's real steps (inputs, a Buffer per config, timed dispatch and
+  combine) on two CPU ranks with the reference backend."""
+  reported = []
+  result = tune.tune(cpu_devices(2), tokens=16, hidden=128, topk=2,
+                     experts=8, configs=tune.sweep([8, 16], [4], [0], [False]),
+                     iters=2, reps=2, warmup=1, backend="reference",
+                     report=reported.append)
+  assert [r["num_sms"] for r in reported] == [8, 16]
+  for r in reported:
+    assert r["dispatch_us"] > 0 and r["combine_us"] > 0
+    assert r["total_us"] == round(r["dispatch_us"] + r["combine_us"], 1)
+  assert result["num_ranks"] == 2
+  assert result["config"]["num_sms"] in (8, 16)
 
 
 # ---------------------------------------------------------------- the CLI
