@@ -63,13 +63,20 @@ ffi::Error CheckAndLaunch(const char* op, int32_t device,
   return ToFfiError(launch(*buffers));
 }
 
-// The row arrays of a dispatch: x [T, C0] and scales [T, C1] in, recv_x
-// [M, C0] and recv_scales [M, C1] of the same types out.
-ffi::Error ExpectDispatchRows(std::string_view op, const ffi::AnyBuffer& x,
-                              const ffi::AnyBuffer& scales,
-                              const ffi::AnyBuffer& recv_x,
-                              const ffi::AnyBuffer& recv_scales,
-                              int64_t capacity) {
+// Bytes per row of a rank-2 buffer: the kernels move rows as bytes.
+int64_t RowBytes(const ffi::AnyBuffer& rows) {
+  return rows.dimensions()[1] *
+         static_cast<int64_t>(ffi::ByteWidth(rows.element_type()));
+}
+
+// The rows a dispatch moves: checks x [T, C0] and scales [T, C1] in, recv_x
+// [M, C0] and recv_scales [M, C1] of the same types out, then fills *m.
+ffi::Error MovedRows(std::string_view op, const ffi::AnyBuffer& x,
+                     const ffi::AnyBuffer& scales,
+                     const ffi::AnyBuffer& recv_x,
+                     const ffi::AnyBuffer& recv_scales, int64_t num_ranks,
+                     int64_t capacity, const Tuning& tuning,
+                     jax_ep::intranode::DispatchRows* m) {
   if (auto error =
           FirstFailure({ExpectRank(op, "x", x.dimensions(), 2),
                         ExpectRank(op, "scales", scales.dimensions(), 2)});
@@ -94,13 +101,14 @@ ffi::Error ExpectDispatchRows(std::string_view op, const ffi::AnyBuffer& x,
         std::string(op) +
         ": recv_x and recv_scales must have the types of x and scales");
   }
+  *m = {{x.untyped_data(), scales.untyped_data()},
+        {RowBytes(x), RowBytes(scales)},
+        {recv_x.untyped_data(), recv_scales.untyped_data()},
+        num_tokens,
+        num_ranks,
+        capacity,
+        tuning};
   return ffi::Error::Success();
-}
-
-// Bytes per row of a rank-2 buffer: the kernels move rows as bytes.
-int64_t RowBytes(const ffi::AnyBuffer& rows) {
-  return rows.dimensions()[1] *
-         static_cast<int64_t>(ffi::ByteWidth(rows.element_type()));
 }
 
 bool ToElementType(ffi::DataType type, jax_ep::intranode::ElementType* out) {
@@ -192,31 +200,22 @@ static ffi::Error IntranodeDispatch(
     ffi::ResultBufferR0<ffi::S32> num_recv_tokens) {
   constexpr const char* kOp = jax_ep::targets::kIntranodeDispatch;
   const int64_t M = capacity;
+  jax_ep::intranode::DispatchArgs a;
   if (auto error = FirstFailure({
           ExpectExpertsPerRank(kOp, num_experts, num_ranks),
-          ExpectDispatchRows(kOp, x, scales, *recv_x, *recv_scales, M),
+          MovedRows(kOp, x, scales, *recv_x, *recv_scales, num_ranks, M,
+                    tuning, &a.moved),
       });
       error.failure()) {
     return error;
   }
-  const int64_t T = x.dimensions()[0];
+  const int64_t T = a.moved.num_tokens;
   const int64_t K = topk_idx.dimensions()[1];
-  jax_ep::intranode::DispatchArgs a;
-  a.rows[0] = x.untyped_data();
-  a.rows[1] = scales.untyped_data();
-  a.row_bytes[0] = RowBytes(x);
-  a.row_bytes[1] = RowBytes(scales);
   a.topk_idx = topk_idx.typed_data();
   a.topk_weights = topk_weights.typed_data();
-  a.num_tokens = T;
   a.num_topk = K;
-  a.num_ranks = num_ranks;
   a.num_experts = num_experts;
-  a.capacity = capacity;
   a.expert_alignment = expert_alignment;
-  a.tuning = tuning;
-  a.recv_rows[0] = recv_x->untyped_data();
-  a.recv_rows[1] = recv_scales->untyped_data();
   a.recv_topk_idx = recv_topk_idx->typed_data();
   a.recv_topk_weights = recv_topk_weights->typed_data();
   a.num_recv_per_expert = num_recv_per_expert->typed_data();
@@ -278,25 +277,15 @@ static ffi::Error IntranodeCachedDispatch(
     int64_t capacity, Tuning tuning, ffi::Result<ffi::AnyBuffer> recv_x,
     ffi::Result<ffi::AnyBuffer> recv_scales) {
   constexpr const char* kOp = jax_ep::targets::kIntranodeCachedDispatch;
-  if (auto error =
-          ExpectDispatchRows(kOp, x, scales, *recv_x, *recv_scales, capacity);
+  jax_ep::intranode::CachedDispatchArgs a;
+  if (auto error = MovedRows(kOp, x, scales, *recv_x, *recv_scales, num_ranks,
+                             capacity, tuning, &a.moved);
       error.failure()) {
     return error;
   }
-  const int64_t T = x.dimensions()[0];
-  jax_ep::intranode::CachedDispatchArgs a;
-  a.rows[0] = x.untyped_data();
-  a.rows[1] = scales.untyped_data();
-  a.row_bytes[0] = RowBytes(x);
-  a.row_bytes[1] = RowBytes(scales);
+  const int64_t T = a.moved.num_tokens;
   a.recv_row = recv_row.typed_data();
   a.num_recv_tokens = num_recv_tokens.typed_data();
-  a.num_tokens = T;
-  a.num_ranks = num_ranks;
-  a.capacity = capacity;
-  a.tuning = tuning;
-  a.recv_rows[0] = recv_x->untyped_data();
-  a.recv_rows[1] = recv_scales->untyped_data();
   return CheckAndLaunch(
       kOp, device_ordinal,
       {ExpectShape(kOp, "recv_row", recv_row.dimensions(), {num_ranks, T})},

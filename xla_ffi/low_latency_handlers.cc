@@ -50,6 +50,21 @@ static ffi::Error CheckAndLaunch(
   return ToFfiError(launch(heap, a, stream));
 }
 
+// The local experts L and the slots per local expert S = R * Tmax of
+// `shape`, once its experts split evenly over its ranks (the launcher checks
+// the rest of the shape).
+static ffi::Error ExpertSlots(const char* op, const Shape& shape, int64_t* L,
+                              int64_t* S) {
+  if (auto error =
+          ExpectExpertsPerRank(op, shape.num_experts, shape.num_ranks);
+      error.failure()) {
+    return error;
+  }
+  *L = shape.num_local();
+  *S = shape.num_ranks * shape.max_tokens;
+  return ffi::Error::Success();
+}
+
 // Sends each token, cast to fp8 when asked, to its experts' ranks
 // (LaunchDispatchSend).
 // Checks: x and topk_idx agree with `shape`.
@@ -106,13 +121,10 @@ static ffi::Error LowLatencyDispatchRecv(
     ffi::ResultBufferR2<ffi::S32> src_index,
     ffi::ResultBufferR2<ffi::S32> slot) {
   constexpr const char* kOp = jax_ep::targets::kLowLatencyDispatchRecv;
-  if (auto error =
-          ExpectExpertsPerRank(kOp, shape.num_experts, shape.num_ranks);
-      error.failure()) {
+  int64_t L, S;
+  if (auto error = ExpertSlots(kOp, shape, &L, &S); error.failure()) {
     return error;
   }
-  const int64_t L = shape.num_local();
-  const int64_t S = shape.num_ranks * shape.max_tokens;
   const int64_t H = shape.hidden;
   // UE8M0 packs the exponents of four scale groups into one s32.
   const int64_t scale_columns =
@@ -185,13 +197,10 @@ static ffi::Error LowLatencyCombineSend(cudaStream_t stream,
                                         bool zero_copy,
                                         ffi::ResultBufferR1<ffi::U32> ticket) {
   constexpr const char* kOp = jax_ep::targets::kLowLatencyCombineSend;
-  if (auto error =
-          ExpectExpertsPerRank(kOp, shape.num_experts, shape.num_ranks);
-      error.failure()) {
+  int64_t L, S;
+  if (auto error = ExpertSlots(kOp, shape, &L, &S); error.failure()) {
     return error;
   }
-  const int64_t L = shape.num_local();
-  const int64_t S = shape.num_ranks * shape.max_tokens;
   jax_ep::low_latency::CombineSendArgs a;
   a.shape = shape;
   a.y = y.typed_data();

@@ -30,21 +30,27 @@ struct Tuning {
   int64_t nvl_copy_engine;
 };
 
-// One fresh dispatch. Device pointers; every rank calls it with the same
-// sizes, in the same order relative to its other intranode calls.
-struct DispatchArgs {
+// What both dispatches move and the sizes they share. Device pointers;
+// every rank calls with the same sizes, in the same order relative to its
+// other intranode calls.
+struct DispatchRows {
   const void* rows[2];            // [T, row_bytes[i]]; rows[1] may be unused
   int64_t row_bytes[2];           // multiples of 4; row_bytes[1] may be 0
+  void* recv_rows[2];             // [M, row_bytes[i]] out
+  int64_t num_tokens;             // T >= 1
+  int64_t num_ranks;              // R, must equal the buffers' R
+  int64_t capacity;               // M >= 1
+  Tuning tuning;
+};
+
+// One fresh dispatch.
+struct DispatchArgs {
+  DispatchRows moved;
   const int32_t* topk_idx;        // [T, K]
   const float* topk_weights;      // [T, K]
-  int64_t num_tokens;             // T >= 1
   int64_t num_topk;               // 1 <= K <= kMaxTopk
-  int64_t num_ranks;              // R, must equal the buffers' R
   int64_t num_experts;            // E, a multiple of R, <= kMaxNormalExperts
-  int64_t capacity;               // M >= 1
   int64_t expert_alignment;       // >= 1
-  Tuning tuning;
-  void* recv_rows[2];             // [M, row_bytes[i]] out
   int32_t* recv_topk_idx;         // [M, K] out
   float* recv_topk_weights;       // [M, K] out
   int32_t* num_recv_per_expert;   // [E / R] out
@@ -55,15 +61,9 @@ struct DispatchArgs {
 
 // A dispatch that replays a handle's routing (the backward of combine).
 struct CachedDispatchArgs {
-  const void* rows[2];            // [T, row_bytes[i]]
-  int64_t row_bytes[2];
+  DispatchRows moved;
   const int32_t* recv_row;        // [R, T], the handle's
   const int32_t* num_recv_tokens; // [], the handle's
-  int64_t num_tokens;             // T
-  int64_t num_ranks;              // R
-  int64_t capacity;               // M
-  Tuning tuning;
-  void* recv_rows[2];             // [M, row_bytes[i]] out
 };
 
 // One combine. y's element type: bf16 or f32; out: f32 or y's type.

@@ -157,21 +157,30 @@ Status CheckFits(const char* op, const runtime::PeerView& buffers,
   return Status();
 }
 
-// The row arrays a dispatch moves: checks them, lays the call out, and fills
-// the kernels' row pointers.
-Status SetRows(const char* op, const runtime::PeerView& buffers,
-               const void* const rows[2], const int64_t row_bytes[2],
-               void* const recv_rows[2], int64_t num_topk, Common* c,
-               const char* rows_out[2], int64_t row_bytes_out[2],
-               char* recv_rows_out[2]) {
-  if (Status s = CheckRowBytes(op, row_bytes); !s.ok()) return s;
+// Whether the copy engines move a dispatch's rows (else warps push them).
+bool CopiesByEngine(const DispatchRows& m) {
+  return m.tuning.nvl_copy_engine != 0 && m.num_ranks > 1;
+}
+
+// What both dispatches do first: Plan, then check the rows they move, lay
+// the call out, and fill the kernels' row pointers.
+Status PlanDispatch(const char* op, const runtime::PeerBuffers& peer_buffers,
+                    const DispatchRows& m, int64_t num_topk, Common* c,
+                    const char* rows[2], int64_t row_bytes[2],
+                    char* recv_rows[2]) {
+  if (Status s = Plan(op, peer_buffers, m.num_ranks, m.num_tokens,
+                      m.capacity, m.tuning, !CopiesByEngine(m), c);
+      !s.ok()) {
+    return s;
+  }
+  if (Status s = CheckRowBytes(op, m.row_bytes); !s.ok()) return s;
   c->call = CallLayout{c->num_tokens, c->num_ranks, num_topk,
-                       {row_bytes[0], row_bytes[1]}};
-  if (Status s = CheckFits(op, buffers, c->call); !s.ok()) return s;
+                       {m.row_bytes[0], m.row_bytes[1]}};
+  if (Status s = CheckFits(op, c->buffers, c->call); !s.ok()) return s;
   for (int i = 0; i < 2; ++i) {
-    rows_out[i] = static_cast<const char*>(rows[i]);
-    row_bytes_out[i] = row_bytes[i];
-    recv_rows_out[i] = static_cast<char*>(recv_rows[i]);
+    rows[i] = static_cast<const char*>(m.rows[i]);
+    row_bytes[i] = m.row_bytes[i];
+    recv_rows[i] = static_cast<char*>(m.recv_rows[i]);
   }
   return Status();
 }
@@ -307,22 +316,39 @@ Status JoinCopies(const runtime::PeerBuffers& buffers, cudaStream_t stream) {
       "cudaStreamWaitEvent (join)");
 }
 
+// What both dispatches do after their stage kernel: the barrier, then the
+// main kernel (`launch_kernel`), beside the copy engines' transfers of
+// `plan` when they move the rows.
+template <typename LaunchKernel>
+Status RunDispatch(const runtime::PeerBuffers& peer_buffers,
+                   const DispatchRows& m, const Common& c, Op op,
+                   const CopyPlan& plan, LaunchKernel launch_kernel,
+                   cudaStream_t stream) {
+  if (Status s = LaunchBarrier(c, op, stream); !s.ok()) return s;
+  const bool copy_engine = CopiesByEngine(m);
+  if (copy_engine) {
+    if (Status s = ForkCopies(peer_buffers, c, plan, stream); !s.ok()) {
+      return s;
+    }
+  }
+  if (Status s = launch_kernel(); !s.ok()) return s;
+  return copy_engine ? JoinCopies(peer_buffers, stream) : Status();
+}
+
 }  // namespace
 
 Status LaunchDispatch(const runtime::PeerBuffers& peer_buffers,
                       const DispatchArgs& a, cudaStream_t stream) {
   const char* op = "dispatch";
-  const runtime::PeerView buffers = peer_buffers.view();
-  const bool copy_engine = a.tuning.nvl_copy_engine != 0 && a.num_ranks > 1;
-  Common common{buffers};
-  if (Status s = Plan(op, peer_buffers, a.num_ranks, a.num_tokens,
-                      a.capacity, a.tuning, !copy_engine, &common);
+  const DispatchRows& m = a.moved;
+  DispatchParams p{Common{peer_buffers.view()}};
+  if (Status s = PlanDispatch(op, peer_buffers, m, a.num_topk, &p.c, p.rows,
+                              p.row_bytes, p.recv_rows);
       !s.ok()) {
     return s;
   }
-  DispatchParams p{common};
   if (a.num_experts < 1 || a.num_experts > kMaxNormalExperts ||
-      a.num_experts % a.num_ranks != 0) {
+      a.num_experts % m.num_ranks != 0) {
     return Fail(op, "num_experts must be a multiple of num_ranks in [1, " +
                         std::to_string(kMaxNormalExperts) + "], got " +
                         std::to_string(a.num_experts));
@@ -333,15 +359,10 @@ Status LaunchDispatch(const runtime::PeerBuffers& peer_buffers,
                         std::to_string(a.num_topk) + ", expert_alignment=" +
                         std::to_string(a.expert_alignment));
   }
-  if (Status s = SetRows(op, buffers, a.rows, a.row_bytes, a.recv_rows,
-                         a.num_topk, &p.c, p.rows, p.row_bytes, p.recv_rows);
-      !s.ok()) {
-    return s;
-  }
   p.topk_idx = a.topk_idx;
   p.topk_weights = a.topk_weights;
   p.num_topk = static_cast<int>(a.num_topk);
-  p.num_local_experts = static_cast<int>(a.num_experts / a.num_ranks);
+  p.num_local_experts = static_cast<int>(a.num_experts / m.num_ranks);
   p.expert_alignment =
       static_cast<int>(std::min<int64_t>(a.expert_alignment, 1 << 30));
   p.recv_topk_idx = a.recv_topk_idx;
@@ -351,77 +372,54 @@ Status LaunchDispatch(const runtime::PeerBuffers& peer_buffers,
   p.recv_row = a.recv_row;
   p.num_recv_tokens = a.num_recv_tokens;
   if (Status s = LaunchStageDispatch(p, stream); !s.ok()) return s;
-  if (Status s = LaunchBarrier(p.c, Op::kDispatch, stream); !s.ok()) return s;
-  if (copy_engine) {
-    const CopyPlan plan{{p.rows[0], p.rows[1]},
-                        {p.row_bytes[0], p.row_bytes[1]},
-                        /*routing=*/true,
-                        a.topk_idx,
-                        a.topk_weights,
-                        a.num_topk};
-    if (Status s = ForkCopies(peer_buffers, p.c, plan, stream); !s.ok()) {
-      return s;
-    }
-  }
-  if (Status s = LaunchDispatchKernel(p, static_cast<int>(a.tuning.num_sms),
-                                      stream);
-      !s.ok()) {
-    return s;
-  }
-  return copy_engine ? JoinCopies(peer_buffers, stream) : Status();
+  const CopyPlan plan{{p.rows[0], p.rows[1]},
+                      {p.row_bytes[0], p.row_bytes[1]},
+                      /*routing=*/true,
+                      a.topk_idx,
+                      a.topk_weights,
+                      a.num_topk};
+  return RunDispatch(
+      peer_buffers, m, p.c, Op::kDispatch, plan,
+      [&] {
+        return LaunchDispatchKernel(p, static_cast<int>(m.tuning.num_sms),
+                                    stream);
+      },
+      stream);
 }
 
 Status LaunchCachedDispatch(const runtime::PeerBuffers& peer_buffers,
                             const CachedDispatchArgs& a, cudaStream_t stream) {
   const char* op = "cached dispatch";
-  const runtime::PeerView buffers = peer_buffers.view();
-  const bool copy_engine = a.tuning.nvl_copy_engine != 0 && a.num_ranks > 1;
-  Common common{buffers};
-  if (Status s = Plan(op, peer_buffers, a.num_ranks, a.num_tokens,
-                      a.capacity, a.tuning, !copy_engine, &common);
-      !s.ok()) {
-    return s;
-  }
-  CachedParams p{common};
-  if (Status s = SetRows(op, buffers, a.rows, a.row_bytes, a.recv_rows, 0,
-                         &p.c, p.rows, p.row_bytes, p.recv_rows);
+  const DispatchRows& m = a.moved;
+  CachedParams p{Common{peer_buffers.view()}};
+  if (Status s = PlanDispatch(op, peer_buffers, m, 0, &p.c, p.rows,
+                              p.row_bytes, p.recv_rows);
       !s.ok()) {
     return s;
   }
   p.recv_row = a.recv_row;
   p.num_recv_tokens = a.num_recv_tokens;
-  const int blocks = static_cast<int>(a.tuning.num_sms);
-  if (!copy_engine) {  // pushers read the destinations' staged recv_row
+  const int blocks = static_cast<int>(m.tuning.num_sms);
+  if (!CopiesByEngine(m)) {  // pushers read the destinations' staged recv_row
     if (Status s = LaunchStageCached(p, blocks, stream); !s.ok()) return s;
   }
-  if (Status s = LaunchBarrier(p.c, Op::kCachedDispatch, stream); !s.ok()) {
-    return s;
-  }
-  if (copy_engine) {
-    const CopyPlan plan{{p.rows[0], p.rows[1]},
-                        {p.row_bytes[0], p.row_bytes[1]},
-                        /*routing=*/false, nullptr, nullptr, 0};
-    if (Status s = ForkCopies(peer_buffers, p.c, plan, stream); !s.ok()) {
-      return s;
-    }
-  }
-  if (Status s = LaunchCachedDispatchKernel(p, blocks, stream); !s.ok()) {
-    return s;
-  }
-  return copy_engine ? JoinCopies(peer_buffers, stream) : Status();
+  const CopyPlan plan{{p.rows[0], p.rows[1]},
+                      {p.row_bytes[0], p.row_bytes[1]},
+                      /*routing=*/false, nullptr, nullptr, 0};
+  return RunDispatch(
+      peer_buffers, m, p.c, Op::kCachedDispatch, plan,
+      [&] { return LaunchCachedDispatchKernel(p, blocks, stream); }, stream);
 }
 
 Status LaunchCombine(const runtime::PeerBuffers& peer_buffers,
                      const CombineArgs& a, cudaStream_t stream) {
   const char* op = "combine";
-  const runtime::PeerView buffers = peer_buffers.view();
-  Common common{buffers};
+  CombineParams p{Common{peer_buffers.view()}};
   if (Status s = Plan(op, peer_buffers, a.num_ranks, a.num_tokens,
-                      a.capacity, a.tuning, /*warps_push=*/true, &common);
+                      a.capacity, a.tuning, /*warps_push=*/true, &p.c);
       !s.ok()) {
     return s;
   }
-  CombineParams p{common};
   if (a.num_channels < 1) {
     return Fail(op, "need num_channels >= 1, got " +
                         std::to_string(a.num_channels));
@@ -435,7 +433,7 @@ Status LaunchCombine(const runtime::PeerBuffers& peer_buffers,
     return Fail(op, "y's rows must be a multiple of 4 bytes");
   }
   p.c.call = CallLayout{a.num_tokens, a.num_ranks, 0, {p.row_bytes, 0}};
-  if (Status s = CheckFits(op, buffers, p.c.call); !s.ok()) return s;
+  if (Status s = CheckFits(op, p.c.buffers, p.c.call); !s.ok()) return s;
   p.y = static_cast<const char*>(a.y);
   p.recv_row = a.recv_row;
   p.bias = a.bias;
