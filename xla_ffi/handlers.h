@@ -7,7 +7,6 @@
 #include "xla/ffi/api/api.h"
 
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxEpGetDispatchLayout);
-XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxEpIntranodeNotify);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxEpIntranodeDispatch);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxEpIntranodeCachedDispatch);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxEpIntranodeCombine);
@@ -19,7 +18,6 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxEpLowLatencyCombineRecv);
 namespace jax_ep::targets {
 
 inline constexpr char kGetDispatchLayout[] = "jax_ep_get_dispatch_layout";
-inline constexpr char kIntranodeNotify[] = "jax_ep_intranode_notify";
 inline constexpr char kIntranodeDispatch[] = "jax_ep_intranode_dispatch";
 inline constexpr char kIntranodeCachedDispatch[] =
     "jax_ep_intranode_cached_dispatch";

@@ -1,5 +1,5 @@
-// FFI handlers of the intranode (NVLink) family: notify, dispatch, cached
-// dispatch and combine (csrc/intranode) on XLA's stream, over the peer
+// FFI handlers of the intranode (NVLink) family: dispatch, cached dispatch
+// and combine (csrc/intranode) on XLA's stream, over the peer
 // buffers that the registry holds for the device XLA runs the call on (the
 // rank comes from that entry). The launchers check the sizes against the
 // peer buffers and the kernels' limits; the handlers check XLA's buffers
@@ -21,7 +21,6 @@
 #include "checks.h"
 #include "handlers.h"
 #include "intranode/dispatch_combine.cuh"
-#include "intranode/notify.cuh"
 #include "runtime/peer_buffers.cuh"
 #include "xla/ffi/api/ffi.h"
 
@@ -125,62 +124,6 @@ bool ToElementType(ffi::DataType type, jax_ep::intranode::ElementType* out) {
 }
 
 }  // namespace
-
-// Exchanges the layouts' counts between the ranks (LaunchNotify).
-// Checks: the shapes agree with num_ranks and num_experts.
-static ffi::Error IntranodeNotify(
-    cudaStream_t stream, int32_t device_ordinal,
-    ffi::BufferR1<ffi::S32> num_tokens_per_rank,
-    ffi::BufferR1<ffi::S32> num_tokens_per_expert, int64_t num_ranks,
-    int64_t num_experts, int64_t expert_alignment, int64_t timeout_ns,
-    ffi::ResultBufferR2<ffi::S32> count_matrix,
-    ffi::ResultBufferR1<ffi::S32> recv_tokens_per_expert) {
-  constexpr const char* kOp = jax_ep::targets::kIntranodeNotify;
-  if (auto error = ExpectExpertsPerRank(kOp, num_experts, num_ranks);
-      error.failure()) {
-    return error;
-  }
-  jax_ep::intranode::NotifyArgs a;
-  a.num_tokens_per_rank = num_tokens_per_rank.typed_data();
-  a.num_tokens_per_expert = num_tokens_per_expert.typed_data();
-  a.num_ranks = num_ranks;
-  a.num_experts = num_experts;
-  a.expert_alignment = expert_alignment;
-  a.timeout_ns = timeout_ns;
-  a.count_matrix = count_matrix->typed_data();
-  a.recv_tokens_per_expert = recv_tokens_per_expert->typed_data();
-  return CheckAndLaunch(
-      kOp, device_ordinal,
-      {
-          ExpectShape(kOp, "num_tokens_per_rank",
-                      num_tokens_per_rank.dimensions(), {num_ranks}),
-          ExpectShape(kOp, "num_tokens_per_expert",
-                      num_tokens_per_expert.dimensions(), {num_experts}),
-          ExpectShape(kOp, "count_matrix", count_matrix->dimensions(),
-                      {num_ranks, num_ranks}),
-          ExpectShape(kOp, "recv_tokens_per_expert",
-                      recv_tokens_per_expert->dimensions(),
-                      {num_experts / num_ranks}),
-      },
-      [&](const PeerBuffers& buffers) {
-        return jax_ep::intranode::LaunchNotify(buffers.view(), a, stream);
-      });
-}
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    JaxEpIntranodeNotify, IntranodeNotify,
-    ffi::Ffi::Bind()
-        .Ctx<ffi::PlatformStream<cudaStream_t>>()
-        .Ctx<ffi::DeviceOrdinal>()
-        .Arg<ffi::BufferR1<ffi::S32>>()     // num_tokens_per_rank [R]
-        .Arg<ffi::BufferR1<ffi::S32>>()     // num_tokens_per_expert [E]
-        .Attr<int64_t>("num_ranks")         // R
-        .Attr<int64_t>("num_experts")       // E, a multiple of R
-        .Attr<int64_t>("expert_alignment")  // rounds recv_tokens_per_expert
-        .Attr<int64_t>("timeout_ns")        // per wait for a peer
-        .Ret<ffi::BufferR2<ffi::S32>>()     // count_matrix [R, R]: s sends d
-        .Ret<ffi::BufferR1<ffi::S32>>(),    // recv_tokens_per_expert [E / R]
-    {ffi::Traits::kCmdBufferCompatible});
 
 // A fresh dispatch: routes each token's rows to its experts' ranks
 // (LaunchDispatch).

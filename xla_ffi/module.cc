@@ -26,7 +26,6 @@ nb::dict Registrations() {
   namespace targets = jax_ep::targets;
   nb::dict out;
   out[targets::kGetDispatchLayout] = Capsule(JaxEpGetDispatchLayout);
-  out[targets::kIntranodeNotify] = Capsule(JaxEpIntranodeNotify);
   out[targets::kIntranodeDispatch] = Capsule(JaxEpIntranodeDispatch);
   out[targets::kIntranodeCachedDispatch] =
       Capsule(JaxEpIntranodeCachedDispatch);

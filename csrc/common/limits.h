@@ -16,13 +16,14 @@ inline constexpr int64_t kMaxTopk = 32;
 
 // R, the EP size, for every kernel (a Buffer serves every op family over one
 // EP axis): get_dispatch_layout keeps a token's ranks in one 64-bit mask, and
-// the intranode barrier and notify give each rank a thread.
+// the intranode barrier and the dispatch's stage kernel give each rank a
+// thread or a block.
 inline constexpr int64_t kMaxRanks = 64;
 
 // E for the normal ops' kernels. They count per expert in shared memory
 // (get_dispatch_layout, the dispatch's stage kernel) and in the peer buffers'
 // count slots, which hold kMaxNormalExperts / R local experts per source; one
-// limit, as get_dispatch_layout's counts are what intranode notify sends.
+// limit for both, as a dispatch counts the experts get_dispatch_layout does.
 inline constexpr int64_t kMaxNormalExperts = 1024;
 
 // E for the low-latency kernels: a send block counts every expert's tokens

@@ -8,10 +8,15 @@
 // expert of rank d (any k with topk_idx[t,k] - d*L in [0, L), L = E/R: the
 // reference's test), writes positions[d, t] (rank of t among them, or -1)
 // into the scratch, then its count into every peer's count slot and its
-// per-expert counts into d's (the notify slots, parity of the coming seq;
-// notify.cu argues why two parities suffice). After the barrier each rank
-// knows the whole count matrix, hence where every source's rows start in
-// every destination's output: rows ordered by source, then token.
+// per-expert counts into d's (the count slots of the coming seq's parity).
+// After the barrier each rank knows the whole count matrix, hence where
+// every source's rows start in every destination's output: rows ordered by
+// source, then token. Two slot sets suffice: to write set p again, rank s
+// must reach call seq + 2, hence pass the barrier of seq + 1, which needs
+// d's flag of seq + 1, which d releases only after its main kernel of call
+// seq, the last to read set p, has run (a device's calls run in stream
+// order). A writer is at most one call ahead of any reader, on the other
+// set.
 // Two ways move the rows and routing into a destination's slot:
 //   copy engines (Tuning::nvl_copy_engine): a side stream forked off XLA's
 //     after the barrier copies ALL T rows, the routing (positions[d],

@@ -15,7 +15,7 @@
 //   cached dispatch:  StageCached   -> Barrier -> CachedDispatchKernel
 //   combine:                           Barrier -> CombineKernel
 //
-// Call sequence. All intranode calls of a device (notify and these) share
+// Call sequence. All intranode calls of a device share
 // its call counter and flags (BufferLayout's control region): the Barrier
 // kernel does seq = ++*sequence; every rank makes the same sequence of
 // calls, so seq names the same call everywhere. Barrier: thread d releases

@@ -48,7 +48,7 @@ static_assert(kIpcHandleBytes == 64, "cudaIpcMemHandle_t is 64 bytes");
 struct BufferLayout {
   int64_t data_bytes;  // requested data region, rounded up to 256 bytes
   int64_t num_ranks;   // R
-  // Ints per notify slot: a source's count row (R) plus the per-expert counts
+  // Ints per count slot: a source's count row (R) plus the per-expert counts
   // it sends to one destination (L = E / R <= kMaxNormalExperts / R).
   int64_t slot_ints;
 
@@ -77,7 +77,7 @@ struct BufferLayout {
     return arrivals_offset() + num_ranks * kMaxChunks * sizeof(uint64_t);
   }
 
-  // This device's notify call counter (only this device writes it).
+  // This device's call counter (only this device writes it).
   __host__ __device__ uint64_t* sequence(char* base) const {
     return reinterpret_cast<uint64_t*>(base + sequence_offset());
   }
@@ -95,7 +95,7 @@ struct BufferLayout {
     return reinterpret_cast<uint64_t*>(base + arrivals_offset());
   }
   // The count slot rank `source` writes for call sequences of parity
-  // `parity` (notify, and the stage kernel of a fresh dispatch).
+  // `parity` (the stage kernel of a fresh dispatch).
   __host__ __device__ int32_t* slot(char* base, int64_t parity,
                                     int64_t source) const {
     return reinterpret_cast<int32_t*>(base + slots_offset()) +

@@ -82,7 +82,7 @@ __device__ __forceinline__ void wait_until(Arrived arrived, int64_t timeout_ns,
 
 // Where a wait happens, for the timeout report.
 struct WaitSite {
-  const char* kernel;  // e.g. "intranode_notify"
+  const char* kernel;  // e.g. "dispatch"
   const char* phase;   // e.g. "wait for the peers' flags"
   int rank;            // this device's EP rank
   int peer;            // the rank being waited for, or -1

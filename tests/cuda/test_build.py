@@ -15,7 +15,7 @@ from jax_ep._src import native
 def test_extension_is_built_where_nvcc_is():
   module = native.extension()
   assert module is not None, native.unavailable_reason()
-  assert {"jax_ep_get_dispatch_layout", "jax_ep_intranode_notify"} <= set(
+  assert {"jax_ep_get_dispatch_layout", "jax_ep_intranode_dispatch"} <= set(
       module.registrations())
 
 

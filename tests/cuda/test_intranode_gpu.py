@@ -9,7 +9,8 @@ pure-JAX reference, bit for bit (every output and every handle field).
 * 50 dispatch/combine pairs back to back in one program (lax.scan) with a
   fresh routing each.
 * 200 dispatch/combine pairs with fresh routings, twice: the same bits.
-* Trace-time refusal of buffers too small for a call.
+* Trace-time refusal of buffers too small for a call; the peer buffers made
+  once per device, sized with their control region.
 * One process per rank (intranode_worker.py; peer buffers through CUDA IPC),
   at R = the GPUs (2 or more) and at R = 2, 4 and 8 where those are
   multiples of the GPUs, several ranks then sharing each GPU: every case of
@@ -18,7 +19,8 @@ pure-JAX reference, bit for bit (every output and every handle field).
 * A rank that never arrives (R = 2): the other's dispatch names rank, phase
   and peer and fails instead of hanging.
 * Pressure (marked `pressure`): gpu_testing.PRESSURE_PAIRS pairs (7,500 at
-  R = 2, 200 at R = 8) on fresh routings, each equal to the dense model, the same sha256 twice.
+  R = 2, 200 at R = 8) on fresh routings, each equal to the dense model, the
+  same sha256 twice.
 """
 
 from __future__ import annotations
@@ -192,6 +194,20 @@ def test_too_small_buffers_are_refused_at_trace_time(setup):
         (x,), idx, None, axis_name=worker.EP, num_ranks=R, num_experts=256,
         capacity=R * tokens, expert_alignment=1, buffers=buffers,
         timeout_s=worker.KERNEL_TIMEOUT_S), x, idx)
+
+
+def test_creating_buffers_twice_is_refused(setup):
+  del setup  # the module's buffers hold every GPU
+  with pytest.raises(ValueError, match="already created"):
+    peer_buffers.create_peer_buffers(GPUS[:1], 1024)
+
+
+def test_buffer_bytes_add_the_control_region():
+  assert peer_buffers.buffer_bytes(1000, 2) > 1024
+  # The control region: counters, count slots and 4096 arrival flags (8
+  # bytes) per rank.
+  control = peer_buffers.buffer_bytes(1 << 20, 8) - (1 << 20)
+  assert 8 * 4096 * 8 <= control < (1 << 19)
 
 
 @pytest.mark.parametrize("num_ranks", multi_rank_sizes(),

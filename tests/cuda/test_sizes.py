@@ -90,10 +90,11 @@ def test_intranode_kernels_refuse_one_past_their_limits(num_experts,
              f"{LIMITS['max_ranks']}, got num_experts={num_experts} on "
              f"{num_ranks} ranks")
   with pytest.raises(ValueError, match=re.escape(message)):
-    intranode.notify(np.zeros(num_ranks, np.int32),
-                     np.zeros(num_experts, np.int32), num_ranks=num_ranks,
-                     num_experts=num_experts,
-                     timeout_s=runtime.DEFAULT_TIMEOUT_S)
+    intranode.dispatch((np.zeros((1, 8), np.float32),),
+                       np.zeros((1, 1), np.int32), None, axis_name="ep",
+                       num_ranks=num_ranks, num_experts=num_experts,
+                       capacity=1, expert_alignment=1, buffers=None,
+                       timeout_s=runtime.DEFAULT_TIMEOUT_S)
 
 
 _TOKENS = LIMITS["max_low_latency_tokens"]
