@@ -6,12 +6,14 @@ bits: every comparison here is exact. `y` is random in every row, padding
 included, so a combine that read padding rows would fail.
 """
 
+import jax
 import numpy as np
 import pytest
 
 import dense_model as dm
 import jax_ep
 from bench.shapes import Shape
+from jax_ep._src.reference import normal as reference_normal
 from ep_testing import BF16, ROUTINGS, assert_same, flat
 from specs import RANKS
 
@@ -127,6 +129,75 @@ def test_combine_rounds_once_after_fp32_sum_in_rank_order(problem):
   assert_same(out[0, 0, :3], np.array([0.0, 1.0 + 2.0**-7, 1.0], BF16),
               "probe values", ctx)
   assert_same(out, dm.combine(y, routes), "out", ctx)
+
+
+# (R, G): nodes of G ranks; G = R is one node, G = 1 rounds nothing extra.
+NODE_LAYOUTS = [(2, 1), (4, 1), (4, 2), (8, 2), (8, 4)]
+
+
+@pytest.mark.parametrize("dtype", [BF16, F32], ids=["bf16", "f32"])
+@pytest.mark.parametrize("num_ranks,ranks_per_node", NODE_LAYOUTS)
+def test_combine_across_nodes_sums_node_by_node(problem, num_ranks,
+                                                ranks_per_node, dtype):
+  """With ranks_per_node < R each node's partial is rounded to y's dtype
+  before the node partials are summed (docs/contract.md): the reference
+  equals the dense model's node-by-node order bit for bit, weights too."""
+  p = problem(num_ranks, "small", ranks_per_node=ranks_per_node)
+  assert p.buffer.topology.num_nodes == num_ranks // ranks_per_node
+  idx, x = p.routing("hot"), p.rows(BF16)
+  m = num_ranks * p.shape.tokens
+  y = p.rows(num_rows=m)
+  y = (y * np.exp2(p.rng.integers(-8, 9, size=y.shape))).astype(dtype)
+  row_w, bias = p.weights(num_rows=m), p.rows()
+  out, out_w = run_combine(p, x, idx, y, row_weights=row_w, biases=[bias],
+                           bias_as=None)
+  routes = dm.dispatch([x], idx, None, num_experts=p.shape.experts)
+  ctx = p.context(ranks_per_node=ranks_per_node)
+  assert_same(out, dm.combine(y, routes, biases=[bias],
+                              ranks_per_node=ranks_per_node), "out", ctx)
+  assert_same(out_w, dm.combine(row_w, routes, ranks_per_node=ranks_per_node),
+              "weights", ctx)
+
+
+def test_combine_across_nodes_rounds_each_node_once(problem):
+  """Hand-made bf16 rows whose node-by-node sum differs from the one-node
+  sum: 4 ranks on 2 nodes of 2, token 0 of rank 0 kept by every rank."""
+  num_ranks, tokens = 4, 3
+  shape = Shape(tokens=tokens, hidden=8, topk=4, experts=4)
+  results = {}
+  for ranks_per_node in (4, 2):
+    p = problem(num_ranks, shape, ranks_per_node=ranks_per_node)
+    idx = p.routing("distinct")  # L = 1
+    idx[0, 0] = [0, 1, 2, 3]  # token 0 of rank 0 -> row 0 of every rank
+    x = p.rows(BF16)
+    y = np.zeros((num_ranks, num_ranks * tokens, 8), BF16)
+    # One node: 1 + 3 * 2^-8, a tie between bf16 steps, to even: 1 + 2^-6.
+    # Two nodes: node 0's 1 + 2^-8 rounds (a tie, to even) to 1, node 1's
+    # 2^-7 is exact, and 1 + 2^-7 is a bf16 value.
+    y[:, 0, 0] = [1.0, 2.0**-8, 2.0**-8, 2.0**-8]
+    results[ranks_per_node] = run_combine(p, x, idx, y)[0, 0, 0]
+    routes = dm.dispatch([x], idx, None, num_experts=4)
+    assert_same(run_combine(p, x, idx, y),
+                dm.combine(y, routes, ranks_per_node=ranks_per_node), "out",
+                p.context(ranks_per_node=ranks_per_node))
+  assert float(results[4]) == 1.0 + 2.0**-6
+  assert float(results[2]) == 1.0 + 2.0**-7
+
+
+@pytest.mark.parametrize("dtype", [BF16, np.float16, F32],
+                         ids=["bf16", "f16", "f32"])
+def test_node_partials_round_like_a_cast_when_compiled(rng, dtype):
+  """The node partial's rounding (`round_to`) equals a cast to y's dtype
+  and back, under jit too (where XLA may drop a convert pair), over the
+  exponent range: subnormals, ties, overflow to inf."""
+  n = 100_000
+  with np.errstate(over="ignore"):  # f32 and f16 overflow to inf, as meant
+    x = (rng.standard_normal(n) * np.exp2(rng.integers(-150, 128, n)))
+    x = np.concatenate([x.astype(F32), F32([
+        0.0, -0.0, np.inf, -np.inf, 1.0 + 2.0**-8, 65520.0, 2.0**-25])])
+    want = x.astype(dtype).astype(F32)
+  got = np.asarray(jax.jit(lambda v: reference_normal.round_to(v, dtype))(x))
+  assert_same(got, want, f"round_to {np.dtype(dtype).name}", "")
 
 
 def _ranks_receiving(idx, experts, num_ranks, recv_row=None, capacity=None):

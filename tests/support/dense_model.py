@@ -20,7 +20,9 @@ choice):
     in rank order, where `c_r = y_r[row of t]` for a rank r that kept t and
     +0 for the others (the sum starts at c_0, not at a +0: at R = 1 a -0
     stays -0); a tuple of biases is summed first (`b0 + b1`) and then
-    added. Rounded once to y's dtype.
+    added. Rounded once to y's dtype. Across nodes (G = ranks_per_node <
+    R): each node's ranks summed so, rounded to y's dtype, then the node
+    partials summed so in node order, the bias added, rounded once.
   * LL dispatch: expert l of rank r gets, in slots `[0, count)`, one row per
     (s, t) that lists `r*L + l` (once, even if listed twice), ordered by s
     then t; slots past the count are zero. Slot ids: `s * Tmax + t`.
@@ -155,9 +157,12 @@ def dispatch(rows, topk_idx, topk_weights=None, *, num_experts: int,
                   recv_row, m)
 
 
-def combine(y: np.ndarray, routes: Dispatch, biases=()) -> np.ndarray:
-  """y[R, M, C] (any float dtype) -> out[R(src), T, C] in y's dtype."""
+def combine(y: np.ndarray, routes: Dispatch, biases=(),
+            ranks_per_node: int | None = None) -> np.ndarray:
+  """y[R, M, C] (any float dtype) -> out[R(src), T, C] in y's dtype;
+  `ranks_per_node` G < R sums node by node."""
   num_ranks, _, num_tokens = routes.recv_row.shape
+  per_node = ranks_per_node or num_ranks
   out = np.zeros((num_ranks, num_tokens, y.shape[-1]), y.dtype)
   bias = None
   for b in biases:
@@ -166,11 +171,16 @@ def combine(y: np.ndarray, routes: Dispatch, biases=()) -> np.ndarray:
   for s in range(num_ranks):
     for t in range(num_tokens):
       acc = None
-      for r in range(num_ranks):
-        row = routes.recv_row[r, s, t]
-        term = (y[r, row].astype(F32) if row < routes.capacity else
-                np.zeros(y.shape[-1], F32))
-        acc = term if acc is None else (acc + term).astype(F32)
+      for node in range(num_ranks // per_node):
+        partial = None
+        for r in range(node * per_node, (node + 1) * per_node):
+          row = routes.recv_row[r, s, t]
+          term = (y[r, row].astype(F32) if row < routes.capacity else
+                  np.zeros(y.shape[-1], F32))
+          partial = term if partial is None else (partial + term).astype(F32)
+        if per_node < num_ranks:  # the partial crosses the network
+          partial = partial.astype(y.dtype).astype(F32)
+        acc = partial if acc is None else (acc + partial).astype(F32)
       if bias is not None:
         acc = (acc + bias[s, t]).astype(F32)
       out[s, t] = acc.astype(y.dtype)

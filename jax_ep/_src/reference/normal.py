@@ -2,7 +2,8 @@
 
 Dispatch all-gathers every rank's rows and routing, then each rank gathers the
 rows it receives into a packed buffer; combine gathers each source's rows back
-into `[R, T, H]`, swaps them with one `all_to_all` and sums in rank order.
+into `[R, T, H]`, swaps them with one `all_to_all` and sums in rank order
+(node by node when the EP axis spans several nodes).
 Only gathers with precomputed indices touch rows: scatters with computed
 indices were 60x slower on GPUs (docs/measuring.md, "Machines").
 """
@@ -83,25 +84,64 @@ def cached_dispatch(rows, handle: DispatchHandle, *, axis_name: str):
       for r in rows)
 
 
-def combine(y: jax.Array, handle: DispatchHandle, *, axis_name: str):
-  """Sum over ranks, in rank order and in fp32, of the rows each sent back.
+def combine(y: jax.Array, handle: DispatchHandle, *, axis_name: str,
+            ranks_per_node: int | None = None):
+  """Sum over ranks, in fp32, of the rows each sent back.
+
+  On one node (`ranks_per_node` None or R) the sum goes in rank order. With
+  G = `ranks_per_node` < R ranks per node, each node's G rows are summed in
+  rank order and rounded to `y.dtype` (the partial that crosses the network),
+  then the node partials are summed in node order (docs/contract.md).
 
   Returns f32[T, C]; the caller adds biases and rounds once.
   """
   send = gather_rows(y, handle.recv_row.reshape(-1))
   send = send.reshape(handle.num_ranks, handle.num_tokens, *y.shape[1:])
   back = lax.all_to_all(send, axis_name, 0, 0)
-  total = back[0].astype(jnp.float32)
-  for source in range(1, handle.num_ranks):
-    total = total + back[source].astype(jnp.float32)
+  per_node = ranks_per_node or handle.num_ranks
+  if per_node == handle.num_ranks:
+    return _sum_in_order(list(back))
+  return _sum_in_order([
+      round_to(_sum_in_order(list(back[first:first + per_node])), y.dtype)
+      for first in range(0, handle.num_ranks, per_node)])
+
+
+def _sum_in_order(terms) -> jax.Array:
+  """`((t_0 + t_1) + ...)` in fp32, starting at t_0 (a -0 stays -0)."""
+  total = terms[0].astype(jnp.float32)
+  for term in terms[1:]:
+    total = total + term.astype(jnp.float32)
   return total
+
+
+def round_to(x: jax.Array, dtype) -> jax.Array:
+  """f32 `x` rounded to `dtype` (to nearest even), kept in f32.
+
+  Not `x.astype(dtype).astype(f32)`: XLA drops such convert pairs as excess
+  precision (--xla_allow_excess_precision, on by default on GPUs).
+  `reduce_precision` stays, but flushes what is subnormal in the narrow
+  type; f16's subnormals (multiples of 2^-24) are rounded on their own.
+  """
+  dtype = jnp.dtype(dtype)
+  if dtype == jnp.float32:
+    return x
+  info = jnp.finfo(dtype)
+  rounded = lax.reduce_precision(x, info.nexp, info.nmant)
+  if dtype == jnp.bfloat16:  # its subnormals are f32's: nothing flushed
+    return rounded
+  step = float(info.smallest_subnormal)
+  subnormal = jnp.round(x / step) * step
+  return jnp.where(jnp.abs(x) < float(info.smallest_normal), subnormal,
+                   rounded)
 
 
 @dataclasses.dataclass(frozen=True)
 class ReferenceNormal:
-  """The "reference" backend of the normal ops (`backend.NormalBackend`)."""
+  """The "reference" backend of the normal ops (`backend.NormalBackend`).
+  `ranks_per_node` (None: one node) sets combine's order of sums."""
 
   axis_name: str
+  ranks_per_node: int | None = None
 
   def dispatch(self, rows, topk_idx, topk_weights, *, num_ranks: int,
                num_experts: int, capacity: int, expert_alignment: int):
@@ -113,7 +153,8 @@ class ReferenceNormal:
     return cached_dispatch(rows, handle, axis_name=self.axis_name)
 
   def combine(self, y, handle: DispatchHandle, bias, out_dtype):
-    total = combine(y, handle, axis_name=self.axis_name)
+    total = combine(y, handle, axis_name=self.axis_name,
+                    ranks_per_node=self.ranks_per_node)
     if bias is not None:
       total = total + bias
     return total.astype(out_dtype)
