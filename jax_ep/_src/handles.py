@@ -26,12 +26,16 @@ class Layout:
     is_token_in_rank: bool[T, R].
     num_invalid: int32 scalar, topk entries outside [-1, E) (they select
       nothing; a diagnostic, never an error at run time).
+    num_tokens_per_node: int32[N], tokens with at least one expert on node
+      n (N = R / the Buffer's ranks_per_node; each token once per node, the
+      rows an internode dispatch sends over the network).
   """
 
   num_tokens_per_rank: jax.Array
   num_tokens_per_expert: jax.Array
   is_token_in_rank: jax.Array
   num_invalid: jax.Array
+  num_tokens_per_node: jax.Array
 
 
 @functools.partial(jax.tree_util.register_dataclass)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from jax_ep._src import checks
 from jax_ep._src.handles import Layout
@@ -24,11 +25,18 @@ def get_dispatch_layout(buffer: Buffer, topk_idx: jax.Array,
 
   Returns:
     a `Layout` (`num_tokens_per_rank[R]`, `num_tokens_per_expert[E]`,
-    `is_token_in_rank[T, R]`, `num_invalid`).
+    `is_token_in_rank[T, R]`, `num_invalid`, `num_tokens_per_node[N]`).
   """
   op = "get_dispatch_layout"
   buffer.check_inside_shard_map(op)
   num_experts = checks.experts(op, num_experts, buffer.num_ranks)
   checks.topk_idx(op, topk_idx, None, num_experts)
-  return Layout(*buffer.layout_backend(op).get_dispatch_layout(
-      topk_idx, num_experts=num_experts, num_ranks=buffer.num_ranks))
+  per_rank, per_expert, in_rank, invalid = (
+      buffer.layout_backend(op).get_dispatch_layout(
+          topk_idx, num_experts=num_experts, num_ranks=buffer.num_ranks))
+  # Each backend's is_token_in_rank gives the node counts the same way.
+  topology = buffer.topology
+  in_node = in_rank.reshape(in_rank.shape[0], topology.num_nodes,
+                            topology.ranks_per_node).any(-1)
+  return Layout(per_rank, per_expert, in_rank, invalid,
+                in_node.sum(0, dtype=jnp.int32))

@@ -76,7 +76,7 @@ def test_layout_runs_the_kernel_and_matches_the_reference(seed):
     assert ("jax_ep_get_dispatch_layout" in hlo) == (backend == "cuda"), backend
     results[backend] = jax.tree.map(np.asarray, out)
   for name in ("num_tokens_per_rank", "num_tokens_per_expert",
-               "is_token_in_rank", "num_invalid"):
+               "is_token_in_rank", "num_invalid", "num_tokens_per_node"):
     np.testing.assert_array_equal(
         getattr(results["cuda"], name), getattr(results["reference"], name),
         err_msg=f"{name} (seed={seed})")

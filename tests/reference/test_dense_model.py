@@ -28,6 +28,11 @@ def test_layout_by_hand():
       got.is_token_in_rank,
       [[[True, True], [True, False]], [[False, True], [False, False]]])
   np.testing.assert_array_equal(got.num_invalid, [0, 1])
+  # One node: tokens with any valid expert; two nodes of one rank: per rank.
+  np.testing.assert_array_equal(got.num_tokens_per_node, [[2], [1]])
+  np.testing.assert_array_equal(
+      dm.layout(IDX, 4, ranks_per_node=1).num_tokens_per_node,
+      [[2, 1], [0, 1]])
 
 
 def test_dispatch_by_hand():

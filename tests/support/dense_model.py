@@ -9,6 +9,8 @@ outputs with these.
 
 Conventions (the contract of docs/contract.md, spelled out where it leaves a
 choice):
+  * Layout: `num_tokens_per_node[n]` counts the tokens with an expert on any
+    rank of node n (ranks `n*G .. n*G + G-1`), each once.
   * Expert `e` is valid when `0 <= e < E`; it lives on rank `e // L`
     (`L = E / R`) as local expert `e - rank * L`. `-1` and every other id
     outside `[0, E)` select nothing.
@@ -78,10 +80,15 @@ class Layout:
   num_tokens_per_expert: np.ndarray  # int32[R(src), E]
   is_token_in_rank: np.ndarray       # bool[R(src), T, R]
   num_invalid: np.ndarray            # int32[R(src)]
+  num_tokens_per_node: np.ndarray    # int32[R(src), N]
 
 
-def layout(topk_idx: np.ndarray, num_experts: int) -> Layout:
+def layout(topk_idx: np.ndarray, num_experts: int,
+           ranks_per_node: int | None = None) -> Layout:
   num_ranks, num_tokens, num_topk = topk_idx.shape
+  per_node = ranks_per_node or num_ranks
+  num_nodes = num_ranks // per_node
+  node_count = np.zeros((num_ranks, num_nodes), np.int32)
   per_rank = np.zeros((num_ranks, num_ranks), np.int32)
   per_expert = np.zeros((num_ranks, num_experts), np.int32)
   in_rank = np.zeros((num_ranks, num_tokens, num_ranks), bool)
@@ -98,7 +105,11 @@ def layout(topk_idx: np.ndarray, num_experts: int) -> Layout:
         in_rank[s, t, r] = True
     for r in range(num_ranks):
       per_rank[s, r] = sum(in_rank[s, t, r] for t in range(num_tokens))
-  return Layout(per_rank, per_expert, in_rank, invalid)
+    for n in range(num_nodes):
+      node_count[s, n] = sum(
+          any(in_rank[s, t, n * per_node:(n + 1) * per_node])
+          for t in range(num_tokens))
+  return Layout(per_rank, per_expert, in_rank, invalid, node_count)
 
 
 # ---------------------------------------------------------------- normal

@@ -103,7 +103,7 @@ def check_layout(run: Run, rng):
                  flat(idx))
   want = dm.layout(idx, E)
   for field in ("num_tokens_per_rank", "num_tokens_per_expert",
-                "is_token_in_rank", "num_invalid"):
+                "is_token_in_rank", "num_invalid", "num_tokens_per_node"):
     run.check(getattr(got, field), getattr(want, field), field)
 
 
