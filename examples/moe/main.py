@@ -202,6 +202,8 @@ def _field_parser(type_name: str):
     return float
   if type_name == "float | None":
     return lambda s: None if s.lower() == "none" else float(s)
+  if type_name == "int | None":
+    return lambda s: None if s.lower() == "none" else int(s)
   return str
 
 

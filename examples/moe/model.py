@@ -111,24 +111,42 @@ def grouped_experts(x: jax.Array, topk_idx: jax.Array,
   return jnp.einsum("mkh,mk->mh", o, topk_weights)
 
 
-def route(x: jax.Array, router: jax.Array, topk: int):
+def route(x: jax.Array, router: jax.Array, topk: int, *, num_groups: int = 1,
+          max_groups: int | None = None):
   """Softmax router: `(int32[T, K] expert ids, f32[T, K] weights)`.
 
   The K weights of a token are renormalized to sum to 1. Logits are computed
   in full f32 (no TF32/bf16 passes), so that routing does not flip on
   near-ties between equivalent computations.
+
+  Group-limited, as DeepSeek-V3 gates: the E experts form `num_groups`
+  contiguous groups; a group scores the sum of its two best probabilities,
+  and a token picks its top-K experts among those of its `max_groups` best
+  groups only (None: every group). With the groups the nodes of the EP axis
+  (`MoE(max_nodes=...)`), a token's rows cross the network to at most
+  `max_groups` nodes.
   """
   logits = jnp.dot(x.astype(jnp.float32), router,
                    precision=lax.Precision.HIGHEST)
   probs = jax.nn.softmax(logits, axis=-1)
-  weights, idx = lax.top_k(probs, topk)
+  chosen = probs
+  if max_groups is not None and max_groups < num_groups:
+    grouped = probs.reshape(probs.shape[0], num_groups, -1)
+    best_two = lax.top_k(grouped, min(2, grouped.shape[-1]))[0].sum(-1)
+    kept = lax.top_k(best_two, max_groups)[1]  # [T, max_groups]
+    in_kept = (jnp.arange(num_groups) == kept[..., None]).any(-2)
+    # Experts of other groups rank below every kept one (probs are >= 0).
+    chosen = jnp.where(in_kept[..., None], grouped, -1.0).reshape(probs.shape)
+  idx = lax.top_k(chosen, topk)[1]
+  weights = jnp.take_along_axis(probs, idx, axis=-1)
   weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
   return idx.astype(jnp.int32), weights
 
 
 def ep_moe(buffer: jax_ep.Buffer, x: jax.Array, router: jax.Array,
            w_in: jax.Array, w_out: jax.Array, *, topk: int,
-           capacity_factor: float | None = None):
+           capacity_factor: float | None = None,
+           max_nodes: int | None = None):
   """The routed experts on one EP rank; call inside `jax.shard_map`.
 
   Args:
@@ -138,12 +156,16 @@ def ep_moe(buffer: jax_ep.Buffer, x: jax.Array, router: jax.Array,
     w_in: `[L, H, F]` and w_out: `[L, F, H]`, this rank's experts.
     topk: experts per token (K).
     capacity_factor: see `capacity`.
+    max_nodes: each token's experts lie on at most this many nodes of the
+      EP axis (`route`'s groups are the nodes); None: no limit.
 
   Returns:
     `([T, H] output in x.dtype, int32 rows this rank could not receive)`.
   """
   num_experts = router.shape[1]
-  topk_idx, topk_weights = route(x, router, topk)
+  topk_idx, topk_weights = route(x, router, topk,
+                                 num_groups=buffer.topology.num_nodes,
+                                 max_groups=max_nodes)
   cap = capacity(buffer.num_ranks, x.shape[0], num_experts, topk,
                  capacity_factor)
   d = jax_ep.dispatch(buffer, x, topk_idx, topk_weights,
@@ -178,6 +200,7 @@ class MoE(nnx.Module):
     hidden, ffn, num_experts, topk: H, F, E, K.
     shared_ffn: hidden size of the shared expert (0: no shared expert).
     capacity_factor: see `capacity`.
+    max_nodes: node-limited routing, see `ep_moe`.
     dtype: compute and communication dtype; parameters are float32.
 
   Call it on `[N, H]` tokens sharded over the EP axis (N = R*T); it returns
@@ -187,15 +210,21 @@ class MoE(nnx.Module):
 
   def __init__(self, buffer: jax_ep.Buffer, *, hidden: int, ffn: int,
                num_experts: int, topk: int, shared_ffn: int = 0,
-               capacity_factor: float | None = None, dtype=jnp.float32,
+               capacity_factor: float | None = None,
+               max_nodes: int | None = None, dtype=jnp.float32,
                rngs: nnx.Rngs):
     if num_experts % buffer.num_ranks:
       raise ValueError(
           f"MoE: num_experts ({num_experts}) must be a multiple of the EP "
           f"size ({buffer.num_ranks})")
+    if max_nodes is not None and (not isinstance(max_nodes, int)
+                                  or max_nodes < 1):
+      raise ValueError(f"MoE: max_nodes must be None or an int >= 1, got "
+                       f"{max_nodes!r}")
     self.buffer = buffer
     self.topk = topk
     self.capacity_factor = capacity_factor
+    self.max_nodes = max_nodes
     self.dtype = dtype
     ep = P(buffer.axis_name, None, None)
     init = nnx.initializers.normal(stddev=1.0)
@@ -218,7 +247,8 @@ class MoE(nnx.Module):
     def routed(x, router, w_in, w_out):
       out, dropped = ep_moe(self.buffer, x, router, w_in, w_out,
                             topk=self.topk,
-                            capacity_factor=self.capacity_factor)
+                            capacity_factor=self.capacity_factor,
+                            max_nodes=self.max_nodes)
       return out, lax.psum(dropped, axis)
 
     out, dropped = jax.shard_map(
@@ -242,8 +272,8 @@ class Block(nnx.Module):
     self.moe = MoE(buffer, hidden=cfg.hidden, ffn=cfg.ffn,
                    num_experts=cfg.num_experts, topk=cfg.topk,
                    shared_ffn=cfg.shared_ffn,
-                   capacity_factor=cfg.capacity_factor, dtype=dtype,
-                   rngs=rngs)
+                   capacity_factor=cfg.capacity_factor,
+                   max_nodes=cfg.max_nodes, dtype=dtype, rngs=rngs)
 
   def __call__(self, x):
     return x + self.moe(self.norm(x))

@@ -136,6 +136,68 @@ def test_capacity_overflow_is_counted(seed):
   assert int(moe.dropped_rows[...]) > 0
 
 
+@pytest.mark.parametrize("max_groups", [1, 2, 3])
+def test_group_limited_route_keeps_the_best_groups(seed, max_groups):
+  """Each token's K experts lie in its max_groups best groups (by the sum
+  of their two best probabilities), and are its top-K there; with every
+  group kept the router is the plain top-K."""
+  rng = np.random.default_rng(seed)
+  num_groups, per_group, topk = 4, 8, 4
+  x = rng.standard_normal((64, 16), np.float32)
+  router = rng.standard_normal((16, num_groups * per_group), np.float32)
+  idx, w = moe_model.route(x, router, topk, num_groups=num_groups,
+                           max_groups=max_groups)
+  idx, w = np.asarray(idx), np.asarray(w)
+  probs = np.asarray(jax.nn.softmax(
+      jnp.dot(x, router, precision=jax.lax.Precision.HIGHEST), axis=-1))
+  grouped = probs.reshape(-1, num_groups, per_group)
+  score = np.sort(grouped, -1)[..., -2:].sum(-1)
+  for t in range(x.shape[0]):
+    kept = set(np.argsort(-score[t], kind="stable")[:max_groups])
+    allowed = [e for e in range(num_groups * per_group)
+               if e // per_group in kept]
+    want = sorted(allowed, key=lambda e: -probs[t, e])[:topk]
+    assert sorted(idx[t]) == sorted(want), (t, idx[t], want)
+  np.testing.assert_allclose(w.sum(-1), 1.0, rtol=1e-6)
+  plain = moe_model.route(x, router, topk)
+  every = moe_model.route(x, router, topk, num_groups=num_groups,
+                          max_groups=num_groups)
+  for a, b in zip(plain, every):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_node_limited_routing_bounds_the_network_rows(seed):
+  """8 ranks on 4 nodes of 2: with max_nodes = M each token's rows go to at
+  most M nodes, so the (token, node) pairs get_dispatch_layout counts, the
+  rows an internode dispatch sends over the network, are at most M * T and
+  grow with M."""
+  if len(jax.devices()) < 8:
+    pytest.skip("needs 8 devices")
+  mesh = jax.make_mesh((8,), ("ep",), devices=jax.devices()[:8],
+                       axis_types=(jax.sharding.AxisType.Explicit,))
+  buffer = jax_ep.Buffer(mesh, "ep", backend="reference", ranks_per_node=2)
+  rng = np.random.default_rng(seed)
+  tokens, experts, topk = 32, 32, 8
+  x = jax.device_put(rng.standard_normal((8 * tokens, 16), np.float32),
+                     NamedSharding(mesh, P("ep", None)))
+  router = rng.standard_normal((16, experts), np.float32)
+
+  def node_rows(max_nodes):
+    def per_rank(x):
+      idx, _ = moe_model.route(x, router, topk, num_groups=4,
+                               max_groups=max_nodes)
+      layout = jax_ep.get_dispatch_layout(buffer, idx, experts)
+      return layout.num_tokens_per_node.sum()[None]
+    return np.asarray(jax.jit(jax.shard_map(
+        per_rank, mesh=mesh, in_specs=P("ep", None), out_specs=P("ep")))(x))
+
+  rows = {m: node_rows(m) for m in (1, 2, 4)}
+  for m, per_rank_rows in rows.items():
+    assert (per_rank_rows <= m * tokens).all(), (m, per_rank_rows)
+  assert (rows[1] == tokens).all()  # every token has some expert
+  assert rows[1].sum() < rows[2].sum() < rows[4].sum(), rows
+
+
 def test_capacity_helper():
   assert moe_model.capacity(4, 100, 8, 2, None) == 400
   # 8 experts on 2 ranks, top-2: P(a token reaches a rank) = 1 - C(4,2)/C(8,2)

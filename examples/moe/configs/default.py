@@ -29,6 +29,10 @@ class Config:
     capacity_factor: rows each rank may receive, as a multiple of the rows
       it receives on average under uniform routing; `None` means `R*T`, which
       never drops a token. Dropped rows are counted and printed.
+    max_nodes: node-limited routing: each token's experts lie on at most
+      this many nodes of the EP axis (DeepSeek-V3's group-limited gating,
+      groups = nodes); `None` for no limit. Nodes come from the hosts (or
+      the Buffer's ranks_per_node).
     dtype: compute and communication dtype ("float32" or "bfloat16");
       parameters and optimizer state stay float32.
     steps: training steps.
@@ -49,6 +53,7 @@ class Config:
   ffn: int = 256
   shared_ffn: int = 256
   capacity_factor: float | None = None
+  max_nodes: int | None = None
   dtype: str = "float32"
   steps: int = 50
   learning_rate: float = 1e-2
