@@ -32,6 +32,16 @@ def put(p, a):
   return p.put(flat(a))
 
 
+def dispatched_rows_and_weights(p, capacity):
+  """Global (x, topk_weights, topk_idx) -> the dispatch's (x, topk_weights)."""
+  def body(x, w, i):
+    d = jax_ep.dispatch(p.buffer, x, i, w, num_experts=p.shape.experts,
+                        capacity=capacity)
+    return d.x, d.topk_weights
+
+  return sharded(p, body)
+
+
 # ---------------------------------------------------------------- check_grads
 
 
@@ -42,12 +52,7 @@ def test_check_grads_dispatch(problem, num_ranks, kind, capacity):
   p = problem(num_ranks, "tiny")
   idx, x, w = (put(p, a) for a in (p.routing(kind), p.rows(), p.weights()))
 
-  def body(x, w, i):
-    d = jax_ep.dispatch(p.buffer, x, i, w, num_experts=p.shape.experts,
-                        capacity=capacity)
-    return d.x, d.topk_weights
-
-  f = sharded(p, body)
+  f = dispatched_rows_and_weights(p, capacity)
   with p.active():
     check_grads(lambda x, w: f(x, w, idx), (x, w), **REV)
 
@@ -108,12 +113,7 @@ def test_dispatch_vjp_is_combine(problem, num_ranks, capacity):
   g_x = p.rows(BF16, num_rows=m)  # padding rows too
   g_w = p.weights(num_rows=m)
 
-  def body(x, w, i):
-    d = jax_ep.dispatch(p.buffer, x, i, w, num_experts=p.shape.experts,
-                        capacity=capacity)
-    return d.x, d.topk_weights
-
-  f = sharded(p, body)
+  f = dispatched_rows_and_weights(p, capacity)
   with p.active():
     _, vjp = jax.vjp(lambda x, w: f(x, w, put(p, idx)), put(p, x), put(p, w))
     d_x, d_w = vjp((put(p, g_x), put(p, g_w)))
