@@ -236,9 +236,8 @@ class Buffer:
     self.num_nvl_bytes = num_nvl_bytes
     self.num_ll_bytes = num_ll_bytes
     # Across nodes the reference sums combine's rows node by node.
-    self._reference_normal = ReferenceNormal(
-        axis_name, self.topology.ranks_per_node
-        if self.topology.num_nodes > 1 else None)
+    self._reference_normal = ReferenceNormal(axis_name,
+                                             self.topology.ranks_per_node)
     self._reference_low_latency = ReferenceLowLatency(axis_name)
     self._intranode: CudaIntranode | None = None
     self._low_latency: CudaLowLatency | None = None

@@ -545,7 +545,7 @@ def test_buffer_node_size_must_be_supported():
 def test_reference_backend_ignores_num_nvl_bytes():
   buffer = jax_ep.Buffer(_mesh(2), "ep", backend="reference",
                          num_nvl_bytes=1 << 20)
-  assert buffer.normal_backend("dispatch") == ReferenceNormal("ep")
+  assert buffer.normal_backend("dispatch") == ReferenceNormal("ep", 2)
 
 
 def test_nothing_is_a_fallback_on_the_reference_backend():

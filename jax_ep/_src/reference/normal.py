@@ -138,7 +138,7 @@ def round_to(x: jax.Array, dtype) -> jax.Array:
 @dataclasses.dataclass(frozen=True)
 class ReferenceNormal:
   """The "reference" backend of the normal ops (`backend.NormalBackend`).
-  `ranks_per_node` (None: one node) sets combine's order of sums."""
+  `ranks_per_node` (None or R: one node) sets combine's order of sums."""
 
   axis_name: str
   ranks_per_node: int | None = None
