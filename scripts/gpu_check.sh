@@ -50,7 +50,8 @@
 # SANITIZE=2 about 90 s; pressure runs of 10,000 pairs at R = 2 203-219 s
 # (low-latency) and 246 s (intranode), of 200 at R = 8 32 and 37 s, which
 # is why tests/support/gpu_testing.py's PRESSURE_PAIRS is 7,500 at R = 2
-# (some 430 s of pressure in all). A machine's start adds about 40 s.
+# (427 s of pressure in all at 56adfbb, 523 s for the second call with the
+# sanitizers). A machine's start adds about 40 s.
 # Exit status: 0 when every step that ran passed. A failed build stops the
 # run; failed tests do not stop the benchmarks.
 set -euo pipefail
