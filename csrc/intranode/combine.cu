@@ -142,20 +142,14 @@ __global__ void __launch_bounds__(kThreads) CombineKernel(CombineParams p) {
   __shared__ const char* token_rows[kWarps][kMaxRanks];
   const Common& c = p.c;
   char* const local = c.buffers.local_base;
-  char* const* peer_bases = c.buffers.layout.peer_bases(local);
   const int me = c.buffers.rank, R = c.num_ranks, n = c.num_chunks,
             T = c.num_tokens, M = c.capacity;
   const int64_t rb = p.row_bytes;
   const uint64_t seq = SequenceNow(c.buffers);
   const WarpRole role = Role(c);
   if (role.sends) {
-    for (int i = role.id; i < (R - 1) * n; i += role.count) {
-      const int owner = OtherRank(i % (R - 1), me), chunk = i / (R - 1);
-      const int q = PeerSlot(me, owner);
-      char* const base = peer_bases[owner];
+    PushChunks(c, role, seq, [&](int owner, int q, char* base, int t0, int t1) {
       int32_t* row_of = c.call.row_of(base, q);
-      int t0, t1;
-      ChunkTokens(c, chunk, &t0, &t1);
       ForEachToken(
           t0, t1,
           [&](int t) {
@@ -167,8 +161,7 @@ __global__ void __launch_bounds__(kThreads) CombineKernel(CombineParams p) {
             if (row == M) return;
             CopyRow(c.call.rows(base, q, 0) + t * rb, p.y + row * rb, rb);
           });
-      ReleaseChunk(Arrival(c, base, me, chunk), seq);
-    }
+    });
     return;
   }
   const char** rows = token_rows[threadIdx.x / 32];

@@ -361,19 +361,13 @@ __global__ void __launch_bounds__(kThreads)
     CachedDispatchKernel(CachedParams p) {
   const Common& c = p.c;
   char* const local = c.buffers.local_base;
-  char* const* peer_bases = c.buffers.layout.peer_bases(local);
   const int me = c.buffers.rank, R = c.num_ranks, n = c.num_chunks,
             T = c.num_tokens, M = c.capacity;
   const uint64_t seq = SequenceNow(c.buffers);
   const WarpRole role = Role(c);
   if (role.sends) {
-    for (int i = role.id; i < (R - 1) * n; i += role.count) {
-      const int dest = OtherRank(i % (R - 1), me), chunk = i / (R - 1);
-      const int q = PeerSlot(me, dest);
-      char* const base = peer_bases[dest];
+    PushChunks(c, role, seq, [&](int, int q, char* base, int t0, int t1) {
       const int32_t* staged = c.call.scratch(base) + int64_t{me} * T;
-      int t0, t1;
-      ChunkTokens(c, chunk, &t0, &t1);
       ForEachToken(
           t0, t1, [&](int t) { return KeptRow(__ldcg(staged + t), M); },
           [&](int t, int row) {
@@ -383,8 +377,7 @@ __global__ void __launch_bounds__(kThreads)
               CopyRow(c.call.rows(base, q, i) + t * rb, p.rows[i] + t * rb, rb);
             }
           });
-      ReleaseChunk(Arrival(c, base, me, chunk), seq);
-    }
+    });
     return;
   }
   const int kept = KeptRow(*p.num_recv_tokens, M);

@@ -157,6 +157,25 @@ __device__ __forceinline__ void ReleaseChunk(uint64_t* flag, uint64_t seq) {
   }
 }
 
+// The sender warps' share of the (peer, chunk) pairs: push(peer, q, base,
+// t0, t1) writes tokens [t0, t1) into the peer's buffer `base` (in its slot
+// q for this rank), then the chunk is released to that peer.
+template <typename Push>
+__device__ __forceinline__ void PushChunks(const Common& c,
+                                           const WarpRole& role, uint64_t seq,
+                                           Push push) {
+  const int me = c.buffers.rank, R = c.num_ranks, n = c.num_chunks;
+  char* const* peer_bases = c.buffers.layout.peer_bases(c.buffers.local_base);
+  for (int i = role.id; i < (R - 1) * n; i += role.count) {
+    const int peer = OtherRank(i % (R - 1), me), chunk = i / (R - 1);
+    char* const base = peer_bases[peer];
+    int t0, t1;
+    ChunkTokens(c, chunk, &t0, &t1);
+    push(peer, PeerSlot(me, peer), base, t0, t1);
+    ReleaseChunk(Arrival(c, base, me, chunk), seq);
+  }
+}
+
 __device__ __forceinline__ void WaitChunk(const Common& c, Op op, int source,
                                           int chunk, uint64_t seq) {
   if (Lane() == 0) {
