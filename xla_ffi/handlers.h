@@ -10,6 +10,7 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxEpGetDispatchLayout);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxEpIntranodeDispatch);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxEpIntranodeCachedDispatch);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxEpIntranodeCombine);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxEpInternodeExchange);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxEpLowLatencyDispatchSend);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxEpLowLatencyDispatchRecv);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxEpLowLatencyCombineSend);
@@ -22,6 +23,7 @@ inline constexpr char kIntranodeDispatch[] = "jax_ep_intranode_dispatch";
 inline constexpr char kIntranodeCachedDispatch[] =
     "jax_ep_intranode_cached_dispatch";
 inline constexpr char kIntranodeCombine[] = "jax_ep_intranode_combine";
+inline constexpr char kInternodeExchange[] = "jax_ep_internode_exchange";
 inline constexpr char kLowLatencyDispatchSend[] =
     "jax_ep_low_latency_dispatch_send";
 inline constexpr char kLowLatencyDispatchRecv[] =

@@ -30,6 +30,7 @@ nb::dict Registrations() {
   out[targets::kIntranodeCachedDispatch] =
       Capsule(JaxEpIntranodeCachedDispatch);
   out[targets::kIntranodeCombine] = Capsule(JaxEpIntranodeCombine);
+  out[targets::kInternodeExchange] = Capsule(JaxEpInternodeExchange);
   out[targets::kLowLatencyDispatchSend] = Capsule(JaxEpLowLatencyDispatchSend);
   out[targets::kLowLatencyDispatchRecv] = Capsule(JaxEpLowLatencyDispatchRecv);
   out[targets::kLowLatencyCombineSend] = Capsule(JaxEpLowLatencyCombineSend);

@@ -33,10 +33,11 @@ void BindNvshmem(nb::module_& m) {
     return nb::bytes(id.data(), id.size());
   });
   m.def("nvshmem_open", [](nb::bytes unique_id, int rank, int num_ranks,
-                           int device, int64_t heap_bytes) {
+                           int device, int64_t heap_bytes,
+                           int64_t exchange_bytes) {
     RaiseUnlessOk(runtime::OpenNvshmemHeap(
         std::string(unique_id.c_str(), unique_id.size()), rank, num_ranks,
-        device, heap_bytes));
+        device, heap_bytes, exchange_bytes));
   });
   m.def("nvshmem_close", [] { RaiseUnlessOk(runtime::CloseNvshmemHeap()); });
 }

@@ -1,12 +1,14 @@
 // The _jax_ep_sizes module: the kernels' limits and the buffer bytes their
 // calls need, from the plain-C++ headers the kernels themselves use
-// (common/limits.h, intranode/call_layout.h, low_latency/heap_layout.h).
+// (common/limits.h, intranode/call_layout.h, low_latency/heap_layout.h,
+// internode/exchange_layout.h).
 // Every install builds it, with or without CUDA (a C++ compiler is enough),
 // so that jax_ep/_src/sizes.py answers on a CPU-only install too.
 
 #include <cstdint>
 
 #include "common/limits.h"
+#include "internode/exchange_layout.h"
 #include "intranode/call_layout.h"
 #include "low_latency/heap_layout.h"
 #include "nanobind/nanobind.h"
@@ -52,6 +54,15 @@ int64_t LowLatencyHeapBytes(int64_t max_tokens, int64_t hidden,
       {max_tokens, max_tokens, hidden, 1, num_experts, 1});
 }
 
+int64_t ExchangeRegionBytes(int64_t num_nodes, int64_t num_tokens,
+                            int64_t row_bytes) {
+  if (num_nodes < 1 || num_tokens < 0 || row_bytes < 0) {
+    throw nb::value_error(
+        "jax_ep exchange_region_bytes: sizes must be >= 0 (num_nodes >= 1)");
+  }
+  return jax_ep::internode::RegionBytes({num_nodes, num_tokens, row_bytes});
+}
+
 }  // namespace
 
 NB_MODULE(_jax_ep_sizes, m) {
@@ -69,4 +80,8 @@ NB_MODULE(_jax_ep_sizes, m) {
         nb::arg("hidden"), nb::arg("num_experts"),
         "NVSHMEM heap bytes (both buffer sets) that low-latency calls of "
         "these shapes need.");
+  m.def("exchange_region_bytes", &ExchangeRegionBytes, nb::arg("num_nodes"),
+        nb::arg("num_tokens"), nb::arg("row_bytes"),
+        "NVSHMEM bytes that internode exchanges of num_tokens rows of "
+        "row_bytes with num_nodes nodes need.");
 }

@@ -11,7 +11,9 @@ namespace jax_ep::runtime {
 namespace {
 
 std::mutex mu;
-low_latency::Heap open_heap;  // base == nullptr: none open
+void* allocation = nullptr;  // the one symmetric allocation, or none
+low_latency::Heap open_heap;          // base == nullptr: no low-latency part
+internode::Region open_region;        // base == nullptr: no exchange part
 bool nvshmem_up = false;
 
 Status Cuda(cudaError_t e, const char* what) { return Status::FromCuda(e, what); }
@@ -29,9 +31,10 @@ Status NvshmemUniqueId(std::string* id) {
 }
 
 Status OpenNvshmemHeap(const std::string& unique_id, int rank, int num_ranks,
-                       int device, int64_t heap_bytes) {
+                       int device, int64_t heap_bytes,
+                       int64_t exchange_bytes) {
   std::lock_guard<std::mutex> lock(mu);
-  if (open_heap.base != nullptr || nvshmem_up) {
+  if (allocation != nullptr || nvshmem_up) {
     return Status::InvalidArgument(
         "an NVSHMEM heap is already open in this process (one per process; "
         "close the Buffer that owns it first)");
@@ -42,7 +45,8 @@ Status OpenNvshmemHeap(const std::string& unique_id, int rank, int num_ranks,
         std::to_string(sizeof(nvshmemx_uniqueid_t)) + " bytes, got " +
         std::to_string(unique_id.size()));
   }
-  if (heap_bytes <= 0 || rank < 0 || rank >= num_ranks) {
+  if (heap_bytes < 0 || exchange_bytes < 0 ||
+      heap_bytes + exchange_bytes <= 0 || rank < 0 || rank >= num_ranks) {
     return Status::InvalidArgument("bad heap size, rank or number of ranks");
   }
   if (Status s = Cuda(cudaSetDevice(device), "cudaSetDevice"); !s.ok()) return s;
@@ -71,18 +75,27 @@ Status OpenNvshmemHeap(const std::string& unique_id, int rank, int num_ranks,
                                    ", expected " + std::to_string(rank) +
                                    " of " + std::to_string(num_ranks));
   }
-  void* base = nvshmem_malloc(static_cast<size_t>(heap_bytes));
+  // The low-latency sets first, then the exchange region, 256-aligned.
+  const int64_t heap_part = AlignUp(heap_bytes, internode::kAlign);
+  const int64_t total = heap_part + exchange_bytes;
+  void* base = nvshmem_malloc(static_cast<size_t>(total));
   if (base == nullptr) {
     return Status::InvalidArgument(
-        "nvshmem_malloc of " + std::to_string(heap_bytes) +
+        "nvshmem_malloc of " + std::to_string(total) +
         " bytes failed: NVSHMEM_SYMMETRIC_SIZE must exceed it (jax_ep sets it "
         "unless you did) and the GPU needs that much memory outside JAX's "
         "pool (lower XLA_PYTHON_CLIENT_MEM_FRACTION)");
   }
+  allocation = base;
   low_latency::State* state = nullptr;
-  for (Status s : {Cuda(cudaMemset(base, 0, heap_bytes), "zeroing the heap"),
+  unsigned long long* sequence = nullptr;
+  for (Status s : {Cuda(cudaMemset(base, 0, total), "zeroing the heap"),
                    Cuda(cudaMalloc(&state, sizeof(*state)), "cudaMalloc state"),
                    Cuda(cudaMemset(state, 0, sizeof(*state)), "zeroing state"),
+                   Cuda(cudaMalloc(&sequence, sizeof(*sequence)),
+                        "cudaMalloc sequence"),
+                   Cuda(cudaMemset(sequence, 0, sizeof(*sequence)),
+                        "zeroing sequence"),
                    Cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize")}) {
     if (!s.ok()) return s;
   }
@@ -94,12 +107,22 @@ Status OpenNvshmemHeap(const std::string& unique_id, int rank, int num_ranks,
     return s;
   }
   constexpr int64_t unit = low_latency::kFlagShare * low_latency::kAlign;
-  open_heap.base = static_cast<char*>(base);
-  open_heap.set_bytes = heap_bytes / 2 / unit * unit;
-  open_heap.state = state;
-  open_heap.rank = rank;
-  open_heap.num_ranks = num_ranks;
-  open_heap.num_sms = sms;
+  if (heap_bytes > 0) {
+    open_heap.base = static_cast<char*>(base);
+    open_heap.set_bytes = heap_bytes / 2 / unit * unit;
+    open_heap.rank = rank;
+    open_heap.num_ranks = num_ranks;
+    open_heap.num_sms = sms;
+  }
+  open_heap.state = state;  // freed with the heap either way
+  if (exchange_bytes > 0) {
+    open_region.base = static_cast<char*>(base) + heap_part;
+    open_region.bytes = exchange_bytes;
+    open_region.rank = rank;
+    open_region.num_ranks = num_ranks;
+    open_region.num_sms = sms;
+  }
+  open_region.sequence = sequence;
   return Status();
 }
 
@@ -107,17 +130,23 @@ Status CloseNvshmemHeap() {
   std::lock_guard<std::mutex> lock(mu);
   if (!nvshmem_up) return Status();
   Status status;
-  if (open_heap.base != nullptr) {
+  if (allocation != nullptr) {
     status = Cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
     nvshmem_barrier_all();
-    nvshmem_free(open_heap.base);
+    nvshmem_free(allocation);
     if (Status s = Cuda(cudaFree(open_heap.state), "cudaFree state"); !s.ok()) {
+      status = s;
+    }
+    if (Status s = Cuda(cudaFree(open_region.sequence), "cudaFree sequence");
+        !s.ok()) {
       status = s;
     }
   }
   nvshmem_finalize();
   nvshmem_up = false;
+  allocation = nullptr;
   open_heap = low_latency::Heap();
+  open_region = internode::Region();
   return status;
 }
 
@@ -129,6 +158,18 @@ Status CurrentHeap(const char* op, low_latency::Heap* heap) {
         "the jax_ep.Buffer with num_ll_bytes on the cuda backend");
   }
   *heap = open_heap;
+  return Status();
+}
+
+Status CurrentExchangeRegion(const char* op, internode::Region* region) {
+  std::lock_guard<std::mutex> lock(mu);
+  if (open_region.base == nullptr) {
+    return Status::InvalidArgument(
+        std::string(op) + ": no internode exchange region is open in this "
+        "process: create the jax_ep.Buffer with num_rdma_bytes on the cuda "
+        "backend");
+  }
+  *region = open_region;
   return Status();
 }
 

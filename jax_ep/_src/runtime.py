@@ -25,6 +25,8 @@ from jax_ep._src import native
 from jax_ep._src.backend import LayoutBackend, LowLatencyBackend, NormalBackend
 from jax_ep._src.config import Config, tuned_config
 from jax_ep._src.cuda import layout as cuda_layout
+from jax_ep._src.cuda import nvshmem
+from jax_ep._src.cuda.internode import CudaInternode
 from jax_ep._src.cuda.intranode import CudaIntranode
 from jax_ep._src.cuda.low_latency import CudaLowLatency
 from jax_ep._src.reference import layout as reference_layout
@@ -37,7 +39,8 @@ _NODE_SIZES = (1, 2, 4, 8)
 # Ops with a CUDA kernel (every public op).
 KERNEL_OPS = frozenset({"get_dispatch_layout", "dispatch", "combine",
                         "low_latency_dispatch", "low_latency_combine"})
-# Ops that need the NVLink peer buffers (num_nvl_bytes) on the "cuda" backend.
+# Ops that need the NVLink peer buffers (num_nvl_bytes) on one node, or the
+# NVSHMEM exchange region (num_rdma_bytes) across nodes, on the "cuda" backend.
 NVL_OPS = frozenset({"dispatch", "combine"})
 # Ops that need the NVSHMEM heap (num_ll_bytes) on the "cuda" backend.
 LL_OPS = frozenset({"low_latency_dispatch", "low_latency_combine"})
@@ -188,6 +191,13 @@ class Buffer:
       shapes you will run. Needed by the low-latency ops on the "cuda"
       backend, which run one process per GPU. Allocated here, collectively,
       outside JAX's memory pool (JAX's default 75% leaves room on 80 GB GPUs).
+    num_rdma_bytes: size of the NVSHMEM region of the internode dispatch
+      and combine; `jax_ep.rdma_buffer_bytes(...)` computes it from the
+      largest shapes you will run. Needed by `dispatch` and `combine` on the
+      "cuda" backend when the EP axis spans several nodes of one rank each
+      (one process per GPU); with several ranks per node they run the
+      reference for now (docs/internode.md). Allocated with num_ll_bytes in
+      one NVSHMEM heap.
     ll_transport: "auto" writes to peers that NVLink reaches with plain
       stores and uses NVSHMEM puts for the others; "put" uses puts for every
       peer (to test that path on one host).
@@ -200,6 +210,7 @@ class Buffer:
                ranks_per_node: int | None = None,
                num_nvl_bytes: int | None = None,
                num_ll_bytes: int | None = None,
+               num_rdma_bytes: int | None = None,
                ll_transport: str = "auto",
                timeout_s: float = DEFAULT_TIMEOUT_S):
     if axis_name not in mesh.axis_names:
@@ -223,7 +234,8 @@ class Buffer:
       raise ValueError(
           f"jax_ep.Buffer: timeout_s must be > 0, got {timeout_s!r}")
     for name, value in (("num_nvl_bytes", num_nvl_bytes),
-                        ("num_ll_bytes", num_ll_bytes)):
+                        ("num_ll_bytes", num_ll_bytes),
+                        ("num_rdma_bytes", num_rdma_bytes)):
       if value is not None and (
           not isinstance(value, (int, np.integer)) or value < 0):
         raise ValueError(
@@ -235,29 +247,44 @@ class Buffer:
           f"{ll_transport!r}")
     self.num_nvl_bytes = num_nvl_bytes
     self.num_ll_bytes = num_ll_bytes
+    self.num_rdma_bytes = num_rdma_bytes
     # Across nodes the reference sums combine's rows node by node.
     self._reference_normal = ReferenceNormal(axis_name,
                                              self.topology.ranks_per_node)
     self._reference_low_latency = ReferenceLowLatency(axis_name)
     self._intranode: CudaIntranode | None = None
+    self._internode: CudaInternode | None = None
     self._low_latency: CudaLowLatency | None = None
-    if (self.backend == "cuda" and num_nvl_bytes
-        and self.topology.num_nodes == 1):
+    self._heap: nvshmem.NvshmemHeap | None = None
+    if self.backend != "cuda":
+      return
+    topology = self.topology
+    if num_nvl_bytes and topology.num_nodes == 1:
       check_sms(config, [d for d in mesh.devices.flat
                          if d.process_index == jax.process_index()])
       self._intranode = CudaIntranode.open(
           axis_name, _ep_groups(mesh, axis_name), int(num_nvl_bytes), config,
           timeout_s=float(timeout_s), fall_back=self.fall_back)
-    if self.backend == "cuda" and num_ll_bytes:
+    # The exchange serves nodes of one rank for now (docs/internode.md).
+    rdma_bytes = (int(num_rdma_bytes or 0) if topology.num_nodes > 1
+                  and topology.ranks_per_node == 1 else 0)
+    if num_ll_bytes or rdma_bytes:
       groups = _ep_groups(mesh, axis_name)
       if len(groups) > 1:
         raise ValueError(
-            "jax_ep.Buffer: the low-latency kernels (num_ll_bytes) support "
-            f"one EP group per job; the mesh has {len(groups)} along the "
-            "other axes")
-      self._low_latency = CudaLowLatency.open(
-          axis_name, groups[0], int(num_ll_bytes),
+            "jax_ep.Buffer: the NVSHMEM kernels (num_ll_bytes, num_rdma_bytes) "
+            f"support one EP group per job; the mesh has {len(groups)} along "
+            "the other axes")
+      self._heap = nvshmem.open_heap(groups[0], int(num_ll_bytes or 0),
+                                     rdma_bytes)
+    if num_ll_bytes:
+      self._low_latency = CudaLowLatency(
+          axis_name, self._heap, int(num_ll_bytes),
           force_put=ll_transport == "put", timeout_s=float(timeout_s))
+    if rdma_bytes:
+      self._internode = CudaInternode(axis_name, self._heap, rdma_bytes,
+                                      topology.ranks_per_node,
+                                      float(timeout_s))
 
   @property
   def num_ranks(self) -> int:
@@ -290,11 +317,20 @@ class Buffer:
     if self.backend != "cuda":
       return False
     if op in NVL_OPS:
-      if self.topology.num_nodes > 1:
-        self.fall_back(op, f"the EP axis spans {self.topology.num_nodes} "
-                       "nodes and the internode kernels are not built yet")
+      topology = self.topology
+      if topology.num_nodes > 1 and topology.ranks_per_node > 1:
+        self.fall_back(op, f"the EP axis spans {topology.num_nodes} nodes of "
+                       f"{topology.ranks_per_node} ranks, and the internode "
+                       "kernels serve nodes of one rank so far")
         return False
-      if self._intranode is None:
+      if topology.num_nodes > 1 and self._internode is None:
+        raise ValueError(
+            f"jax_ep.{op} on the cuda backend across nodes needs the NVSHMEM "
+            "exchange region: create the Buffer with num_rdma_bytes="
+            "jax_ep.rdma_buffer_bytes(num_tokens, hidden, topk, num_ranks, "
+            "ranks_per_node) for the largest shapes you run (one process per "
+            "GPU)")
+      if topology.num_nodes == 1 and self._intranode is None:
         raise ValueError(
             f"jax_ep.{op} on the cuda backend needs the NVLink buffers: create "
             "the Buffer with num_nvl_bytes=jax_ep.nvl_buffer_bytes(num_tokens, "
@@ -314,7 +350,8 @@ class Buffer:
     """What runs the normal dispatch and combine for the public op `op`
     (its backward included)."""
     if self._uses_kernel(op):
-      return dataclasses.replace(self._intranode, op=op)
+      kernels = self._intranode or self._internode
+      return dataclasses.replace(kernels, op=op)
     return self._reference_normal
 
   def low_latency_backend(self, op: str) -> LowLatencyBackend:
@@ -349,9 +386,9 @@ class Buffer:
     The heap goes first: its close waits for this GPU's work and for every
     rank, so no peer still writes into the NVLink buffers freed after it.
     """
-    if self._low_latency is not None:
-      self._low_latency.close()
-    self._low_latency = None
+    if self._heap is not None:
+      self._heap.close()
+    self._heap = self._low_latency = self._internode = None
     if self._intranode is not None:
       self._intranode.close()
     self._intranode = None

@@ -1,9 +1,10 @@
 """The kernels' limits and the buffer bytes their calls need, as csrc defines
 them once (csrc/common/limits.h, csrc/intranode/call_layout.h,
-csrc/low_latency/heap_layout.h), read from the module `jax_ep._jax_ep_sizes`.
+csrc/low_latency/heap_layout.h, csrc/internode/exchange_layout.h), read from the module `jax_ep._jax_ep_sizes`.
 
 Every install builds that module, with or without CUDA, so the sizing helpers
-(`jax_ep.nvl_buffer_bytes`, `jax_ep.ll_buffer_bytes`) answer on a CPU-only
+(`jax_ep.nvl_buffer_bytes`, `jax_ep.ll_buffer_bytes`,
+`jax_ep.rdma_buffer_bytes`) answer on a CPU-only
 install too. It is read on first use, not at import: the reference backend
 runs without it.
 """
@@ -74,3 +75,43 @@ def ll_buffer_bytes(max_tokens: int, hidden: int, num_experts: int) -> int:
   matter, L * R = E)."""
   return native.sizes_module().ll_heap_bytes(
       int(max_tokens), int(hidden), int(num_experts))
+
+
+def exchange_row_bytes(*row_bytes: int) -> int:
+  """Bytes of one exchanged row that packs rows of these byte widths side by
+  side (`cuda/internode.py`), padded to a multiple of 16."""
+  total = sum(int(b) for b in row_bytes)
+  return max(16, -(-total // 16) * 16)
+
+
+def rdma_buffer_bytes(num_tokens: int, hidden: int, topk: int,
+                      num_ranks: int, ranks_per_node: int = 1,
+                      dtype=jnp.bfloat16) -> int:
+  """Bytes of NVSHMEM heap (`Buffer(num_rdma_bytes=...)`) that the internode
+  `dispatch`, cached dispatch and `combine` need for these per-rank shapes.
+
+  Args:
+    num_tokens: T, tokens per rank.
+    hidden: H, channels per token.
+    topk: K.
+    num_ranks: R.
+    ranks_per_node: G; the exchange runs between the N = R / G nodes.
+    dtype: dtype of the dispatched rows, as for `nvl_buffer_bytes`; combine
+      is sized for `y` of `max(2, itemsize)` bytes per channel.
+
+  Returns:
+    Bytes: the flags, and N * T slots (each node's rows of this rank's
+    tokens, and this rank's staging of its own) of the widest exchanged row:
+    a dispatched row with its scales, top-k ids and weights, or a combine
+    row. The capacity M does not matter.
+  """
+  dtype = jnp.dtype(dtype)
+  if dtype == jnp.dtype(FP8_DTYPE):
+    row, scales, combine_row = hidden, hidden // GROUP * 4, 2 * hidden
+  else:
+    row, scales = hidden * dtype.itemsize, 0
+    combine_row = hidden * max(2, dtype.itemsize)
+  widest = max(exchange_row_bytes(row, scales, 4 * topk, 4 * topk),
+               exchange_row_bytes(combine_row))
+  return native.sizes_module().exchange_region_bytes(
+      int(num_ranks) // int(ranks_per_node), int(num_tokens), widest)

@@ -143,16 +143,6 @@ class CudaLowLatency:
   timeout_s: float
   op: str = "low_latency"  # the public op named in error messages
 
-  @classmethod
-  def open(cls, axis_name: str, devices_in_rank_order, num_bytes: int, *,
-           force_put: bool, timeout_s: float) -> CudaLowLatency:
-    """Opens the heap over the EP devices (collective; `nvshmem.open_heap`)."""
-    return cls(axis_name, nvshmem.open_heap(devices_in_rank_order, num_bytes),
-               num_bytes, force_put, timeout_s)
-
-  def close(self) -> None:
-    self.heap.close()
-
   @property
   def _options(self) -> dict:
     """The `options` struct attribute (csrc low_latency::Options)."""

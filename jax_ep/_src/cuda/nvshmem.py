@@ -1,4 +1,5 @@
-"""The NVSHMEM heap of the low-latency kernels (csrc/runtime/nvshmem_heap.cuh).
+"""The NVSHMEM heap of the low-latency kernels and of the internode exchange
+(csrc/runtime/nvshmem_heap.cuh).
 
 `open_heap` is collective over the processes of the EP axis, which must each
 drive exactly one of its GPUs (NVSHMEM runs one PE per process). EP rank 0
@@ -34,9 +35,10 @@ _open: "NvshmemHeap | None" = None
 class NvshmemHeap:
   """This process's open NVSHMEM heap; `close()` (collective) finalizes it."""
 
-  def __init__(self, num_ranks: int, num_bytes: int):
+  def __init__(self, num_ranks: int, ll_bytes: int, exchange_bytes: int):
     self.num_ranks = num_ranks
-    self.num_bytes = num_bytes
+    self.ll_bytes = ll_bytes  # the low-latency kernels' part
+    self.exchange_bytes = exchange_bytes  # the internode exchange's part
     self.closed = False
 
   def close(self) -> None:
@@ -49,8 +51,11 @@ class NvshmemHeap:
     native.extension().nvshmem_close()
 
 
-def open_heap(devices_in_rank_order: list[jax.Device], num_bytes: int) -> NvshmemHeap:
-  """Initializes NVSHMEM over the EP devices and allocates the heap (collective).
+def open_heap(devices_in_rank_order: list[jax.Device], ll_bytes: int,
+              exchange_bytes: int = 0) -> NvshmemHeap:
+  """Initializes NVSHMEM over the EP devices and allocates the heap: `ll_bytes`
+  for the low-latency kernels, `exchange_bytes` for the internode exchange
+  (collective).
 
   Raises:
     ValueError: a process drives more or fewer than one EP device, a heap is
@@ -63,28 +68,34 @@ def open_heap(devices_in_rank_order: list[jax.Device], num_bytes: int) -> Nvshme
   processes = [d.process_index for d in devices]
   if len(mine) != 1 or len(set(processes)) != len(devices):
     raise ValueError(
-        "jax_ep low-latency kernels (NVSHMEM) need one process per GPU of the "
+        "jax_ep NVSHMEM kernels (low-latency, internode) need one process per "
+        "GPU of the "
         f"EP axis; this process drives {len(mine)} of its {len(devices)} "
         "devices. Launch one process per GPU (e.g. python -m jax_ep.launch -n "
         "<GPUs> -- ...) or use the reference backend")
   rank = mine[0]
   with _lock:
     if _open is not None and not _open.closed:
-      if _open.num_bytes >= num_bytes and _open.num_ranks == len(devices):
+      if (_open.ll_bytes >= ll_bytes and
+          _open.exchange_bytes >= exchange_bytes and
+          _open.num_ranks == len(devices)):
         return _open
       raise ValueError(
           "jax_ep: an NVSHMEM heap of "
-          f"{_open.num_bytes} bytes is already open in this process; close "
-          "its Buffer before opening one with other sizes")
+          f"{_open.ll_bytes} + {_open.exchange_bytes} bytes is already open "
+          "in this process; close its Buffer before opening one with other "
+          "sizes")
     module = native.extension()
     # NVSHMEM sizes its symmetric region from the environment at init.
+    num_bytes = int(ll_bytes) + int(exchange_bytes)
     os.environ.setdefault("NVSHMEM_SYMMETRIC_SIZE", str(num_bytes + _HEAP_SLACK))
     os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
     uid = exchange.broadcast("NVSHMEM unique id", module.nvshmem_unique_id,
                              root=devices[0].process_index)
     module.nvshmem_open(uid, rank, len(devices),
-                        devices[rank].local_hardware_id, int(num_bytes))
+                        devices[rank].local_hardware_id, int(ll_bytes),
+                        int(exchange_bytes))
     # Not closed at exit: nvshmem_finalize waits for every PE, and a peer
     # that failed would hang this one; the process's end frees the heap.
-    _open = NvshmemHeap(len(devices), int(num_bytes))
+    _open = NvshmemHeap(len(devices), int(ll_bytes), int(exchange_bytes))
     return _open

@@ -54,23 +54,36 @@ def dispatch(rows, topk_idx, topk_weights, *, axis_name: str, num_ranks: int,
   Returns `(recv_rows, recv_topk_idx, recv_topk_weights,
   num_tokens_per_expert, handle)`; see `Dispatched`.
   """
-  num_tokens = topk_idx.shape[0]
+  gather = lambda a: lax.all_gather(a, axis_name, tiled=True)
+  return dispatch_from_sources(
+      tuple(gather(r) for r in rows), gather(topk_idx),
+      None if topk_weights is None else gather(topk_weights),
+      rank=lax.axis_index(axis_name), num_ranks=num_ranks,
+      num_experts=num_experts, capacity=capacity,
+      expert_alignment=expert_alignment)
+
+
+def dispatch_from_sources(rows_all, topk_all, weights_all, *, rank,
+                          num_ranks: int, num_experts: int, capacity: int,
+                          expert_alignment: int):
+  """`dispatch`'s result from what every source sent this rank: `rows_all`
+  (a tuple of [R*T, C]), `topk_all` and `weights_all` ([R*T, K]), source s's
+  token t at row s*T + t. A token whose routing selects nothing here may
+  come with any row, as long as its top-k ids do not select this rank
+  (e.g. all -1)."""
+  num_tokens = topk_all.shape[0] // num_ranks
   num_local = num_experts // num_ranks
-  rank = lax.axis_index(axis_name)
-  local = local_expert_ids(lax.all_gather(topk_idx, axis_name), rank,
-                           num_local).reshape(num_ranks * num_tokens,
-                                                    topk_idx.shape[1])
+  local = local_expert_ids(topk_all, rank, num_local)
   src_index, recv_row, num_recv = packed_sources((local >= 0).any(-1), capacity)
   handle = DispatchHandle(src_index, recv_row.reshape(num_ranks, num_tokens),
                           num_recv, num_ranks, num_tokens, capacity,
                           num_experts)
-  recv_rows = cached_dispatch(rows, handle, axis_name=axis_name)
+  recv_rows = tuple(gather_rows(r, src_index) for r in rows_all)
   recv_topk_idx = gather_rows(local, src_index, fill=-1)
   recv_topk_weights = None
-  if topk_weights is not None:
-    (recv_topk_weights,) = cached_dispatch((topk_weights,), handle,
-                                           axis_name=axis_name)
-    recv_topk_weights = jnp.where(recv_topk_idx >= 0, recv_topk_weights, 0.0)
+  if weights_all is not None:
+    recv_topk_weights = jnp.where(recv_topk_idx >= 0,
+                                  gather_rows(weights_all, src_index), 0.0)
   per_expert = (local[..., None] == jnp.arange(num_local)).sum(
       (0, 1), dtype=jnp.int32)
   per_expert = -(-per_expert // expert_alignment) * expert_alignment
@@ -88,22 +101,30 @@ def combine(y: jax.Array, handle: DispatchHandle, *, axis_name: str,
             ranks_per_node: int | None = None):
   """Sum over ranks, in fp32, of the rows each sent back.
 
-  On one node (`ranks_per_node` None or R) the sum goes in rank order. With
-  G = `ranks_per_node` < R ranks per node, each node's G rows are summed in
-  rank order and rounded to `y.dtype` (the partial that crosses the network),
-  then the node partials are summed in node order (docs/contract.md).
-
   Returns f32[T, C]; the caller adds biases and rounds once.
   """
   send = gather_rows(y, handle.recv_row.reshape(-1))
   send = send.reshape(handle.num_ranks, handle.num_tokens, *y.shape[1:])
-  back = lax.all_to_all(send, axis_name, 0, 0)
-  per_node = ranks_per_node or handle.num_ranks
-  if per_node == handle.num_ranks:
+  return sum_by_node(lax.all_to_all(send, axis_name, 0, 0), ranks_per_node)
+
+
+def sum_by_node(back: jax.Array, ranks_per_node: int | None) -> jax.Array:
+  """combine's sum of `back[R, T, C]` (rank q's row of each token, +0 where
+  q kept none), f32[T, C].
+
+  On one node (`ranks_per_node` None or R) the sum goes in rank order. With
+  G = `ranks_per_node` < R ranks per node, each node's G rows are summed in
+  rank order and rounded to `back.dtype` (the partial that crosses the
+  network), then the node partials are summed in node order
+  (docs/contract.md).
+  """
+  num_ranks = back.shape[0]
+  per_node = ranks_per_node or num_ranks
+  if per_node == num_ranks:
     return _sum_in_order(list(back))
   return _sum_in_order([
-      round_to(_sum_in_order(list(back[first:first + per_node])), y.dtype)
-      for first in range(0, handle.num_ranks, per_node)])
+      round_to(_sum_in_order(list(back[first:first + per_node])), back.dtype)
+      for first in range(0, num_ranks, per_node)])
 
 
 def _sum_in_order(terms) -> jax.Array:

@@ -1,0 +1,77 @@
+// The NVSHMEM region of the internode row exchange (exchange.cu): where its
+// flags and slots are, and the bytes a call shape needs. The kernels find
+// things with RegionLayout, the launcher checks the region with it, and the
+// _jax_ep_sizes module sizes the region with RegionBytes (plain C++: g++
+// builds that module without CUDA), so the three cannot disagree.
+#pragma once
+
+#include <cstdint>
+
+#include "common/host_device.h"
+#include "common/limits.h"
+
+namespace jax_ep::internode {
+
+constexpr int64_t kAlign = 256;
+// A source's T tokens travel in at most this many chunks, each announced by
+// one signal: the receiver starts on a chunk as soon as it is complete.
+constexpr int64_t kMaxChunks = 64;
+// The fewest tokens a chunk holds (a warp's sweep).
+constexpr int64_t kMinChunkTokens = 32;
+
+// One exchange call: every PE of the team (the ranks with this rank's local
+// index, one per node) sends rows of `row_bytes` to token slots [node][t].
+struct ExchangeShape {
+  int64_t num_nodes;   // N, the PEs of the team
+  int64_t num_tokens;  // T, slots per source node
+  int64_t row_bytes;   // B, a multiple of 16
+
+  JAX_EP_HOST_DEVICE int64_t num_slots() const { return num_nodes * num_tokens; }
+  JAX_EP_HOST_DEVICE int64_t chunk_tokens() const {
+    const int64_t even = (num_tokens + kMaxChunks - 1) / kMaxChunks;
+    return AlignUp(even > kMinChunkTokens ? even : kMinChunkTokens,
+                   kMinChunkTokens);
+  }
+  JAX_EP_HOST_DEVICE int64_t num_chunks() const {
+    return (num_tokens + chunk_tokens() - 1) / chunk_tokens();
+  }
+};
+
+// Offsets from the region's base (the same on every PE). The flags sit at
+// fixed offsets, so calls of any shape agree on them; the slots follow,
+// laid out by the call's shape.
+//
+//   free      u64[kMaxRanks]  at node m: the last call whose slots the PE of
+//                              node m has read out (it may take the next)
+//   arrived   u64[kMaxRanks * kMaxChunks]  at m * kMaxChunks + c: the last
+//                              call whose chunk c from node m is complete
+//   send_mask int32[N * T]    the sender's own staging of the masks it puts
+//   recv_mask int32[N * T]    at m * T + t: 1 when node m sent token t
+//   send_rows [N * T] rows    the sender's staging of the rows it puts
+//   recv_rows [N * T] rows    at m * T + t: node m's row of token t
+struct RegionLayout {
+  ExchangeShape shape;
+  JAX_EP_HOST_DEVICE static int64_t free_flags() { return 0; }
+  JAX_EP_HOST_DEVICE static int64_t arrived() { return kMaxRanks * 8; }
+  JAX_EP_HOST_DEVICE static int64_t flags_bytes() {
+    return AlignUp(arrived() + kMaxRanks * kMaxChunks * 8, kAlign);
+  }
+  JAX_EP_HOST_DEVICE int64_t mask_bytes() const {
+    return AlignUp(shape.num_slots() * 4, kAlign);
+  }
+  JAX_EP_HOST_DEVICE int64_t rows_bytes() const {
+    return AlignUp(shape.num_slots() * shape.row_bytes, kAlign);
+  }
+  JAX_EP_HOST_DEVICE int64_t send_mask() const { return flags_bytes(); }
+  JAX_EP_HOST_DEVICE int64_t recv_mask() const { return send_mask() + mask_bytes(); }
+  JAX_EP_HOST_DEVICE int64_t send_rows() const { return recv_mask() + mask_bytes(); }
+  JAX_EP_HOST_DEVICE int64_t recv_rows() const { return send_rows() + rows_bytes(); }
+  JAX_EP_HOST_DEVICE int64_t total_bytes() const { return recv_rows() + rows_bytes(); }
+};
+
+// Region bytes that exchanges of `shape` need.
+inline int64_t RegionBytes(const ExchangeShape& shape) {
+  return RegionLayout{shape}.total_bytes();
+}
+
+}  // namespace jax_ep::internode
