@@ -166,11 +166,13 @@ __global__ void __launch_bounds__(kThreads) ReceiveKernel(Region region,
       for (int u = 0; u < n; ++u) {
         const int64_t slot = m * T + group + u;
         int4* const out = reinterpret_cast<int4*>(a.recv_rows + slot * B);
-        if (__shfl_sync(kFullMask, sent, u)) {
-          WarpCopy(out, reinterpret_cast<const int4*>(recv_rows + slot * B),
-                   B / 16, lane);
-        } else {
-          for (int64_t j = lane; j < B / 16; j += 32) out[j] = int4{0, 0, 0, 0};
+        // L2 loads (__ldcg): a slot may share a cache line with one that
+        // had not arrived when this SM last read that line.
+        const int4* const src =
+            reinterpret_cast<const int4*>(recv_rows + slot * B);
+        const bool came = __shfl_sync(kFullMask, sent, u);
+        for (int64_t j = lane; j < B / 16; j += 32) {
+          out[j] = came ? __ldcg(src + j) : int4{0, 0, 0, 0};
         }
       }
     }

@@ -128,6 +128,19 @@ def _topology(mesh, axis_name, ranks_per_node) -> Topology:
                   process_of_rank)
 
 
+def _internode_fallback(topology: Topology) -> str | None:
+  """Why the normal ops across nodes run the reference on the cuda backend,
+  or None when the internode kernels serve `topology` (docs/internode.md)."""
+  if topology.ranks_per_node > 1:
+    return (f"the EP axis spans {topology.num_nodes} nodes of "
+            f"{topology.ranks_per_node} ranks, and the internode kernels "
+            "serve nodes of one rank so far")
+  if not topology.one_process_per_rank:
+    return ("the EP axis spans several nodes, and the internode kernels "
+            "(NVSHMEM) need one process per rank")
+  return None
+
+
 def _resolve_backend(backend: str, devices: list[jax.Device]) -> str:
   if backend not in _BACKENDS:
     raise ValueError(
@@ -265,9 +278,8 @@ class Buffer:
       self._intranode = CudaIntranode.open(
           axis_name, _ep_groups(mesh, axis_name), int(num_nvl_bytes), config,
           timeout_s=float(timeout_s), fall_back=self.fall_back)
-    # The exchange serves nodes of one rank for now (docs/internode.md).
     rdma_bytes = (int(num_rdma_bytes or 0) if topology.num_nodes > 1
-                  and topology.ranks_per_node == 1 else 0)
+                  and not _internode_fallback(topology) else 0)
     if num_ll_bytes or rdma_bytes:
       groups = _ep_groups(mesh, axis_name)
       if len(groups) > 1:
@@ -318,18 +330,17 @@ class Buffer:
       return False
     if op in NVL_OPS:
       topology = self.topology
-      if topology.num_nodes > 1 and topology.ranks_per_node > 1:
-        self.fall_back(op, f"the EP axis spans {topology.num_nodes} nodes of "
-                       f"{topology.ranks_per_node} ranks, and the internode "
-                       "kernels serve nodes of one rank so far")
-        return False
-      if topology.num_nodes > 1 and self._internode is None:
-        raise ValueError(
-            f"jax_ep.{op} on the cuda backend across nodes needs the NVSHMEM "
-            "exchange region: create the Buffer with num_rdma_bytes="
-            "jax_ep.rdma_buffer_bytes(num_tokens, hidden, topk, num_ranks, "
-            "ranks_per_node) for the largest shapes you run (one process per "
-            "GPU)")
+      if topology.num_nodes > 1:
+        reason = _internode_fallback(topology)
+        if reason:
+          self.fall_back(op, reason)
+          return False
+        if self._internode is None:
+          raise ValueError(
+              f"jax_ep.{op} on the cuda backend across nodes needs the "
+              "NVSHMEM exchange region: create the Buffer with num_rdma_bytes="
+              "jax_ep.rdma_buffer_bytes(num_tokens, hidden, topk, num_ranks, "
+              "ranks_per_node) for the largest shapes you run")
       if topology.num_nodes == 1 and self._intranode is None:
         raise ValueError(
             f"jax_ep.{op} on the cuda backend needs the NVLink buffers: create "

@@ -275,9 +275,11 @@ def test_a_fallback_warns_once_and_is_listed(seed):
 
 
 @pytest.mark.skipif(len(GPUS) < 2, reason="needs 2 GPUs to simulate 2 nodes")
-def test_ops_across_nodes_fall_back_and_match_the_reference(seed):
-  """Across nodes (simulated: one rank per node) the normal ops have no
-  kernel yet: they warn, list the fallback and run the reference."""
+def test_ops_across_nodes_in_one_process_fall_back_and_match_the_reference(
+    seed):
+  """Across nodes (simulated: one rank per node) driven by one process, the
+  internode kernels (NVSHMEM: one process per rank) cannot run: the normal
+  ops warn, list the fallback and run the reference."""
   mesh = _mesh()
   rng = np.random.default_rng(seed)
   n = 16 * len(GPUS)
@@ -293,7 +295,7 @@ def test_ops_across_nodes_fall_back_and_match_the_reference(seed):
 
     if backend == "cuda":
       with pytest.warns(jax_ep.FallbackWarning,
-                        match="internode kernels are not built yet"):
+                        match="need one process per rank"):
         _, out, _ = _run(mesh, round_trip, x, idx)
       assert [f.op for f in buffer.fallbacks()] == ["dispatch", "combine"]
     else:

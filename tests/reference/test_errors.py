@@ -588,6 +588,32 @@ def test_nvl_buffer_bytes_follows_the_slot_layout():
   assert fp8 < jax_ep.nvl_buffer_bytes(T, H, K, 2)  # combine rows are bf16
 
 
+def test_rdma_buffer_bytes_follows_the_region_layout():
+  # Flags (u64 free[64] + arrived[64 x 64 chunks]), then for N = R / G
+  # nodes two int32 [N, T] masks and two [N, T] slot arrays of the widest
+  # exchanged row: a dispatched row with its K ids and K weights, or a
+  # combine row; sections 256-byte aligned.
+  T, H, K = 4096, 7168, 8
+  flags = 64 * 8 + 64 * 64 * 8
+  for R, G in ((2, 1), (8, 1), (16, 8)):
+    N = R // G
+    row = 2 * H + 8 * K  # a multiple of 16 here
+    assert jax_ep.rdma_buffer_bytes(T, H, K, R, G) == (
+        flags + 2 * N * T * 4 + 2 * N * T * row)
+  fp8 = jax_ep.rdma_buffer_bytes(T, H, K, 2, 1, jnp.float8_e4m3fn)
+  assert fp8 == jax_ep.rdma_buffer_bytes(T, H, 0, 2, 1)  # combine rows widest
+
+
+def test_reference_backend_ignores_num_rdma_bytes():
+  buffer = jax_ep.Buffer(_mesh(2), "ep", backend="reference",
+                         ranks_per_node=1, num_rdma_bytes=1 << 20)
+  assert buffer.normal_backend("dispatch").ranks_per_node == 1
+  with pytest.raises(ValueError, match=esc(
+      "jax_ep.Buffer: num_rdma_bytes must be an int >= 0 (see "
+      "jax_ep.rdma_buffer_bytes), got -1")):
+    jax_ep.Buffer(_mesh(2), "ep", backend="reference", num_rdma_bytes=-1)
+
+
 def test_intranode_kernel_timeout_is_checked_at_trace_time():
   """The wrappers check only the timeout: `Config` checked the rest."""
   from jax_ep._src.cuda import intranode  # pylint: disable=g-import-not-at-top

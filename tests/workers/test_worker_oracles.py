@@ -1,7 +1,7 @@
 """CPU checks of the GPU workers' oracles: on the reference backend, the
-outputs that intranode_worker.py compares with the dense model (where ranks
-share a GPU it is the only oracle) equal the dense model's, so that a GPU
-failure is the kernels', not the test's."""
+outputs that intranode_worker.py and internode_worker.py compare with the
+dense model (where ranks share a GPU it is the only oracle) equal the dense
+model's, so that a GPU failure is the kernels', not the test's."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+import internode_worker
 import intranode_worker as worker
 from ep_testing import cpu_devices
 
@@ -27,3 +28,18 @@ def test_intranode_worker_dense_outputs_are_the_contract(seed, rng, pair):
     worker.check_shards(case, num_ranks, arrays, out,
                         f"seed={seed}, {case.name()}", with_reference=False,
                         pair=pair)
+
+
+def test_internode_worker_dense_outputs_are_the_contract(seed, rng):
+  """The same for internode_worker.py's public-op steps, across nodes of one
+  rank on the reference backend."""
+  num_ranks = 2
+  mesh = Mesh(np.array(cpu_devices(num_ranks)), (worker.EP,))
+  buffer = internode_worker.open_buffer(
+      mesh, worker.multiprocess_cases(num_ranks), "reference")
+  for case in worker.multiprocess_cases(num_ranks):
+    arrays = worker.inputs(rng, num_ranks, case)
+    out = internode_worker.step(mesh, buffer, case)(
+        *[worker.global_array(mesh, a, P(worker.EP)) for a in arrays])
+    worker.check_shards(case, num_ranks, arrays, out,
+                        f"seed={seed}, {case.name()}", with_reference=False)
