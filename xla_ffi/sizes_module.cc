@@ -54,13 +54,13 @@ int64_t LowLatencyHeapBytes(int64_t max_tokens, int64_t hidden,
       {max_tokens, max_tokens, hidden, 1, num_experts, 1});
 }
 
-int64_t ExchangeRegionBytes(int64_t num_nodes, int64_t num_tokens,
+int64_t ExchangeRegionBytes(int64_t team_size, int64_t num_tokens,
                             int64_t row_bytes) {
-  if (num_nodes < 1 || num_tokens < 0 || row_bytes < 0) {
+  if (team_size < 1 || num_tokens < 0 || row_bytes < 0) {
     throw nb::value_error(
-        "jax_ep exchange_region_bytes: sizes must be >= 0 (num_nodes >= 1)");
+        "jax_ep exchange_region_bytes: sizes must be >= 0 (team_size >= 1)");
   }
-  return jax_ep::internode::RegionBytes({num_nodes, num_tokens, row_bytes});
+  return jax_ep::internode::RegionBytes({team_size, num_tokens, row_bytes});
 }
 
 }  // namespace
@@ -80,8 +80,8 @@ NB_MODULE(_jax_ep_sizes, m) {
         nb::arg("hidden"), nb::arg("num_experts"),
         "NVSHMEM heap bytes (both buffer sets) that low-latency calls of "
         "these shapes need.");
-  m.def("exchange_region_bytes", &ExchangeRegionBytes, nb::arg("num_nodes"),
+  m.def("exchange_region_bytes", &ExchangeRegionBytes, nb::arg("team_size"),
         nb::arg("num_tokens"), nb::arg("row_bytes"),
         "NVSHMEM bytes that internode exchanges of num_tokens rows of "
-        "row_bytes with num_nodes nodes need.");
+        "row_bytes within a team of team_size ranks need.");
 }

@@ -1,31 +1,33 @@
-// The internode row exchange: the network leg of the internode dispatch and
-// combine (docs/internode.md). Each rank talks to the ranks with its local
-// index on the other nodes (its team, one PE per node) over NVSHMEM, and a
-// token's row crosses to a node at most once.
+// The internode row exchange: the legs of the internode dispatch and combine
+// (docs/internode.md). A call runs within a team of PEs (exchange.cuh): this
+// rank's peers with its local index on every node (the network leg, where a
+// token's row crosses to a node at most once), or the ranks of its node
+// (the NVLink leg, which forwards rows inside the node), over NVSHMEM.
 //
 // Protocol. A call takes the sequence number seq = the last call's + 1 from
 // device memory (Region::sequence); three kernels run in stream order:
 //
-//   send     Every block first waits until each node's PE has read out the
-//            last call (free[m] >= seq - 1 here): the slots it writes are
-//            then free. A warp takes (node m, chunk c) pairs: for each token
-//            t of the chunk with a row to send (src_row[m, t] in range) it
-//            copies the row to its own staging slot and puts it to slot
-//            [my node, t] of node m's PE; then, after nvshmem_fence (which
-//            delivers those rows first), it puts the chunk's masks (1 where
-//            a row went) with the signal arrived[my node, c] = seq.
-//   receive  A warp takes (node m, chunk c) pairs: it waits until
-//            arrived[m, c] >= seq, then copies the chunk's rows (zero rows
-//            where the mask is 0) and masks to the outputs.
-//   release  One block: tells each node's PE that this PE has read out call
-//            seq (free[my node] = seq at that PE), then stores seq as the
-//            last call.
+//   send     Every block first waits until each member p has read out the
+//            last call (free[p] >= seq - 1 here): the slots it writes are
+//            then free. A warp takes (member i, chunk c) pairs: for each
+//            token t of the chunk with a row to send (src_row[i, t] in
+//            range) it copies the row to its own staging slot and puts it
+//            to slot [my index, t] of member i; then, after nvshmem_fence
+//            (which delivers those rows first), it puts the chunk's masks (1
+//            where a row went) with the signal arrived[my rank, c] = seq.
+//   receive  A warp takes (member i, chunk c) pairs: it waits until
+//            arrived[member i's rank, c] >= seq, then copies the chunk's
+//            rows (zero rows where the mask is 0) and masks to the outputs.
+//   release  One block: tells every rank that may write here next (both
+//            teams of this rank: the next call may use either) that this
+//            rank has read out call seq (free[my rank] = seq there), then
+//            stores seq as the last call.
 //
-// Flags are never cleared: a flag holds the sequence number of the call that
-// last set it, so a call waits until it reaches its own. Every rank must run
-// the same exchanges in the same order. Every wait goes through
-// sync::wait_at_least_acquire_sys; a timeout names the rank, the phase and
-// the peer PE.
+// Flags are indexed by rank and never cleared: a flag holds the sequence
+// number of the call that last set it, so a call waits until it reaches its
+// own. Every rank must run the same exchanges in the same order. Every wait
+// goes through sync::wait_at_least_acquire_sys; a timeout names the rank,
+// the phase and the peer rank.
 
 #include <cuda_runtime_api.h>
 #include <nvshmem.h>
@@ -48,16 +50,19 @@ constexpr int kWarps = kThreads / 32;
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr const char* kKernel = "internode exchange";
 
-// Who this PE talks to: node m's PE of the team is m * G + local.
+// Who this PE talks to: member i of the team is first + i * stride.
 struct Team {
-  int rank, node, local, ranks_per_node;
-  __device__ int pe(int m) const { return m * ranks_per_node + local; }
+  int rank, first, stride, size;
+  __device__ int pe(int i) const { return first + i * stride; }
+  __device__ int index() const { return (rank - first) / stride; }
 };
 
 __device__ __forceinline__ Team TeamOf(const Region& region,
                                        const ExchangeArgs& a) {
-  const int G = a.ranks_per_node;
-  return {region.rank, region.rank / G, region.rank % G, G};
+  const int stride = a.team_stride, size = static_cast<int>(a.shape.team_size);
+  const int block = stride * size;
+  return {region.rank, region.rank / block * block + region.rank % stride,
+          stride, size};
 }
 
 __device__ __forceinline__ uint64_t CallSequence(const Region& region) {
@@ -74,14 +79,14 @@ __global__ void __launch_bounds__(kThreads) SendKernel(Region region,
   const RegionLayout layout{a.shape};
   const Team team = TeamOf(region, a);
   const uint64_t seq = CallSequence(region);
-  const int N = static_cast<int>(a.shape.num_nodes);
+  const int Z = team.size, me = team.index();
   const int64_t T = a.shape.num_tokens, B = a.shape.row_bytes;
   char* const base = region.base;
-  for (int m = threadIdx.x; m < N; m += kThreads) {
-    const sync::WaitSite site{kKernel, "wait until a node has read out the "
-                              "last call", team.rank, team.pe(m)};
+  for (int i = threadIdx.x; i < Z; i += kThreads) {
+    const sync::WaitSite site{kKernel, "wait until a peer has read out the "
+                              "last call", team.rank, team.pe(i)};
     sync::wait_at_least_acquire_sys(
-        At<uint64_t>(base, RegionLayout::free_flags()) + m, seq - 1,
+        At<uint64_t>(base, RegionLayout::free_flags()) + team.pe(i), seq - 1,
         a.timeout_ns, site);
   }
   __syncthreads();
@@ -93,11 +98,11 @@ __global__ void __launch_bounds__(kThreads) SendKernel(Region region,
   const int lane = threadIdx.x % 32;
   const int64_t C = a.shape.chunk_tokens(), chunks = a.shape.num_chunks();
   bool put = false;
-  for (int64_t i = int64_t{blockIdx.x} * kWarps + threadIdx.x / 32;
-       i < N * chunks; i += int64_t{gridDim.x} * kWarps) {
-    // Chunk-major: every node gets its first chunk early.
-    const int m = static_cast<int>(i % N);
-    const int64_t c = i / N, t0 = c * C, t1 = t0 + C < T ? t0 + C : T;
+  for (int64_t w = int64_t{blockIdx.x} * kWarps + threadIdx.x / 32;
+       w < Z * chunks; w += int64_t{gridDim.x} * kWarps) {
+    // Chunk-major: every member gets its first chunk early.
+    const int m = static_cast<int>(w % Z);
+    const int64_t c = w / Z, t0 = c * C, t1 = t0 + C < T ? t0 + C : T;
     const int pe = team.pe(m);
     for (int64_t group = t0; group < t1; group += 32) {
       const int64_t t = group + lane;
@@ -116,15 +121,15 @@ __global__ void __launch_bounds__(kThreads) SendKernel(Region region,
         WarpCopy(reinterpret_cast<int4*>(stage),
                  reinterpret_cast<const int4*>(a.rows + r * B), B / 16, lane);
         __syncwarp();
-        nvshmemx_putmem_nbi_warp(recv_rows + (team.node * T + group + u) * B,
-                                 stage, B, pe);
+        nvshmemx_putmem_nbi_warp(recv_rows + (me * T + group + u) * B, stage,
+                                 B, pe);
       }
     }
     __syncwarp();
     nvshmem_fence();
     nvshmemx_putmem_signal_nbi_warp(
-        recv_mask + team.node * T + t0, send_mask + m * T + t0,
-        (t1 - t0) * sizeof(int32_t), arrived + team.node * kMaxChunks + c, seq,
+        recv_mask + me * T + t0, send_mask + m * T + t0,
+        (t1 - t0) * sizeof(int32_t), arrived + team.rank * kMaxChunks + c, seq,
         NVSHMEM_SIGNAL_SET, pe);
     put = true;
   }
@@ -136,7 +141,7 @@ __global__ void __launch_bounds__(kThreads) ReceiveKernel(Region region,
   const RegionLayout layout{a.shape};
   const Team team = TeamOf(region, a);
   const uint64_t seq = CallSequence(region);
-  const int N = static_cast<int>(a.shape.num_nodes);
+  const int Z = team.size;
   const int64_t T = a.shape.num_tokens, B = a.shape.row_bytes;
   char* const base = region.base;
   const int32_t* const recv_mask = At<int32_t>(base, layout.recv_mask());
@@ -144,15 +149,15 @@ __global__ void __launch_bounds__(kThreads) ReceiveKernel(Region region,
   const uint64_t* const arrived = At<uint64_t>(base, RegionLayout::arrived());
   const int lane = threadIdx.x % 32;
   const int64_t C = a.shape.chunk_tokens(), chunks = a.shape.num_chunks();
-  for (int64_t i = int64_t{blockIdx.x} * kWarps + threadIdx.x / 32;
-       i < N * chunks; i += int64_t{gridDim.x} * kWarps) {
-    const int m = static_cast<int>(i % N);
-    const int64_t c = i / N, t0 = c * C, t1 = t0 + C < T ? t0 + C : T;
+  for (int64_t w = int64_t{blockIdx.x} * kWarps + threadIdx.x / 32;
+       w < Z * chunks; w += int64_t{gridDim.x} * kWarps) {
+    const int m = static_cast<int>(w % Z);
+    const int64_t c = w / Z, t0 = c * C, t1 = t0 + C < T ? t0 + C : T;
     if (lane == 0) {
-      const sync::WaitSite site{kKernel, "wait for a node's chunk", team.rank,
+      const sync::WaitSite site{kKernel, "wait for a peer's chunk", team.rank,
                                 team.pe(m)};
-      sync::wait_at_least_acquire_sys(arrived + m * kMaxChunks + c, seq,
-                                      a.timeout_ns, site);
+      sync::wait_at_least_acquire_sys(arrived + team.pe(m) * kMaxChunks + c,
+                                      seq, a.timeout_ns, site);
     }
     __syncwarp();
     for (int64_t group = t0; group < t1; group += 32) {
@@ -180,13 +185,15 @@ __global__ void __launch_bounds__(kThreads) ReceiveKernel(Region region,
 }
 
 __global__ void ReleaseKernel(Region region, ExchangeArgs a) {
-  const Team team = TeamOf(region, a);
+  const int rank = region.rank, G = a.ranks_per_node;
+  const int N = region.num_ranks / G;
   const uint64_t seq = CallSequence(region);
-  uint64_t* const free_flags = At<uint64_t>(region.base,
-                                            RegionLayout::free_flags());
-  for (int m = threadIdx.x; m < a.shape.num_nodes; m += blockDim.x) {
-    nvshmemx_signal_op(free_flags + team.node, seq, NVSHMEM_SIGNAL_SET,
-                       team.pe(m));
+  uint64_t* const free_flag =
+      At<uint64_t>(region.base, RegionLayout::free_flags()) + rank;
+  // Both teams of this rank: its local index on every node, its node.
+  for (int j = threadIdx.x; j < N + G; j += blockDim.x) {
+    const int pe = j < N ? j * G + rank % G : rank / G * G + (j - N);
+    nvshmemx_signal_op(free_flag, seq, NVSHMEM_SIGNAL_SET, pe);
   }
   nvshmem_quiet();
   __syncthreads();
@@ -209,15 +216,17 @@ Status LaunchExchange(const char* op, const Region& region,
     return refuse("no internode region is open in this process: create the "
                   "jax_ep.Buffer with num_rdma_bytes on the cuda backend");
   }
-  if (a.ranks_per_node < 1 || region.num_ranks % a.ranks_per_node ||
-      s.num_nodes != region.num_ranks / a.ranks_per_node) {
-    return refuse("the heap has " + std::to_string(region.num_ranks) +
-                  " ranks, which are not " + std::to_string(s.num_nodes) +
-                  " nodes of " + std::to_string(a.ranks_per_node));
+  const int64_t R = region.num_ranks, G = a.ranks_per_node,
+                S = a.team_stride, Z = s.team_size;
+  if (R > kMaxRanks) {
+    return refuse("the exchange serves at most " + std::to_string(kMaxRanks) +
+                  " ranks (its flags are per rank), got " + std::to_string(R));
   }
-  if (s.num_nodes < 1 || s.num_nodes > kMaxRanks) {
-    return refuse("the nodes must number 1 to " + std::to_string(kMaxRanks) +
-                  ", got " + std::to_string(s.num_nodes));
+  if (G < 1 || R % G || !((S == G && Z == R / G) || (S == 1 && Z == G))) {
+    return refuse("a team of " + std::to_string(Z) + " ranks " +
+                  std::to_string(S) + " apart is neither the ranks of a "
+                  "local index nor those of a node of " + std::to_string(G) +
+                  " among " + std::to_string(R));
   }
   if (s.num_tokens < 1 || s.num_tokens > int64_t{1} << 30) {
     return refuse("num_tokens must be in [1, 2^30], got " +
@@ -235,14 +244,14 @@ Status LaunchExchange(const char* op, const Region& region,
   if (need > region.bytes) {
     return refuse("the Buffer's num_rdma_bytes (" +
                   std::to_string(region.bytes) + ") is too small for " +
-                  std::to_string(s.num_nodes) + " nodes of " +
+                  std::to_string(s.team_size) + " ranks' " +
                   std::to_string(s.num_tokens) + " rows of " +
                   std::to_string(s.row_bytes) + " bytes, which need " +
                   std::to_string(need) +
                   ": size it with jax_ep.rdma_buffer_bytes");
   }
-  // Each warp takes (node, chunk) pairs; more blocks than pairs would idle.
-  const int64_t warps_needed = s.num_nodes * s.num_chunks();
+  // Each warp takes (member, chunk) pairs; more blocks than pairs would idle.
+  const int64_t warps_needed = s.team_size * s.num_chunks();
   const int blocks = static_cast<int>(std::max<int64_t>(
       1, std::min<int64_t>(region.num_sms, (warps_needed + kWarps - 1) / kWarps)));
   SendKernel<<<blocks, kThreads, 0, stream>>>(region, a);

@@ -23,19 +23,27 @@ struct Region {
   int num_sms = 0;
 };
 
-// One exchange. Every PE of the team (this rank's local index on each of the
-// N nodes) sends, for each node m and token t with 0 <= src_row[m, t] <
-// num_rows, its row src_row[m, t] of `rows` to the team's PE on node m,
-// which finds it at recv_rows[my node, t] with recv_mask[my node, t] = 1.
-// Slots nobody sent are zero rows with mask 0.
+// One exchange within a team of Z = shape.team_size PEs spaced
+// `team_stride` apart: member i is first + i * stride, where first is the
+// rank of the team's block of Z * stride ranks with this rank's remainder
+// modulo stride. With G ranks per node, stride G and Z = R / G make the team
+// of this rank's local index on every node (the network leg), stride 1 and
+// Z = G the ranks of its node. Every member sends, for each member i and
+// token t with 0 <= src_row[i, t] < num_rows, its row src_row[i, t] of
+// `rows` to member i, which finds it at recv_rows[sender's index, t] with
+// recv_mask[sender's index, t] = 1. Slots nobody sent are zero rows with
+// mask 0.
 struct ExchangeArgs {
   ExchangeShape shape;
-  int ranks_per_node = 1;     // G: node m's PE in the team is m * G + local
+  int team_stride = 1;
+  // G: a call's end tells both teams of this rank (stride G and stride 1)
+  // that its slots are free, whichever team the next call uses.
+  int ranks_per_node = 1;
   const char* rows = nullptr; // [num_rows, B]
   int64_t num_rows = 0;
-  const int32_t* src_row = nullptr;  // [N, T]
-  char* recv_rows = nullptr;         // [N, T, B]
-  int32_t* recv_mask = nullptr;      // [N, T]
+  const int32_t* src_row = nullptr;  // [Z, T]
+  char* recv_rows = nullptr;         // [Z, T, B]
+  int32_t* recv_mask = nullptr;      // [Z, T]
   int64_t timeout_ns = 0;
 };
 

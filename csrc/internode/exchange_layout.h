@@ -19,14 +19,15 @@ constexpr int64_t kMaxChunks = 64;
 // The fewest tokens a chunk holds (a warp's sweep).
 constexpr int64_t kMinChunkTokens = 32;
 
-// One exchange call: every PE of the team (the ranks with this rank's local
-// index, one per node) sends rows of `row_bytes` to token slots [node][t].
+// One exchange call: every PE of the team (exchange.cuh: this rank's peers
+// with its local index on every node, or the ranks of its node) sends rows
+// of `row_bytes` to token slots [member][t].
 struct ExchangeShape {
-  int64_t num_nodes;   // N, the PEs of the team
-  int64_t num_tokens;  // T, slots per source node
+  int64_t team_size;   // Z, the PEs of the team
+  int64_t num_tokens;  // T, slots per member
   int64_t row_bytes;   // B, a multiple of 16
 
-  JAX_EP_HOST_DEVICE int64_t num_slots() const { return num_nodes * num_tokens; }
+  JAX_EP_HOST_DEVICE int64_t num_slots() const { return team_size * num_tokens; }
   JAX_EP_HOST_DEVICE int64_t chunk_tokens() const {
     const int64_t even = (num_tokens + kMaxChunks - 1) / kMaxChunks;
     return AlignUp(even > kMinChunkTokens ? even : kMinChunkTokens,
@@ -38,17 +39,17 @@ struct ExchangeShape {
 };
 
 // Offsets from the region's base (the same on every PE). The flags sit at
-// fixed offsets, so calls of any shape agree on them; the slots follow,
-// laid out by the call's shape.
+// fixed offsets and are indexed by EP rank, so calls of any shape and team
+// agree on them; the slots follow, laid out by the call's shape.
 //
-//   free      u64[kMaxRanks]  at node m: the last call whose slots the PE of
-//                              node m has read out (it may take the next)
-//   arrived   u64[kMaxRanks * kMaxChunks]  at m * kMaxChunks + c: the last
-//                              call whose chunk c from node m is complete
-//   send_mask int32[N * T]    the sender's own staging of the masks it puts
-//   recv_mask int32[N * T]    at m * T + t: 1 when node m sent token t
-//   send_rows [N * T] rows    the sender's staging of the rows it puts
-//   recv_rows [N * T] rows    at m * T + t: node m's row of token t
+//   free      u64[kMaxRanks]  at rank p: the last call whose slots rank p
+//                              has read out (it may take the next)
+//   arrived   u64[kMaxRanks * kMaxChunks]  at p * kMaxChunks + c: the last
+//                              call whose chunk c from rank p is complete
+//   send_mask int32[Z * T]    the sender's own staging of the masks it puts
+//   recv_mask int32[Z * T]    at i * T + t: 1 when member i sent token t
+//   send_rows [Z * T] rows    the sender's staging of the rows it puts
+//   recv_rows [Z * T] rows    at i * T + t: member i's row of token t
 struct RegionLayout {
   ExchangeShape shape;
   JAX_EP_HOST_DEVICE static int64_t free_flags() { return 0; }

@@ -131,10 +131,6 @@ def _topology(mesh, axis_name, ranks_per_node) -> Topology:
 def _internode_fallback(topology: Topology) -> str | None:
   """Why the normal ops across nodes run the reference on the cuda backend,
   or None when the internode kernels serve `topology` (docs/internode.md)."""
-  if topology.ranks_per_node > 1:
-    return (f"the EP axis spans {topology.num_nodes} nodes of "
-            f"{topology.ranks_per_node} ranks, and the internode kernels "
-            "serve nodes of one rank so far")
   if not topology.one_process_per_rank:
     return ("the EP axis spans several nodes, and the internode kernels "
             "(NVSHMEM) need one process per rank")
@@ -207,10 +203,9 @@ class Buffer:
     num_rdma_bytes: size of the NVSHMEM region of the internode dispatch
       and combine; `jax_ep.rdma_buffer_bytes(...)` computes it from the
       largest shapes you will run. Needed by `dispatch` and `combine` on the
-      "cuda" backend when the EP axis spans several nodes of one rank each
-      (one process per GPU); with several ranks per node they run the
-      reference for now (docs/internode.md). Allocated with num_ll_bytes in
-      one NVSHMEM heap.
+      "cuda" backend when the EP axis spans several nodes (one process per
+      GPU; docs/internode.md). Allocated with num_ll_bytes in one NVSHMEM
+      heap.
     ll_transport: "auto" writes to peers that NVLink reaches with plain
       stores and uses NVSHMEM puts for the others; "put" uses puts for every
       peer (to test that path on one host).

@@ -100,10 +100,13 @@ def rdma_buffer_bytes(num_tokens: int, hidden: int, topk: int,
       is sized for `y` of `max(2, itemsize)` bytes per channel.
 
   Returns:
-    Bytes: the flags, and N * T slots (each node's rows of this rank's
-    tokens, and this rank's staging of its own) of the widest exchanged row:
-    a dispatched row with its scales, top-k ids and weights, or a combine
-    row. The capacity M does not matter.
+    Bytes: the flags, and the slots of the larger leg, each slot of the
+    widest exchanged row (a dispatched row with its scales, top-k ids and
+    weights, or a combine row), twice (what arrives and this rank's staging
+    of what it sends): N * T slots for the network leg (each node's rows of
+    this rank's tokens), and with G > 1 G * N * T = R * T for the leg inside
+    the node (each local rank's rows of every forwarded token). The capacity
+    M does not matter.
   """
   dtype = jnp.dtype(dtype)
   if dtype == jnp.dtype(FP8_DTYPE):
@@ -113,5 +116,9 @@ def rdma_buffer_bytes(num_tokens: int, hidden: int, topk: int,
     combine_row = hidden * max(2, dtype.itemsize)
   widest = max(exchange_row_bytes(row, scales, 4 * topk, 4 * topk),
                exchange_row_bytes(combine_row))
-  return native.sizes_module().exchange_region_bytes(
-      int(num_ranks) // int(ranks_per_node), int(num_tokens), widest)
+  region = native.sizes_module().exchange_region_bytes
+  num_nodes = int(num_ranks) // int(ranks_per_node)
+  legs = [(num_nodes, int(num_tokens))]
+  if ranks_per_node > 1:
+    legs.append((int(ranks_per_node), num_nodes * int(num_tokens)))
+  return max(region(size, tokens, widest) for size, tokens in legs)

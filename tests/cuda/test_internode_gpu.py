@@ -1,22 +1,24 @@
-"""GPU tests of the internode dispatch and combine across nodes of one rank
-(`Buffer(ranks_per_node=1)`: every row crosses the NVSHMEM exchange,
-csrc/internode/exchange.cu), against the dense model, bit for bit.
+"""GPU tests of the internode dispatch and combine across N nodes of G ranks
+(`Buffer(ranks_per_node=G)`: rows cross the NVSHMEM exchange between nodes
+and are forwarded inside them, csrc/internode/exchange.cu), against the
+dense model, bit for bit.
 
 NVSHMEM needs one process per rank, so each test launches
-internode_worker.py through `gpu_testing.launch_per_gpu`: at R = the GPUs
-(2 or more) and at 2, 4 and 8 ranks sharing the GPUs
-(`gpu_testing.multi_rank_sizes`), i.e. (N, G) = (2, 1), (4, 1), (8, 1) on a
-one-GPU machine. NCCL refuses collectives between ranks that share a GPU, so
-the dense model is the oracle (tests/workers/test_worker_oracles.py checks
-it against the reference on CPUs).
+internode_worker.py through `gpu_testing.launch_per_gpu` at the topologies
+(N, G) of `TOPOLOGIES` whose R = N * G `gpu_testing.multi_rank_sizes` allows
+(R = the GPUs, or ranks sharing the GPUs): on a one-GPU machine all of them.
+NCCL refuses collectives between ranks that share a GPU, so the dense model
+is the oracle (tests/workers/test_worker_oracles.py checks it against the
+reference on CPUs).
 
 * Every case of intranode_worker's `multiprocess_cases` on fresh inputs:
   T from 1 to 300, H from 256 to 7168 (fp8 scale rows of 8 and 12 bytes), K
   from 1 to 8; -1, repeated and out-of-range ids, skewed routing, capacity
   overflow, expert alignment; bf16 and fp8 dispatch, cached dispatch,
   combine of f32 and bf16 rows with a bias.
-* 200 jitted dispatch/combine pairs on fresh routings at R = 2, back to back:
-  every output equal to the dense model's; run twice, the same sha256.
+* 200 jitted dispatch/combine pairs on fresh routings at (N, G) = (2, 1) and
+  (2, 2), back to back: every output equal to the dense model's; run twice,
+  the same sha256.
 * A rank that never calls (R = 2): the other's dispatch names its rank,
   phase and peer and fails instead of hanging.
 """
@@ -36,35 +38,49 @@ from gpu_testing import multi_rank_sizes
 pytestmark = NEEDS_KERNELS
 WORKER = pathlib.Path(worker.__file__).resolve()
 REPEAT_PAIRS = 200
+# (N nodes, G ranks per node): G = 1 (one GPU per node, PCIe boxes), 2 and 4
+# (GB200 trays).
+TOPOLOGIES = [(2, 1), (4, 1), (8, 1), (2, 2), (4, 2), (2, 4)]
 
 
-@pytest.mark.parametrize("num_ranks", multi_rank_sizes(),
-                         ids=lambda r: f"R{r}")
-def test_ops_match_the_dense_model(capfd, seed, num_ranks):
+def _runnable(topologies):
+  return [pytest.param(n, g, id=f"N{n}-G{g}") for n, g in topologies
+          if n * g in multi_rank_sizes()]
+
+
+@pytest.mark.parametrize("num_nodes,ranks_per_node", _runnable(TOPOLOGIES))
+def test_ops_match_the_dense_model(capfd, seed, num_nodes, ranks_per_node):
+  num_ranks = num_nodes * ranks_per_node
   steps = len(intranode_worker.multiprocess_cases(num_ranks))
   code, out, report = launch_per_gpu(
-      capfd, [str(WORKER), "--seed", str(seed), "--steps", str(steps)],
+      capfd, [str(WORKER), "--seed", str(seed), "--steps", str(steps),
+              "--ranks-per-node", str(ranks_per_node)],
       timeout=300, num_ranks=num_ranks)
-  report = f"seed={seed}, R={num_ranks}: {report}"
+  report = f"seed={seed}, N={num_nodes}, G={ranks_per_node}: {report}"
   assert code == 0, report
   for line in every_worker(f"{steps} internode steps passed", num_ranks):
     assert line in out, report
 
 
-def test_repeated_pairs_hash_the_same_twice(capfd, seed):
+@pytest.mark.parametrize("num_nodes,ranks_per_node",
+                         _runnable([(2, 1), (2, 2)]))
+def test_repeated_pairs_hash_the_same_twice(capfd, seed, num_nodes,
+                                            ranks_per_node):
+  num_ranks = num_nodes * ranks_per_node
   digests = []
   for _ in range(2):
     code, out, report = launch_per_gpu(
         capfd, [str(WORKER), "--seed", str(seed), "--repeat",
-                str(REPEAT_PAIRS)], timeout=300, num_ranks=2)
-    report = f"seed={seed}: {report}"
+                str(REPEAT_PAIRS), "--ranks-per-node", str(ranks_per_node)],
+        timeout=300, num_ranks=num_ranks)
+    report = f"seed={seed}, N={num_nodes}, G={ranks_per_node}: {report}"
     assert code == 0, report
-    for line in every_worker(f"repeat {REPEAT_PAIRS} passed", 2):
+    for line in every_worker(f"repeat {REPEAT_PAIRS} passed", num_ranks):
       assert line in out, report
     digests.append(sorted(re.findall(
-        rf"worker (\d+)/2: repeat {REPEAT_PAIRS} sha256 ([0-9a-f]{{64}})",
-        out)))
-  assert len(digests[0]) == 2 and digests[0] == digests[1], digests
+        rf"worker (\d+)/{num_ranks}: repeat {REPEAT_PAIRS} sha256 "
+        r"([0-9a-f]{64})", out)))
+  assert len(digests[0]) == num_ranks and digests[0] == digests[1], digests
 
 
 def test_a_missing_rank_times_out_with_a_report(capfd, seed):
@@ -74,4 +90,4 @@ def test_a_missing_rank_times_out_with_a_report(capfd, seed):
   assert code not in (0, 3), f"dispatch returned: {report}"
   assert code != 124, f"dispatch hung instead of timing out: {report}"
   assert ("jax_ep internode exchange timeout: rank 0, phase 'wait for a "
-          "node's chunk', peer 1") in report, report
+          "peer's chunk', peer 1") in report, report

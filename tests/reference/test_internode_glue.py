@@ -1,8 +1,9 @@
 """The internode backend's JAX side on CPU ranks, with its one kernel (the
-row exchange) emulated by an all_to_all: dispatch, cached dispatch, combine
-and their VJPs must give the reference's bits, and the packing of rows into
-exchanged bytes must round-trip. The kernel itself runs against the same
-emulation's contract on GPUs (tests/cuda/test_internode_gpu.py).
+row exchange, within the ranks of a local index or of a node) emulated with
+an all_gather: dispatch, cached dispatch, combine and their VJPs must give
+the reference's bits at several (nodes, ranks per node), and the packing of
+rows into exchanged bytes must round-trip. The kernel runs on GPUs in
+tests/cuda/test_internode_gpu.py.
 """
 
 import dataclasses
@@ -23,21 +24,29 @@ FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
 
 @dataclasses.dataclass(frozen=True)
 class EmulatedExchange(internode.CudaInternode):
-  """The exchange kernel's contract in JAX (nodes of one rank)."""
+  """The exchange kernel's contract in JAX: member i of a team of Z ranks
+  spaced `stride` apart is first + i * stride."""
 
-  def exchange(self, rows, src_row):
+  def exchange(self, rows, src_row, *, within_node=False):
+    rank = lax.axis_index(self.axis_name)
+    size = src_row.shape[0]
+    stride = 1 if within_node else self.ranks_per_node
+    first = rank // (stride * size) * (stride * size) + rank % stride
     num_rows = rows.shape[0]
     sent = (src_row >= 0) & (src_row < num_rows)
     out = jnp.where(sent[..., None],
                     jnp.take(rows, jnp.clip(src_row, 0, num_rows - 1), axis=0),
                     jnp.uint8(0))
-    recv = lax.all_to_all(out, self.axis_name, 0, 0)
-    return recv, lax.all_to_all(sent, self.axis_name, 0, 0)
+    members = first + jnp.arange(size) * stride
+    me = (rank - first) // stride
+    recv = lax.all_gather(out, self.axis_name)[members, me]
+    return recv, lax.all_gather(sent, self.axis_name)[members, me]
 
 
-def _with_emulated_kernels(p):
+def _with_emulated_kernels(p, ranks_per_node):
   """`p.buffer`'s normal ops on the internode backend's JAX side."""
-  backend = EmulatedExchange(p.buffer.axis_name, None, 1 << 40, 1, 100.0)
+  backend = EmulatedExchange(p.buffer.axis_name, None, 1 << 40,
+                             ranks_per_node, 100.0)
   p.buffer.normal_backend = lambda op: dataclasses.replace(backend, op=op)
   return p
 
@@ -54,17 +63,21 @@ def test_pack_round_trips(rng, dtype):
     assert_same(got, want, "unpacked", f"dtype={dtype}")
 
 
-@pytest.mark.parametrize("num_ranks,routing,capacity", [
-    (2, "distinct", None), (4, "invalid", None), (4, "hot", 12),
-    (8, "duplicates", None)])
-def test_ops_give_the_reference_bits(problem, num_ranks, routing, capacity):
+@pytest.mark.parametrize("num_ranks,ranks_per_node,routing,capacity", [
+    (2, 1, "distinct", None), (4, 1, "invalid", None), (4, 2, "hot", 12),
+    (8, 2, "duplicates", None), (8, 4, "invalid", 40),
+    (8, 4, "empty_rank", None)])
+def test_ops_give_the_reference_bits(problem, num_ranks, ranks_per_node,
+                                     routing, capacity):
   """Every output of dispatch (bf16 and fp8 rows, weights), of a cached
   dispatch and of combine (rows, weights, bias) equals the reference's,
-  across nodes of one rank, capacity overflow included."""
-  kernels = _with_emulated_kernels(problem(num_ranks, "small",
-                                           ranks_per_node=1))
+  across nodes of G ranks (combine's partials rounded per node), capacity
+  overflow included."""
+  kernels = _with_emulated_kernels(
+      problem(num_ranks, "small", ranks_per_node=ranks_per_node),
+      ranks_per_node)
   reference = jax_ep.Buffer(kernels.mesh, "ep", backend="reference",
-                            ranks_per_node=1)
+                            ranks_per_node=ranks_per_node)
   s = kernels.shape
   idx, x, w = kernels.routing(routing), kernels.rows(BF16), kernels.weights()
   q, scales = (np.asarray(a) for a in jax.jit(jax_ep.per_token_cast_to_fp8)(
@@ -94,16 +107,18 @@ def test_ops_give_the_reference_bits(problem, num_ranks, routing, capacity):
            "num_recv_tokens_per_expert", "src_index", "recv_row", "fp8 x",
            "fp8 scales", "cached x", "cached scales", "out", "out weights")
   for name, g, wnt in zip(names, got, want):
-    assert_same(g, wnt, name, kernels.context(routing=routing,
-                                              capacity=capacity))
+    assert_same(g, wnt, name, kernels.context(
+        G=ranks_per_node, routing=routing, capacity=capacity))
 
 
-def test_gradients_give_the_reference_bits(problem):
+@pytest.mark.parametrize("ranks_per_node", [1, 2])
+def test_gradients_give_the_reference_bits(problem, ranks_per_node):
   """The VJPs (combine's is a cached dispatch, dispatch's a combine) run on
   the same exchanges and give the reference's cotangents."""
-  kernels = _with_emulated_kernels(problem(4, "small", ranks_per_node=1))
+  kernels = _with_emulated_kernels(
+      problem(4, "small", ranks_per_node=ranks_per_node), ranks_per_node)
   reference = jax_ep.Buffer(kernels.mesh, "ep", backend="reference",
-                            ranks_per_node=1)
+                            ranks_per_node=ranks_per_node)
   s = kernels.shape
   idx, x, w = kernels.routing("distinct"), kernels.rows(BF16), kernels.weights()
 
@@ -121,4 +136,4 @@ def test_gradients_give_the_reference_bits(problem):
   got = kernels.run(grads(kernels.buffer), *args)
   want = kernels.run(grads(reference), *args)
   for name, g, wnt in zip(("d_x", "d_w"), got, want):
-    assert_same(g, wnt, name, kernels.context())
+    assert_same(g, wnt, name, kernels.context(G=ranks_per_node))

@@ -1,9 +1,10 @@
-"""Internode dispatch/combine on GPUs, one process per rank, each rank its own
-node (`Buffer(ranks_per_node=1)`: every row crosses the NVSHMEM exchange).
+"""Internode dispatch/combine on GPUs, one process per rank, in nodes of G
+ranks (`Buffer(ranks_per_node=G)`, `--ranks-per-node G`, default 1: rows
+cross the NVSHMEM exchange between nodes and are forwarded inside them).
 Run by test_internode_gpu.py through `gpu_testing.launch_per_gpu` (one GPU
 each, or several ranks sharing a GPU):
 
-    python internode_worker.py --seed N --steps S
+    python internode_worker.py --seed N [--ranks-per-node G] --steps S
         S calls cycling through intranode_worker's `multiprocess_cases` on
         fresh inputs, through the public ops on the kernels: dispatch,
         cached dispatch, combines (f32, bf16 with a bias, f32 rows). Each
@@ -54,14 +55,17 @@ KERNEL_TIMEOUT_S = 10.0
 
 
 def open_buffer(mesh: Mesh, cases, backend: str = "cuda", *,
+                ranks_per_node: int = 1,
                 timeout_s: float = KERNEL_TIMEOUT_S) -> jax_ep.Buffer:
-  """A Buffer of nodes of one rank, its exchange region sized for every
-  case (collective)."""
+  """A Buffer of nodes of `ranks_per_node` ranks, its exchange region sized
+  for every case (collective)."""
   num_ranks = mesh.devices.size
   # f32: the checks also combine f32 rows.
   rdma = max(jax_ep.rdma_buffer_bytes(c.tokens, c.hidden, c.topk, num_ranks,
-                                      1, jnp.float32) for c in cases)
-  return jax_ep.Buffer(mesh, EP, backend=backend, ranks_per_node=1,
+                                      ranks_per_node, jnp.float32)
+             for c in cases)
+  return jax_ep.Buffer(mesh, EP, backend=backend,
+                       ranks_per_node=ranks_per_node,
                        num_rdma_bytes=rdma if backend == "cuda" else None,
                        timeout_s=timeout_s)
 
@@ -100,11 +104,11 @@ def step(mesh: Mesh, buffer, case: intra.Case, pair: bool = False):
       mesh=mesh, in_specs=tuple([P(EP)] * 6), out_specs=tuple([P(EP)] * n)))
 
 
-def run_steps(mesh: Mesh, backend: str, seed: int, steps: int,
+def run_steps(mesh: Mesh, backend: str, seed: int, steps: int, G: int,
               who: str) -> None:
   num_ranks = mesh.devices.size
   cases = intra.multiprocess_cases(num_ranks)
-  buffer = open_buffer(mesh, cases, backend)
+  buffer = open_buffer(mesh, cases, backend, ranks_per_node=G)
   rng = np.random.default_rng(seed)  # the same draws on every process
   for i in range(steps):
     case = cases[i % len(cases)]
@@ -112,17 +116,17 @@ def run_steps(mesh: Mesh, backend: str, seed: int, steps: int,
     out = step(mesh, buffer, case)(
         *[intra.global_array(mesh, a, P(EP)) for a in arrays])
     intra.check_shards(case, num_ranks, arrays, out,
-                       f"{who}, seed={seed}, step {i}, {case.name()}",
-                       with_reference=False)
+                       f"{who}, seed={seed}, G={G}, step {i}, {case.name()}",
+                       with_reference=False, ranks_per_node=G)
   exchange.barrier("internode_worker: steps done")
   print(f"{who}: {steps} internode steps passed", flush=True)
 
 
-def run_repeat(mesh: Mesh, backend: str, seed: int, steps: int,
+def run_repeat(mesh: Mesh, backend: str, seed: int, steps: int, G: int,
                who: str) -> None:
   num_ranks = mesh.devices.size
   case = intra.REPEAT_CASE
-  buffer = open_buffer(mesh, [case], backend)
+  buffer = open_buffer(mesh, [case], backend, ranks_per_node=G)
   program = step(mesh, buffer, case, pair=True)
   rng = np.random.default_rng(seed)
 
@@ -133,8 +137,9 @@ def run_repeat(mesh: Mesh, backend: str, seed: int, steps: int,
 
   def check_step(i, arrays, out):
     intra.check_shards(case, num_ranks, arrays, out,
-                       f"{who}, seed={seed}, step {i} of {steps}, "
-                       f"{case.name()}", with_reference=False, pair=True)
+                       f"{who}, seed={seed}, G={G}, step {i} of {steps}, "
+                       f"{case.name()}", with_reference=False, pair=True,
+                       ranks_per_node=G)
 
   intra.repeat_steps(steps, run_step, check_step, who)
   exchange.barrier("internode_worker: repeat done")
@@ -160,6 +165,7 @@ def main(argv=None) -> int:
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--repeat", type=int, default=0, metavar="STEPS")
   parser.add_argument("--timeout", action="store_true")
+  parser.add_argument("--ranks-per-node", type=int, default=1)
   parser.add_argument("--backend", choices=("cuda", "reference"),
                       default="cuda", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
@@ -169,9 +175,11 @@ def main(argv=None) -> int:
     return run_timeout(mesh)
   who = f"worker {jax.process_index()}/{jax.process_count()}"
   if args.repeat:
-    run_repeat(mesh, args.backend, args.seed, args.repeat, who)
+    run_repeat(mesh, args.backend, args.seed, args.repeat,
+               args.ranks_per_node, who)
   else:
-    run_steps(mesh, args.backend, args.seed, args.steps, who)
+    run_steps(mesh, args.backend, args.seed, args.steps, args.ranks_per_node,
+              who)
   return 0
 
 

@@ -194,10 +194,11 @@ def _names(case: Case, pair: bool = False) -> list[str]:
   return names
 
 
-def dense_outputs(case: Case, num_ranks: int, arrays, *,
-                  pair: bool = False) -> list[np.ndarray]:
+def dense_outputs(case: Case, num_ranks: int, arrays, *, pair: bool = False,
+                  ranks_per_node: int | None = None) -> list[np.ndarray]:
   """What the ranks must return for each of `_names(case, pair)`, [R, ...]:
-  the dense model on `inputs`' arrays."""
+  the dense model on `inputs`' arrays (combines node by node for
+  `ranks_per_node` G < R)."""
   x, scales, idx, w, y, bias = [
       None if a is None else a.reshape(num_ranks, -1, *a.shape[1:])
       for a in arrays]
@@ -211,11 +212,12 @@ def dense_outputs(case: Case, num_ranks: int, arrays, *,
     out.append(routes.topk_weights)
   if not pair:
     out += routes.rows  # the cached dispatch of the same rows
-  out.append(dm.combine(y.astype(np.float32), routes))
+  combine = functools.partial(dm.combine, ranks_per_node=ranks_per_node)
+  out.append(combine(y.astype(np.float32), routes))
   if not pair:
-    out.append(dm.combine(y, routes, [bias]))
-    out.append(dm.combine(y[..., :128].astype(np.float32) * np.float32(3),
-                          routes))
+    out.append(combine(y, routes, [bias]))
+    out.append(combine(y[..., :128].astype(np.float32) * np.float32(3),
+                       routes))
   return out
 
 
@@ -294,11 +296,13 @@ def by_rank(*arrays):
 
 
 def check_shards(case: Case, num_ranks: int, arrays, out, ctx: str, *,
-                 with_reference: bool, pair: bool = False) -> None:
+                 with_reference: bool, pair: bool = False,
+                 ranks_per_node: int | None = None) -> None:
   """Every output shard this process holds (`step`'s `out` on `inputs`'
-  `arrays`) equal to the dense model's, bit for bit, and to the reference
-  backend's where `out` has it."""
-  truth = dense_outputs(case, num_ranks, arrays, pair=pair)
+  `arrays`) equal to the dense model's (`dense_outputs`), bit for bit, and to
+  the reference backend's where `out` has it."""
+  truth = dense_outputs(case, num_ranks, arrays, pair=pair,
+                        ranks_per_node=ranks_per_node)
   stride = 2 if with_reference else 1
   for j, name in enumerate(_names(case, pair)):
     for rank, *values in by_rank(*out[stride * j:stride * (j + 1)]):

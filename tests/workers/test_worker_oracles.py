@@ -30,16 +30,19 @@ def test_intranode_worker_dense_outputs_are_the_contract(seed, rng, pair):
                         pair=pair)
 
 
-def test_internode_worker_dense_outputs_are_the_contract(seed, rng):
-  """The same for internode_worker.py's public-op steps, across nodes of one
-  rank on the reference backend."""
-  num_ranks = 2
+@pytest.mark.parametrize("num_ranks,ranks_per_node", [(2, 1), (4, 2)])
+def test_internode_worker_dense_outputs_are_the_contract(seed, rng, num_ranks,
+                                                         ranks_per_node):
+  """The same for internode_worker.py's public-op steps, across nodes on the
+  reference backend (combine node by node where G > 1)."""
   mesh = Mesh(np.array(cpu_devices(num_ranks)), (worker.EP,))
   buffer = internode_worker.open_buffer(
-      mesh, worker.multiprocess_cases(num_ranks), "reference")
+      mesh, worker.multiprocess_cases(num_ranks), "reference",
+      ranks_per_node=ranks_per_node)
   for case in worker.multiprocess_cases(num_ranks):
     arrays = worker.inputs(rng, num_ranks, case)
     out = internode_worker.step(mesh, buffer, case)(
         *[worker.global_array(mesh, a, P(worker.EP)) for a in arrays])
     worker.check_shards(case, num_ranks, arrays, out,
-                        f"seed={seed}, {case.name()}", with_reference=False)
+                        f"seed={seed}, G={ranks_per_node}, {case.name()}",
+                        with_reference=False, ranks_per_node=ranks_per_node)

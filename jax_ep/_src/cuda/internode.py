@@ -2,25 +2,30 @@
 end) and the FFI call of its kernel, the row exchange (target
 jax_ep_internode_exchange, csrc/internode/exchange.cu).
 
-The exchange is the network leg: each rank sends rows to the ranks with its
-local index on the other nodes (its team), each row to a node at most once,
-over NVSHMEM. With one rank per node (G = 1) the team is every rank, and the
-ops are the reference's with its collectives replaced by exchanges that
-move only the rows a rank needs:
+An exchange runs within a team: the network leg between this rank and the
+ranks with its local index on the other nodes (a row crosses to a node at
+most once), or the NVLink leg between the ranks of its node. Rank q is local
+rank q % G of node q // G. The ops are the reference's with its collectives
+replaced by exchanges that move only the rows a rank needs:
 
 - dispatch packs each token's row (and scales), top-k ids and weights into
-  one exchanged row, sent to every rank that holds one of its experts; the
-  receiver then places the rows as the reference does
+  one exchanged row and sends it over the network to each node that holds
+  one of its experts, to the rank with the sender's local index there (the
+  forwarder); each forwarder sends the rows it received on to the ranks of
+  its node that need them. The receiver then has every source's rows at
+  fixed places and places them as the reference does
   (`reference.normal.dispatch_from_sources`);
-- cached dispatch first tells each source which of its tokens this rank
-  kept (an exchange of empty rows: the masks are the message), then
-  exchanges the rows;
-- combine sends each kept row back to its token's rank, which sums them
-  in node order (`reference.normal.sum_by_node`).
+- cached dispatch first sends the requests the other way (exchanges of
+  empty rows: the masks are the message), each forwarder asking the
+  sources for what its node's ranks kept, then the rows as in dispatch;
+- combine goes the reverse way: each rank sends the rows it kept to the
+  tokens' forwarders on its node, which sum them in rank order and round to
+  the row dtype (the node's partial), then send the partials over the
+  network to the tokens' ranks, which sum them in node order
+  (`reference.normal.sum_by_node`).
 
-So the results equal the reference's bit for bit. Several ranks per node
-(G > 1, where rows are forwarded over NVLink inside the node) are not built
-yet: `Buffer` runs the reference there (docs/internode.md).
+So the results equal the reference's bit for bit. With one rank per node
+(G = 1) the NVLink leg is skipped.
 """
 
 from __future__ import annotations
@@ -92,19 +97,21 @@ class CudaInternode:
   timeout_s: float
   op: str = "dispatch"  # the public op named in error messages
 
-  def exchange(self, rows: jax.Array, src_row: jax.Array):
-    """Sends row `src_row[m, t]` of `rows` (`uint8[X, B]`; -1: none) to slot
-    `[my node, t]` of node m's rank with this local index. Returns what the
-    nodes sent here: `(uint8[N, T, B], bool[N, T])`, zero rows where nothing
-    came."""
-    num_nodes, num_tokens = src_row.shape
+  def exchange(self, rows: jax.Array, src_row: jax.Array, *,
+               within_node: bool = False):
+    """Sends row `src_row[i, t]` of `rows` (`uint8[X, B]`; -1: none) to slot
+    `[my index, t]` of team member i: of the ranks with this local index, one
+    per node (the network leg), or `within_node` of the ranks of this node.
+    Returns what the members sent here: `(uint8[Z, T, B], bool[Z, T])`, zero
+    rows where nothing came."""
+    team_size, num_tokens = src_row.shape
     need = native.sizes_module().exchange_region_bytes(
-        num_nodes, num_tokens, rows.shape[1])
+        team_size, num_tokens, rows.shape[1])
     if need > self.num_rdma_bytes:
       raise ValueError(
           f"jax_ep.{self.op}: the Buffer's num_rdma_bytes "
           f"({self.num_rdma_bytes}) is too small for {num_tokens} tokens of "
-          f"{rows.shape[1]} exchanged bytes over {num_nodes} nodes, which "
+          f"{rows.shape[1]} exchanged bytes between {team_size} ranks, which "
           f"need {need}: size it with jax_ep.rdma_buffer_bytes(num_tokens, "
           "hidden, topk, num_ranks, ranks_per_node, dtype) for the largest "
           "shapes you run")
@@ -113,31 +120,62 @@ class CudaInternode:
                          f"(jax_ep._jax_ep: {native.unavailable_reason()})")
     call = jax.ffi.ffi_call(
         _EXCHANGE_TARGET,
-        (jax.ShapeDtypeStruct((num_nodes, num_tokens, rows.shape[1]),
+        (jax.ShapeDtypeStruct((team_size, num_tokens, rows.shape[1]),
                               jnp.uint8),
-         jax.ShapeDtypeStruct((num_nodes, num_tokens), jnp.int32)),
+         jax.ShapeDtypeStruct((team_size, num_tokens), jnp.int32)),
         has_side_effect=True)
     recv, mask = mark_varying(self.axis_name, call(
         rows, src_row.astype(jnp.int32),
+        team_stride=np.int64(1 if within_node else self.ranks_per_node),
         ranks_per_node=np.int64(self.ranks_per_node),
         timeout_ns=np.int64(round(self.timeout_s * 1e9))))
     return recv, mask != 0
 
+  def _by_forwarder(self, a: jax.Array) -> jax.Array:
+    """`a[R, T, ...]` by source rank as `[G, N * T, ...]` by forwarder: the
+    slots of local rank g (source m * G + g's token t at m * T + t)."""
+    G = self.ranks_per_node
+    R, T = a.shape[:2]
+    a = a.reshape(R // G, G, T, *a.shape[2:]).swapaxes(0, 1)
+    return a.reshape(G, R // G * T, *a.shape[3:])
+
+  def _to_rank_order(self, a: jax.Array, num_tokens: int) -> jax.Array:
+    """`_by_forwarder`'s inverse, flattened: `[G, N * T, ...]` as
+    `[R * T, ...]`, source q's token t at q * T + t."""
+    G = self.ranks_per_node
+    N = a.shape[1] // num_tokens
+    a = a.reshape(G, N, num_tokens, *a.shape[2:]).swapaxes(0, 1)
+    return a.reshape(N * G * num_tokens, *a.shape[3:])
+
   def dispatch(self, rows, topk_idx, topk_weights, *, num_ranks: int,
                num_experts: int, capacity: int, expert_alignment: int):
+    G = self.ranks_per_node
+    num_nodes = num_ranks // G
     num_tokens, topk = topk_idx.shape
-    valid = (topk_idx >= 0) & (topk_idx < num_experts)
-    dest = jnp.where(valid, topk_idx // (num_experts // num_ranks), -1)
-    to_rank = (dest[:, :, None] == jnp.arange(num_ranks)).any(1)  # [T, R]
-    tokens = jnp.arange(num_tokens, dtype=jnp.int32)
-    src_row = jnp.where(to_rank.T, tokens, -1)
+    num_local = num_experts // num_ranks
     weights = (jnp.zeros((num_tokens, topk), jnp.float32)
                if topk_weights is None else topk_weights.astype(jnp.float32))
     sent = tuple(rows) + (topk_idx.astype(jnp.int32), weights)
-    recv, mask = self.exchange(pack(sent), src_row)
-    flat = recv.reshape(num_ranks * num_tokens, -1)
-    *rows_all, topk_all, weights_all = unpack(flat, sent)
-    topk_all = jnp.where(mask.reshape(-1, 1), topk_all, -1)
+    # The network leg: each token once to each node that holds one of its
+    # experts, to the rank with this local index there.
+    to_node = _holds(topk_idx, num_experts, num_local * G, num_nodes)
+    recv, came = self.exchange(
+        pack(sent), jnp.where(to_node.T, jnp.arange(num_tokens), -1))
+    table = recv.reshape(num_nodes * num_tokens, -1)
+    came = came.reshape(-1)
+    if G > 1:
+      # The NVLink leg: each received token on to the ranks of this node
+      # that hold one of its experts.
+      slot_topk = jnp.where(came[:, None], unpack(table, sent)[-2], -1)
+      first = lax.axis_index(self.axis_name) // G * G * num_local
+      to_local = _holds(slot_topk - first, G * num_local, num_local, G)
+      recv, came = self.exchange(
+          table, jnp.where(to_local.T, jnp.arange(table.shape[0]), -1),
+          within_node=True)
+      table = self._to_rank_order(recv, num_tokens)
+      came = self._to_rank_order(came, num_tokens)
+    *rows_all, topk_all, weights_all = unpack(table, sent)
+    topk_all = jnp.where(came[:, None], topk_all, -1)
     return reference.dispatch_from_sources(
         tuple(rows_all), topk_all,
         None if topk_weights is None else weights_all,
@@ -146,23 +184,59 @@ class CudaInternode:
         expert_alignment=expert_alignment)
 
   def cached_dispatch(self, rows, handle: DispatchHandle):
-    kept = handle.recv_row < handle.capacity  # [R, T]: (s, t) kept here
-    # The masks are the message: which of this rank's tokens each rank kept.
-    _, asked = self.exchange(jnp.zeros((1, 16), jnp.uint8),
-                             jnp.where(kept, 0, -1))
-    tokens = jnp.arange(handle.num_tokens, dtype=jnp.int32)
-    recv, _ = self.exchange(pack(rows), jnp.where(asked, tokens, -1))
-    rows_all = unpack(recv.reshape(handle.num_ranks * handle.num_tokens, -1),
-                      rows)
-    return tuple(reference.gather_rows(r, handle.src_index) for r in rows_all)
+    G, T = self.ranks_per_node, handle.num_tokens
+    num_nodes = handle.num_ranks // G
+    kept = handle.recv_row < handle.capacity  # [R, T]: (q, t) kept here
+    # Requests go the other way first; the masks are the message.
+    nothing = jnp.zeros((1, 16), jnp.uint8)
+    wanted = kept
+    if G > 1:
+      # Each forwarder learns which of its slots its node's ranks kept.
+      _, asked = self.exchange(nothing,
+                               jnp.where(self._by_forwarder(kept), 0, -1),
+                               within_node=True)
+      wanted = asked.any(0).reshape(num_nodes, T)
+    _, wanted_here = self.exchange(nothing, jnp.where(wanted, 0, -1))
+    recv, _ = self.exchange(pack(rows),
+                            jnp.where(wanted_here, jnp.arange(T), -1))
+    table = recv.reshape(num_nodes * T, -1)
+    if G > 1:
+      recv, _ = self.exchange(
+          table, jnp.where(asked, jnp.arange(table.shape[0]), -1),
+          within_node=True)
+      table = self._to_rank_order(recv, T)
+    return tuple(reference.gather_rows(r, handle.src_index)
+                 for r in unpack(table, rows))
 
   def combine(self, y, handle: DispatchHandle, bias, out_dtype):
-    src_row = jnp.where(handle.recv_row < handle.capacity, handle.recv_row, -1)
-    recv, _ = self.exchange(pack((y,)), src_row)
-    (back,) = unpack(recv.reshape(handle.num_ranks * handle.num_tokens, -1),
-                     (y,))
-    back = back.reshape(handle.num_ranks, handle.num_tokens, *y.shape[1:])
-    total = reference.sum_by_node(back, self.ranks_per_node)
+    G, T = self.ranks_per_node, handle.num_tokens
+    num_nodes = handle.num_ranks // G
+    rows_of = jnp.where(handle.recv_row < handle.capacity, handle.recv_row, -1)
+    if G > 1:
+      # The NVLink leg: each kept row to its token's forwarder on this node,
+      # which sums its node's rows in rank order and rounds once: the
+      # partial that crosses the network.
+      recv, came = self.exchange(pack((y,)), self._by_forwarder(rows_of),
+                                 within_node=True)
+      (parts,) = unpack(recv.reshape(-1, recv.shape[-1]), (y,))
+      parts = parts.reshape(G, num_nodes * T, *y.shape[1:])
+      y = reference.sum_by_node(parts, None).astype(y.dtype)
+      slots = jnp.arange(num_nodes * T).reshape(num_nodes, T)
+      rows_of = jnp.where(came.any(0).reshape(num_nodes, T), slots, -1)
+    recv, _ = self.exchange(pack((y,)), rows_of)
+    (back,) = unpack(recv.reshape(num_nodes * T, -1), (y,))
+    back = back.reshape(num_nodes, T, *y.shape[1:])
+    total = reference.sum_by_node(back, None)  # the partials in node order
     if bias is not None:
       total = total + bias
     return total.astype(out_dtype)
+
+
+def _holds(topk_idx: jax.Array, num_experts: int, per_member: int,
+           num_members: int) -> jax.Array:
+  """`bool[T, num_members]`: whether a token selects one of the experts of
+  member j, which holds experts [j * per_member, (j + 1) * per_member); ids
+  outside [0, num_experts) select nothing."""
+  valid = (topk_idx >= 0) & (topk_idx < num_experts)
+  member = jnp.where(valid, topk_idx // per_member, -1)
+  return (member[:, :, None] == jnp.arange(num_members)).any(1)
