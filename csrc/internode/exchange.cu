@@ -252,8 +252,9 @@ Status LaunchExchange(const char* op, const Region& region,
   }
   // Each warp takes (member, chunk) pairs; more blocks than pairs would idle.
   const int64_t warps_needed = s.team_size * s.num_chunks();
+  const int64_t budget = std::min<int64_t>(region.num_sms, a.num_sms);
   const int blocks = static_cast<int>(std::max<int64_t>(
-      1, std::min<int64_t>(region.num_sms, (warps_needed + kWarps - 1) / kWarps)));
+      1, std::min<int64_t>(budget, (warps_needed + kWarps - 1) / kWarps)));
   SendKernel<<<blocks, kThreads, 0, stream>>>(region, a);
   if (Status st = Launched("internode SendKernel launch"); !st.ok()) return st;
   ReceiveKernel<<<blocks, kThreads, 0, stream>>>(region, a);

@@ -44,6 +44,7 @@ struct ExchangeArgs {
   const int32_t* src_row = nullptr;  // [Z, T]
   char* recv_rows = nullptr;         // [Z, T, B]
   int32_t* recv_mask = nullptr;      // [Z, T]
+  int num_sms = 1;  // the SM budget: blocks of the send and receive kernels
   int64_t timeout_ns = 0;
 };
 

@@ -206,6 +206,15 @@ class Buffer:
       "cuda" backend when the EP axis spans several nodes (one process per
       GPU; docs/internode.md). Allocated with num_ll_bytes in one NVSHMEM
       heap.
+    rdma_qps_per_rank, rdma_service_level, rdma_traffic_class: NVSHMEM's
+      RDMA settings for both NVSHMEM families (one NVSHMEM job per process):
+      InfiniBand queue pairs per peer with IBGDA
+      (`NVSHMEM_IBGDA_NUM_RC_PER_PE`), service level (`NVSHMEM_IB_SL`, 0-15)
+      and traffic class (`NVSHMEM_IB_TRAFFIC_CLASS`, 0-255). None keeps
+      NVSHMEM's default; a variable already in the environment wins. The
+      fabric's adaptive routing is a property of a service level: pick one
+      on which the switches enable it. Applied before NVSHMEM starts (the
+      first Buffer with num_ll_bytes or num_rdma_bytes in the process).
     ll_transport: "auto" writes to peers that NVLink reaches with plain
       stores and uses NVSHMEM puts for the others; "put" uses puts for every
       peer (to test that path on one host).
@@ -219,6 +228,9 @@ class Buffer:
                num_nvl_bytes: int | None = None,
                num_ll_bytes: int | None = None,
                num_rdma_bytes: int | None = None,
+               rdma_qps_per_rank: int | None = None,
+               rdma_service_level: int | None = None,
+               rdma_traffic_class: int | None = None,
                ll_transport: str = "auto",
                timeout_s: float = DEFAULT_TIMEOUT_S):
     if axis_name not in mesh.axis_names:
@@ -249,6 +261,9 @@ class Buffer:
         raise ValueError(
             f"jax_ep.Buffer: {name} must be an int >= 0 (see "
             f"jax_ep.{name[4:-6]}_buffer_bytes), got {value!r}")
+    rdma_env = nvshmem.rdma_environment(qps_per_rank=rdma_qps_per_rank,
+                                        service_level=rdma_service_level,
+                                        traffic_class=rdma_traffic_class)
     if ll_transport not in _LL_TRANSPORTS:
       raise ValueError(
           f"jax_ep.Buffer: ll_transport must be one of {_LL_TRANSPORTS}, got "
@@ -267,14 +282,15 @@ class Buffer:
     if self.backend != "cuda":
       return
     topology = self.topology
-    if num_nvl_bytes and topology.num_nodes == 1:
+    rdma_bytes = (int(num_rdma_bytes or 0) if topology.num_nodes > 1
+                  and not _internode_fallback(topology) else 0)
+    if (num_nvl_bytes and topology.num_nodes == 1) or rdma_bytes:
       check_sms(config, [d for d in mesh.devices.flat
                          if d.process_index == jax.process_index()])
+    if num_nvl_bytes and topology.num_nodes == 1:
       self._intranode = CudaIntranode.open(
           axis_name, _ep_groups(mesh, axis_name), int(num_nvl_bytes), config,
           timeout_s=float(timeout_s), fall_back=self.fall_back)
-    rdma_bytes = (int(num_rdma_bytes or 0) if topology.num_nodes > 1
-                  and not _internode_fallback(topology) else 0)
     if num_ll_bytes or rdma_bytes:
       groups = _ep_groups(mesh, axis_name)
       if len(groups) > 1:
@@ -283,7 +299,7 @@ class Buffer:
             f"support one EP group per job; the mesh has {len(groups)} along "
             "the other axes")
       self._heap = nvshmem.open_heap(groups[0], int(num_ll_bytes or 0),
-                                     rdma_bytes)
+                                     rdma_bytes, rdma_env)
     if num_ll_bytes:
       self._low_latency = CudaLowLatency(
           axis_name, self._heap, int(num_ll_bytes),
@@ -291,7 +307,7 @@ class Buffer:
     if rdma_bytes:
       self._internode = CudaInternode(axis_name, self._heap, rdma_bytes,
                                       topology.ranks_per_node,
-                                      float(timeout_s))
+                                      float(timeout_s), config.num_sms)
 
   @property
   def num_ranks(self) -> int:

@@ -604,6 +604,27 @@ def test_rdma_buffer_bytes_follows_the_region_layout():
   assert fp8 == jax_ep.rdma_buffer_bytes(T, H, 0, 2, 1)  # combine rows widest
 
 
+def test_rdma_settings_become_nvshmem_variables():
+  from jax_ep._src.cuda import nvshmem  # pylint: disable=g-import-not-at-top
+  assert nvshmem.rdma_environment() == {}
+  assert nvshmem.rdma_environment(qps_per_rank=8, service_level=3,
+                                  traffic_class=106) == {
+                                      "NVSHMEM_IBGDA_NUM_RC_PER_PE": "8",
+                                      "NVSHMEM_IB_SL": "3",
+                                      "NVSHMEM_IB_TRAFFIC_CLASS": "106"}
+
+
+@pytest.mark.parametrize("name,value,limits", [
+    ("rdma_qps_per_rank", 0, "[1, 1024]"),
+    ("rdma_service_level", 16, "[0, 15]"),
+    ("rdma_traffic_class", -1, "[0, 255]"),
+    ("rdma_service_level", True, "[0, 15]")])
+def test_rdma_settings_out_of_range_are_refused(name, value, limits):
+  with pytest.raises(ValueError, match=esc(
+      f"jax_ep.Buffer: {name} must be an int in {limits}, got {value!r}")):
+    jax_ep.Buffer(_mesh(2), "ep", backend="reference", **{name: value})
+
+
 def test_reference_backend_ignores_num_rdma_bytes():
   buffer = jax_ep.Buffer(_mesh(2), "ep", backend="reference",
                          ranks_per_node=1, num_rdma_bytes=1 << 20)

@@ -39,6 +39,7 @@ from jax import lax
 
 from jax_ep._src import native
 from jax_ep._src import sizes
+from jax_ep._src.config import Config
 from jax_ep._src.cuda import nvshmem
 from jax_ep._src.cuda.varying import mark_varying
 from jax_ep._src.handles import DispatchHandle
@@ -86,15 +87,16 @@ def unpack(packed: jax.Array, likes) -> tuple[jax.Array, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class CudaInternode:
-  """The "cuda" backend of the normal ops across nodes of one rank each
+  """The "cuda" backend of the normal ops across nodes
   (`backend.NormalBackend`): this process's NVSHMEM heap, of which the
-  exchange may use `num_rdma_bytes`."""
+  exchange may use `num_rdma_bytes`, and the topology's G."""
 
   axis_name: str
   heap: nvshmem.NvshmemHeap
   num_rdma_bytes: int
   ranks_per_node: int
   timeout_s: float
+  num_sms: int = Config().num_sms  # the blocks an exchange's kernels may use
   op: str = "dispatch"  # the public op named in error messages
 
   def exchange(self, rows: jax.Array, src_row: jax.Array, *,
@@ -128,6 +130,7 @@ class CudaInternode:
         rows, src_row.astype(jnp.int32),
         team_stride=np.int64(1 if within_node else self.ranks_per_node),
         ranks_per_node=np.int64(self.ranks_per_node),
+        num_sms=np.int64(self.num_sms),
         timeout_ns=np.int64(round(self.timeout_s * 1e9))))
     return recv, mask != 0
 

@@ -28,6 +28,35 @@ from jax_ep._src import native
 # NVSHMEM's own allocations (signals, teams) on top of our heap.
 _HEAP_SLACK = 256 << 20
 
+
+def rdma_environment(*, qps_per_rank: int | None = None,
+                     service_level: int | None = None,
+                     traffic_class: int | None = None) -> dict[str, str]:
+  """NVSHMEM's environment for the `Buffer`'s RDMA settings (None: NVSHMEM's
+  default): queue pairs per peer (`NVSHMEM_IBGDA_NUM_RC_PER_PE`, IBGDA), the
+  InfiniBand service level (`NVSHMEM_IB_SL`, 0-15) and traffic class
+  (`NVSHMEM_IB_TRAFFIC_CLASS`, 0-255). `open_heap` applies them where the
+  environment does not already set them.
+
+  Raises:
+    ValueError: a setting outside its range, naming it.
+  """
+  settings = (("rdma_qps_per_rank", qps_per_rank, 1, 1 << 10,
+               "NVSHMEM_IBGDA_NUM_RC_PER_PE"),
+              ("rdma_service_level", service_level, 0, 15, "NVSHMEM_IB_SL"),
+              ("rdma_traffic_class", traffic_class, 0, 255,
+               "NVSHMEM_IB_TRAFFIC_CLASS"))
+  env = {}
+  for name, value, low, high, variable in settings:
+    if value is None:
+      continue
+    if isinstance(value, bool) or not isinstance(value, int) or not (
+        low <= value <= high):
+      raise ValueError(f"jax_ep.Buffer: {name} must be an int in [{low}, "
+                       f"{high}], got {value!r}")
+    env[variable] = str(value)
+  return env
+
 _lock = threading.Lock()
 _open: "NvshmemHeap | None" = None
 
@@ -52,10 +81,12 @@ class NvshmemHeap:
 
 
 def open_heap(devices_in_rank_order: list[jax.Device], ll_bytes: int,
-              exchange_bytes: int = 0) -> NvshmemHeap:
+              exchange_bytes: int = 0,
+              environment: dict[str, str] | None = None) -> NvshmemHeap:
   """Initializes NVSHMEM over the EP devices and allocates the heap: `ll_bytes`
   for the low-latency kernels, `exchange_bytes` for the internode exchange
-  (collective).
+  (collective). `environment` (e.g. `rdma_environment`'s) is applied before
+  NVSHMEM starts, where the process's environment does not set it already.
 
   Raises:
     ValueError: a process drives more or fewer than one EP device, a heap is
@@ -90,6 +121,8 @@ def open_heap(devices_in_rank_order: list[jax.Device], ll_bytes: int,
     num_bytes = int(ll_bytes) + int(exchange_bytes)
     os.environ.setdefault("NVSHMEM_SYMMETRIC_SIZE", str(num_bytes + _HEAP_SLACK))
     os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
+    for variable, value in (environment or {}).items():
+      os.environ.setdefault(variable, value)
     uid = exchange.broadcast("NVSHMEM unique id", module.nvshmem_unique_id,
                              root=devices[0].process_index)
     module.nvshmem_open(uid, rank, len(devices),
