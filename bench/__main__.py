@@ -51,6 +51,9 @@ def main(argv=None) -> None:
                       help="SM counts to time jax_ep with (comma list; "
                       "default: the Buffer's config)")
   parser.add_argument("--hidden", type=int, help="override the hidden size")
+  parser.add_argument("--ranks-per-node", type=int, default=None,
+                      help="G < R: the EP axis as R / G nodes of G ranks, "
+                      "jax_ep on its internode kernels (default: detected)")
   parser.add_argument("--impls", type=_csv(_IMPLS), default=list(_IMPLS))
   parser.add_argument("--ops", type=_csv(_OPS), default=list(_NORMAL_OPS),
                       help="default: the normal ops; the low-latency ones "
@@ -95,6 +98,7 @@ def main(argv=None) -> None:
     if normal_ops:
       records += normal.run(mesh, shape, impls=impls, dtypes=args.dtypes,
                             ops=normal_ops, num_sms=args.num_sms,
+                            ranks_per_node=args.ranks_per_node,
                             iters=args.iters or 10, **common)
     if ll_ops:
       records += low_latency.run(mesh, shape, impls=impls, dtypes=args.dtypes,

@@ -11,6 +11,13 @@ Implementations timed on the same inputs:
 Link bytes per rank: jax_ep moves each remote row once; the reference's
 all_gather (dispatch) and all_to_all (combine) move (R-1)*T full rows; the raw
 all_to_all moves (R-1)/R of its array.
+
+Across nodes (`ranks_per_node` G < R: jax_ep runs its internode kernels) the
+jax_ep records count bytes as DeepEP counts its internode figures: logical =
+(token, destination node) pairs, own node included, times the row bytes
+("RDMA logical bandwidth"), link = the pairs whose node is another, the rows
+that cross the network. Where ranks share GPUs or nodes are simulated on one
+host, those figures only show that the path runs (docs/measuring.md).
 """
 
 from __future__ import annotations
@@ -42,6 +49,20 @@ def _rows_per_rank(idx: np.ndarray, shape: Shape, ranks: int) -> np.ndarray:
   return np.stack([(dest == r).any(-1).sum(-1) for r in range(ranks)])
 
 
+def _node_pairs(idx: np.ndarray, shape: Shape, ranks: int,
+                ranks_per_node: int) -> tuple[float, float]:
+  """Mean per source rank of its (token, destination node) pairs, and of
+  those whose node is not its own."""
+  per_node = shape.experts // ranks * ranks_per_node
+  nodes = ranks // ranks_per_node
+  dest = np.where(idx >= 0, idx // per_node, -1).reshape(ranks, shape.tokens,
+                                                          -1)
+  hit = np.stack([(dest == n).any(-1) for n in range(nodes)], -1)  # [R,T,N]
+  own = np.arange(ranks) // ranks_per_node
+  remote = hit.sum((1, 2)) - hit[np.arange(ranks), :, own].sum(-1)
+  return float(hit.sum((1, 2)).mean()), float(remote.mean())
+
+
 def _pairs_per_rank(idx: np.ndarray, shape: Shape, ranks: int) -> np.ndarray:
   """[R(dest), R(src)] (token, expert) pairs each rank receives from each."""
   dest = np.where(idx >= 0, idx // (shape.experts // ranks), -1)
@@ -52,7 +73,8 @@ def _pairs_per_rank(idx: np.ndarray, shape: Shape, ranks: int) -> np.ndarray:
 class Problem:
   """Global inputs of one shape on the mesh, and the byte counts they imply."""
 
-  def __init__(self, mesh, shape: Shape, seed: int):
+  def __init__(self, mesh, shape: Shape, seed: int,
+               ranks_per_node: int | None = None):
     self.mesh = mesh
     self.shape = shape
     self.ranks = mesh.shape["ep"]
@@ -82,6 +104,8 @@ class Problem:
     pairs = _pairs_per_rank(idx, shape, self.ranks)
     self.recv_pairs = pairs.sum(1).mean()
     self.remote_pairs = (pairs.sum(1) - np.diag(pairs)).mean()
+    self.node_pairs, self.remote_node_pairs = _node_pairs(
+        idx, shape, self.ranks, ranks_per_node or self.ranks)
 
 
 def _sharded(mesh, f):
@@ -89,11 +113,17 @@ def _sharded(mesh, f):
 
 
 def run(mesh, shape: Shape, *, impls, dtypes, ops, seed: int, iters: int,
-        reps: int, warmup: int, num_sms=(None,)) -> list[harness.Record]:
+        reps: int, warmup: int, num_sms=(None,),
+        ranks_per_node: int | None = None) -> list[harness.Record]:
   """Times every impl and op on one shape; jax_ep once per SM count in
-  `num_sms` (None: the Buffer's default config)."""
-  problem = Problem(mesh, shape, seed)
+  `num_sms` (None: the Buffer's default config). `ranks_per_node` G < R
+  makes the EP axis N = R / G nodes: jax_ep then runs its internode
+  kernels (one process per rank)."""
+  problem = Problem(mesh, shape, seed, ranks_per_node)
   ranks = problem.ranks
+  internode = ranks_per_node is not None and ranks_per_node < ranks
+  note = (f"internode: {ranks // ranks_per_node} nodes of {ranks_per_node}"
+          if internode else None)
   records = []
   loops = dict(iters=iters, reps=reps, warmup=warmup)
 
@@ -103,7 +133,7 @@ def run(mesh, shape: Shape, *, impls, dtypes, ops, seed: int, iters: int,
         hidden=shape.hidden, topk=shape.topk, experts=shape.experts,
         ranks=ranks, num_sms=num_sms, time_us=seconds * 1e6,
         logical_gbps=harness.gbps(logical, seconds),
-        link_gbps=harness.gbps(link, seconds)))
+        link_gbps=harness.gbps(link, seconds), note=note))
     if jax.process_index() == 0:
       harness.print_row(records[-1])
 
@@ -123,16 +153,28 @@ def run(mesh, shape: Shape, *, impls, dtypes, ops, seed: int, iters: int,
     # Without its kernel an op would time the reference a second time.
     ops_here = [op for op in ops if impl != "jax_ep" or
                 all(a in KERNEL_OPS for a in api_ops[op])]
+    kernels = impl == "jax_ep"
+    sizing = (shape.tokens, shape.hidden, shape.topk, ranks)
     buffer = jax_ep.Buffer(
-        mesh, "ep", backend=impl if impl == "reference" else "cuda",
-        num_nvl_bytes=None if impl == "reference" else jax_ep.nvl_buffer_bytes(
-            shape.tokens, shape.hidden, shape.topk, ranks),
+        mesh, "ep", backend="cuda" if kernels else "reference",
+        ranks_per_node=ranks_per_node,
+        num_nvl_bytes=jax_ep.nvl_buffer_bytes(*sizing)
+        if kernels and not internode else None,
+        num_rdma_bytes=jax_ep.rdma_buffer_bytes(*sizing, ranks_per_node)
+        if kernels and internode else None,
         config=None if sms is None else jax_ep.Config(num_sms=sms))
-    num_sms = buffer.config.num_sms if impl == "jax_ep" else None
+    num_sms = buffer.config.num_sms if kernels else None
     gathered = (ranks - 1) * shape.tokens
 
+    def logical(rows, hidden_bytes):
+      if kernels and internode:
+        return problem.node_pairs * hidden_bytes
+      return rows * hidden_bytes
+
     def wire(rows, hidden_bytes):
-      return (problem.remote_rows if impl == "jax_ep" else rows) * hidden_bytes
+      if kernels and internode:
+        return problem.remote_node_pairs * hidden_bytes
+      return (problem.remote_rows if kernels else rows) * hidden_bytes
 
     dispatch = functools.partial(jax_ep.dispatch, buffer,
                                  num_experts=shape.experts)
@@ -151,7 +193,7 @@ def run(mesh, shape: Shape, *, impls, dtypes, ops, seed: int, iters: int,
       carry = (problem.fp8 if fp8 else problem.x, problem.idx, problem.weights)
       t = harness.time_dispatch(buffer, carry, mesh,
                                 num_experts=shape.experts, **loops)
-      record("dispatch", impl, dtype, t, problem.recv_rows * row,
+      record("dispatch", impl, dtype, t, logical(problem.recv_rows, row),
              wire(gathered, row), num_sms)
 
     row = _row_bytes(shape.hidden, False)
@@ -159,7 +201,7 @@ def run(mesh, shape: Shape, *, impls, dtypes, ops, seed: int, iters: int,
       t = harness.time_combine(
           buffer, (problem.x, problem.idx, problem.weights), mesh,
           num_experts=shape.experts, **loops)
-      record("combine", impl, "bf16", t, problem.recv_rows * row,
+      record("combine", impl, "bf16", t, logical(problem.recv_rows, row),
              wire(gathered, row), num_sms)
 
     if "dispatch_combine" in ops_here:
@@ -170,8 +212,9 @@ def run(mesh, shape: Shape, *, impls, dtypes, ops, seed: int, iters: int,
       t = harness.time_per_call(round_trip,
                                 (problem.x, problem.idx, problem.weights),
                                 mesh, **loops)
-      record("dispatch_combine", impl, "bf16", t, 2 * problem.recv_rows * row,
-             wire(2 * gathered, row), num_sms)
+      record("dispatch_combine", impl, "bf16", t,
+             2 * logical(problem.recv_rows, row), 2 * wire(gathered, row),
+             num_sms)
   return records
 
 
