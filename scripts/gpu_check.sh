@@ -39,19 +39,25 @@
 #   tune.log, tuned_config.json   the tuner's table and entry (TUNE_ARGS)
 #   ceilings.log    NVLink write ceilings, every GPU sending (CEILINGS)
 #   summary.txt     one line per step, also printed at the end
-# On a one-GPU machine the whole check needs two 10-minute device calls:
-#   SANITIZE=0 SKIP_BENCH=1 DEMO_STEPS=0 scripts/gpu_check.sh OUT/tests
+# On a one-GPU machine the whole check needs three 10-minute device calls:
+#   SANITIZE=0 SKIP_BENCH=1 DEMO_STEPS=0 \
+#       TESTS="--ignore=tests/cuda/test_internode_gpu.py tests" \
+#       scripts/gpu_check.sh OUT/tests
 #       (the GPU tests, multi-rank ones at R = 2, 4 and 8 sharing the GPU)
 #   SKIP_TESTS=1 SANITIZE=2 PRESSURE=1 SKIP_BENCH=1 DEMO_STEPS=0 \
 #       scripts/gpu_check.sh OUT/pressure
 #       (the pressure tests of both families, then the sanitizers at R = 2)
+#   SANITIZE=0 SKIP_BENCH=1 DEMO_STEPS=0 \
+#       TESTS=tests/cuda/test_internode_gpu.py scripts/gpu_check.sh OUT/inter
+#       (the internode tests at every (nodes, ranks per node) up to R = 8)
 # Measured on one H200 (2026-12-02): build 20-25 s; GPU tests 385-482 s
 # (the shape fuzz at R = 1 alone 50-82 s, by its draws); sanitizers with
 # SANITIZE=2 about 90 s; pressure runs of 10,000 pairs at R = 2 203-219 s
 # (low-latency) and 246 s (intranode), of 200 at R = 8 32 and 37 s, which
 # is why tests/support/gpu_testing.py's PRESSURE_PAIRS is 7,500 at R = 2
 # (427 s of pressure in all at 56adfbb, 523 s for the second call with the
-# sanitizers). A machine's start adds about 40 s.
+# sanitizers); internode tests at nodes of one rank (R = 2, 4, 8, the
+# repeat, the timeout) about 60 s. A machine's start adds about 40 s.
 # Exit status: 0 when every step that ran passed. A failed build stops the
 # run; failed tests do not stop the benchmarks.
 set -euo pipefail
