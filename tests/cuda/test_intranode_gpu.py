@@ -38,7 +38,8 @@ from jax.sharding import Mesh
 
 import intranode_worker as worker
 from intranode_worker import Case, PUSH
-from gpu_testing import (GPUS, NEEDS_KERNELS, PRESSURE_PAIRS, every_worker,
+from gpu_testing import (GPUS, NEEDS_KERNELS, PRESSURE_PAIRS,
+                         assert_missing_rank_times_out, every_worker,
                          launch_per_gpu, multi_rank_sizes)
 from jax_ep._src import sizes
 from jax_ep._src.config import Config
@@ -173,11 +174,7 @@ def test_200_pairs_are_bitwise_repeatable(setup, seed):
 
 def test_a_missing_rank_times_out_with_a_report(capfd, seed):
   """Two ranks (one GPU each, or sharing one); rank 1 never calls."""
-  code, _, report = launch_per_gpu(
-      capfd, [str(WORKER), "--seed", str(seed), "--timeout"], timeout=120,
-      num_ranks=2)
-  assert code not in (0, 3), f"dispatch returned: {report}"
-  assert code != 124, f"dispatch hung instead of timing out: {report}"
+  report = assert_missing_rank_times_out(capfd, WORKER, seed)
   assert ("jax_ep intranode_dispatch timeout: rank 0, phase 'wait for the "
           "peers to start the call', peer 1") in report, report
 

@@ -43,7 +43,8 @@ import re
 import pytest
 
 import ll_worker as worker
-from gpu_testing import (GPUS, NEEDS_KERNELS, PRESSURE_PAIRS, every_worker,
+from gpu_testing import (GPUS, NEEDS_KERNELS, PRESSURE_PAIRS,
+                         assert_missing_rank_times_out, every_worker,
                          launch_per_gpu, multi_rank_sizes)
 
 pytestmark = NEEDS_KERNELS
@@ -126,10 +127,6 @@ def test_repeated_pairs_hash_the_same_twice(capfd, seed, num_ranks, steps):
 @pytest.mark.parametrize("num_ranks", [2], ids=_ranks_id)
 def test_a_missing_rank_times_out_with_a_report(capfd, seed, num_ranks):
   """Rank 1 never calls (one GPU each, or sharing one)."""
-  code, _, report = launch_per_gpu(
-      capfd, [str(WORKER), "--seed", str(seed), "--timeout"], timeout=120,
-      num_ranks=num_ranks)
-  assert code not in (0, 3), f"dispatch returned: {report}"
-  assert code != 124, f"dispatch hung instead of timing out: {report}"
+  report = assert_missing_rank_times_out(capfd, WORKER, seed, num_ranks)
   assert re.search(r"jax_ep low_latency_dispatch timeout: rank 0, phase "
                    r"'[^']+'", report), report

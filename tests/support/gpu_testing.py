@@ -80,3 +80,16 @@ def every_worker(message: str, num_ranks: int | None = None) -> list[str]:
   workers print it: "worker i/n: <message>"."""
   n = num_ranks or len(GPUS)
   return [f"worker {i}/{n}: {message}" for i in range(n)]
+
+
+def assert_missing_rank_times_out(capfd, worker, seed: int,
+                                  num_ranks: int = 2) -> str:
+  """Launches `worker --seed seed --timeout` as `num_ranks` processes, in
+  which rank 1 never calls: the run must fail, neither hang nor return.
+  Returns the report, which holds the kernel's timeout message."""
+  code, _, report = launch_per_gpu(
+      capfd, [str(worker), "--seed", str(seed), "--timeout"], timeout=120,
+      num_ranks=num_ranks)
+  assert code not in (0, 3), f"dispatch returned: {report}"
+  assert code != 124, f"dispatch hung instead of timing out: {report}"
+  return report

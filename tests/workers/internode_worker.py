@@ -27,7 +27,6 @@ backend, to check the oracle without GPUs:
 
 from __future__ import annotations
 
-import argparse
 import functools
 import pathlib
 import sys
@@ -160,14 +159,8 @@ def run_timeout(mesh: Mesh) -> int:
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--seed", type=int, required=True)
-  parser.add_argument("--steps", type=int, default=10)
-  parser.add_argument("--repeat", type=int, default=0, metavar="STEPS")
-  parser.add_argument("--timeout", action="store_true")
+  parser = intra.worker_parser(__doc__.splitlines()[0])
   parser.add_argument("--ranks-per-node", type=int, default=1)
-  parser.add_argument("--backend", choices=("cuda", "reference"),
-                      default="cuda", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   jax_ep.launch.initialize()
   mesh = Mesh(np.array(jax.devices()), (EP,))

@@ -468,8 +468,10 @@ def call_alone(compiled, args, op: str) -> int:
   return 3
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def worker_parser(description: str) -> argparse.ArgumentParser:
+  """The arguments every normal-op worker takes (this one's, and
+  internode_worker.py's with its own on top)."""
+  parser = argparse.ArgumentParser(description=description)
   parser.add_argument("--seed", type=int, required=True)
   parser.add_argument("--steps", type=int, default=20,
                       help="calls cycling through multiprocess_cases")
@@ -479,7 +481,11 @@ def main(argv=None) -> int:
                       help="rank 0 dispatches alone and must time out")
   parser.add_argument("--backend", choices=("cuda", "reference"),
                       default="cuda", help=argparse.SUPPRESS)
-  args = parser.parse_args(argv)
+  return parser
+
+
+def main(argv=None) -> int:
+  args = worker_parser(__doc__.splitlines()[0]).parse_args(argv)
   # Before any JAX call. Under the launcher it also makes an uncaught error
   # exit at once, without jax.distributed's shutdown wait for the peer.
   jax_ep.launch.initialize()
