@@ -2,6 +2,11 @@
 
 * Gives this process 8 CPU devices (before any backend starts), so the
   single-process tests run EP sizes 1, 2, 4 and 8 on CPU.
+* Where JAX is CPU-only (no nvidia-smi, as in the Makefile), turns on JAX's
+  compilation cache in a fresh folder that lives as long as the session:
+  tests that build the same program (the same op at the same shapes, on
+  other random values) compile it once. Compiling is most of what the CPU
+  tests cost. JAX_COMPILATION_CACHE_DIR set by the caller is used as it is.
 * Puts the repository, tests/support and tests/workers on `sys.path`
   (`repo_paths`), so `jax_ep`, `bench`, the helpers and the workers import
   under any import mode.
@@ -13,11 +18,14 @@
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
 import pathlib
 import secrets
+import shutil
 import sys
+import tempfile
 
 import jax
 import numpy as np
@@ -29,6 +37,21 @@ from ep_testing import Problem  # noqa: E402  pylint: disable=g-import-not-at-to
 
 NUM_CPU_DEVICES = 8
 jax.config.update("jax_num_cpu_devices", NUM_CPU_DEVICES)
+
+
+def _share_compilations() -> None:
+  """JAX's persistent compilation cache, keyed by the program's text and the
+  devices, so that a hit is the same program; every compile is cached."""
+  if shutil.which("nvidia-smi") or jax.config.jax_compilation_cache_dir:
+    return  # GPU runs keep JAX's defaults; a caller's cache is its own
+  folder = tempfile.mkdtemp(prefix="jax_ep_tests_compiled_")
+  atexit.register(shutil.rmtree, folder, ignore_errors=True)
+  jax.config.update("jax_compilation_cache_dir", folder)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+_share_compilations()
 
 _SEED_KEY = "jax_ep_seed"
 
