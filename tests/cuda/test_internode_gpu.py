@@ -26,14 +26,14 @@ reference on CPUs).
 from __future__ import annotations
 
 import pathlib
-import re
 
 import pytest
 
 import internode_worker as worker
 import intranode_worker
 from gpu_testing import (NEEDS_KERNELS, assert_missing_rank_times_out,
-                         every_worker, launch_per_gpu, multi_rank_sizes)
+                         every_worker, launch_per_gpu, multi_rank_sizes,
+                         repeat_digests)
 
 pytestmark = NEEDS_KERNELS
 WORKER = pathlib.Path(worker.__file__).resolve()
@@ -67,20 +67,12 @@ def test_ops_match_the_dense_model(capfd, seed, num_nodes, ranks_per_node):
 def test_repeated_pairs_hash_the_same_twice(capfd, seed, num_nodes,
                                             ranks_per_node):
   num_ranks = num_nodes * ranks_per_node
-  digests = []
-  for _ in range(2):
-    code, out, report = launch_per_gpu(
-        capfd, [str(WORKER), "--seed", str(seed), "--repeat",
-                str(REPEAT_PAIRS), "--ranks-per-node", str(ranks_per_node)],
-        timeout=300, num_ranks=num_ranks)
-    report = f"seed={seed}, N={num_nodes}, G={ranks_per_node}: {report}"
-    assert code == 0, report
-    for line in every_worker(f"repeat {REPEAT_PAIRS} passed", num_ranks):
-      assert line in out, report
-    digests.append(sorted(re.findall(
-        rf"worker (\d+)/{num_ranks}: repeat {REPEAT_PAIRS} sha256 "
-        r"([0-9a-f]{64})", out)))
-  assert len(digests[0]) == num_ranks and digests[0] == digests[1], digests
+  args = [str(WORKER), "--seed", str(seed), "--ranks-per-node",
+          str(ranks_per_node)]
+  run = lambda: repeat_digests(capfd, args, num_ranks=num_ranks,
+                               steps=REPEAT_PAIRS, timeout=300)
+  first = run()
+  assert run() == first, f"seed={seed}, N={num_nodes}, G={ranks_per_node}"
 
 
 def test_a_missing_rank_times_out_with_a_report(capfd, seed):

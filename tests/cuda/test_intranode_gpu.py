@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import pathlib
-import re
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +39,7 @@ import intranode_worker as worker
 from intranode_worker import Case, PUSH
 from gpu_testing import (GPUS, NEEDS_KERNELS, PRESSURE_PAIRS,
                          assert_missing_rank_times_out, every_worker,
-                         launch_per_gpu, multi_rank_sizes)
+                         launch_per_gpu, multi_rank_sizes, repeat_digests)
 from jax_ep._src import sizes
 from jax_ep._src.config import Config
 from jax_ep._src.cuda import intranode
@@ -229,17 +228,7 @@ def test_pressure_pairs_hash_the_same_twice(capfd, seed, num_ranks):
   """Dispatch/combine pairs on fresh routings, back to back, each equal to
   the dense model; two launches with the same seed print the same sha256."""
   steps = PRESSURE_PAIRS[num_ranks]
-  digests = []
-  for _ in range(2):
-    code, out, report = launch_per_gpu(
-        capfd, [str(WORKER), "--seed", str(seed), "--repeat", str(steps)],
-        timeout=400, num_ranks=num_ranks)
-    report = f"seed={seed}, R={num_ranks}: {report}"
-    assert code == 0, report
-    for line in every_worker(f"repeat {steps} passed", num_ranks):
-      assert line in out, report
-    digests.append(sorted(re.findall(
-        rf"worker (\d+)/{num_ranks}: repeat {steps} sha256 ([0-9a-f]{{64}})",
-        out)))
-    assert len(digests[-1]) == num_ranks, report
-  assert digests[0] == digests[1], f"seed={seed}, R={num_ranks}: {digests}"
+  run = lambda: repeat_digests(capfd, [str(WORKER), "--seed", str(seed)],
+                               num_ranks=num_ranks, steps=steps, timeout=400)
+  first = run()
+  assert run() == first, f"seed={seed}, R={num_ranks}: two runs differ"

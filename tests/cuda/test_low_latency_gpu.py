@@ -45,7 +45,7 @@ import pytest
 import ll_worker as worker
 from gpu_testing import (GPUS, NEEDS_KERNELS, PRESSURE_PAIRS,
                          assert_missing_rank_times_out, every_worker,
-                         launch_per_gpu, multi_rank_sizes)
+                         launch_per_gpu, multi_rank_sizes, repeat_digests)
 
 pytestmark = NEEDS_KERNELS
 WORKER = pathlib.Path(worker.__file__).resolve()
@@ -110,18 +110,13 @@ def test_kernels_match_the_dense_model(capfd, seed, transport, num_ranks):
       for r in multi_rank_sizes() if r in PRESSURE_PAIRS]])
 def test_repeated_pairs_hash_the_same_twice(capfd, seed, num_ranks, steps):
   """Identical inputs give identical bits, launch after launch."""
-  digests = []
-  for _ in range(2):
-    # Launch and compile, then 10 ms a pair per rank (a pair takes 5 ms at
-    # R = 2 sharing a GPU, 35 at R = 8).
-    out = run_worker(capfd, seed, num_ranks, ["--repeat", str(steps)],
-                     [f"repeat {steps}"],
-                     timeout=90 + steps * num_ranks / 100)
-    digests.append(sorted(re.findall(
-        rf"worker (\d+)/{num_ranks}: repeat {steps} sha256 ([0-9a-f]{{64}})",
-        out)))
-    assert len(digests[-1]) == num_ranks, f"seed={seed}: {out}"
-  assert digests[0] == digests[1], f"seed={seed}, R={num_ranks}: {digests}"
+  # Launch and compile, then 10 ms a pair per rank (a pair takes 5 ms at
+  # R = 2 sharing a GPU, 35 at R = 8).
+  run = lambda: repeat_digests(capfd, [str(WORKER), "--seed", str(seed)],
+                               num_ranks=num_ranks, steps=steps,
+                               timeout=90 + steps * num_ranks / 100)
+  first = run()
+  assert run() == first, f"seed={seed}, R={num_ranks}: two runs differ"
 
 
 @pytest.mark.parametrize("num_ranks", [2], ids=_ranks_id)

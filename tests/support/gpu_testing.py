@@ -4,6 +4,7 @@ report of every process's output."""
 
 from __future__ import annotations
 
+import re
 import sys
 
 import jax
@@ -93,3 +94,22 @@ def assert_missing_rank_times_out(capfd, worker, seed: int,
   assert code not in (0, 3), f"dispatch returned: {report}"
   assert code != 124, f"dispatch hung instead of timing out: {report}"
   return report
+
+
+def repeat_digests(capfd, args: list[str], *, num_ranks: int, steps: int,
+                   timeout: float) -> list[tuple[str, str]]:
+  """Launches a worker's `--repeat steps` run (`args` its command line) as
+  `num_ranks` processes; each must pass and print the sha256 of its
+  outputs. Returns the (rank, sha256) pairs, sorted: two runs with the same
+  seed must return the same."""
+  code, out, report = launch_per_gpu(capfd, [*args, "--repeat", str(steps)],
+                                     timeout=timeout, num_ranks=num_ranks)
+  report = f"{' '.join(args)}, R={num_ranks}: {report}"
+  assert code == 0, report
+  for line in every_worker(f"repeat {steps} passed", num_ranks):
+    assert line in out, report
+  digests = sorted(re.findall(
+      rf"worker (\d+)/{num_ranks}: repeat {steps} sha256 ([0-9a-f]{{64}})",
+      out))
+  assert len(digests) == num_ranks, report
+  return digests
