@@ -22,6 +22,7 @@ from jax_ep._src.runtime import Buffer as Buffer
 from jax_ep._src.runtime import Fallback as Fallback
 from jax_ep._src.runtime import FallbackWarning as FallbackWarning
 from jax_ep._src.runtime import Topology as Topology
+from jax_ep._src.sizes import buffer_sizes as buffer_sizes
 from jax_ep._src.sizes import ll_buffer_bytes as ll_buffer_bytes
 from jax_ep._src.sizes import rdma_buffer_bytes as rdma_buffer_bytes
 from jax_ep._src.sizes import nvl_buffer_bytes as nvl_buffer_bytes

@@ -4,7 +4,8 @@ csrc/low_latency/heap_layout.h, csrc/internode/exchange_layout.h), read from the
 
 Every install builds that module, with or without CUDA, so the sizing helpers
 (`jax_ep.nvl_buffer_bytes`, `jax_ep.ll_buffer_bytes`,
-`jax_ep.rdma_buffer_bytes`) answer on a CPU-only
+`jax_ep.rdma_buffer_bytes`, and `jax_ep.buffer_sizes`, which gives a
+`Buffer` all it needs in one call) answer on a CPU-only
 install too. It is read on first use, not at import: the reference backend
 runs without it.
 """
@@ -122,3 +123,36 @@ def rdma_buffer_bytes(num_tokens: int, hidden: int, topk: int,
   if ranks_per_node > 1:
     legs.append((int(ranks_per_node), num_nodes * int(num_tokens)))
   return max(region(size, tokens, widest) for size, tokens in legs)
+
+
+def buffer_sizes(num_tokens: int, hidden: int, topk: int, num_ranks: int, *,
+                 ranks_per_node: int | None = None, dtype=jnp.bfloat16,
+                 ll_max_tokens: int | None = None,
+                 num_experts: int | None = None) -> dict[str, int]:
+  """The `Buffer` byte arguments for the largest shapes you run, in one call:
+  `jax_ep.Buffer(mesh, "ep", ranks_per_node=G, **buffer_sizes(...))`.
+
+  Args:
+    num_tokens, hidden, topk, num_ranks, dtype: of the normal ops, as for
+      `nvl_buffer_bytes`.
+    ranks_per_node: G. None or R (one node): the intranode kernels'
+      `num_nvl_bytes`; G < R: the internode kernels' `num_rdma_bytes`.
+    ll_max_tokens, num_experts: with both, also the low-latency kernels'
+      `num_ll_bytes` for Tmax = ll_max_tokens.
+
+  Returns:
+    `{"num_nvl_bytes" or "num_rdma_bytes": ..., ["num_ll_bytes": ...]}`.
+  """
+  per_node = ranks_per_node or num_ranks
+  if per_node >= num_ranks:
+    out = {"num_nvl_bytes": nvl_buffer_bytes(num_tokens, hidden, topk,
+                                             num_ranks, dtype)}
+  else:
+    out = {"num_rdma_bytes": rdma_buffer_bytes(num_tokens, hidden, topk,
+                                               num_ranks, per_node, dtype)}
+  if (ll_max_tokens is None) != (num_experts is None):
+    raise ValueError("jax_ep.buffer_sizes: pass both ll_max_tokens and "
+                     "num_experts for the low-latency heap, or neither")
+  if ll_max_tokens is not None:
+    out["num_ll_bytes"] = ll_buffer_bytes(ll_max_tokens, hidden, num_experts)
+  return out

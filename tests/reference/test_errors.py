@@ -625,6 +625,24 @@ def test_rdma_settings_out_of_range_are_refused(name, value, limits):
     jax_ep.Buffer(_mesh(2), "ep", backend="reference", **{name: value})
 
 
+def test_buffer_sizes_give_the_buffer_what_its_topology_needs():
+  T, H, K = 512, 1024, 8
+  assert jax_ep.buffer_sizes(T, H, K, 8) == {
+      "num_nvl_bytes": jax_ep.nvl_buffer_bytes(T, H, K, 8)}
+  assert jax_ep.buffer_sizes(T, H, K, 8, ranks_per_node=8) == {
+      "num_nvl_bytes": jax_ep.nvl_buffer_bytes(T, H, K, 8)}
+  assert jax_ep.buffer_sizes(T, H, K, 8, ranks_per_node=2,
+                             ll_max_tokens=64, num_experts=32) == {
+      "num_rdma_bytes": jax_ep.rdma_buffer_bytes(T, H, K, 8, 2),
+      "num_ll_bytes": jax_ep.ll_buffer_bytes(64, H, 32)}
+  with pytest.raises(ValueError, match="pass both ll_max_tokens and "
+                     "num_experts"):
+    jax_ep.buffer_sizes(T, H, K, 8, ll_max_tokens=64)
+  buffer = jax_ep.Buffer(_mesh(2), "ep", backend="reference", ranks_per_node=1,
+                         **jax_ep.buffer_sizes(T, H, K, 2, ranks_per_node=1))
+  assert buffer.num_rdma_bytes == jax_ep.rdma_buffer_bytes(T, H, K, 2, 1)
+
+
 def test_reference_backend_ignores_num_rdma_bytes():
   buffer = jax_ep.Buffer(_mesh(2), "ep", backend="reference",
                          ranks_per_node=1, num_rdma_bytes=1 << 20)
