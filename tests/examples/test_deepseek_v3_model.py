@@ -1,0 +1,160 @@
+"""The DeepSeek-V3 MoE layer of examples/deepseek_v3 on CPU ranks (reference
+backend) against a dense computation of the same layer written here (every
+expert on every token, weighted by the gate's choices, no dispatch):
+outputs and gradients, bf16 and fp8 dispatch, the bias update, dropped
+rows."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jax_ep
+from ep_testing import cpu_devices
+from examples.deepseek_v3 import gate as dsv3_gate
+from examples.deepseek_v3 import model as dsv3
+
+HIDDEN, TOKENS_PER_RANK = 256, 16
+HI = jax.lax.Precision.HIGHEST
+
+
+def _config(ranks: int, **overrides) -> dsv3.MoEConfig:
+  """16 experts in 4 groups (2 kept), top-3, one shared expert."""
+  del ranks  # 16 experts split over 1, 2 or 4 ranks
+  gate = dsv3_gate.GateConfig(num_experts=16, topk=3, num_groups=4,
+                              topk_groups=2)
+  return dataclasses.replace(
+      dsv3.MoEConfig(hidden=HIDDEN, expert_ffn=64, gate=gate,
+                     dtype="float32"), **overrides)
+
+
+def _layer(seed: int, ranks: int, cfg: dsv3.MoEConfig):
+  mesh = jax.make_mesh((ranks,), ("ep",), devices=cpu_devices(ranks))
+  buffer = jax_ep.Buffer(mesh, "ep", backend="reference")
+  with jax.set_mesh(mesh):
+    moe = nnx.jit(lambda: dsv3.DeepSeekMoE(buffer, cfg,
+                                           rngs=nnx.Rngs(seed % 2**31)))()
+  rng = np.random.default_rng(seed)
+  _set_bias(moe, rng.normal(size=cfg.gate.num_experts) * 0.05)
+  x = rng.standard_normal((ranks * TOKENS_PER_RANK, HIDDEN), np.float32)
+  return buffer, moe, jax.device_put(x, NamedSharding(mesh, P("ep", None)))
+
+
+def _set_bias(moe, bias) -> None:
+  """Sets the gate's bias, replicated over the layer's mesh."""
+  moe.gate_bias[...] = jax.device_put(
+      np.asarray(bias, np.float32), NamedSharding(moe.buffer.mesh, P()))
+
+
+def _bias(moe) -> np.ndarray:
+  return np.asarray(jax.device_get(moe.gate_bias[...]))
+
+
+def fp8_round_trip(a):
+  """Rows cast to fp8 and back, as the fp8 dispatch delivers them."""
+  return jax_ep.per_token_cast_back(
+      *jax_ep.per_token_cast_to_fp8(a)).astype(a.dtype)
+
+
+def _dense(params: dict, bias, x, cfg: dsv3.MoEConfig, cast=None):
+  """The layer without EP. Operands rounded to the dtype, products in f32;
+  the routed experts see `cast(x)` (default: fp8 and back with fp8
+  dispatch, else x)."""
+  dtype = jnp.dtype(cfg.dtype)
+  rounded = lambda a: a.astype(dtype).astype(jnp.float32)  # noqa: E731
+  x = rounded(x)
+  if cast is None:
+    cast = ((lambda a: fp8_round_trip(a.astype(dtype)).astype(jnp.float32))
+            if cfg.fp8_dispatch else (lambda a: a))
+  idx, weights = dsv3_gate.gate(x, params["gate_weight"], bias, cfg.gate)
+  gates = jnp.einsum("tk,tke->te", weights,
+                     jax.nn.one_hot(idx, cfg.gate.num_experts))
+  h = jnp.einsum("th,ehf->tef", cast(x), rounded(params["w_gate_up"]),
+                 precision=HI)
+  o = jnp.einsum("tef,efh->teh", rounded(dsv3.swiglu(h)),
+                 rounded(params["w_down"]), precision=HI)
+  routed = jnp.einsum("teh,te->th", o, gates).astype(dtype)
+  up = rounded(params["shared"]["gate_up"]["kernel"])
+  down = rounded(params["shared"]["down"]["kernel"])
+  shared = jnp.dot(rounded(dsv3.swiglu(jnp.dot(x, up, precision=HI))), down,
+                   precision=HI)
+  return routed + shared.astype(dtype)
+
+
+def _params(moe):
+  return jax.device_get(nnx.to_pure_dict(nnx.state(moe, nnx.Param)))
+
+
+@pytest.mark.parametrize("ranks,dtype,fp8,tol", [
+    (2, "float32", False, 2e-5), (4, "bfloat16", False, 3e-2),
+    (2, "bfloat16", True, 3e-2)])
+def test_layer_matches_dense(seed, ranks, dtype, fp8, tol):
+  """Outputs; the gate's load over the global batch, and the bias update
+  it drives."""
+  cfg = _config(ranks, dtype=dtype, fp8_dispatch=fp8)
+  buffer, moe, x = _layer(seed, ranks, cfg)
+  assert moe.w_gate_up[...].sharding.spec[0] == "ep"
+  with jax.set_mesh(buffer.mesh):
+    out = nnx.jit(lambda m, x: m(x))(moe, x)
+  want = _dense(_params(moe), _bias(moe), np.asarray(x), cfg)
+  assert out.dtype == jnp.dtype(dtype) and out.shape == x.shape
+  np.testing.assert_allclose(np.asarray(out, np.float32),
+                             np.asarray(want, np.float32), rtol=tol, atol=tol)
+  idx, _ = dsv3_gate.gate(np.asarray(x).astype(dtype), _params(moe)[
+      "gate_weight"], _bias(moe), cfg.gate)
+  load = np.asarray(moe.load[...])
+  np.testing.assert_array_equal(
+      load, np.asarray(dsv3_gate.expert_load(idx, cfg.gate.num_experts)))
+  bias = _bias(moe)
+  with jax.set_mesh(buffer.mesh):
+    moe.rebalance()
+  np.testing.assert_allclose(
+      _bias(moe), bias + np.sign(load.mean() - load) * cfg.bias_rate)
+
+
+def test_layer_gradients_match_dense(seed):
+  """f32 layer with fp8 dispatch: the rows' gradient comes back through the
+  combine of their cotangents (the dense layer's cast passes it straight
+  through), the weights' through the dispatch's VJP, the gate's and the
+  experts' as usual."""
+  cfg = _config(2, fp8_dispatch=True)
+  buffer, moe, x = _layer(seed, 2, cfg)
+  cotangent = np.random.default_rng(seed + 1).standard_normal(
+      x.shape, np.float32)
+
+  @nnx.jit
+  def ep_grads(moe, x):
+    loss = lambda moe, x: jnp.sum(moe(x) * cotangent)  # noqa: E731
+    return nnx.grad(loss, argnums=(0, 1))(moe, x)
+
+  with jax.set_mesh(buffer.mesh):
+    d_params, d_x = ep_grads(moe, x)
+  got = jax.device_get((nnx.to_pure_dict(d_params), d_x))
+  bias = _bias(moe)
+
+  def dense_loss(params, x):
+    straight = lambda a: a + jax.lax.stop_gradient(fp8_round_trip(a) - a)  # noqa: E731
+    return jnp.sum(_dense(params, bias, x, cfg, straight) * cotangent)
+
+  want = jax.grad(dense_loss, argnums=(0, 1))(_params(moe), np.asarray(x))
+  flat_got = jax.tree_util.tree_leaves_with_path(got)
+  flat_want = jax.tree_util.tree_leaves_with_path(want)
+  assert [p for p, _ in flat_got] == [p for p, _ in flat_want]
+  for (path, g), (_, w) in zip(flat_got, flat_want):
+    name = "d_x" if not path[1:] else jax.tree_util.keystr(path[1:])
+    assert np.abs(w).max() > 0, name
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_dropped_rows_are_counted(seed):
+  cfg = _config(4, capacity_factor=0.25)
+  buffer, moe, x = _layer(seed, 4, cfg)
+  with jax.set_mesh(buffer.mesh):
+    out = nnx.jit(lambda m, x: m(x))(moe, x)
+  assert np.isfinite(np.asarray(out)).all()
+  assert int(moe.dropped_rows[...]) > 0
