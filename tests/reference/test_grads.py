@@ -45,9 +45,14 @@ def dispatched_rows_and_weights(p, capacity):
 # ---------------------------------------------------------------- check_grads
 
 
-@pytest.mark.parametrize("capacity", [None, 4], ids=["default", "overflow"])
-@pytest.mark.parametrize("kind", ["duplicates", "invalid"])
-@pytest.mark.parametrize("num_ranks", [1, 2, 4])
+# Every pair of (EP size, routing), (EP size, capacity), (routing, capacity).
+@pytest.mark.parametrize("num_ranks,kind,capacity", [
+    pytest.param(1, "duplicates", None, id="1-duplicates-default"),
+    pytest.param(1, "invalid", 4, id="1-invalid-overflow"),
+    pytest.param(2, "invalid", None, id="2-invalid-default"),
+    pytest.param(2, "duplicates", 4, id="2-duplicates-overflow"),
+    pytest.param(4, "duplicates", None, id="4-duplicates-default"),
+    pytest.param(4, "invalid", 4, id="4-invalid-overflow")])
 def test_check_grads_dispatch(problem, num_ranks, kind, capacity):
   p = problem(num_ranks, "tiny")
   idx, x, w = (put(p, a) for a in (p.routing(kind), p.rows(), p.weights()))
@@ -72,8 +77,9 @@ def test_check_grads_cached_dispatch(problem, num_ranks):
     check_grads(lambda x2: f(x2, x1, idx), (x2,), **REV)
 
 
-@pytest.mark.parametrize("bias", ["none", "array", "tuple"])
-@pytest.mark.parametrize("num_ranks", [1, 2, 4])
+# Each bias form and EP size, and both bias forms at EP 4.
+@pytest.mark.parametrize("num_ranks,bias", [
+    (1, "none"), (2, "array"), (4, "tuple"), (4, "array")])
 def test_check_grads_combine(problem, num_ranks, bias):
   p = problem(num_ranks, "tiny")
   m = num_ranks * p.shape.tokens
@@ -102,8 +108,10 @@ def test_check_grads_combine(problem, num_ranks, bias):
 # ---------------------------------------------------------------- exact VJPs
 
 
-@pytest.mark.parametrize("capacity", [None, 5], ids=["default", "overflow"])
-@pytest.mark.parametrize("num_ranks", [1, 2, 4, 8])
+# Each EP size once, the capacity dropping rows at two of them.
+@pytest.mark.parametrize("num_ranks,capacity", [
+    pytest.param(1, 5, id="1-overflow"), pytest.param(2, None, id="2-default"),
+    pytest.param(4, 5, id="4-overflow"), pytest.param(8, None, id="8-default")])
 def test_dispatch_vjp_is_combine(problem, num_ranks, capacity):
   p = problem(num_ranks, "tiny")
   idx, x, w = p.routing("duplicates"), p.rows(BF16), p.weights()
@@ -125,8 +133,10 @@ def test_dispatch_vjp_is_combine(problem, num_ranks, capacity):
   assert_same(np.asarray(d_w), want_w, "d_topk_weights", ctx)
 
 
-@pytest.mark.parametrize("bias_dtype", [np.float32, BF16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("num_ranks", [1, 2, 4, 8])
+# Each EP size once, each bias dtype at two of them.
+@pytest.mark.parametrize("num_ranks,bias_dtype", [
+    pytest.param(1, BF16, id="1-bf16"), pytest.param(2, np.float32, id="2-f32"),
+    pytest.param(4, BF16, id="4-bf16"), pytest.param(8, np.float32, id="8-f32")])
 def test_combine_vjp_is_cached_dispatch(problem, num_ranks, bias_dtype):
   capacity = 6
   p = problem(num_ranks, "tiny")
@@ -225,10 +235,17 @@ def test_low_latency_combine_vjp(problem, num_ranks, kind):
 # ---------------------------------------------------------------- refusals
 
 
-def _grad_error(p, body, x, idx):
+def _grad(p, body, x, idx):
   f = sharded(p, body)
   with p.active():
     return jax.grad(lambda x: jnp.sum(f(x, idx)))(x)
+
+
+def _trace_grad(p, body, x, idx):
+  """Traces (does not compile) the gradient: refusals come while tracing."""
+  f = sharded(p, body)
+  with p.active():
+    return jax.make_jaxpr(jax.grad(lambda x: jnp.sum(f(x, idx))))(x)
 
 
 FP8_ROWS = "jax_ep.dispatch: fp8 rows are not differentiable; dispatch bf16 " \
@@ -285,7 +302,7 @@ def test_refused_gradients_raise(problem, case):
              "ll_combine_hook": HOOK.format(op="low_latency_combine")}.get(
                  case, FP8_ROWS)
   with pytest.raises(TypeError, match=message.replace("(", r"\(")):
-    _grad_error(p, body, x, idx)
+    _trace_grad(p, body, x, idx)
 
 
 @pytest.mark.parametrize("case", ["fp8_dispatch", "ll_fp8", "ll_hooks"])
@@ -308,5 +325,5 @@ def test_non_differentiable_ops_pass_when_not_differentiated(problem, case):
                                         return_recv_hook=True)().sum()
     return (x * x).sum(-1) + const(side.astype(jnp.float32)) * 0
 
-  g = _grad_error(p, body, x, idx)
+  g = _grad(p, body, x, idx)
   assert_same(np.asarray(g), np.asarray(x) * 2, "grad", p.context(case=case))
