@@ -2,12 +2,13 @@
 the EP mesh axis by jax_ep.
 
 Per token (DeepSeek-V3, section 2.1.2): `out = shared(x) + sum_k w_k *
-expert_{idx_k}(x)`, with DeepSeek-V3's gate (`gate.py`: sigmoid affinities,
+expert_{idx_k}(x)`, with DeepSeek-V3's gate (`dsv3_gate.py`: sigmoid affinities,
 a selection-only bias for auxiliary-loss-free balancing, group-limited
 top-k, normalized weights times the routed scale), SwiGLU experts and
-`num_shared` shared experts (one SwiGLU of `num_shared * expert_ffn`).
+a shared expert (one SwiGLU of `shared_ffn`, DeepSeek-V3's one shared
+expert of 2048).
 
-As in `examples/moe`, EP is also data parallelism: the tokens and the
+As in `model.py`'s toy layer, EP is also data parallelism: the tokens and the
 routed experts are sharded over the EP axis, and per rank, inside
 `jax.shard_map`:
 
@@ -34,9 +35,9 @@ from flax import nnx
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
+import dsv3_gate
 import jax_ep
-from examples.deepseek_v3 import gate as dsv3_gate
-from examples.moe.model import capacity, grouped_experts
+from experts import capacity, grouped_experts
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -46,25 +47,38 @@ class MoEConfig:
   Attributes:
     hidden: H.
     expert_ffn: F, each routed expert's SwiGLU width.
-    num_shared: shared experts (one SwiGLU of num_shared * F); 0 for none.
-    gate: the gate's sizes (`gate.GateConfig`). With `gate.num_groups` the
+    shared_ffn: the shared expert's SwiGLU width; 0 for none.
+    gate: the gate's sizes (`dsv3_gate.GateConfig`). With `gate.num_groups` the
       nodes of the EP axis, `gate.topk_groups` limits the nodes a token's
       rows cross to (DeepSeek-V3: 8 groups = 8 nodes at EP64, 4 kept).
     fp8_dispatch: dispatch e4m3 rows with per-128-channel scales.
-    capacity_factor: see `examples/moe/model.py` `capacity`; None never
+    capacity_factor: see `experts.capacity`; None never
       drops a row.
-    bias_rate: the bias update's step (`gate.update_bias`).
+    bias_rate: the bias update's step (`dsv3_gate.update_bias`).
     dtype: compute and communication dtype; parameters are float32.
   """
 
   hidden: int = 7168
   expert_ffn: int = 2048
-  num_shared: int = 1
+  shared_ffn: int = 2048
   gate: dsv3_gate.GateConfig = dsv3_gate.GateConfig()
   fp8_dispatch: bool = False
   capacity_factor: float | None = None
   bias_rate: float = 0.001
   dtype: str = "bfloat16"
+
+
+def config_of(cfg) -> MoEConfig:
+  """The layer's config from the example's `Config` (configs/default.py)."""
+  gate = dsv3_gate.GateConfig(
+      num_experts=cfg.num_experts, topk=cfg.topk, num_groups=cfg.num_groups,
+      topk_groups=cfg.topk_groups or cfg.num_groups,
+      route_scale=cfg.route_scale)
+  return MoEConfig(hidden=cfg.hidden, expert_ffn=cfg.ffn,
+                   shared_ffn=cfg.shared_ffn, gate=gate,
+                   fp8_dispatch=cfg.fp8_dispatch,
+                   capacity_factor=cfg.capacity_factor,
+                   bias_rate=cfg.bias_rate, dtype=cfg.dtype)
 
 
 def swiglu(h: jax.Array) -> jax.Array:
@@ -174,8 +188,8 @@ class DeepSeekMoE(nnx.Module):
         init(rngs.params(), (E, H, 2 * F)) / math.sqrt(H), out_sharding=ep)
     self.w_down = nnx.Param(
         init(rngs.params(), (E, F, H)) / math.sqrt(F), out_sharding=ep)
-    self.shared = (SwiGLU(H, cfg.num_shared * F, dtype=jnp.dtype(cfg.dtype),
-                          rngs=rngs) if cfg.num_shared else None)
+    self.shared = (SwiGLU(H, cfg.shared_ffn, dtype=jnp.dtype(cfg.dtype),
+                          rngs=rngs) if cfg.shared_ffn else None)
     self.load = ExpertLoad(jnp.zeros((E,), jnp.int32))
     self.dropped_rows = DroppedRows(jnp.zeros((), jnp.int32))
 

@@ -34,7 +34,10 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import dsv3
+import experts
 import model as moe_model
+import orbax.checkpoint as ocp
 from configs.default import Config
 
 _CONFIGS = ("default", "gpu")
@@ -108,15 +111,73 @@ def create(cfg, buffer: jax_ep.Buffer):
 
 @nnx.jit
 def train_step(model, optimizer, x, y):
-  """One AdamW step on the mean squared error; returns (loss, dropped rows)."""
+  """One AdamW step on the mean squared error, then the DeepSeek-V3 gates'
+  bias update; returns (loss, dropped rows)."""
 
   def loss_fn(model):
     return jnp.mean((model(x) - y) ** 2)
 
   loss, grads = nnx.value_and_grad(loss_fn)(model)
   optimizer.update(model, grads)
+  for block in model.blocks:
+    if isinstance(block.moe, dsv3.DeepSeekMoE):
+      block.moe.rebalance()
   dropped = sum(block.moe.dropped_rows[...] for block in model.blocks)
   return loss, dropped
+
+
+# Dense bf16 peak FLOP/s per GPU, for MFU (the vendor's figure without
+# sparsity).
+PEAK_BF16_FLOPS = {"NVIDIA H200": 989e12, "NVIDIA H100 80GB HBM3": 989e12}
+
+
+def flops_per_token(cfg) -> float:
+  """Model FLOPs of one training step per token: 3x the forward's matmuls
+  (the input and output projections, and per layer the router, the K routed
+  experts and the shared expert; SwiGLU experts have three matrices)."""
+  mats = 3 if cfg.layer == "deepseek_v3" else 2
+  layer = 2 * cfg.hidden * (cfg.num_experts + mats * cfg.topk * cfg.ffn +
+                            mats * cfg.shared_ffn)
+  return 3 * (4 * cfg.data_dim * cfg.hidden + cfg.num_layers * layer)
+
+
+class Checkpoints:
+  """The model and optimizer in Orbax checkpoints under `directory` (None:
+  none): `restore` puts the latest into them and returns its step."""
+
+  def __init__(self, directory, every: int):
+    self.every = every
+    self.manager = None if directory is None else ocp.CheckpointManager(
+        pathlib.Path(directory).resolve(),
+        options=ocp.CheckpointManagerOptions(max_to_keep=2))
+
+  def restore(self, model, optimizer) -> int:
+    if self.manager is None or self.manager.latest_step() is None:
+      return 0
+    step = self.manager.latest_step()
+    state = nnx.state((model, optimizer))
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    nnx.update((model, optimizer), self.manager.restore(
+        step, args=ocp.args.StandardRestore(abstract)))
+    return step
+
+  def save(self, step: int, model, optimizer, *, last: bool) -> None:
+    if self.manager is None or not (last or step % self.every == 0):
+      return
+    self.manager.save(step, args=ocp.args.StandardSave(
+        nnx.state((model, optimizer))))
+    if last:
+      self.manager.wait_until_finished()
+
+
+def _progress(text: str | None, done: float = 0.0) -> None:
+  """A progress bar with `text` on a terminal, redrawn in place; None
+  clears it (before a log line). Nothing when stdout is not a terminal."""
+  if not sys.stdout.isatty():
+    return
+  bar = "" if text is None else (
+      f"[{'#' * int(30 * done):<30}] {text}")
+  print(f"\r\033[K{bar}", end="", flush=True)
 
 
 def _count(tree) -> int:
@@ -138,7 +199,7 @@ def train(cfg, *, backend: str = "auto", devices=None, log=print) -> dict:
                else None)
   buffer = jax_ep.Buffer(mesh, "ep", backend=backend, num_nvl_bytes=nvl_bytes)
   ranks, tokens = buffer.num_ranks, cfg.tokens_per_rank
-  cap = moe_model.capacity(ranks, tokens, cfg.num_experts, cfg.topk,
+  cap = experts.capacity(ranks, tokens, cfg.num_experts, cfg.topk,
                            cfg.capacity_factor)
   log(f"jax_ep MoE example: {jax.process_count()} process(es), {ranks} "
       f"{devices[0].platform} device(s), backend {buffer.backend!r}")
@@ -146,10 +207,20 @@ def train(cfg, *, backend: str = "auto", devices=None, log=print) -> dict:
   with jax.set_mesh(mesh):
     batches = Batches(cfg, mesh)
     model, optimizer = create(cfg, buffer)
+    checkpoints = Checkpoints(cfg.checkpoint_dir, cfg.checkpoint_every)
+    first_step = checkpoints.restore(model, optimizer) + 1
+    if first_step > cfg.steps:
+      raise ValueError(
+          f"the checkpoint in {cfg.checkpoint_dir} is at step "
+          f"{first_step - 1}, not before --steps {cfg.steps}: raise --steps "
+          "to train on")
+    if first_step > 1:
+      log(f"restored step {first_step - 1} from {cfg.checkpoint_dir}")
     params = nnx.state(model, nnx.Param)
-    routed = _count([b.moe.w_in for b in model.blocks] +
-                    [b.moe.w_out for b in model.blocks])
-    log(f"model: {cfg.num_layers} layers, H={cfg.hidden}, E={cfg.num_experts}"
+    routed = _count([v for b in model.blocks for name, v in
+                     vars(b.moe).items() if name.startswith("w_")])
+    log(f"model: {cfg.layer}, {cfg.num_layers} layers, H={cfg.hidden}, "
+        f"E={cfg.num_experts}"
         f" ({cfg.num_experts // ranks} per rank), top-{cfg.topk}, F={cfg.ffn}, "
         f"shared F={cfg.shared_ffn}, {cfg.dtype}; {_count(params) / 1e6:.2f}M "
         f"params ({routed / 1e6:.2f}M in routed experts, sharded)")
@@ -161,13 +232,14 @@ def train(cfg, *, backend: str = "auto", devices=None, log=print) -> dict:
     start = time.perf_counter()
     compile_s = warm_start = None
     interval_start, interval_steps = start, 0
-    for step in range(1, cfg.steps + 1):
+    for step in range(first_step, cfg.steps + 1):
       loss, dropped = train_step(model, optimizer, x, y)
       x, y = batches.next()  # while the step runs
       losses.append(float(loss))
       dropped_rows += int(dropped)
+      checkpoints.save(step, model, optimizer, last=step == cfg.steps)
       now = time.perf_counter()
-      if step == 1:
+      if step == first_step:
         compile_s = now - start
         warm_start = interval_start = now
         log(f"step {step:4d}  loss {losses[-1]:.4f}  "
@@ -176,22 +248,36 @@ def train(cfg, *, backend: str = "auto", devices=None, log=print) -> dict:
       interval_steps += 1
       if step % cfg.log_every == 0 or step == cfg.steps:
         rate = interval_steps * ranks * tokens / (now - interval_start)
+        _progress(None)
         log(f"step {step:4d}  loss {losses[-1]:.4f}  tokens/s {rate:,.0f}")
         interval_start, interval_steps = now, 0
+      elif jax.process_index() == 0:
+        _progress(f"{step}/{cfg.steps} loss {losses[-1]:.4f}",
+                  step / cfg.steps)
     end = time.perf_counter()
 
-  timed = cfg.steps - 1
+  timed = cfg.steps - first_step
   tokens_per_s = timed * ranks * tokens / (end - warm_start) if timed else None
+  # Model FLOP/s per device, and their share of the device's bf16 peak.
+  tflops = (tokens_per_s * flops_per_token(cfg) / ranks / 1e12
+            if tokens_per_s else None)
+  peak = PEAK_BF16_FLOPS.get(devices[0].device_kind)
+  mfu = (tflops * 1e12 / peak if tflops and peak and cfg.dtype == "bfloat16"
+         else None)
   metrics = dict(
       losses=losses, tokens_per_s=tokens_per_s, compile_s=compile_s,
+      model_tflops_per_device=tflops, mfu=mfu, first_step=first_step,
       step_ms=1e3 * (end - warm_start) / timed if timed else None,
       dropped_rows=dropped_rows, ranks=ranks, processes=jax.process_count(),
       platform=devices[0].platform, backend=buffer.backend,
       config=dataclasses.asdict(cfg))
-  rate = (f"{tokens_per_s:,.0f} tokens/s (steps 2-{cfg.steps}, {ranks} "
-          "ranks)" if timed else "no timed steps")
-  log(f"done: loss {losses[0]:.4f} -> {losses[-1]:.4f} in {cfg.steps} steps; "
-      f"{rate}; {dropped_rows} rows dropped by the capacity")
+  rate = (f"{tokens_per_s:,.0f} tokens/s (steps {first_step + 1}-"
+          f"{cfg.steps}, {ranks} ranks), {tflops:.2f} model TFLOP/s per device"
+          + (f", MFU {100 * mfu:.1f}%" if mfu else "") if timed
+          else "no timed steps")
+  log(f"done: loss {losses[0]:.4f} -> {losses[-1]:.4f} in "
+      f"{len(losses)} steps; {rate}; {dropped_rows} rows dropped by the "
+      "capacity")
   return metrics
 
 
@@ -200,6 +286,10 @@ def _field_parser(type_name: str):
     return int
   if type_name == "float":
     return float
+  if type_name == "bool":
+    return lambda s: s.lower() in ("1", "true", "yes")
+  if type_name == "str | None":
+    return lambda s: None if s.lower() == "none" else s
   if type_name == "float | None":
     return lambda s: None if s.lower() == "none" else float(s)
   if type_name == "int | None":

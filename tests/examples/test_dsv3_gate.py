@@ -1,13 +1,20 @@
-"""DeepSeek-V3's gate in the example (examples/deepseek_v3/gate.py) against a
+"""DeepSeek-V3's gate of the MoE example (examples/moe/dsv3_gate.py) against a
 straightforward NumPy walk of the published gating: random scores, exact
 ties (the lower index wins, groups and experts), and the selection bias."""
+
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from examples.deepseek_v3 import gate as dsv3_gate
+from repo_paths import REPO
+
+EXAMPLE = REPO / "examples" / "moe"
+if str(EXAMPLE) not in sys.path:
+  sys.path.insert(0, str(EXAMPLE))
+import dsv3_gate  # noqa: E402  (examples/moe/dsv3_gate.py)
 
 
 def numpy_gate(scores: np.ndarray, bias: np.ndarray, cfg):

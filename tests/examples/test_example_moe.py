@@ -8,6 +8,7 @@ over two processes through the launcher.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -27,6 +28,7 @@ from repo_paths import REPO
 EXAMPLE = REPO / "examples" / "moe"
 if str(EXAMPLE) not in sys.path:
   sys.path.insert(0, str(EXAMPLE))
+import experts as moe_experts  # noqa: E402  (examples/moe/experts.py)
 import main as moe_main  # noqa: E402  (examples/moe/main.py)
 import model as moe_model  # noqa: E402  (examples/moe/model.py)
 
@@ -199,11 +201,11 @@ def test_node_limited_routing_bounds_the_network_rows(seed):
 
 
 def test_capacity_helper():
-  assert moe_model.capacity(4, 100, 8, 2, None) == 400
+  assert moe_experts.capacity(4, 100, 8, 2, None) == 400
   # 8 experts on 2 ranks, top-2: P(a token reaches a rank) = 1 - C(4,2)/C(8,2)
   rows = 2 * 256 * (1 - math.comb(4, 2) / math.comb(8, 2))
-  assert moe_model.capacity(2, 256, 8, 2, 1.0) == -(-math.ceil(rows) // 8) * 8
-  assert moe_model.capacity(2, 256, 8, 2, 10.0) == 512  # never above R*T
+  assert moe_experts.capacity(2, 256, 8, 2, 1.0) == -(-math.ceil(rows) // 8) * 8
+  assert moe_experts.capacity(2, 256, 8, 2, 10.0) == 512  # never above R*T
 
 
 def test_train_steps_in_process():
@@ -219,6 +221,33 @@ def test_train_steps_in_process():
   assert metrics["tokens_per_s"] > 0 and metrics["dropped_rows"] == 0
   assert metrics["ranks"] == ranks and metrics["backend"] == "reference"
   assert any("tokens/s" in line for line in lines)
+
+
+
+def test_deepseek_v3_layer_trains_and_resumes_from_a_checkpoint(tmp_path):
+  """Two steps of the DeepSeek-V3 layer with fp8 dispatch on 2 ranks, saved
+  by Orbax; a second run restores step 2 (the gate's bias included) and
+  trains steps 3 and 4."""
+  ranks = 2
+  _buffer(ranks)
+  cfg = moe_main.get_config(
+      steps=2, tokens_per_rank=32, hidden=128, ffn=64, shared_ffn=64,
+      num_experts=8, topk=2, layer="deepseek_v3", num_groups=4, topk_groups=2,
+      route_scale=2.5, fp8_dispatch=True, log_every=1,
+      checkpoint_dir=str(tmp_path), checkpoint_every=1)
+  run = lambda cfg: moe_main.train(cfg, backend="reference",  # noqa: E731
+                                   devices=jax.devices()[:ranks],
+                                   log=lines.append)
+  lines = []
+  first = run(cfg)
+  assert first["first_step"] == 1 and len(first["losses"]) == 2
+  assert first["model_tflops_per_device"] > 0
+  second = run(dataclasses.replace(cfg, steps=4))
+  assert second["first_step"] == 3 and len(second["losses"]) == 2
+  assert np.isfinite(first["losses"] + second["losses"]).all()
+  assert any("restored step 2" in line for line in lines)
+  with pytest.raises(ValueError, match="raise --steps"):
+    run(cfg)
 
 
 def test_demo_two_processes_loss_falls(tmp_path):

@@ -35,12 +35,24 @@ class Config:
       the Buffer's ranks_per_node).
     dtype: compute and communication dtype ("float32" or "bfloat16");
       parameters and optimizer state stay float32.
+    layer: "moe" (softmax router, GELU experts: `model.MoE`) or
+      "deepseek_v3" (DeepSeek-V3's gate, SwiGLU experts: `dsv3.DeepSeekMoE`;
+      its shared expert is a SwiGLU of width shared_ffn).
+    num_groups, topk_groups, route_scale: DeepSeek-V3's gate (layer
+      "deepseek_v3"): experts in num_groups groups, a token's experts from
+      its topk_groups best (None: all), weights times route_scale. With the
+      groups the nodes of the EP axis this is node-limited routing.
+    fp8_dispatch: layer "deepseek_v3": dispatch fp8 rows with their scales.
+    bias_rate: layer "deepseek_v3": the gate's bias update per step.
     steps: training steps.
     learning_rate: peak AdamW learning rate (linear warm-up, cosine decay).
     warmup_steps: steps of linear learning-rate warm-up.
     weight_decay: AdamW weight decay.
     seed: seed of the parameters and the teacher (data differ per process).
     log_every: print every this many steps.
+    checkpoint_dir: where Orbax keeps the model and optimizer (None: no
+      checkpoints); a run restores the latest one there and goes on from it.
+    checkpoint_every: save every this many steps (and after the last).
   """
 
   data_dim: int = 32
@@ -55,12 +67,20 @@ class Config:
   capacity_factor: float | None = None
   max_nodes: int | None = None
   dtype: str = "float32"
+  layer: str = "moe"
+  num_groups: int = 1
+  topk_groups: int | None = None
+  route_scale: float = 1.0
+  fp8_dispatch: bool = False
+  bias_rate: float = 0.001
   steps: int = 50
   learning_rate: float = 1e-2
   warmup_steps: int = 5
   weight_decay: float = 1e-4
   seed: int = 0
   log_every: int = 5
+  checkpoint_dir: str | None = None
+  checkpoint_every: int = 100
 
 
 def get_config() -> Config:
