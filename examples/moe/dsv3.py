@@ -13,7 +13,7 @@ routed experts are sharded over the EP axis, and per rank, inside
 `jax.shard_map`:
 
     gate -> jax_ep.dispatch (bf16, or fp8 rows with their scales)
-         -> local SwiGLU experts (`grouped_experts`) -> jax_ep.combine
+         -> local SwiGLU experts (`experts.local_experts`) -> jax_ep.combine
 
 With `fp8_dispatch` the rows travel as e4m3 with one f32 scale per 128
 channels and are cast back on arrival, as DeepSeek-V3 trains; their
@@ -37,7 +37,7 @@ from jax.sharding import PartitionSpec as P
 
 import dsv3_gate
 import jax_ep
-from experts import capacity, grouped_experts
+from experts import capacity, local_experts
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -54,6 +54,10 @@ class MoEConfig:
     fp8_dispatch: dispatch e4m3 rows with per-128-channel scales.
     capacity_factor: see `experts.capacity`; None never
       drops a row.
+    expert_slots_factor: None runs the local experts through
+      `jax.lax.ragged_dot`; a factor runs them as batched GEMMs over that
+      many times the mean pairs per expert (`experts.padded_experts`;
+      pairs past an expert's slots are dropped and counted).
     bias_rate: the bias update's step (`dsv3_gate.update_bias`).
     dtype: compute and communication dtype; parameters are float32.
   """
@@ -64,6 +68,7 @@ class MoEConfig:
   gate: dsv3_gate.GateConfig = dsv3_gate.GateConfig()
   fp8_dispatch: bool = False
   capacity_factor: float | None = None
+  expert_slots_factor: float | None = None
   bias_rate: float = 0.001
   dtype: str = "bfloat16"
 
@@ -78,6 +83,7 @@ def config_of(cfg) -> MoEConfig:
                    shared_ffn=cfg.shared_ffn, gate=gate,
                    fp8_dispatch=cfg.fp8_dispatch,
                    capacity_factor=cfg.capacity_factor,
+                   expert_slots_factor=cfg.expert_slots_factor,
                    bias_rate=cfg.bias_rate, dtype=cfg.dtype)
 
 
@@ -118,7 +124,8 @@ def routed_experts(buffer: jax_ep.Buffer, cfg: MoEConfig, x: jax.Array,
     w_gate_up: `[L, H, 2F]` and w_down: `[L, F, H]`, this rank's experts.
 
   Returns:
-    `([T, H] in x.dtype, int32 rows this rank could not receive)`.
+    `([T, H] in x.dtype, int32 rows this rank could not receive plus
+    (row, expert) pairs its experts' slots could not take)`.
   """
   num_experts = cfg.gate.num_experts
   cap = capacity(buffer.num_ranks, x.shape[0], num_experts, cfg.gate.topk,
@@ -133,10 +140,12 @@ def routed_experts(buffer: jax_ep.Buffer, cfg: MoEConfig, x: jax.Array,
     d = jax_ep.dispatch(buffer, x, topk_idx, topk_weights,
                         num_experts=num_experts, capacity=cap)
     rows = d.x
-  y = grouped_experts(rows, d.topk_idx, d.topk_weights, w_gate_up, w_down,
-                      activation=swiglu)
+  y, dropped_pairs = local_experts(rows, d.topk_idx, d.topk_weights,
+                                   w_gate_up, w_down,
+                                   slots_factor=cfg.expert_slots_factor,
+                                   activation=swiglu)
   out = jax_ep.combine(buffer, y.astype(x.dtype), d.handle)
-  return out, jnp.maximum(d.num_recv_tokens - cap, 0)
+  return out, jnp.maximum(d.num_recv_tokens - cap, 0) + dropped_pairs
 
 
 class GateBias(nnx.Variable):
@@ -148,7 +157,8 @@ class ExpertLoad(nnx.Variable):
 
 
 class DroppedRows(nnx.Variable):
-  """Rows the dispatch capacity dropped in the last call, over all ranks."""
+  """Rows the dispatch capacity and (row, expert) pairs the experts' slots
+  dropped in the last call, over all ranks."""
 
 
 class SwiGLU(nnx.Module):

@@ -98,19 +98,22 @@ def _params(moe):
   return jax.device_get(nnx.to_pure_dict(nnx.state(moe, nnx.Param)))
 
 
-@pytest.mark.parametrize("ranks,dtype,fp8,tol", [
-    (2, "float32", False, 2e-5), (4, "bfloat16", False, 3e-2),
-    (2, "bfloat16", True, 3e-2)])
-def test_layer_matches_dense(seed, ranks, dtype, fp8, tol):
-  """Outputs; the gate's load over the global batch, and the bias update
+@pytest.mark.parametrize("ranks,dtype,fp8,slots,tol", [
+    (2, "float32", False, None, 2e-5), (4, "bfloat16", False, 64.0, 3e-2),
+    (2, "bfloat16", True, None, 3e-2)])
+def test_layer_matches_dense(seed, ranks, dtype, fp8, slots, tol):
+  """Outputs (experts through ragged_dot, or batched GEMMs with room for
+  every pair); the gate's load over the global batch, and the bias update
   it drives."""
-  cfg = _config(ranks, dtype=dtype, fp8_dispatch=fp8)
+  cfg = _config(ranks, dtype=dtype, fp8_dispatch=fp8,
+                expert_slots_factor=slots)
   buffer, moe, x = _layer(seed, ranks, cfg)
   assert moe.w_gate_up[...].sharding.spec[0] == "ep"
   with jax.set_mesh(buffer.mesh):
     out = nnx.jit(lambda m, x: m(x))(moe, x)
   want = _dense(_params(moe), _bias(moe), np.asarray(x), cfg)
   assert out.dtype == jnp.dtype(dtype) and out.shape == x.shape
+  assert int(moe.dropped_rows[...]) == 0
   np.testing.assert_allclose(np.asarray(out, np.float32),
                              np.asarray(want, np.float32), rtol=tol, atol=tol)
   idx, _ = dsv3_gate.gate(np.asarray(x).astype(dtype), _params(moe)[

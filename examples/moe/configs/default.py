@@ -43,6 +43,10 @@ class Config:
       its topk_groups best (None: all), weights times route_scale. With the
       groups the nodes of the EP axis this is node-limited routing.
     fp8_dispatch: layer "deepseek_v3": dispatch fp8 rows with their scales.
+    expert_slots_factor: layer "deepseek_v3": None runs the local experts
+      through ragged_dot; a factor runs them as batched GEMMs over that many
+      times the mean (row, expert) pairs per expert (experts.padded_experts;
+      pairs that do not fit are dropped and counted with the rows).
     bias_rate: layer "deepseek_v3": the gate's bias update per step.
     steps: training steps.
     learning_rate: peak AdamW learning rate (linear warm-up, cosine decay).
@@ -72,6 +76,7 @@ class Config:
   topk_groups: int | None = None
   route_scale: float = 1.0
   fp8_dispatch: bool = False
+  expert_slots_factor: float | None = None
   bias_rate: float = 0.001
   steps: int = 50
   learning_rate: float = 1e-2
