@@ -18,6 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 import jax_ep
 from ep_testing import cpu_devices
+from layer_testing import compare_gradients
 from repo_paths import REPO
 
 EXAMPLE = REPO / "examples" / "moe"
@@ -137,29 +138,13 @@ def test_layer_gradients_match_dense(seed):
   buffer, moe, x = _layer(seed, 2, cfg)
   cotangent = np.random.default_rng(seed + 1).standard_normal(
       x.shape, np.float32)
-
-  @nnx.jit
-  def ep_grads(moe, x):
-    loss = lambda moe, x: jnp.sum(moe(x) * cotangent)  # noqa: E731
-    return nnx.grad(loss, argnums=(0, 1))(moe, x)
-
-  with jax.set_mesh(buffer.mesh):
-    d_params, d_x = ep_grads(moe, x)
-  got = jax.device_get((nnx.to_pure_dict(d_params), d_x))
   bias = _bias(moe)
 
   def dense_loss(params, x):
     straight = lambda a: a + jax.lax.stop_gradient(fp8_round_trip(a) - a)  # noqa: E731
     return jnp.sum(_dense(params, bias, x, cfg, straight) * cotangent)
 
-  want = jax.grad(dense_loss, argnums=(0, 1))(_params(moe), np.asarray(x))
-  flat_got = jax.tree_util.tree_leaves_with_path(got)
-  flat_want = jax.tree_util.tree_leaves_with_path(want)
-  assert [p for p, _ in flat_got] == [p for p, _ in flat_want]
-  for (path, g), (_, w) in zip(flat_got, flat_want):
-    name = "d_x" if not path[1:] else jax.tree_util.keystr(path[1:])
-    assert np.abs(w).max() > 0, name
-    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5, err_msg=name)
+  compare_gradients(moe, x, buffer.mesh, dense_loss, cotangent)
 
 
 def test_dropped_rows_are_counted(seed):

@@ -23,6 +23,7 @@ from jax.sharding import PartitionSpec as P
 
 import jax_ep
 from jax_ep._src import launch as launch_lib
+from layer_testing import compare_gradients
 from repo_paths import REPO
 
 EXAMPLE = REPO / "examples" / "moe"
@@ -108,28 +109,11 @@ def test_ep_layer_gradients_match_dense(seed):
   cotangent = np.random.default_rng(seed + 1).standard_normal(
       x.shape, np.float32)
 
-  @nnx.jit
-  def ep_grads(moe, x):
-    loss = lambda moe, x: jnp.sum(moe(x) * cotangent)  # noqa: E731
-    return nnx.grad(loss, argnums=(0, 1))(moe, x)
-
-  with jax.set_mesh(buffer.mesh):
-    d_params, d_x = ep_grads(moe, x)
-  got = jax.device_get((nnx.to_pure_dict(d_params), d_x))
-
   def dense_loss(params, x):
     return jnp.sum(_dense_moe(params, x, topk=moe.topk, dtype=jnp.float32)
                    * cotangent)
 
-  params = jax.device_get(nnx.to_pure_dict(nnx.state(moe, nnx.Param)))
-  want = jax.grad(dense_loss, argnums=(0, 1))(params, np.asarray(x))
-  flat_got = jax.tree_util.tree_leaves_with_path(got)
-  flat_want = jax.tree_util.tree_leaves_with_path(want)
-  assert [p for p, _ in flat_got] == [p for p, _ in flat_want]
-  for (path, g), (_, w) in zip(flat_got, flat_want):
-    name = "d_x" if not path[1:] else jax.tree_util.keystr(path[1:])
-    assert np.abs(w).max() > 0, name  # the router's gradient too
-    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5, err_msg=name)
+  compare_gradients(moe, x, buffer.mesh, dense_loss, cotangent)
 
 
 def test_capacity_overflow_is_counted(seed):
