@@ -98,7 +98,8 @@ def test_ep_layer_matches_dense(seed, ranks, dtype, tol):
   with jax.set_mesh(buffer.mesh):
     out = nnx.jit(lambda m, x: m(x))(moe, x)
   params = jax.device_get(nnx.to_pure_dict(nnx.state(moe, nnx.Param)))
-  want = _dense_moe(params, np.asarray(x), topk=moe.topk, dtype=dtype)
+  want = jax.jit(_dense_moe, static_argnames=("topk", "dtype"))(
+      params, np.asarray(x), topk=moe.topk, dtype=dtype)
   assert out.dtype == dtype and out.shape == x.shape
   np.testing.assert_allclose(np.asarray(out, np.float32),
                              np.asarray(want, np.float32), rtol=tol, atol=tol)
@@ -109,6 +110,7 @@ def test_ep_layer_gradients_match_dense(seed):
   cotangent = np.random.default_rng(seed + 1).standard_normal(
       x.shape, np.float32)
 
+  @jax.jit  # a compile or two, where eagerly each op compiles on its own
   def dense_loss(params, x):
     return jnp.sum(_dense_moe(params, x, topk=moe.topk, dtype=jnp.float32)
                    * cotangent)
