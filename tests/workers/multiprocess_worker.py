@@ -218,10 +218,13 @@ def check_grads(run: Run, rng):
       lambda x, w, i: (lambda d: (d.x, d.topk_weights))(jax_ep.dispatch(
           run.buffer, x, i, w, num_experts=E)),
       mesh=run.mesh, in_specs=EP, out_specs=EP)
+
+  @jax.jit  # one program (eagerly, each op of the VJP compiles on its own)
+  def dispatch_vjp(x, w, i, g_x, g_w):
+    return jax.vjp(lambda x, w: mapped(x, w, i), x, w)[1]((g_x, g_w))
+
   with jax.set_mesh(run.mesh):
-    _, vjp = jax.vjp(lambda x, w: mapped(x, w, run.put(flat(idx))),
-                     run.put(flat(x)), run.put(flat(w)))
-    d_x, d_w = vjp((run.put(flat(g_x)), run.put(flat(g_w))))
+    d_x, d_w = dispatch_vjp(*[run.put(flat(a)) for a in (x, w, idx, g_x, g_w)])
   routes = dm.dispatch([x], idx, w, num_experts=E)
   run.check(d_x, flat(dm.combine(g_x, routes)), "d_x (dispatch)")
   masked = np.where(routes.topk_idx >= 0, g_w, np.float32(0))
