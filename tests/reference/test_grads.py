@@ -151,8 +151,8 @@ def test_dispatch_vjp_is_combine(problem, num_ranks, capacity):
 
 # Each EP size once, each bias dtype at two of them.
 @pytest.mark.parametrize("num_ranks,bias_dtype", [
-    pytest.param(1, BF16, id="1-bf16"), pytest.param(2, np.float32, id="2-f32"),
-    pytest.param(4, BF16, id="4-bf16"), pytest.param(8, np.float32, id="8-f32")])
+    pytest.param(1, BF16, id="1-bf16"), pytest.param(2, F32, id="2-f32"),
+    pytest.param(4, BF16, id="4-bf16"), pytest.param(8, F32, id="8-f32")])
 def test_combine_vjp_is_cached_dispatch(problem, num_ranks, bias_dtype):
   capacity = 6
   p = problem(num_ranks, "tiny")
