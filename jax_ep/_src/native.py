@@ -81,3 +81,12 @@ def register_targets() -> bool:
         jax.ffi.register_ffi_target(name, capsule, platform="CUDA")
       _registered = True
   return True
+
+
+def require_targets(op: str) -> None:
+  """`register_targets()`, or a RuntimeError naming the public `op` and why
+  the extension is missing."""
+  if not register_targets():
+    raise RuntimeError(
+        f"jax_ep.{op}: the CUDA kernels are unavailable (jax_ep._jax_ep: "
+        f"{unavailable_reason()})")

@@ -305,7 +305,7 @@ class Buffer:
           axis_name, self._heap, int(num_ll_bytes),
           force_put=ll_transport == "put", timeout_s=float(timeout_s))
     if rdma_bytes:
-      self._internode = CudaInternode(axis_name, self._heap, rdma_bytes,
+      self._internode = CudaInternode(axis_name, rdma_bytes,
                                       topology.ranks_per_node,
                                       float(timeout_s), config.num_sms)
 

@@ -45,7 +45,7 @@ class EmulatedExchange(internode.CudaInternode):
 
 def _with_emulated_kernels(p, ranks_per_node):
   """`p.buffer`'s normal ops on the internode backend's JAX side."""
-  backend = EmulatedExchange(p.buffer.axis_name, None, 1 << 40,
+  backend = EmulatedExchange(p.buffer.axis_name, 1 << 40,
                              ranks_per_node, 100.0)
   p.buffer.normal_backend = lambda op: dataclasses.replace(backend, op=op)
   return p

@@ -40,7 +40,6 @@ from jax import lax
 from jax_ep._src import native
 from jax_ep._src import sizes
 from jax_ep._src.config import Config
-from jax_ep._src.cuda import nvshmem
 from jax_ep._src.cuda.varying import mark_varying
 from jax_ep._src.handles import DispatchHandle
 from jax_ep._src.reference import normal as reference
@@ -88,11 +87,11 @@ def unpack(packed: jax.Array, likes) -> tuple[jax.Array, ...]:
 @dataclasses.dataclass(frozen=True)
 class CudaInternode:
   """The "cuda" backend of the normal ops across nodes
-  (`backend.NormalBackend`): this process's NVSHMEM heap, of which the
-  exchange may use `num_rdma_bytes`, and the topology's G."""
+  (`backend.NormalBackend`): the part of this process's NVSHMEM heap the
+  exchange may use (`num_rdma_bytes`; the Buffer owns the heap), and the
+  topology's G."""
 
   axis_name: str
-  heap: nvshmem.NvshmemHeap
   num_rdma_bytes: int
   ranks_per_node: int
   timeout_s: float
@@ -117,9 +116,7 @@ class CudaInternode:
           f"need {need}: size it with jax_ep.rdma_buffer_bytes(num_tokens, "
           "hidden, topk, num_ranks, ranks_per_node, dtype) for the largest "
           "shapes you run")
-    if not native.register_targets():
-      raise RuntimeError(f"jax_ep.{self.op}: the CUDA kernels are unavailable "
-                         f"(jax_ep._jax_ep: {native.unavailable_reason()})")
+    native.require_targets(self.op)
     call = jax.ffi.ffi_call(
         _EXCHANGE_TARGET,
         (jax.ShapeDtypeStruct((team_size, num_tokens, rows.shape[1]),

@@ -32,13 +32,6 @@ _COMBINE_TARGET = "jax_ep_intranode_combine"
 COMBINE_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
 
 
-def _require_kernels(op: str) -> None:
-  if not native.register_targets():
-    raise RuntimeError(
-        f"jax_ep.{op}: the CUDA kernels are unavailable (jax_ep._jax_ep: "
-        f"{native.unavailable_reason()})")
-
-
 def _check_buffers(op: str, buffers, num_ranks: int, needed: int) -> None:
   if buffers is None or not hasattr(buffers, "num_bytes"):
     raise TypeError(
@@ -137,7 +130,7 @@ def dispatch(rows, topk_idx: jax.Array, topk_weights: jax.Array | None, *,
   _check_limits(op, num_ranks, num_experts)
   tuning = _tuning(op, config, timeout_s)
   row_bytes = [r.shape[1] * r.dtype.itemsize for r in rows] + [0]
-  _require_kernels(op)
+  native.require_targets(op)
   _check_buffers(op, buffers, num_ranks, sizes.intranode_data_bytes(
       num_tokens, num_ranks, num_topk, row_bytes[0], row_bytes[1], 0))
   weights = (topk_weights if topk_weights is not None else
@@ -195,7 +188,7 @@ def cached_dispatch(rows, handle: DispatchHandle, *, axis_name: str, buffers,
   tuning = _tuning(op, config, timeout_s)
   row_bytes = [r.shape[1] * r.dtype.itemsize for r in rows] + [0]
   num_ranks, capacity = handle.num_ranks, handle.capacity
-  _require_kernels(op)
+  native.require_targets(op)
   _check_buffers(op, buffers, num_ranks, sizes.intranode_data_bytes(
       num_tokens, num_ranks, 0, row_bytes[0], row_bytes[1], 0))
   call = jax.ffi.ffi_call(_CACHED_DISPATCH_TARGET,
@@ -234,7 +227,7 @@ def combine(y: jax.Array, handle: DispatchHandle, *, axis_name: str, buffers,
   if bias is None:
     bias = jnp.zeros((num_tokens, 0), jnp.float32)
   tuning = _tuning(op, config, timeout_s)
-  _require_kernels(op)
+  native.require_targets(op)
   _check_buffers(op, buffers, num_ranks, sizes.intranode_data_bytes(
       num_tokens, num_ranks, 0, 0, 0, y.shape[1] * y.dtype.itemsize))
   call = jax.ffi.ffi_call(
