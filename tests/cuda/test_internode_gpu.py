@@ -15,7 +15,15 @@ reference on CPUs).
   T from 1 to 300, H from 256 to 7168 (fp8 scale rows of 8 and 12 bytes), K
   from 1 to 8; -1, repeated and out-of-range ids, skewed routing, capacity
   overflow, expert alignment; bf16 and fp8 dispatch, cached dispatch,
-  combine of f32 and bf16 rows with a bias.
+  combine of f32 and bf16 rows with a bias; then the VJPs of dispatch (a
+  combine, summed node by node) and of combine (a cached dispatch), with
+  capacity overflow and skew.
+* The low-latency kernels at the same topologies on `ll_transport="put"`
+  (ll_worker.py `--ranks-per-node G --transport put --grads --mixed`):
+  their VJPs, and one program of internode and low-latency ops whose
+  regions share the one NVSHMEM heap. The LL kernels send every row by
+  NVSHMEM puts whatever the nodes; their every mode and shape is
+  test_low_latency_gpu.py's.
 * 200 jitted dispatch/combine pairs on fresh routings at (N, G) = (2, 1) and
   (2, 2), back to back: every output equal to the dense model's; run twice,
   the same sha256.
@@ -31,6 +39,7 @@ import pytest
 
 import internode_worker as worker
 import intranode_worker
+import ll_worker
 from gpu_testing import (NEEDS_KERNELS, assert_missing_rank_times_out,
                          every_worker, launch_per_gpu, multi_rank_sizes,
                          repeat_digests)
@@ -58,8 +67,26 @@ def test_ops_match_the_dense_model(capfd, seed, num_nodes, ranks_per_node):
       timeout=300, num_ranks=num_ranks)
   report = f"seed={seed}, N={num_nodes}, G={ranks_per_node}: {report}"
   assert code == 0, report
-  for line in every_worker(f"{steps} internode steps passed", num_ranks):
-    assert line in out, report
+  for what in (f"{steps} internode steps", "internode VJPs"):
+    for line in every_worker(f"{what} passed", num_ranks):
+      assert line in out, report
+
+
+@pytest.mark.parametrize("num_nodes,ranks_per_node", _runnable(TOPOLOGIES))
+def test_low_latency_ops_across_nodes(capfd, seed, num_nodes, ranks_per_node):
+  num_ranks = num_nodes * ranks_per_node
+  code, out, report = launch_per_gpu(
+      capfd, [str(pathlib.Path(ll_worker.__file__).resolve()), "--seed",
+              str(seed), "--ranks-per-node", str(ranks_per_node),
+              "--transport", "put", "--grads", "--mixed"],
+      timeout=240, num_ranks=num_ranks)
+  report = f"seed={seed}, N={num_nodes}, G={ranks_per_node}: {report}"
+  assert code == 0, report
+  passed = [f"grads {c.at(num_ranks).name()}" for c in ll_worker.GRAD_CASES]
+  passed.append(f"mixed {ll_worker.MIXED_CASE.at(num_ranks).name()}")
+  for what in passed:
+    for line in every_worker(f"{what} passed", num_ranks):
+      assert line in out, report
 
 
 @pytest.mark.parametrize("num_nodes,ranks_per_node",

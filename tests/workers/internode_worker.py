@@ -7,10 +7,12 @@ each, or several ranks sharing a GPU):
     python internode_worker.py --seed N [--ranks-per-node G] --steps S
         S calls cycling through intranode_worker's `multiprocess_cases` on
         fresh inputs, through the public ops on the kernels: dispatch,
-        cached dispatch, combines (f32, bf16 with a bias, f32 rows). Each
-        process checks the shards it holds against the dense model, every
-        output and handle field bit for bit; prints "worker i/R: S internode
-        steps passed".
+        cached dispatch, combines (f32, bf16 with a bias, f32 rows); then
+        the VJPs of dispatch (a combine, summed node by node) and of
+        combine (a cached dispatch). Each process checks the shards it holds
+        against the dense model, every output and handle field bit for bit;
+        prints "worker i/R: S internode steps passed", then "worker i/R:
+        internode VJPs passed".
     python internode_worker.py --seed N --repeat STEPS
         STEPS dispatch/combine pairs on fresh routings, enqueued back to
         back, each checked; prints the sha256 of every output (two runs must
@@ -43,12 +45,16 @@ import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+import dense_model as dm
 import intranode_worker as intra
 import jax_ep
 import jax_ep.launch
+from ep_testing import assert_same
 from jax_ep._src import exchange
 
 EP = intra.EP
+# The VJP check: capacity overflow and a hot expert.
+VJP_CASE = intra.Case(48, 2048, 8, 256, capacity=100, skew=True)
 # The kernels' wait for a peer: a hang fails in seconds.
 KERNEL_TIMEOUT_S = 10.0
 
@@ -103,11 +109,58 @@ def step(mesh: Mesh, buffer, case: intra.Case, pair: bool = False):
       mesh=mesh, in_specs=tuple([P(EP)] * 6), out_specs=tuple([P(EP)] * n)))
 
 
+def vjp_program(mesh: Mesh, buffer, case: intra.Case):
+  """jit(shard_map): (x, idx, w, g_x, g_w, g_out) -> the cotangents of
+  dispatch (d_x, d_w, for the cotangents g_x of its rows and g_w of its
+  weights) and of combine (d_y, for the cotangent g_out of its output, with
+  y = g_x)."""
+
+  def per_shard(x, idx, w, g_x, g_w, g_out):
+    def forward(x, w):
+      d = jax_ep.dispatch(buffer, x, idx, w, num_experts=case.experts,
+                          capacity=case.capacity)
+      return (d.x, d.topk_weights), d.handle
+
+    _, pull, handle = jax.vjp(forward, x, w, has_aux=True)
+    d_x, d_w = pull((g_x, g_w))
+    _, pull = jax.vjp(lambda y: jax_ep.combine(buffer, y, handle), g_x)
+    (d_y,) = pull(g_out)
+    return d_x[None], d_w[None], d_y[None]
+
+  return jax.jit(jax.shard_map(per_shard, mesh=mesh, in_specs=P(EP),
+                               out_specs=P(EP)))
+
+
+def check_vjps(mesh: Mesh, buffer, rng, G: int, ctx: str) -> None:
+  """`vjp_program` on the kernels against the dense model, bit for bit."""
+  case, num_ranks = VJP_CASE, mesh.devices.size
+  x, _, idx, w, g_x, g_out = intra.inputs(rng, num_ranks, case)
+  g_out = g_out.astype(dm.BF16)
+  g_w = rng.standard_normal((g_x.shape[0], case.topk)).astype(np.float32)
+  got = vjp_program(mesh, buffer, case)(
+      *[intra.global_array(mesh, a, P(EP)) for a in (x, idx, w, g_x, g_w,
+                                                     g_out)])
+  per_rank = lambda a: a.reshape(num_ranks, -1, *a.shape[1:])
+  x, idx, w, g_x, g_w, g_out = map(per_rank, (x, idx, w, g_x, g_w, g_out))
+  routes = dm.dispatch([x], idx, w, num_experts=case.experts,
+                       capacity=case.capacity)
+  # The weights' cotangent counts where the received row has an expert here.
+  g_w = np.where(routes.topk_idx >= 0, g_w, np.float32(0))
+  want = (dm.combine(g_x, routes, ranks_per_node=G),
+          dm.combine(g_w, routes, ranks_per_node=G),
+          dm.dispatch([g_out], idx, w, num_experts=case.experts,
+                      capacity=case.capacity).rows[0])
+  for name, g, truth in zip(("d_x (dispatch)", "d_weights (dispatch)",
+                             "d_y (combine)"), got, want):
+    for rank, value in intra.by_rank(g):
+      assert_same(value, truth[rank], f"{name} (rank {rank})", ctx)
+
+
 def run_steps(mesh: Mesh, backend: str, seed: int, steps: int, G: int,
               who: str) -> None:
   num_ranks = mesh.devices.size
   cases = intra.multiprocess_cases(num_ranks)
-  buffer = open_buffer(mesh, cases, backend, ranks_per_node=G)
+  buffer = open_buffer(mesh, cases + [VJP_CASE], backend, ranks_per_node=G)
   rng = np.random.default_rng(seed)  # the same draws on every process
   for i in range(steps):
     case = cases[i % len(cases)]
@@ -117,8 +170,10 @@ def run_steps(mesh: Mesh, backend: str, seed: int, steps: int, G: int,
     intra.check_shards(case, num_ranks, arrays, out,
                        f"{who}, seed={seed}, G={G}, step {i}, {case.name()}",
                        with_reference=False, ranks_per_node=G)
-  exchange.barrier("internode_worker: steps done")
   print(f"{who}: {steps} internode steps passed", flush=True)
+  check_vjps(mesh, buffer, rng, G, f"{who}, seed={seed}, G={G}, VJPs")
+  exchange.barrier("internode_worker: steps done")
+  print(f"{who}: internode VJPs passed", flush=True)
 
 
 def run_repeat(mesh: Mesh, backend: str, seed: int, steps: int, G: int,

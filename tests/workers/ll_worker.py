@@ -9,9 +9,12 @@ cannot run and the dense model (tests/support/dense_model.py) is the only
 oracle.
 
     python ll_worker.py --seed N [--transport auto|put] [--cases all|shared]
-        [--grads] [--mixed]
+        [--grads] [--mixed] [--ranks-per-node G]
         the parts asked for, in this order, in one launch (one Buffer sized
-        for all of them); with none of the three, --cases all.
+        for all of them); with none of the three, --cases all. With
+        --ranks-per-node G < R the Buffer spans nodes of G ranks
+        (test_internode_gpu.py): --mixed's normal ops run the internode
+        kernels, whose NVSHMEM region shares the heap with the LL buffers.
     --cases all|shared
         every case of CASES, or of SHARED_CASES (a subset with every mode,
         small enough for 8 ranks sharing a GPU), on two fresh draws of
@@ -39,7 +42,8 @@ oracle.
         bit, d_topk_weights within 2^-10 of its largest element. Prints
         "worker i/R: grads <case> passed".
     --mixed
-        a normal dispatch/combine (intranode kernels) feeding a low-latency
+        a normal dispatch/combine (intranode or internode kernels) feeding a
+    low-latency
         dispatch/combine in one jitted program, twice, equal to the dense
         model's (and, where each rank has its own GPU, the reference
         backend's) bit for bit; then "worker i/R: mixed <case> passed".
@@ -594,6 +598,8 @@ def main(argv=None) -> int:
                       "hashed, instead of the parts above")
   parser.add_argument("--timeout", action="store_true",
                       help="rank 0 dispatches alone and must time out")
+  parser.add_argument("--ranks-per-node", type=int, default=None,
+                      metavar="G", help="the Buffer's ranks_per_node")
   parser.add_argument("--backend", choices=("cuda", "reference"),
                       default="cuda", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
@@ -620,12 +626,19 @@ def main(argv=None) -> int:
     grad_cases = [c.at(num_ranks) for c in GRAD_CASES] if args.grads else []
     mixed = MIXED_CASE.at(num_ranks) if args.mixed else None
     sized = cases + grad_cases + ([mixed] if mixed else [])
-    # One Buffer for every part (a Buffer costs seconds), with NVLink
-    # buffers for the mixed program's normal ops.
+    # One Buffer for every part (a Buffer costs seconds), with the buffers
+    # of the mixed program's normal ops: NVLink ones on one node, the
+    # NVSHMEM exchange region across nodes.
+    per_node = args.ranks_per_node or num_ranks
+    normal_bytes = {}
+    if mixed and per_node == num_ranks:
+      normal_bytes["num_nvl_bytes"] = jax_ep.nvl_buffer_bytes(
+          mixed.tokens, mixed.hidden, mixed.topk, num_ranks)
+    elif mixed:
+      normal_bytes["num_rdma_bytes"] = jax_ep.rdma_buffer_bytes(
+          mixed.tokens, mixed.hidden, mixed.topk, num_ranks, per_node)
     kern = kernel_buffer(mesh, args.backend, sized, args.transport,
-                         num_nvl_bytes=mixed and jax_ep.nvl_buffer_bytes(
-                             mixed.tokens, mixed.hidden, mixed.topk,
-                             num_ranks))
+                         ranks_per_node=args.ranks_per_node, **normal_bytes)
     ref = reference_buffer(mesh)
     run_cases(mesh, kern, ref, cases, args.seed, who)
     if grad_cases:

@@ -33,12 +33,15 @@ def test_intranode_worker_dense_outputs_are_the_contract(seed, rng, pair):
 @pytest.mark.parametrize("num_ranks,ranks_per_node", [(2, 1), (4, 2)])
 def test_internode_worker_dense_outputs_are_the_contract(seed, rng, num_ranks,
                                                          ranks_per_node):
-  """The same for internode_worker.py's public-op steps, across nodes on the
-  reference backend (combine node by node where G > 1)."""
+  """The same for internode_worker.py's public-op steps and its VJP check,
+  across nodes on the reference backend (combine node by node where
+  G > 1)."""
   mesh = Mesh(np.array(cpu_devices(num_ranks)), (worker.EP,))
   buffer = internode_worker.open_buffer(
       mesh, worker.multiprocess_cases(num_ranks), "reference",
       ranks_per_node=ranks_per_node)
+  internode_worker.check_vjps(mesh, buffer, rng, ranks_per_node,
+                              f"seed={seed}, G={ranks_per_node}, VJPs")
   for case in worker.multiprocess_cases(num_ranks):
     arrays = worker.inputs(rng, num_ranks, case)
     out = internode_worker.step(mesh, buffer, case)(
