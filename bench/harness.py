@@ -61,6 +61,9 @@ class Record:
   # With --profile: the implementation's own GPU kernels' time per call, from
   # the profiler (bench/kernel_time.py); None otherwise.
   kernel_us: float | None = None
+  # Compute benchmarks (bench/experts.py): model TFLOP/s; None for the
+  # communication ones.
+  tflops: float | None = None
 
 
 def _command() -> str:
@@ -94,4 +97,6 @@ def print_row(r: Record) -> None:
   sms = "-" if r.num_sms is None else str(r.num_sms)
   print(f"{r.op:<21}{r.impl:<19}{r.dtype:<6}{r.ranks:>6}{r.tokens:>7}"
         f"{r.hidden:>7}{sms:>5}{r.time_us:>10.1f}{fmt(r.logical_gbps):>9}"
-        f"{fmt(r.link_gbps):>8}{'  ' + r.note if r.note else ''}", flush=True)
+        f"{fmt(r.link_gbps):>8}"
+        f"{'' if r.tflops is None else f'  {r.tflops:.1f} TFLOP/s'}"
+        f"{'  ' + r.note if r.note else ''}", flush=True)

@@ -23,6 +23,16 @@
 #                 scripts/fp8_cast_probe.py), output in probes.log
 #   CEILINGS=1    also measure the NVLink write ceilings between all local
 #                 GPUs (bench/probes/nvlink_write.cu), output in ceilings.log
+#   EXAMPLES=1    also the examples' GPU figures: python -m bench.experts
+#                 (experts.log, experts.json), DeepSeek-V3's layer trained
+#                 (main.py --config dsv3_gpu, bf16 and fp8 dispatch:
+#                 dsv3_train*.log/json) and decoding (decode.py on the
+#                 kernels, one process per GPU: decode.log/json)
+#   INTERNODE_BENCH=1  also python -m bench on the internode kernels, nodes
+#                 of G ranks (R = 2, G = 1 and R = 4, G = 2 sharing a GPU
+#                 where there is one; else R = the GPUs, G = R / 2), jax_ep
+#                 only: on shared GPUs it shows the path runs, not its speed
+#                 (bench_internode_r*.log/json)
 #
 # Writes into OUTDIR (flat):
 #   env.txt         GPUs, topology, driver, Python/JAX/nvcc versions
@@ -220,6 +230,38 @@ else
     note "demo: FAILED (exit $?), see demo.log"
     failed=1
   fi
+fi
+
+# --- EXAMPLES ----------------------------------------------------------------
+if [[ "${EXAMPLES:-0}" == 1 ]]; then
+  num_gpus=$(nvidia-smi -L | grep -c '^GPU ' || true)
+  optional_step "bench.experts" experts.log 600 \
+    "$PYTHON" -m bench.experts --out "$OUT/experts.json"
+  for fp8 in false true; do
+    optional_step "dsv3 train (fp8 dispatch $fp8)" "dsv3_train_fp8_$fp8.log" \
+      600 "$PYTHON" -m jax_ep.launch -n "$num_gpus" -- "$PYTHON" \
+      examples/moe/main.py --config dsv3_gpu --steps 30 --fp8_dispatch $fp8 \
+      --metrics_out "$OUT/dsv3_train_fp8_$fp8.json"
+    grep -hE '^done' "$OUT/dsv3_train_fp8_$fp8.log" | tee -a "$OUT/summary.txt"
+  done
+  optional_step decode decode.log 600 "$PYTHON" -m jax_ep.launch \
+    -n "$num_gpus" -- "$PYTHON" examples/moe/decode.py --new_tokens 32 \
+    --metrics_out "$OUT/decode.json"
+  grep -hE '^decoded' "$OUT/decode.log" | tee -a "$OUT/summary.txt"
+fi
+
+# --- INTERNODE BENCH ----------------------------------------------------------
+if [[ "${INTERNODE_BENCH:-0}" == 1 ]]; then
+  num_gpus=$(nvidia-smi -L | grep -c '^GPU ' || true)
+  if (( num_gpus == 1 )); then topologies="2:1 4:2"; else
+    topologies="$num_gpus:$(( num_gpus / 2 ))"; fi
+  for t in $topologies; do
+    r=${t%:*} g=${t#*:}
+    optional_step "bench internode R=$r G=$g" "bench_internode_r$r.log" 600 \
+      "$PYTHON" -m jax_ep.launch -n "$r" --ranks-per-gpu $(( r / num_gpus )) \
+      -- "$PYTHON" -m bench --ranks-per-node "$g" --impls jax_ep --reps 5 \
+      --out "$OUT/bench_internode_r$r.json"
+  done
 fi
 
 # --- BENCH -------------------------------------------------------------------

@@ -17,13 +17,15 @@ on the hooks.
 On GPUs the low-latency kernels need one process per GPU and the Buffer's
 NVSHMEM heap (`num_ll_bytes`); elsewhere the reference backend runs. The
 script prints the per-step latency (after the first, compiling, step) and
-tokens/s; `--metrics_out` writes them as JSON.
+tokens/s; `--metrics_out` writes them as JSON, with the sha256 of the first
+process's sequences.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import pathlib
 import sys
@@ -231,6 +233,7 @@ def decode(cfg: DecodeConfig, buffer, log=print) -> dict:
                   for t in tokens], 1)
   step_ms = 1e3 * float(np.median(times[1:])) if len(times) > 1 else None
   metrics = dict(step_ms=step_ms, compile_s=times[0],
+                 tokens_sha256=hashlib.sha256(out.tobytes()).hexdigest(),
                  tokens_per_s=N / (step_ms / 1e3) if step_ms else None,
                  ranks=ranks, backend=buffer.backend, hooks=cfg.hooks,
                  use_fp8=cfg.use_fp8, config=dataclasses.asdict(cfg))

@@ -40,7 +40,7 @@ import model as moe_model
 import orbax.checkpoint as ocp
 from configs.default import Config
 
-_CONFIGS = ("default", "gpu")
+_CONFIGS = ("default", "gpu", "dsv3_gpu")
 
 
 def get_config(name: str = "default", **overrides) -> Config:

@@ -1,7 +1,9 @@
 """The decoding example (examples/moe/decode.py) on CPU ranks (reference
 backend): the tokens do not depend on whether the low-latency ops are split
 by hooks (the shared expert between send and receive), with bf16 and fp8
-dispatch, and the script runs end to end."""
+dispatch, and the script runs end to end. On GPUs (marked gpu) the script
+on the low-latency kernels, one process per rank (R = the GPUs, and 2
+sharing one GPU), gives the same tokens with and without hooks."""
 
 import dataclasses
 import json
@@ -13,6 +15,7 @@ import pytest
 
 import jax_ep
 from ep_testing import cpu_devices
+from gpu_testing import GPUS, NEEDS_KERNELS, launch_per_gpu, multi_rank_sizes
 from repo_paths import REPO
 
 EXAMPLE = REPO / "examples" / "moe"
@@ -52,3 +55,22 @@ def test_script_writes_its_metrics(tmp_path):
   assert metrics["ranks"] == jax.device_count()
   assert metrics["step_ms"] > 0 and metrics["tokens_per_s"] > 0
   assert metrics["hooks"] and metrics["backend"] == "reference"
+
+
+@pytest.mark.parametrize("num_ranks", [
+    pytest.param(r, marks=NEEDS_KERNELS, id=f"R{r}")
+    for r in sorted({max(len(GPUS), 1), *multi_rank_sizes((2,))})])
+def test_tokens_do_not_depend_on_hooks_on_the_kernels(capfd, tmp_path,
+                                                      num_ranks):
+  digests = {}
+  for hooks in (True, False):
+    out = tmp_path / f"hooks_{hooks}.json"
+    code, _, report = launch_per_gpu(
+        capfd, [str(EXAMPLE / "decode.py"), f"--hooks={hooks}",
+                "--new_tokens=4", "--metrics_out", str(out)],
+        timeout=300, num_ranks=num_ranks)
+    assert code == 0, report
+    metrics = json.loads(out.read_text())
+    assert metrics["backend"] == "cuda" and metrics["ranks"] == num_ranks
+    digests[hooks] = metrics["tokens_sha256"]
+  assert digests[True] == digests[False], digests

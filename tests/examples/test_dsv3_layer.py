@@ -2,10 +2,10 @@
 CPU ranks (reference backend) against a dense computation of the same layer
 written here (every expert on every token, weighted by the gate's choices,
 no dispatch): outputs and gradients, bf16 and fp8 dispatch, the bias
-update, dropped rows."""
+update, dropped rows. On one GPU (marked gpu) the same outputs and
+gradients with dispatch and combine on the intranode kernels (R = 1)."""
 
 import dataclasses
-
 import sys
 
 import jax
@@ -18,6 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 import jax_ep
 from ep_testing import cpu_devices
+from gpu_testing import NEEDS_KERNELS
 from layer_testing import compare_gradients
 from repo_paths import REPO
 
@@ -42,9 +43,18 @@ def _config(ranks: int, **overrides) -> dsv3.MoEConfig:
                      dtype="float32"), **overrides)
 
 
-def _layer(seed: int, ranks: int, cfg: dsv3.MoEConfig):
-  mesh = jax.make_mesh((ranks,), ("ep",), devices=cpu_devices(ranks))
-  buffer = jax_ep.Buffer(mesh, "ep", backend="reference")
+def _layer(seed: int, ranks: int, cfg: dsv3.MoEConfig, gpu: bool = False):
+  """The layer on `ranks` CPU devices (reference backend), or GPUs (the
+  kernels), and its input."""
+  if gpu:
+    mesh = jax.make_mesh((ranks,), ("ep",), devices=jax.devices("gpu")[:ranks])
+    # Room for the largest rows the layer moves (f32 combines).
+    nvl = jax_ep.nvl_buffer_bytes(TOKENS_PER_RANK, HIDDEN, cfg.gate.topk,
+                                  ranks, jnp.float32)
+    buffer = jax_ep.Buffer(mesh, "ep", backend="cuda", num_nvl_bytes=nvl)
+  else:
+    mesh = jax.make_mesh((ranks,), ("ep",), devices=cpu_devices(ranks))
+    buffer = jax_ep.Buffer(mesh, "ep", backend="reference")
   with jax.set_mesh(mesh):
     moe = nnx.jit(lambda: dsv3.DeepSeekMoE(buffer, cfg,
                                            rngs=nnx.Rngs(seed % 2**31)))()
@@ -99,16 +109,21 @@ def _params(moe):
   return jax.device_get(nnx.to_pure_dict(nnx.state(moe, nnx.Param)))
 
 
-@pytest.mark.parametrize("ranks,dtype,fp8,slots,tol", [
-    (2, "float32", False, None, 2e-5), (4, "bfloat16", False, 64.0, 3e-2),
-    (2, "bfloat16", True, None, 3e-2)])
-def test_layer_matches_dense(seed, ranks, dtype, fp8, slots, tol):
+@pytest.mark.parametrize("ranks,dtype,fp8,slots,tol,gpu", [
+    (2, "float32", False, None, 2e-5, False),
+    (4, "bfloat16", False, 64.0, 3e-2, False),
+    (2, "bfloat16", True, None, 3e-2, False),
+    pytest.param(1, "bfloat16", False, 64.0, 3e-2, True, marks=NEEDS_KERNELS,
+                 id="gpu-bf16-slots"),
+    pytest.param(1, "bfloat16", True, None, 3e-2, True, marks=NEEDS_KERNELS,
+                 id="gpu-fp8")])
+def test_layer_matches_dense(seed, ranks, dtype, fp8, slots, tol, gpu):
   """Outputs (experts through ragged_dot, or batched GEMMs with room for
   every pair); the gate's load over the global batch, and the bias update
   it drives."""
   cfg = _config(ranks, dtype=dtype, fp8_dispatch=fp8,
                 expert_slots_factor=slots)
-  buffer, moe, x = _layer(seed, ranks, cfg)
+  buffer, moe, x = _layer(seed, ranks, cfg, gpu)
   assert moe.w_gate_up[...].sharding.spec[0] == "ep"
   with jax.set_mesh(buffer.mesh):
     out = nnx.jit(lambda m, x: m(x))(moe, x)
@@ -129,13 +144,17 @@ def test_layer_matches_dense(seed, ranks, dtype, fp8, slots, tol):
   np.testing.assert_array_equal(_bias(moe), bias + step.astype(np.float32))
 
 
-def test_layer_gradients_match_dense(seed):
+@pytest.mark.parametrize("gpu", [
+    False, pytest.param(True, marks=NEEDS_KERNELS, id="gpu")])
+def test_layer_gradients_match_dense(seed, gpu):
   """f32 layer with fp8 dispatch: the rows' gradient comes back through the
   combine of their cotangents (the dense layer's cast passes it straight
   through), the weights' through the dispatch's VJP, the gate's and the
-  experts' as usual."""
-  cfg = _config(2, fp8_dispatch=True)
-  buffer, moe, x = _layer(seed, 2, cfg)
+  experts' as usual. On a GPU (R = 1) with f32 matmuls at full precision,
+  as the dense layer's (GPUs default to TF32)."""
+  ranks = 1 if gpu else 2
+  cfg = _config(ranks, fp8_dispatch=True)
+  buffer, moe, x = _layer(seed, ranks, cfg, gpu)
   cotangent = np.random.default_rng(seed + 1).standard_normal(
       x.shape, np.float32)
   bias = _bias(moe)
@@ -144,7 +163,8 @@ def test_layer_gradients_match_dense(seed):
     straight = lambda a: a + jax.lax.stop_gradient(fp8_round_trip(a) - a)  # noqa: E731
     return jnp.sum(_dense(params, bias, x, cfg, straight) * cotangent)
 
-  compare_gradients(moe, x, buffer.mesh, dense_loss, cotangent)
+  with jax.default_matmul_precision("highest"):
+    compare_gradients(moe, x, buffer.mesh, dense_loss, cotangent)
 
 
 def test_dropped_rows_are_counted(seed):
