@@ -277,7 +277,7 @@ def train(cfg, *, backend: str = "auto", devices=None, log=print) -> dict:
           else "no timed steps")
   log(f"done: loss {losses[0]:.4f} -> {losses[-1]:.4f} in "
       f"{len(losses)} steps; {rate}; {dropped_rows} rows dropped by the "
-      "capacity")
+      "capacity (and (row, expert) pairs by the expert slots)")
   return metrics
 
 

@@ -113,27 +113,30 @@ def _params(moe):
     (2, "float32", False, None, 2e-5, False),
     (4, "bfloat16", False, 64.0, 3e-2, False),
     (2, "bfloat16", True, None, 3e-2, False),
-    pytest.param(1, "bfloat16", False, 64.0, 3e-2, True, marks=NEEDS_KERNELS,
-                 id="gpu-bf16-slots"),
-    pytest.param(1, "bfloat16", True, None, 3e-2, True, marks=NEEDS_KERNELS,
-                 id="gpu-fp8")])
+    *[pytest.param(1, "bfloat16", fp8, slots, 3e-2, True,
+                   marks=NEEDS_KERNELS, id=f"gpu-{rows}-{experts}")
+      for fp8, rows in ((False, "bf16"), (True, "fp8"))
+      for slots, experts in ((None, "ragged"), (64.0, "slots"))]])
 def test_layer_matches_dense(seed, ranks, dtype, fp8, slots, tol, gpu):
   """Outputs (experts through ragged_dot, or batched GEMMs with room for
   every pair); the gate's load over the global batch, and the bias update
-  it drives."""
+  it drives. f32 matmuls at full precision (GPUs default to TF32, where
+  the layer's and the dense gate could pick different experts at a near
+  tie)."""
   cfg = _config(ranks, dtype=dtype, fp8_dispatch=fp8,
                 expert_slots_factor=slots)
   buffer, moe, x = _layer(seed, ranks, cfg, gpu)
   assert moe.w_gate_up[...].sharding.spec[0] == "ep"
-  with jax.set_mesh(buffer.mesh):
+  with jax.set_mesh(buffer.mesh), jax.default_matmul_precision("highest"):
     out = nnx.jit(lambda m, x: m(x))(moe, x)
-  want = _dense(_params(moe), _bias(moe), np.asarray(x), cfg)
+    want = _dense(_params(moe), _bias(moe), np.asarray(x), cfg)
   assert out.dtype == jnp.dtype(dtype) and out.shape == x.shape
   assert int(moe.dropped_rows[...]) == 0
   np.testing.assert_allclose(np.asarray(out, np.float32),
                              np.asarray(want, np.float32), rtol=tol, atol=tol)
-  idx, _ = dsv3_gate.gate(np.asarray(x).astype(dtype), _params(moe)[
-      "gate_weight"], _bias(moe), cfg.gate)
+  with jax.default_matmul_precision("highest"):
+    idx, _ = dsv3_gate.gate(np.asarray(x).astype(dtype), _params(moe)[
+        "gate_weight"], _bias(moe), cfg.gate)
   load = np.asarray(moe.load[...])
   np.testing.assert_array_equal(
       load, np.asarray(dsv3_gate.expert_load(idx, cfg.gate.num_experts)))
