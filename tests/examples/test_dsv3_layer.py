@@ -45,9 +45,12 @@ def _config(ranks: int, **overrides) -> dsv3.MoEConfig:
 
 def _fp8_exact_rows(rng, n: int, hidden: int) -> np.ndarray:
   """`[n, hidden]` rows whose per-token fp8 cast is exact: per 128 channels,
-  e4m3 values with largest magnitude 448, times a power of two. On GPUs
-  XLA's fp8 casts in two programs (the layer's, the dense layer's) can round
-  a bf16 value at an e4m3 tie differently, and such rows have none."""
+  e4m3 values with largest magnitude 448, times a power of two, so that the
+  test does not depend on how a program rounds the cast. On one H200 the
+  layer with fp8 dispatch on random bf16 rows differed from the dense layer
+  in about 1.7% of the outputs (by up to 0.086), on these rows not at all:
+  not explained yet (issue 17's note; scripts/fp8_cast_probe.py checks the
+  cast on GPUs)."""
   q = np.clip(rng.standard_normal((n, hidden // 128, 128)) * 150, -448, 448)
   q = q.astype(jnp.float8_e4m3fn).astype(np.float32)
   q[..., 0] = np.where(rng.random((n, hidden // 128)) < 0.5, -448, 448)
