@@ -19,6 +19,7 @@ import jax_ep
 from jax_ep._src import checks
 from jax_ep._src import runtime
 from jax_ep._src import sizes
+from jax_ep._src.cuda import internode
 from jax_ep._src.cuda import intranode
 from jax_ep._src.cuda import layout as cuda_layout
 from jax_ep._src.cuda import low_latency
@@ -95,6 +96,22 @@ def test_intranode_kernels_refuse_one_past_their_limits(num_experts,
                        num_ranks=num_ranks, num_experts=num_experts,
                        capacity=1, expert_alignment=1, buffers=None,
                        timeout_s=runtime.DEFAULT_TIMEOUT_S)
+
+
+def test_internode_kernels_serve_past_the_other_kernels_ranks():
+  """Dispatch and combine across nodes (DeepSeek-V3 trains at EP64; larger
+  EP sizes want more) take EP sizes past every other kernel's; their flags
+  cost the exchange region 520 bytes a rank."""
+  most = LIMITS["max_internode_ranks"]
+  assert most >= 256 and most > LIMITS["max_ranks"]
+  assert sizes.rdma_buffer_bytes(1, 128, 1, 2) >= most * (8 + 64 * 8)
+  kernels = internode.CudaInternode("ep", 1 << 40, 1, 10.0)
+  message = (f"jax_ep.dispatch: the internode kernels serve an EP size <= "
+             f"{most}, got {most + 1}")
+  with pytest.raises(ValueError, match=re.escape(message)):
+    kernels.dispatch((np.zeros((1, 128), np.float32),),
+                     np.zeros((1, 1), np.int32), None, num_ranks=most + 1,
+                     num_experts=most + 1, capacity=1, expert_alignment=1)
 
 
 _TOKENS = LIMITS["max_low_latency_tokens"]

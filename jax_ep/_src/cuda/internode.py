@@ -47,6 +47,15 @@ from jax_ep._src.reference import normal as reference
 _EXCHANGE_TARGET = "jax_ep_internode_exchange"
 
 
+def check_num_ranks(op: str, num_ranks: int) -> None:
+  """Refuses, at trace time, an EP size past the exchange's flags."""
+  most = sizes.limits()["max_internode_ranks"]
+  if num_ranks > most:
+    raise ValueError(
+        f"jax_ep.{op}: the internode kernels serve an EP size <= {most}, "
+        f"got {num_ranks}")
+
+
 def _as_bytes(a: jax.Array) -> jax.Array:
   """`a[X, ...]` as `uint8[X, bytes]`."""
   return lax.bitcast_convert_type(a, jnp.uint8).reshape(a.shape[0], -1)
@@ -105,6 +114,7 @@ class CudaInternode:
     per node (the network leg), or `within_node` of the ranks of this node.
     Returns what the members sent here: `(uint8[Z, T, B], bool[Z, T])`, zero
     rows where nothing came."""
+    check_num_ranks(self.op, lax.axis_size(self.axis_name))
     team_size, num_tokens = src_row.shape
     need = native.sizes_module().exchange_region_bytes(
         team_size, num_tokens, rows.shape[1])
@@ -149,6 +159,7 @@ class CudaInternode:
 
   def dispatch(self, rows, topk_idx, topk_weights, *, num_ranks: int,
                num_experts: int, capacity: int, expert_alignment: int):
+    check_num_ranks(self.op, num_ranks)
     G = self.ranks_per_node
     num_nodes = num_ranks // G
     num_tokens, topk = topk_idx.shape
