@@ -202,7 +202,8 @@ class Buffer:
       outside JAX's memory pool (JAX's default 75% leaves room on 80 GB GPUs).
     num_rdma_bytes: size of the NVSHMEM region of the internode dispatch
       and combine; `jax_ep.rdma_buffer_bytes(...)` computes it from the
-      largest shapes you will run. Needed by `dispatch` and `combine` on the
+      largest shapes you will run (whole calls; less sends each call in
+      pieces that fit). Needed by `dispatch` and `combine` on the
       "cuda" backend when the EP axis spans several nodes (one process per
       GPU; docs/internode.md). Allocated with num_ll_bytes in one NVSHMEM
       heap.

@@ -108,7 +108,11 @@ def rdma_buffer_bytes(num_tokens: int, hidden: int, topk: int,
     of what it sends): N * T slots for the network leg (each node's rows of
     this rank's tokens), and with G > 1 G * N * T = R * T for the leg inside
     the node (each local rank's rows of every forwarded token). The capacity
-    M does not matter.
+    M does not matter. This holds whole calls; a smaller region works too
+    (down to one token's slots), each call then going in pieces of the
+    tokens that fit, a round of the exchange's protocol each: at large EP
+    sizes it bounds the memory (2 R T rows are 30 GB per rank at T = 4096,
+    H = 7168, EP256).
   """
   dtype = jnp.dtype(dtype)
   if dtype == jnp.dtype(FP8_DTYPE):

@@ -22,12 +22,18 @@ from ep_testing import BF16, assert_same, flat
 FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
 
 
+# The (team size, tokens) of every emulated kernel call, as traced.
+CALLS = []
+
+
 @dataclasses.dataclass(frozen=True)
 class EmulatedExchange(internode.CudaInternode):
-  """The exchange kernel's contract in JAX: member i of a team of Z ranks
-  spaced `stride` apart is first + i * stride."""
+  """The exchange kernel's contract in JAX (one call, `_exchange_call`):
+  member i of a team of Z ranks spaced `stride` apart is first + i *
+  stride."""
 
-  def exchange(self, rows, src_row, *, within_node=False):
+  def _exchange_call(self, rows, src_row, within_node):
+    CALLS.append(src_row.shape)
     rank = lax.axis_index(self.axis_name)
     size = src_row.shape[0]
     stride = 1 if within_node else self.ranks_per_node
@@ -43,9 +49,10 @@ class EmulatedExchange(internode.CudaInternode):
     return recv, lax.all_gather(sent, self.axis_name)[members, me]
 
 
-def _with_emulated_kernels(p, ranks_per_node):
-  """`p.buffer`'s normal ops on the internode backend's JAX side."""
-  backend = EmulatedExchange(p.buffer.axis_name, 1 << 40,
+def _with_emulated_kernels(p, ranks_per_node, num_rdma_bytes=1 << 40):
+  """`p.buffer`'s normal ops on the internode backend's JAX side, its
+  exchanges in a region of `num_rdma_bytes`."""
+  backend = EmulatedExchange(p.buffer.axis_name, num_rdma_bytes,
                              ranks_per_node, 100.0)
   p.buffer.normal_backend = lambda op: dataclasses.replace(backend, op=op)
   return p
@@ -63,19 +70,29 @@ def test_pack_round_trips(rng, dtype):
     assert_same(got, want, "unpacked", f"dtype={dtype}")
 
 
-@pytest.mark.parametrize("num_ranks,ranks_per_node,routing,capacity", [
-    (2, 1, "distinct", None), (4, 1, "invalid", None), (4, 2, "hot", 12),
-    (8, 2, "duplicates", None), (8, 4, "invalid", 40),
-    (8, 4, "empty_rank", None)])
+# A region for 5 tokens of dispatch's rows (the "small" shape's bf16 x,
+# H = 128, with K = 4 ids and weights: 288 bytes) between the 2 ranks of a
+# team: the 12-token calls go in pieces.
+SMALL_REGION = internode.native.sizes_module().exchange_region_bytes(
+    2, 5, 288)
+
+
+@pytest.mark.parametrize("num_ranks,ranks_per_node,routing,capacity,region", [
+    (2, 1, "distinct", None, None), (4, 1, "invalid", None, None),
+    (4, 2, "hot", 12, None), (8, 2, "duplicates", None, None),
+    (8, 4, "invalid", 40, None), (8, 4, "empty_rank", None, None),
+    (4, 2, "duplicates", 30, SMALL_REGION)])
 def test_ops_give_the_reference_bits(problem, num_ranks, ranks_per_node,
-                                     routing, capacity):
+                                     routing, capacity, region):
   """Every output of dispatch (bf16 and fp8 rows, weights), of a cached
   dispatch and of combine (rows, weights, bias) equals the reference's,
   across nodes of G ranks (combine's partials rounded per node), capacity
-  overflow included."""
+  overflow included; with a `region` too small for whole calls, the
+  exchanges go in pieces of tokens and give the same bits."""
+  CALLS.clear()
   kernels = _with_emulated_kernels(
       problem(num_ranks, "small", ranks_per_node=ranks_per_node),
-      ranks_per_node)
+      ranks_per_node, region or 1 << 40)
   reference = jax_ep.Buffer(kernels.mesh, "ep", backend="reference",
                             ranks_per_node=ranks_per_node)
   s = kernels.shape
@@ -109,6 +126,9 @@ def test_ops_give_the_reference_bits(problem, num_ranks, ranks_per_node,
   for name, g, wnt in zip(names, got, want):
     assert_same(g, wnt, name, kernels.context(
         G=ranks_per_node, routing=routing, capacity=capacity))
+  # Whole calls move every token of a leg (T, or N * T), pieces fewer.
+  pieces = [t for _, t in CALLS if t < s.tokens]
+  assert CALLS and (bool(pieces) == bool(region)), CALLS
 
 
 @pytest.mark.parametrize("ranks_per_node", [1, 2])

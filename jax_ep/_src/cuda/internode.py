@@ -113,19 +113,49 @@ class CudaInternode:
     `[my index, t]` of team member i: of the ranks with this local index, one
     per node (the network leg), or `within_node` of the ranks of this node.
     Returns what the members sent here: `(uint8[Z, T, B], bool[Z, T])`, zero
-    rows where nothing came."""
+    rows where nothing came.
+
+    Where a whole call's slots do not fit the region (`num_rdma_bytes` below
+    what `jax_ep.rdma_buffer_bytes` gives for these shapes), the tokens go in
+    consecutive pieces of the most that fit, a kernel call each: the region
+    bounds the memory, and each piece costs a round of the protocol."""
     check_num_ranks(self.op, lax.axis_size(self.axis_name))
     team_size, num_tokens = src_row.shape
-    need = native.sizes_module().exchange_region_bytes(
-        team_size, num_tokens, rows.shape[1])
-    if need > self.num_rdma_bytes:
+    piece = self._tokens_per_call(team_size, num_tokens, rows.shape[1])
+    parts = [self._exchange_call(rows, src_row[:, t:t + piece], within_node)
+             for t in range(0, num_tokens, piece)]
+    if len(parts) == 1:
+      return parts[0]
+    return tuple(jnp.concatenate(p, axis=1) for p in zip(*parts))
+
+  def _tokens_per_call(self, team_size: int, num_tokens: int,
+                       row_bytes: int) -> int:
+    """The most of `num_tokens` whose exchange fits the region."""
+    fits = lambda t: native.sizes_module().exchange_region_bytes(
+        team_size, t, row_bytes) <= self.num_rdma_bytes
+    if fits(num_tokens):
+      return num_tokens
+    if not fits(1):
+      need = native.sizes_module().exchange_region_bytes(team_size, 1,
+                                                         row_bytes)
       raise ValueError(
           f"jax_ep.{self.op}: the Buffer's num_rdma_bytes "
-          f"({self.num_rdma_bytes}) is too small for {num_tokens} tokens of "
-          f"{rows.shape[1]} exchanged bytes between {team_size} ranks, which "
-          f"need {need}: size it with jax_ep.rdma_buffer_bytes(num_tokens, "
+          f"({self.num_rdma_bytes}) is too small for one token of "
+          f"{row_bytes} exchanged bytes between {team_size} ranks, which "
+          f"needs {need}: size it with jax_ep.rdma_buffer_bytes(num_tokens, "
           "hidden, topk, num_ranks, ranks_per_node, dtype) for the largest "
-          "shapes you run")
+          "shapes you run (a smaller region sends each call in pieces)")
+    low, high = 1, num_tokens  # fits(low), not fits(high)
+    while high - low > 1:
+      mid = (low + high) // 2
+      low, high = (mid, high) if fits(mid) else (low, mid)
+    return low
+
+  def _exchange_call(self, rows: jax.Array, src_row: jax.Array,
+                     within_node: bool):
+    """One call of the exchange kernel (`exchange`'s contract) whose slots
+    fit the region."""
+    team_size, num_tokens = src_row.shape
     native.require_targets(self.op)
     call = jax.ffi.ffi_call(
         _EXCHANGE_TARGET,
