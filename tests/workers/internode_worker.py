@@ -4,7 +4,8 @@ cross the NVSHMEM exchange between nodes and are forwarded inside them).
 Run by test_internode_gpu.py through `gpu_testing.launch_per_gpu` (one GPU
 each, or several ranks sharing a GPU):
 
-    python internode_worker.py --seed N [--ranks-per-node G] --steps S
+    python internode_worker.py --seed N [--ranks-per-node G]
+        [--region-share F] --steps S
         S calls cycling through intranode_worker's `multiprocess_cases` on
         fresh inputs, through the public ops on the kernels: dispatch,
         cached dispatch, combines (f32, bf16 with a bias, f32 rows); then
@@ -12,7 +13,8 @@ each, or several ranks sharing a GPU):
         combine (a cached dispatch). Each process checks the shards it holds
         against the dense model, every output and handle field bit for bit;
         prints "worker i/R: S internode steps passed", then "worker i/R:
-        internode VJPs passed".
+        internode VJPs passed". With F < 1 the exchange region holds F of
+        what whole calls need, and the larger calls go in pieces.
     python internode_worker.py --seed N --repeat STEPS
         STEPS dispatch/combine pairs on fresh routings, enqueued back to
         back, each checked; prints the sha256 of every output (two runs must
@@ -60,15 +62,16 @@ KERNEL_TIMEOUT_S = 10.0
 
 
 def open_buffer(mesh: Mesh, cases, backend: str = "cuda", *,
-                ranks_per_node: int = 1,
+                ranks_per_node: int = 1, region_share: float = 1.0,
                 timeout_s: float = KERNEL_TIMEOUT_S) -> jax_ep.Buffer:
   """A Buffer of nodes of `ranks_per_node` ranks, its exchange region sized
-  for every case (collective)."""
+  for every case's whole calls, times `region_share` (below 1, the larger
+  calls go in pieces; collective)."""
   num_ranks = mesh.devices.size
   # f32: the checks also combine f32 rows.
-  rdma = max(jax_ep.rdma_buffer_bytes(c.tokens, c.hidden, c.topk, num_ranks,
-                                      ranks_per_node, jnp.float32)
-             for c in cases)
+  rdma = int(region_share * max(
+      jax_ep.rdma_buffer_bytes(c.tokens, c.hidden, c.topk, num_ranks,
+                               ranks_per_node, jnp.float32) for c in cases))
   return jax_ep.Buffer(mesh, EP, backend=backend,
                        ranks_per_node=ranks_per_node,
                        num_rdma_bytes=rdma if backend == "cuda" else None,
@@ -157,10 +160,11 @@ def check_vjps(mesh: Mesh, buffer, rng, G: int, ctx: str) -> None:
 
 
 def run_steps(mesh: Mesh, backend: str, seed: int, steps: int, G: int,
-              who: str) -> None:
+              who: str, region_share: float = 1.0) -> None:
   num_ranks = mesh.devices.size
   cases = intra.multiprocess_cases(num_ranks)
-  buffer = open_buffer(mesh, cases + [VJP_CASE], backend, ranks_per_node=G)
+  buffer = open_buffer(mesh, cases + [VJP_CASE], backend, ranks_per_node=G,
+                       region_share=region_share)
   rng = np.random.default_rng(seed)  # the same draws on every process
   for i in range(steps):
     case = cases[i % len(cases)]
@@ -216,6 +220,9 @@ def run_timeout(mesh: Mesh) -> int:
 def main(argv=None) -> int:
   parser = intra.worker_parser(__doc__.splitlines()[0])
   parser.add_argument("--ranks-per-node", type=int, default=1)
+  parser.add_argument("--region-share", type=float, default=1.0,
+                      help="the exchange region as a share of what whole "
+                      "calls need (below 1: calls in pieces)")
   args = parser.parse_args(argv)
   jax_ep.launch.initialize()
   mesh = Mesh(np.array(jax.devices()), (EP,))
@@ -227,7 +234,7 @@ def main(argv=None) -> int:
                args.ranks_per_node, who)
   else:
     run_steps(mesh, args.backend, args.seed, args.steps, args.ranks_per_node,
-              who)
+              who, args.region_share)
   return 0
 
 
