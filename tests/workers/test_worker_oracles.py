@@ -5,6 +5,8 @@ model's, so that a GPU failure is the kernels', not the test's."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from jax.sharding import Mesh
@@ -15,12 +17,29 @@ import intranode_worker as worker
 from ep_testing import cpu_devices
 
 
+def oracle_cases(num_ranks: int) -> list[worker.Case]:
+  """`multiprocess_cases` less those that only tune the kernels: a case
+  whose routing and options (K, E, capacity, alignment, fp8, weights, skew)
+  an earlier case has, at other sizes, with its own `config`, which the
+  reference backend ignores (its shapes run on the GPUs). Every other case
+  stays: every kind of input the oracle meets (-1 ids, skew, capacity
+  overflow, fp8 scale rows, no weights, alignment)."""
+  kept, seen = [], set()
+  for case in worker.multiprocess_cases(num_ranks):
+    key = dataclasses.replace(case, tokens=0, hidden=0,
+                              config=worker.COPY_ENGINE)
+    if key in seen and case.config != worker.COPY_ENGINE:
+      continue
+    seen.add(key)
+    kept.append(case)
+  return kept
+
+
 @pytest.mark.parametrize("pair", [False, True], ids=["steps", "repeat"])
 def test_intranode_worker_dense_outputs_are_the_contract(seed, rng, pair):
   num_ranks = 2
   mesh = Mesh(np.array(cpu_devices(num_ranks)), (worker.EP,))
-  cases = ([worker.REPEAT_CASE] if pair else
-           worker.multiprocess_cases(num_ranks))
+  cases = [worker.REPEAT_CASE] if pair else oracle_cases(num_ranks)
   for case in cases:
     arrays = worker.inputs(rng, num_ranks, case)
     out = worker.step(mesh, None, case, with_reference=False, pair=pair)(
@@ -42,7 +61,7 @@ def test_internode_worker_dense_outputs_are_the_contract(seed, rng, num_ranks,
       ranks_per_node=ranks_per_node)
   internode_worker.check_vjps(mesh, buffer, rng, ranks_per_node,
                               f"seed={seed}, G={ranks_per_node}, VJPs")
-  for case in worker.multiprocess_cases(num_ranks):
+  for case in oracle_cases(num_ranks):
     arrays = worker.inputs(rng, num_ranks, case)
     out = internode_worker.step(mesh, buffer, case)(
         *[worker.global_array(mesh, a, P(worker.EP)) for a in arrays])
