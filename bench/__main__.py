@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import itertools
 
 import jax
 
@@ -50,7 +51,8 @@ def main(argv=None) -> None:
   parser.add_argument("--num-sms", type=_ints, default=[None],
                       help="SM counts to time jax_ep with (comma list; "
                       "default: the Buffer's config)")
-  parser.add_argument("--hidden", type=int, help="override the hidden size")
+  parser.add_argument("--hidden", type=_ints,
+                      help="override the hidden size; a comma list sweeps")
   parser.add_argument("--ranks-per-node", type=int, default=None,
                       help="G < R: the EP axis as R / G nodes of G ranks, "
                       "jax_ep on its internode kernels (default: detected)")
@@ -78,8 +80,6 @@ def main(argv=None) -> None:
     parser.error("--profile reads GPU kernels from the profiler: run it on GPUs")
 
   base = SHAPES[args.shape]
-  if args.hidden:
-    base = dataclasses.replace(base, hidden=args.hidden)
   mesh = jax.make_mesh((jax.device_count(),), ("ep",))
   impls = list(args.impls)
   if "jax_ep" in impls and jax_ep_backend(mesh) != "cuda":
@@ -93,8 +93,9 @@ def main(argv=None) -> None:
     harness.print_header()
   records = []
   common = dict(seed=args.seed, reps=args.reps, warmup=args.warmup)
-  for tokens in args.tokens or [base.tokens]:
-    shape = dataclasses.replace(base, tokens=tokens)
+  for hidden, tokens in itertools.product(args.hidden or [base.hidden],
+                                          args.tokens or [base.tokens]):
+    shape = dataclasses.replace(base, hidden=hidden, tokens=tokens)
     if normal_ops:
       records += normal.run(mesh, shape, impls=impls, dtypes=args.dtypes,
                             ops=normal_ops, num_sms=args.num_sms,

@@ -1,9 +1,9 @@
 """`python -m bench.plot RESULTS.json [--out PNG]`: plots a benchmark file.
 
-Left: time per call against tokens per rank, one line per (impl, op, dtype)
-at the default SM count. Right: jax_ep's time against its SM count at the
-token count timed with the most SM counts. Needs matplotlib (not a
-dependency of jax_ep).
+One panel per hidden size: time per call against tokens per rank, one line
+per (impl, op, dtype) at the default SM count. Last: jax_ep's time against
+its SM count at the (hidden, tokens) timed with the most SM counts. Needs
+matplotlib (not a dependency of jax_ep).
 """
 
 from __future__ import annotations
@@ -30,40 +30,48 @@ def main(argv=None) -> None:
   sms_counts = sorted({r["num_sms"] for r in records if r["num_sms"]})
   default_sms = 24 if 24 in sms_counts else (sms_counts or [None])[0]
 
-  by_tokens = collections.defaultdict(list)
+  by_tokens = collections.defaultdict(list)  # (hidden, key) -> points
   by_sms = collections.defaultdict(list)
-  sms_by_tokens = collections.defaultdict(set)
+  sms_by_shape = collections.defaultdict(set)
   for r in records:
     if r["impl"] == "jax_ep":
-      sms_by_tokens[r["tokens"]].add(r["num_sms"])
-  sweep_tokens = max(sms_by_tokens or [None],
-                     key=lambda t: len(sms_by_tokens.get(t, ())))
+      sms_by_shape[r["hidden"], r["tokens"]].add(r["num_sms"])
+  sweep = max(sms_by_shape or [None],
+              key=lambda s: len(sms_by_shape.get(s, ())))
   for r in records:
     if r["op"] == "layout":
       continue
     key = f"{r['impl']} {r['op']} {r['dtype']}"
     if r["num_sms"] in (None, default_sms):
-      by_tokens[key].append((r["tokens"], r["time_us"]))
-    if r["impl"] == "jax_ep" and r["tokens"] == sweep_tokens:
+      by_tokens[r["hidden"], key].append((r["tokens"], r["time_us"]))
+    if r["impl"] == "jax_ep" and (r["hidden"], r["tokens"]) == sweep:
       by_sms[key].append((r["num_sms"], r["time_us"]))
 
-  fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
-  for key, points in sorted(by_tokens.items()):
-    points.sort()
-    left.plot(*zip(*points), marker="o", label=key,
+  hiddens = sorted({h for h, _ in by_tokens})
+  fig, axes = plt.subplots(1, len(hiddens) + 1,
+                           figsize=(6.5 * (len(hiddens) + 1), 5))
+  for ax, hidden in zip(axes, hiddens):
+    for (h, key), points in sorted(by_tokens.items()):
+      if h != hidden:
+        continue
+      points.sort()
+      ax.plot(*zip(*points), marker="o", label=key,
               linestyle="-" if key.startswith("jax_ep") else "--")
-  left.set(xscale="log", yscale="log", xlabel="tokens per rank",
+    ax.set(xscale="log", yscale="log", xlabel="tokens per rank",
            ylabel="µs per call",
-           title=f"time per call ({default_sms} SMs for jax_ep)")
-  left.legend(fontsize=7)
+           title=f"H={hidden} ({default_sms} SMs for jax_ep)")
+    ax.legend(fontsize=7)
+  right = axes[-1]
   for key, points in sorted(by_sms.items()):
     points.sort()
     right.plot(*zip(*points), marker="o", label=key)
   right.set(xlabel="SMs (jax_ep)", ylabel="µs per call",
-            title=f"jax_ep against its SM budget, {sweep_tokens} tokens/rank")
+            title="jax_ep against its SM budget"
+            + ("" if sweep is None else
+               f", H={sweep[0]}, {sweep[1]} tokens/rank"))
   right.legend(fontsize=7)
   first = records[0]
-  fig.suptitle(f"{first['device']} x{first['ranks']}, H={first['hidden']}, "
+  fig.suptitle(f"{first['device']} x{first['ranks']}, "
                f"top-{first['topk']}, {first['experts']} experts, "
                f"{first['processes']} process(es)")
   fig.tight_layout()
