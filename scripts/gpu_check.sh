@@ -28,6 +28,10 @@
 #                 (main.py --config dsv3_gpu, bf16 and fp8 dispatch:
 #                 dsv3_train*.log/json) and decoding (decode.py on the
 #                 kernels, one process per GPU: decode.log/json)
+#   OVERLAP=1     also python -m bench.overlap (dispatch + combine beside
+#                 independent matmuls, on XLA's other streams or not:
+#                 overlap.log, overlap.json) with XLA's optimized HLO and
+#                 thunk sequences of each variant in overlap_dump.tgz
 #   INTERNODE_BENCH=1  also python -m bench on the internode kernels, nodes
 #                 of G ranks (R = 2, G = 1 and R = 4, G = 2 sharing a GPU
 #                 where there is one; else R = the GPUs, G = R / 2), jax_ep
@@ -248,6 +252,18 @@ if [[ "${EXAMPLES:-0}" == 1 ]]; then
     -n "$num_gpus" -- "$PYTHON" examples/moe/decode.py --new_tokens 32 \
     --metrics_out "$OUT/decode.json"
   grep -hE '^decoded' "$OUT/decode.log" | tee -a "$OUT/summary.txt"
+fi
+
+# --- OVERLAP -----------------------------------------------------------------
+if [[ "${OVERLAP:-0}" == 1 ]]; then
+  num_gpus=$(nvidia-smi -L | grep -c '^GPU ' || true)
+  dump=$(mktemp -d)
+  optional_step "bench.overlap" overlap.log 600 "$PYTHON" -m jax_ep.launch \
+    -n "$num_gpus" -- "$PYTHON" -m bench.overlap --dump "$dump" \
+    --out "$OUT/overlap.json"
+  (cd "$dump" && find . \( -name '*after_optimizations.txt' -o \
+    -name '*thunk_sequence*.txt' \) -print0 |
+    tar czf "$OUT/overlap_dump.tgz" --null -T -) || true
 fi
 
 # --- INTERNODE BENCH ----------------------------------------------------------

@@ -1,0 +1,209 @@
+"""`python -m bench.overlap`: does jax_ep's communication run beside
+independent computation on a GPU? (issue 18)
+
+One process per GPU (`python -m jax_ep.launch -n <GPUs> -- python -m
+bench.overlap`; R = 1 on one GPU). Three jitted loops of `--iters` steps,
+each step depending on the last:
+  comm      a dispatch and a combine of the shape's bf16 rows (the combine
+            of the dispatched rows, so each step waits for the last)
+  compute   `--matmuls` independent chains of bf16 matmuls, n x n
+  pair      both in one step, the communication independent of the matmuls,
+            under each variant of how XLA may place it:
+    base          as written (the compute stream)
+    stream        the communication under `compute_on("gpu_stream:1")`,
+                  XLA's other-stream annotation
+    stream_nocb   the same, command buffers (CUDA graphs) off: a graph runs
+                  its commands in order on the main stream
+    stream_nocc   the same, custom calls left out of command buffers
+    collective    under `compute_on("gpu_stream:collective")` (XLA's
+                  communication stream), command buffers off
+    stream_lhs    stream_nocb with the latency-hiding scheduler
+The record of each pair (op `overlap_<variant>`) notes the parts' times
+alone, their sum and max, and how much of the shorter part the pair hid:
+(sum - pair) / min. `--dump DIR` has XLA write each variant's optimized HLO
+and thunk sequence under DIR/<variant>, where `call-start` around the
+custom call and `kAsyncStart ... computation_stream[1]` outside any
+`kCommandBuffer` say that it got its own stream. On the reference backend
+(no kernels: CPUs) only `base` runs, to check the script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental.compute_on import compute_on
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jax_ep
+from bench import harness
+from bench.shapes import SHAPES
+
+_NO_GRAPHS = {"xla_gpu_enable_command_buffer": ""}
+# name -> (compute_on's compute_type or None, XLA compile options)
+VARIANTS = {
+    "base": (None, {}),
+    "stream": ("gpu_stream:1", {}),
+    "stream_nocb": ("gpu_stream:1", _NO_GRAPHS),
+    "stream_nocc": ("gpu_stream:1", {
+        "xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUDNN,"
+                                         "CONDITIONAL"}),
+    "collective": ("gpu_stream:collective", _NO_GRAPHS),
+    "stream_lhs": ("gpu_stream:1", {
+        **_NO_GRAPHS, "xla_gpu_enable_latency_hiding_scheduler": True}),
+}
+
+
+def _comm(buffer, num_experts: int, x, idx):
+  """A dispatch of `x` and the combine of what arrived: `x`-shaped."""
+  d = jax_ep.dispatch(buffer, x, idx, num_experts=num_experts)
+  return jax_ep.combine(buffer, d.x, d.handle)
+
+
+def _compute(mats):
+  """One matmul of each chain (b of scale 1/sqrt(n): the rows keep their
+  size)."""
+  return tuple((jnp.dot(a, b, preferred_element_type=jnp.float32)
+                .astype(a.dtype), b) for a, b in mats)
+
+
+def _loop(mesh, iters: int, step):
+  """jit(shard_map) of `iters` calls of `step(carry) -> carry`."""
+  def loop(carry):
+    return lax.fori_loop(0, iters, lambda _, c: step(c), carry)
+  return jax.jit(jax.shard_map(loop, mesh=mesh, in_specs=P("ep"),
+                               out_specs=P("ep")))
+
+
+def _timed(loop, carry, options, *, iters: int, reps: int, warmup: int,
+           dump: str | None, name: str) -> float:
+  if dump:
+    options = {**options, "xla_dump_to": f"{dump}/{name}",
+               "xla_dump_hlo_as_text": True}
+  compiled = loop.lower(carry).compile(options or None)
+  return harness.time_loop(compiled, carry, iters=iters, reps=reps,
+                           warmup=warmup)
+
+
+def run(*, shape_name: str, matmuls: int, n: int, variants, iters: int,
+        reps: int, warmup: int, seed: int, dump: str | None):
+  shape = SHAPES[shape_name]
+  mesh = jax.make_mesh((jax.device_count(),), ("ep",))
+  ranks = mesh.shape["ep"]
+  on_gpus = jax.devices()[0].platform == "gpu"
+  buffer = jax_ep.Buffer(
+      mesh, "ep", backend="cuda" if on_gpus else "reference",
+      num_nvl_bytes=jax_ep.nvl_buffer_bytes(shape.tokens, shape.hidden,
+                                            shape.topk, ranks)
+      if on_gpus else None)
+  if not on_gpus:
+    variants = [v for v in variants if VARIANTS[v][0] is None]
+  sharding = NamedSharding(mesh, P("ep"))
+  rng = np.random.default_rng(seed)
+  put = lambda a: jax.make_array_from_callback(  # noqa: E731
+      a.shape, sharding, lambda index: a[index])
+  x = put(rng.standard_normal((ranks * shape.tokens, shape.hidden),
+                              np.float32).astype(jnp.bfloat16))
+  idx = put(harness.random_routing(rng, ranks * shape.tokens, shape.topk,
+                                   shape.experts))
+  # Per rank: `matmuls` chains of an [n, n] a and b, stacked on the EP axis.
+  mats = tuple(
+      (put(rng.standard_normal((ranks * n, n), np.float32)
+           .astype(jnp.bfloat16)),
+       put((rng.standard_normal((ranks * n, n), np.float32) / np.sqrt(n))
+           .astype(jnp.bfloat16)))
+      for _ in range(matmuls))
+  comm = functools.partial(_comm, buffer, shape.experts)
+  loops = dict(iters=iters, reps=reps, warmup=warmup, dump=dump)
+
+  def comm_step(c):
+    x, idx = c
+    return comm(x, idx), idx
+
+  def pair_step(compute_type):
+    part = comm if compute_type is None else compute_on(
+        comm, compute_type=compute_type,
+        out_memory_spaces=jax.memory.Space.Device)
+
+    def step(c):
+      x, idx, mats = c
+      return part(x, idx), idx, _compute(mats)
+    return step
+
+  comm_s = _timed(_loop(mesh, iters, comm_step), (x, idx), {}, name="comm",
+                  **loops)
+  compute_s = _timed(_loop(mesh, iters, _compute), mats, {}, name="compute",
+                     **loops)
+  records = []
+
+  def record(op, seconds, note):
+    records.append(harness.Record(
+        op=op, impl="jax_ep" if on_gpus else "reference", dtype="bf16",
+        tokens=shape.tokens, hidden=shape.hidden, topk=shape.topk,
+        experts=shape.experts, ranks=ranks,
+        num_sms=buffer.config.num_sms if on_gpus else None,
+        time_us=seconds * 1e6, logical_gbps=None, link_gbps=None, note=note))
+    if jax.process_index() == 0:
+      harness.print_row(records[-1])
+
+  compute_note = f"{matmuls} chains of {n}x{n} bf16 matmuls"
+  record("overlap_comm", comm_s, "dispatch + combine alone")
+  record("overlap_compute", compute_s, compute_note + " alone")
+  for name in variants:
+    compute_type, options = VARIANTS[name]
+    seconds = _timed(_loop(mesh, iters, pair_step(compute_type)),
+                     (x, idx, mats), options, name=name, **loops)
+    total, longest = comm_s + compute_s, max(comm_s, compute_s)
+    hidden = (total - seconds) / min(comm_s, compute_s)
+    record(f"overlap_{name}", seconds,
+           f"with {compute_note}: sum of the parts {total * 1e6:.1f} us, max "
+           f"{longest * 1e6:.1f} us; hid {100 * hidden:.0f}% of the shorter "
+           f"part ({compute_type or 'no annotation'}, {options or 'defaults'})")
+  return records
+
+
+def main(argv=None) -> None:
+  from jax_ep.launch import initialize  # pylint: disable=g-import-not-at-top
+  initialize()
+  parser = argparse.ArgumentParser(prog="python -m bench.overlap",
+                                   description=__doc__.splitlines()[0])
+  parser.add_argument("--shape", choices=sorted(SHAPES), default="dsv3")
+  parser.add_argument("--matmuls", type=int, default=4)
+  parser.add_argument("--n", type=int, default=4096,
+                      help="the matmuls' size")
+  parser.add_argument("--variants", default=",".join(VARIANTS),
+                      help=f"comma list of {', '.join(VARIANTS)}")
+  parser.add_argument("--iters", type=int, default=10)
+  parser.add_argument("--reps", type=int, default=20)
+  parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--dump", default=None,
+                      help="folder for XLA's dumps, one per variant")
+  parser.add_argument("--out", default=None, help="JSON path (default "
+                      "bench/results/<date>_<device>_overlap_r<ranks>.json)")
+  args = parser.parse_args(argv)
+  variants = args.variants.split(",")
+  unknown = [v for v in variants if v not in VARIANTS]
+  if unknown:
+    parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+  if jax.process_index() == 0:
+    harness.print_header()
+  records = run(shape_name=args.shape, matmuls=args.matmuls, n=args.n,
+                variants=variants, iters=args.iters, reps=args.reps,
+                warmup=args.warmup, seed=args.seed, dump=args.dump)
+  if jax.process_index() == 0:
+    device = harness.device_name().replace(" ", "_")
+    out = args.out or (f"bench/results/{datetime.date.today().isoformat()}_"
+                       f"{device}_overlap_r{jax.device_count()}.json")
+    harness.write_records(records, out)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+  main()
