@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import itertools
 
 import jax
@@ -106,11 +105,8 @@ def main(argv=None) -> None:
                                  ops=ll_ops, iters=args.iters or 100,
                                  profile=args.profile, **common)
   if jax.process_index() == 0:
-    device = harness.device_name().replace(" ", "_")
-    out = args.out or (f"bench/results/{datetime.date.today().isoformat()}_"
-                       f"{device}_{args.shape}_r{jax.device_count()}.json")
-    harness.write_records(records, out)
-    print(f"wrote {out}")
+    harness.save_records(records, args.out,
+                         f"{args.shape}_r{jax.device_count()}")
 
 
 def jax_ep_backend(mesh) -> str:

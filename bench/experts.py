@@ -29,7 +29,6 @@ dropped for want of a slot.
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import pathlib
 import sys
@@ -172,11 +171,7 @@ def main(argv=None) -> None:
                 experts_local=args.experts, hidden=args.hidden, ffn=args.ffn,
                 slots_factors=args.slots_factors, iters=args.iters,
                 reps=args.reps, warmup=args.warmup, seed=args.seed)
-  device = harness.device_name().replace(" ", "_")
-  out = args.out or (f"bench/results/{datetime.date.today().isoformat()}_"
-                     f"{device}_experts.json")
-  harness.write_records(records, out)
-  print(f"wrote {out}")
+  harness.save_records(records, args.out, "experts")
 
 
 if __name__ == "__main__":

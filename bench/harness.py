@@ -27,8 +27,8 @@ from jax_ep._src.timing import (chained_loop, random_routing, time_combine,
                                 time_dispatch, time_loop, time_per_call)
 
 __all__ = ["Record", "chained_loop", "device_name", "gbps", "print_header",
-           "print_row", "random_routing", "time_combine", "time_dispatch",
-           "time_loop", "time_per_call", "write_records"]
+           "print_row", "random_routing", "save_records", "time_combine",
+           "time_dispatch", "time_loop", "time_per_call", "write_records"]
 
 
 def device_name() -> str:
@@ -84,6 +84,16 @@ def write_records(records: list[Record], path: str) -> None:
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   with open(path, "w") as f:
     json.dump([dataclasses.asdict(r) for r in records], f, indent=1)
+
+
+def save_records(records: list[Record], out: str | None, name: str) -> None:
+  """Writes `records` to `out`, by default
+  bench/results/<date>_<device>_<name>.json, and says where."""
+  device = device_name().replace(" ", "_")
+  out = out or (f"bench/results/{datetime.date.today().isoformat()}_"
+                f"{device}_{name}.json")
+  write_records(records, out)
+  print(f"wrote {out}")
 
 
 def print_header() -> None:

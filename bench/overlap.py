@@ -30,7 +30,6 @@ custom call and `kAsyncStart ... computation_stream[1]` outside any
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 
 import jax
@@ -198,11 +197,8 @@ def main(argv=None) -> None:
                 variants=variants, iters=args.iters, reps=args.reps,
                 warmup=args.warmup, seed=args.seed, dump=args.dump)
   if jax.process_index() == 0:
-    device = harness.device_name().replace(" ", "_")
-    out = args.out or (f"bench/results/{datetime.date.today().isoformat()}_"
-                       f"{device}_overlap_r{jax.device_count()}.json")
-    harness.write_records(records, out)
-    print(f"wrote {out}")
+    harness.save_records(records, args.out,
+                         f"overlap_r{jax.device_count()}")
 
 
 if __name__ == "__main__":
