@@ -63,7 +63,12 @@
 #       (the pressure tests of both families, then the sanitizers at R = 2)
 #   SANITIZE=0 SKIP_BENCH=1 DEMO_STEPS=0 \
 #       TESTS=tests/cuda/test_internode_gpu.py scripts/gpu_check.sh OUT/inter
-#       (the internode tests at every (nodes, ranks per node) up to R = 8)
+#       (the internode tests at every (nodes, ranks per node) up to R = 8,
+#       the low-latency kernels beside them, the exchange in pieces)
+# and, for the figures, SKIP_TESTS=1 SANITIZE=0 EXAMPLES=1 OVERLAP=1 ...
+# Where the caller takes back at most 8 files (the device tool), write to a
+# scratch folder and tar it into the returned one:
+#   scripts/gpu_check.sh /tmp/o/x; tar czf "$OUT/x.tgz" -C /tmp/o x
 # Measured on one H200 (2026-12-02): build 20-25 s; GPU tests 385-482 s
 # (the shape fuzz at R = 1 alone 50-82 s, by its draws); sanitizers with
 # SANITIZE=2 about 90 s; pressure runs of 10,000 pairs at R = 2 203-219 s
