@@ -75,8 +75,10 @@
 # (low-latency) and 246 s (intranode), of 200 at R = 8 32 and 37 s, which
 # is why tests/support/gpu_testing.py's PRESSURE_PAIRS is 7,500 at R = 2
 # (427 s of pressure in all at 56adfbb, 523 s for the second call with the
-# sanitizers); internode tests at nodes of one rank (R = 2, 4, 8, the
-# repeat, the timeout) about 60 s. A machine's start adds about 40 s.
+# sanitizers); the internode file's 9 tests of 67bd3a6 173 s, its steps and
+# low-latency tests at the six topologies 205 s (d4cf3d4), so the whole
+# file now about 4-5 minutes; EXAMPLES=1 about 150 s. A machine's start adds
+# about 40 s.
 # Exit status: 0 when every step that ran passed. A failed build stops the
 # run; failed tests do not stop the benchmarks.
 set -euo pipefail
