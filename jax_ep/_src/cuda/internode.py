@@ -48,8 +48,9 @@ _EXCHANGE_TARGET = "jax_ep_internode_exchange"
 
 
 def check_num_ranks(op: str, num_ranks: int) -> None:
-  """Refuses, at trace time, an EP size past the exchange's flags."""
-  most = sizes.limits()["max_internode_ranks"]
+  """Refuses, at trace time, an EP size past the exchange's per-rank flags
+  (which the kernel would refuse when it runs)."""
+  most = sizes.limits()["max_ranks"]
   if num_ranks > most:
     raise ValueError(
         f"jax_ep.{op}: the internode kernels serve an EP size <= {most}, "
@@ -131,18 +132,17 @@ class CudaInternode:
   def _tokens_per_call(self, team_size: int, num_tokens: int,
                        row_bytes: int) -> int:
     """The most of `num_tokens` whose exchange fits the region."""
-    fits = lambda t: native.sizes_module().exchange_region_bytes(
-        team_size, t, row_bytes) <= self.num_rdma_bytes
+    need = lambda t: native.sizes_module().exchange_region_bytes(
+        team_size, t, row_bytes)
+    fits = lambda t: need(t) <= self.num_rdma_bytes
     if fits(num_tokens):
       return num_tokens
     if not fits(1):
-      need = native.sizes_module().exchange_region_bytes(team_size, 1,
-                                                         row_bytes)
       raise ValueError(
           f"jax_ep.{self.op}: the Buffer's num_rdma_bytes "
           f"({self.num_rdma_bytes}) is too small for one token of "
           f"{row_bytes} exchanged bytes between {team_size} ranks, which "
-          f"needs {need}: size it with jax_ep.rdma_buffer_bytes(num_tokens, "
+          f"needs {need(1)}: size it with jax_ep.rdma_buffer_bytes(num_tokens, "
           "hidden, topk, num_ranks, ranks_per_node, dtype) for the largest "
           "shapes you run (a smaller region sends each call in pieces)")
     low, high = 1, num_tokens  # fits(low), not fits(high)
