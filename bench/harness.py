@@ -26,9 +26,10 @@ import jax
 from jax_ep._src.timing import (chained_loop, random_routing, time_combine,
                                 time_dispatch, time_loop, time_per_call)
 
-__all__ = ["Record", "chained_loop", "device_name", "gbps", "print_header",
-           "print_row", "random_routing", "save_records", "time_combine",
-           "time_dispatch", "time_loop", "time_per_call", "write_records"]
+__all__ = ["Record", "chained_loop", "device_name", "gbps", "place",
+           "print_header", "print_row", "random_routing", "save_records",
+           "time_combine", "time_dispatch", "time_loop", "time_per_call",
+           "write_records"]
 
 
 def device_name() -> str:
@@ -84,6 +85,14 @@ def write_records(records: list[Record], path: str) -> None:
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   with open(path, "w") as f:
     json.dump([dataclasses.asdict(r) for r in records], f, indent=1)
+
+
+def place(a, sharding) -> jax.Array:
+  """The global array `a`, which every process holds alike, placed shard by
+  shard with no collective (`jax.device_put` of a global array checks it
+  across the processes with an NCCL all-gather, which ranks sharing a GPU
+  refuse)."""
+  return jax.make_array_from_callback(a.shape, sharding, lambda i: a[i])
 
 
 def save_records(records: list[Record], out: str | None, name: str) -> None:

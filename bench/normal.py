@@ -87,15 +87,10 @@ class Problem:
     n_local = shape.tokens * len(mesh.local_devices)
     x = local.standard_normal((n_local, shape.hidden), dtype=np.float32)
 
-    # Every process holds the same global idx and weights: placed shard by
-    # shard, with no collective (NCCL refuses ranks that share a GPU, and
-    # device_put of a global array checks it across the processes).
-    put = lambda a: jax.make_array_from_callback(
-        a.shape, sharding, lambda index: a[index])
     self.x = jax.make_array_from_process_local_data(sharding,
                                                     x.astype(jnp.bfloat16))
-    self.idx = put(idx)
-    self.weights = put(weights)
+    self.idx = harness.place(idx, sharding)
+    self.weights = harness.place(weights, sharding)
     self.fp8 = jax.jit(jax.shard_map(
         jax_ep.per_token_cast_to_fp8, mesh=mesh, in_specs=P("ep"),
         out_specs=P("ep")))(self.x)
