@@ -14,7 +14,11 @@ The arithmetic is IEEE f32, as in the kernels and the tests' dense model,
 `1 / scale` correctly rounded included. XLA's f32 division on GPUs is not
 correctly rounded (on an H200 it differed from IEEE in 2,168,081 of 16M
 reciprocals, scripts/fp8_cast_probe.py), so this module computes the
-reciprocal by exact integer division (`_reciprocal`) on every backend.
+reciprocal by exact integer division (`_reciprocal`) on every backend. A
+bf16 or f16 `x` is rounded to its dtype again before the cast
+(`_exactly_f32`): inside a larger GPU program XLA may skip the rounding of
+an f32 -> bf16 convert, and the DeepSeek-V3 layer's fp8 cast then saw
+unrounded values (issue 17).
 """
 
 from __future__ import annotations
@@ -63,6 +67,20 @@ def _reciprocal(scale: jax.Array) -> jax.Array:
                    1.0 / scale)
 
 
+def _exactly_f32(x: jax.Array) -> jax.Array:
+  """`x` in f32 with no more precision than its own dtype. XLA (its default
+  xla_allow_excess_precision) may drop a f32 -> bf16 -> f32 round trip, so a
+  bf16 `x` made by converting f32 values can reach the cast unrounded inside
+  a larger program; reduce_precision rounds it again (a no-op on values
+already in the dtype)."""
+  wide = x.astype(jnp.float32)
+  if x.dtype not in (jnp.bfloat16, jnp.float16):  # IEEE-like narrower types
+    return wide
+  info = jnp.finfo(x.dtype)
+  return lax.reduce_precision(wide, exponent_bits=info.nexp,
+                              mantissa_bits=info.nmant)
+
+
 def _pack_ue8m0(scale: jax.Array) -> jax.Array:
   exponent = lax.bitcast_convert_type(scale, jnp.uint32) >> 23
   exponent = exponent.reshape(*exponent.shape[:-1], -1, _UE8M0_PER_WORD)
@@ -102,7 +120,7 @@ def per_token_cast_to_fp8(x: jax.Array, *, round_scale: bool = False,
     that `x ~= q * scales` per group, or int32[..., H/512] with UE8M0.
   """
   check_fp8_hidden("per_token_cast_to_fp8", x.shape[-1], use_ue8m0)
-  groups = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, GROUP)
+  groups = _exactly_f32(x).reshape(*x.shape[:-1], -1, GROUP)
   amax = jnp.maximum(jnp.max(jnp.abs(groups), axis=-1), AMAX_FLOOR)
   scale = amax * jnp.float32(1.0 / FP8_MAX)
   if round_scale or use_ue8m0:

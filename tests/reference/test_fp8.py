@@ -76,6 +76,37 @@ def test_reciprocal_is_correctly_rounded(rng, platform):
       f"1/{scales[bad[0]]!r}: got {got[bad[0]]!r}, want {want[bad[0]]!r}")
 
 
+def _values_to_round(rng) -> np.ndarray:
+  """Every finite e4m3 value and every midpoint between neighbours, each
+  with its f32 neighbours (ties and near-ties), the tie past 448, zeros and
+  f32's tiniest, then random values from 2^-14 to 2^8."""
+  grid = np.arange(256, dtype=np.uint8).view(fp8.FP8_DTYPE).astype(F32)
+  grid = np.sort(grid[np.isfinite(grid)])
+  special = np.array([460, 464, -464, 0, -0.0, 1e-30, -1e-30], F32)
+  bits = np.concatenate([grid, (grid[1:] + grid[:-1]) / 2, special]).view(
+      np.uint32)
+  near = np.concatenate([bits - 1, bits, bits + 1]).view(F32)
+  near = near[np.abs(near) <= 464]  # past 464 e4m3 has NaN (0 - 1 ulp too)
+  random = normal(rng, (1 << 22,)) * np.exp2(
+      rng.integers(-14, 9, 1 << 22)).astype(F32)
+  return np.concatenate([near, random]).astype(F32)
+
+
+@pytest.mark.parametrize("platform", [
+    "cpu", pytest.param("gpu", marks=NEEDS_GPU)])
+def test_e4m3_rounding_is_nearest_even(rng, platform):
+  """XLA's f32 -> e4m3 convert, which the cast uses, rounds to nearest even
+  on every backend, as the kernels' cvt.rn does."""
+  values = _values_to_round(rng)
+  on_device = jax.device_put(values, jax.devices(platform)[0])
+  got = np.asarray(jax.jit(lambda v: v.astype(fp8.FP8_DTYPE))(on_device))
+  want = values.astype(fp8.FP8_DTYPE)
+  bad = np.flatnonzero(got.view(np.uint8) != want.view(np.uint8))
+  assert bad.size == 0, (
+      f"{bad.size} of {values.size} values round differently on {platform}, "
+      f"e.g. {values[bad[0]]!r}: got {got[bad[0]]!r}, want {want[bad[0]]!r}")
+
+
 @pytest.mark.parametrize("rows", [1, 4])
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 def test_scale_is_amax_times_inverse_448(jit, rows):
