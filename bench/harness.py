@@ -69,7 +69,9 @@ class Record:
 
 def _command() -> str:
   """How to rerun this benchmark, launcher included."""
-  bench = ["python", "-m", "bench", *sys.argv[1:]]
+  spec = getattr(sys.modules["__main__"], "__spec__", None)  # -m's module
+  module = spec.name.removesuffix(".__main__") if spec else "bench"
+  bench = ["python", "-m", module, *sys.argv[1:]]
   if jax.process_count() > 1:
     bench = ["python", "-m", "jax_ep.launch", "-n", str(jax.process_count()),
              "--", *bench]

@@ -18,6 +18,11 @@ each step depending on the last:
     collective    under `compute_on("gpu_stream:collective")` (XLA's
                   communication stream), command buffers off
     stream_lhs    stream_nocb with the latency-hiding scheduler
+    stream_group  stream_lhs with the communication and the matmuls in one
+                  scheduling group (frontend attribute _scheduling_group_id),
+                  which asks the scheduler to put the matmuls between the
+                  communication's start and done (on one H200 every other
+                  variant started it after the step's matmuls)
 The record of each pair (op `overlap_<variant>`) notes the parts' times
 alone, their sum and max, and how much of the shorter part the pair hid:
 (sum - pair) / min. `--dump DIR` has XLA write each variant's optimized HLO
@@ -37,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.experimental.compute_on import compute_on
+from jax.experimental.xla_metadata import set_xla_metadata
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -45,7 +51,10 @@ from bench import harness
 from bench.shapes import SHAPES
 
 _NO_GRAPHS = {"xla_gpu_enable_command_buffer": ""}
-# name -> (compute_on's compute_type or None, XLA compile options)
+_LHS = {**_NO_GRAPHS, "xla_gpu_enable_latency_hiding_scheduler": True}
+_GROUP = "_scheduling_group_id"  # XLA's scheduling annotation
+# name -> (compute_on's compute_type or None, XLA compile options); a
+# variant with _GROUP in its options traces its step under that annotation.
 VARIANTS = {
     "base": (None, {}),
     "stream": ("gpu_stream:1", {}),
@@ -54,8 +63,8 @@ VARIANTS = {
         "xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUDNN,"
                                          "CONDITIONAL"}),
     "collective": ("gpu_stream:collective", _NO_GRAPHS),
-    "stream_lhs": ("gpu_stream:1", {
-        **_NO_GRAPHS, "xla_gpu_enable_latency_hiding_scheduler": True}),
+    "stream_lhs": ("gpu_stream:1", _LHS),
+    "stream_group": ("gpu_stream:1", {**_LHS, _GROUP: "1"}),
 }
 
 
@@ -126,14 +135,15 @@ def run(*, shape_name: str, matmuls: int, n: int, variants, iters: int,
     x, idx = c
     return comm(x, idx), idx
 
-  def pair_step(compute_type):
+  def pair_step(compute_type, group):
     part = comm if compute_type is None else compute_on(
         comm, compute_type=compute_type,
         out_memory_spaces=jax.memory.Space.Device)
 
     def step(c):
       x, idx, mats = c
-      return part(x, idx), idx, _compute(mats)
+      with set_xla_metadata(**({_GROUP: group} if group else {})):
+        return part(x, idx), idx, _compute(mats)
     return step
 
   comm_s = _timed(_loop(mesh, iters, comm_step), (x, idx), {}, name="comm",
@@ -157,7 +167,9 @@ def run(*, shape_name: str, matmuls: int, n: int, variants, iters: int,
   record("overlap_compute", compute_s, compute_note + " alone")
   for name in variants:
     compute_type, options = VARIANTS[name]
-    seconds = _timed(_loop(mesh, iters, pair_step(compute_type)),
+    group = options.get(_GROUP)
+    options = {k: v for k, v in options.items() if k != _GROUP}
+    seconds = _timed(_loop(mesh, iters, pair_step(compute_type, group)),
                      (x, idx, mats), options, name=name, **loops)
     total, longest = comm_s + compute_s, max(comm_s, compute_s)
     hidden = (total - seconds) / min(comm_s, compute_s)
