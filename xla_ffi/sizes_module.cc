@@ -22,6 +22,7 @@ nb::dict Limits() {
   nb::dict out;
   out["max_topk"] = jax_ep::kMaxTopk;
   out["max_ranks"] = jax_ep::kMaxRanks;
+  out["max_internode_ranks"] = jax_ep::kMaxInternodeRanks;
   out["max_normal_experts"] = jax_ep::kMaxNormalExperts;
   out["max_low_latency_experts"] = jax_ep::kMaxLowLatencyExperts;
   out["max_low_latency_tokens"] = jax_ep::kMaxLowLatencyTokens;
@@ -67,9 +68,11 @@ int64_t ExchangeRegionBytes(int64_t team_size, int64_t num_tokens,
 
 NB_MODULE(_jax_ep_sizes, m) {
   m.def("limits", &Limits,
-        "The largest sizes the kernels take: max_topk and max_ranks for "
-        "every kernel, max_normal_experts for get_dispatch_layout and the "
-        "intranode kernels, max_low_latency_* for the low-latency kernels.");
+        "The largest sizes the kernels take: max_topk for every kernel, "
+        "max_ranks for all but the internode exchange, which takes "
+        "max_internode_ranks, max_normal_experts for get_dispatch_layout and "
+        "the intranode kernels, max_low_latency_* for the low-latency "
+        "kernels.");
   m.def("intranode_data_bytes", &IntranodeDataBytes, nb::arg("num_tokens"),
         nb::arg("num_ranks"), nb::arg("num_topk"), nb::arg("row_bytes"),
         nb::arg("scale_row_bytes"), nb::arg("combine_row_bytes"),

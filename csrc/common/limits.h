@@ -20,6 +20,12 @@ inline constexpr int64_t kMaxTopk = 32;
 // thread or a block.
 inline constexpr int64_t kMaxRanks = 64;
 
+// R for the internode exchange (dispatch, cached dispatch and combine across
+// nodes): its flags are per rank at fixed offsets of the NVSHMEM region
+// (internode/exchange_layout.h), 8 + 512 bytes a rank. The internode ops use
+// no other kernel, so they serve EP sizes past kMaxRanks.
+inline constexpr int64_t kMaxInternodeRanks = 1024;
+
 // E for the normal ops' kernels. They count per expert in shared memory
 // (get_dispatch_layout, the dispatch's stage kernel) and in the peer buffers'
 // count slots, which hold kMaxNormalExperts / R local experts per source; one

@@ -218,8 +218,9 @@ Status LaunchExchange(const char* op, const Region& region,
   }
   const int64_t R = region.num_ranks, G = a.ranks_per_node,
                 S = a.team_stride, Z = s.team_size;
-  if (R > kMaxRanks) {
-    return refuse("the exchange serves at most " + std::to_string(kMaxRanks) +
+  if (R > kMaxInternodeRanks) {
+    return refuse("the exchange serves at most " +
+                  std::to_string(kMaxInternodeRanks) +
                   " ranks (its flags are per rank), got " + std::to_string(R));
   }
   if (G < 1 || R % G || !((S == G && Z == R / G) || (S == 1 && Z == G))) {

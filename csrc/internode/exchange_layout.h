@@ -42,10 +42,11 @@ struct ExchangeShape {
 // fixed offsets and are indexed by EP rank, so calls of any shape and team
 // agree on them; the slots follow, laid out by the call's shape.
 //
-//   free      u64[kMaxRanks]  at rank p: the last call whose slots rank p
-//                              has read out (it may take the next)
-//   arrived   u64[kMaxRanks * kMaxChunks]  at p * kMaxChunks + c: the last
-//                              call whose chunk c from rank p is complete
+//   free      u64[kMaxInternodeRanks]  at rank p: the last call whose slots
+//                              rank p has read out (it may take the next)
+//   arrived   u64[kMaxInternodeRanks * kMaxChunks]  at p * kMaxChunks + c:
+//                              the last call whose chunk c from rank p is
+//                              complete
 //   send_mask int32[Z * T]    the sender's own staging of the masks it puts
 //   recv_mask int32[Z * T]    at i * T + t: 1 when member i sent token t
 //   send_rows [Z * T] rows    the sender's staging of the rows it puts
@@ -53,9 +54,11 @@ struct ExchangeShape {
 struct RegionLayout {
   ExchangeShape shape;
   JAX_EP_HOST_DEVICE static int64_t free_flags() { return 0; }
-  JAX_EP_HOST_DEVICE static int64_t arrived() { return kMaxRanks * 8; }
+  JAX_EP_HOST_DEVICE static int64_t arrived() {
+    return kMaxInternodeRanks * 8;
+  }
   JAX_EP_HOST_DEVICE static int64_t flags_bytes() {
-    return AlignUp(arrived() + kMaxRanks * kMaxChunks * 8, kAlign);
+    return AlignUp(arrived() + kMaxInternodeRanks * kMaxChunks * 8, kAlign);
   }
   JAX_EP_HOST_DEVICE int64_t mask_bytes() const {
     return AlignUp(shape.num_slots() * 4, kAlign);

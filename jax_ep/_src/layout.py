@@ -15,7 +15,8 @@ def get_dispatch_layout(buffer: Buffer, topk_idx: jax.Array,
   """Counts this rank's routing per destination rank and per expert.
 
   Call inside `jax.shard_map` over `buffer.axis_name`. Runs the CUDA layout
-  kernel on the "cuda" backend.
+  kernel on the "cuda" backend where R <= 64 and E <= 1024, else the
+  reference (a listed fallback, `Buffer.fallbacks()`).
 
   Args:
     buffer: the `jax_ep.Buffer` of the EP axis (R ranks).
@@ -32,7 +33,7 @@ def get_dispatch_layout(buffer: Buffer, topk_idx: jax.Array,
   num_experts = checks.experts(op, num_experts, buffer.num_ranks)
   checks.topk_idx(op, topk_idx, None, num_experts)
   per_rank, per_expert, in_rank, invalid = (
-      buffer.layout_backend(op).get_dispatch_layout(
+      buffer.layout_backend(op, num_experts).get_dispatch_layout(
           topk_idx, num_experts=num_experts, num_ranks=buffer.num_ranks))
   # Each backend's is_token_in_rank gives the node counts the same way.
   topology = buffer.topology

@@ -22,6 +22,7 @@ from jax import lax
 
 from jax_ep._src import exchange
 from jax_ep._src import native
+from jax_ep._src import sizes
 from jax_ep._src.backend import LayoutBackend, LowLatencyBackend, NormalBackend
 from jax_ep._src.config import Config, tuned_config
 from jax_ep._src.cuda import layout as cuda_layout
@@ -365,9 +366,20 @@ class Buffer:
           "num_experts) for the largest shapes you run (one process per GPU)")
     return True
 
-  def layout_backend(self, op: str) -> LayoutBackend:
-    """What runs `get_dispatch_layout` (`op`) for this Buffer."""
-    return cuda_layout if self._uses_kernel(op) else reference_layout
+  def layout_backend(self, op: str, num_experts: int) -> LayoutBackend:
+    """What runs `get_dispatch_layout` (`op`) for this Buffer and E: past the
+    kernel's limits (the internode ops serve larger R) the reference, a
+    listed fallback; the layout is a small part of a step."""
+    if not self._uses_kernel(op):
+      return reference_layout
+    limit = sizes.limits()
+    most_ranks, most_experts = limit["max_ranks"], limit["max_normal_experts"]
+    if self.num_ranks > most_ranks or num_experts > most_experts:
+      self.fall_back(op, f"the layout kernel takes num_ranks <= {most_ranks} "
+                     f"and num_experts <= {most_experts}, got {self.num_ranks} "
+                     f"and {num_experts}")
+      return reference_layout
+    return cuda_layout
 
   def normal_backend(self, op: str) -> NormalBackend:
     """What runs the normal dispatch and combine for the public op `op`

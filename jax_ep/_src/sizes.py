@@ -20,7 +20,8 @@ from jax_ep._src.fp8 import FP8_DTYPE, GROUP
 
 def limits() -> dict[str, int]:
   """The largest sizes the kernels take, by their C++ names in snake case:
-  `max_topk` and `max_ranks` (every kernel), `max_normal_experts`
+  `max_topk` (every kernel), `max_ranks` (every kernel but the internode
+  exchange, whose EP size is `max_internode_ranks`), `max_normal_experts`
   (`get_dispatch_layout` and the intranode kernels), and the low-latency
   kernels' `max_low_latency_experts`, `max_low_latency_tokens` (Tmax) and
   `max_low_latency_slots_per_expert` (R * Tmax)."""

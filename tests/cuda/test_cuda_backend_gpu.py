@@ -21,6 +21,7 @@ from jax.sharding import PartitionSpec as P
 
 import jax_ep
 from gpu_testing import GPUS, NEEDS_KERNELS
+from jax_ep._src import sizes
 
 
 
@@ -81,6 +82,37 @@ def test_layout_runs_the_kernel_and_matches_the_reference(seed):
         getattr(results["cuda"], name), getattr(results["reference"], name),
         err_msg=f"{name} (seed={seed})")
   assert results["cuda"].num_invalid.sum() == (idx == EXPERTS + 3).sum()
+
+
+def test_layout_past_the_kernel_falls_back_to_the_reference(seed):
+  """E past the layout kernel's 1024 (or R past its 64, which the internode
+  ops serve): a listed fallback, the reference's counts."""
+  mesh = _mesh()
+  experts = sizes.limits()["max_normal_experts"] * 2
+  rng = np.random.default_rng(seed)
+  idx = rng.integers(-1, experts, (TOKENS * len(GPUS), TOPK), dtype=np.int32)
+  results = {}
+  for backend in ("cuda", "reference"):
+    buffer = jax_ep.Buffer(mesh, "ep", backend=backend)
+
+    def layout(i, buffer=buffer):
+      out = jax_ep.get_dispatch_layout(buffer, i, experts)
+      return jax.tree.map(lambda a: a[None] if a.ndim == 0 else a, out)
+
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter("always", jax_ep.FallbackWarning)
+      fn, out, args = _run(mesh, layout, idx)
+    assert "jax_ep_get_dispatch_layout" not in fn.lower(*args).as_text()
+    results[backend] = jax.tree.map(np.asarray, out)
+    if backend == "cuda":
+      assert buffer.fallbacks() == (jax_ep.Fallback(
+          "get_dispatch_layout", "the layout kernel takes num_ranks <= "
+          f"{sizes.limits()['max_ranks']} and num_experts <= {experts // 2}, "
+          f"got {len(GPUS)} and {experts}"),), buffer.fallbacks()
+      assert any(issubclass(w.category, jax_ep.FallbackWarning)
+                 for w in caught)
+  jax.tree.map(np.testing.assert_array_equal, results["cuda"],
+               results["reference"])
 
 
 _BUFFERS = []

@@ -98,8 +98,13 @@ def test_intranode_kernels_refuse_one_past_their_limits(num_experts,
                        timeout_s=runtime.DEFAULT_TIMEOUT_S)
 
 
-def test_internode_kernels_refuse_one_past_their_limit():
-  most = LIMITS["max_ranks"]
+def test_internode_kernels_serve_past_the_other_kernels_ranks():
+  """Dispatch and combine across nodes (DeepSeek-V3 trains at EP64; larger
+  EP sizes want more) take EP sizes past every other kernel's; their flags
+  cost the exchange region 520 bytes a rank."""
+  most = LIMITS["max_internode_ranks"]
+  assert most >= 256 and most > LIMITS["max_ranks"]
+  assert sizes.rdma_buffer_bytes(1, 128, 1, 2) >= most * (8 + 64 * 8)
   kernels = internode.CudaInternode("ep", 1 << 40, 1, 10.0)
   message = (f"jax_ep.dispatch: the internode kernels serve an EP size <= "
              f"{most}, got {most + 1}")

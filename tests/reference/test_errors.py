@@ -589,13 +589,13 @@ def test_nvl_buffer_bytes_follows_the_slot_layout():
 
 
 def test_rdma_buffer_bytes_follows_the_region_layout():
-  # Flags (u64 free[64] + arrived[64 ranks x 64 chunks]), then two
+  # Flags (u64 free[1024] + arrived[1024 ranks x 64 chunks]), then two
   # int32 masks and two slot arrays of the widest exchanged row (a
   # dispatched row with its K ids and K weights, or a combine row) for the
   # larger leg: N * T slots over the network, G * (N * T) = R * T inside a
   # node of G > 1; sections 256-byte aligned.
   T, H, K = 4096, 7168, 8
-  flags = 64 * 8 + 64 * 64 * 8
+  flags = 1024 * 8 + 1024 * 64 * 8
   row = 2 * H + 8 * K  # a multiple of 16 here
   for R, G in ((2, 1), (8, 1), (16, 8), (16, 2)):
     assert jax_ep.rdma_buffer_bytes(T, H, K, R, G) == (

@@ -48,9 +48,8 @@ _EXCHANGE_TARGET = "jax_ep_internode_exchange"
 
 
 def check_num_ranks(op: str, num_ranks: int) -> None:
-  """Refuses, at trace time, an EP size past the exchange's per-rank flags
-  (which the kernel would refuse when it runs)."""
-  most = sizes.limits()["max_ranks"]
+  """Refuses, at trace time, an EP size past the exchange's flags."""
+  most = sizes.limits()["max_internode_ranks"]
   if num_ranks > most:
     raise ValueError(
         f"jax_ep.{op}: the internode kernels serve an EP size <= {most}, "
