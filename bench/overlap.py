@@ -23,6 +23,12 @@ each step depending on the last:
                   which asks the scheduler to put the matmuls between the
                   communication's start and done (on one H200 every other
                   variant started it after the step's matmuls)
+    matmuls_stream      the other way round: the matmuls under
+                  `compute_on("gpu_stream:1")`, the communication on the
+                  compute stream, command buffers off (XLA's cost model
+                  knows matmuls, not custom calls, so it may start them
+                  early)
+    matmuls_stream_lhs  the same with the latency-hiding scheduler
 The record of each pair (op `overlap_<variant>`) notes the parts' times
 alone, their sum and max, and how much of the shorter part the pair hid:
 (sum - pair) / min. `--dump DIR` has XLA write each variant's optimized HLO
@@ -36,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -53,18 +60,37 @@ from bench.shapes import SHAPES
 _NO_GRAPHS = {"xla_gpu_enable_command_buffer": ""}
 _LHS = {**_NO_GRAPHS, "xla_gpu_enable_latency_hiding_scheduler": True}
 _GROUP = "_scheduling_group_id"  # XLA's scheduling annotation
-# name -> (compute_on's compute_type or None, XLA compile options); a
-# variant with _GROUP in its options traces its step under that annotation.
+
+
+class Variant(NamedTuple):
+  """`compute_on`'s compute_type for the part `moved` ("comm" or
+  "matmuls"; None: nothing moved), XLA compile options, and the scheduling
+  group the step is traced in (None: none)."""
+  compute_type: str | None
+  options: dict
+  moved: str = "comm"
+  group: str | None = None
+
+
+def _placement(variant: Variant) -> str:
+  if variant.compute_type is None:
+    return "as written"
+  group = f", scheduling group {variant.group}" if variant.group else ""
+  return f"the {variant.moved} on {variant.compute_type}{group}"
+
+
 VARIANTS = {
-    "base": (None, {}),
-    "stream": ("gpu_stream:1", {}),
-    "stream_nocb": ("gpu_stream:1", _NO_GRAPHS),
-    "stream_nocc": ("gpu_stream:1", {
+    "base": Variant(None, {}),
+    "stream": Variant("gpu_stream:1", {}),
+    "stream_nocb": Variant("gpu_stream:1", _NO_GRAPHS),
+    "stream_nocc": Variant("gpu_stream:1", {
         "xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUDNN,"
                                          "CONDITIONAL"}),
-    "collective": ("gpu_stream:collective", _NO_GRAPHS),
-    "stream_lhs": ("gpu_stream:1", _LHS),
-    "stream_group": ("gpu_stream:1", {**_LHS, _GROUP: "1"}),
+    "collective": Variant("gpu_stream:collective", _NO_GRAPHS),
+    "stream_lhs": Variant("gpu_stream:1", _LHS),
+    "stream_group": Variant("gpu_stream:1", _LHS, group="1"),
+    "matmuls_stream": Variant("gpu_stream:1", _NO_GRAPHS, moved="matmuls"),
+    "matmuls_stream_lhs": Variant("gpu_stream:1", _LHS, moved="matmuls"),
 }
 
 
@@ -113,7 +139,7 @@ def run(*, shape_name: str, matmuls: int, n: int, variants, iters: int,
                                             shape.topk, ranks)
       if on_gpus else None)
   if not on_gpus:
-    variants = [v for v in variants if VARIANTS[v][0] is None]
+    variants = [v for v in variants if VARIANTS[v].compute_type is None]
   sharding = NamedSharding(mesh, P("ep"))
   rng = np.random.default_rng(seed)
   put = functools.partial(harness.place, sharding=sharding)
@@ -135,15 +161,19 @@ def run(*, shape_name: str, matmuls: int, n: int, variants, iters: int,
     x, idx = c
     return comm(x, idx), idx
 
-  def pair_step(compute_type, group):
-    part = comm if compute_type is None else compute_on(
-        comm, compute_type=compute_type,
-        out_memory_spaces=jax.memory.Space.Device)
+  def pair_step(variant: Variant):
+    def elsewhere(f):
+      return f if variant.compute_type is None else compute_on(
+          f, compute_type=variant.compute_type,
+          out_memory_spaces=jax.memory.Space.Device)
+    part = elsewhere(comm) if variant.moved == "comm" else comm
+    matmuls = elsewhere(_compute) if variant.moved == "matmuls" else _compute
 
     def step(c):
       x, idx, mats = c
-      with set_xla_metadata(**({_GROUP: group} if group else {})):
-        return part(x, idx), idx, _compute(mats)
+      with set_xla_metadata(**({_GROUP: variant.group} if variant.group
+                               else {})):
+        return part(x, idx), idx, matmuls(mats)
     return step
 
   comm_s = _timed(_loop(mesh, iters, comm_step), (x, idx), {}, name="comm",
@@ -166,17 +196,15 @@ def run(*, shape_name: str, matmuls: int, n: int, variants, iters: int,
   record("overlap_comm", comm_s, "dispatch + combine alone")
   record("overlap_compute", compute_s, compute_note + " alone")
   for name in variants:
-    compute_type, options = VARIANTS[name]
-    group = options.get(_GROUP)
-    options = {k: v for k, v in options.items() if k != _GROUP}
-    seconds = _timed(_loop(mesh, iters, pair_step(compute_type, group)),
-                     (x, idx, mats), options, name=name, **loops)
+    variant = VARIANTS[name]
+    seconds = _timed(_loop(mesh, iters, pair_step(variant)),
+                     (x, idx, mats), variant.options, name=name, **loops)
     total, longest = comm_s + compute_s, max(comm_s, compute_s)
     hidden = (total - seconds) / min(comm_s, compute_s)
     record(f"overlap_{name}", seconds,
            f"with {compute_note}: sum of the parts {total * 1e6:.1f} us, max "
            f"{longest * 1e6:.1f} us; hid {100 * hidden:.0f}% of the shorter "
-           f"part ({compute_type or 'no annotation'}, {options or 'defaults'})")
+           f"part ({_placement(variant)}, {variant.options or 'defaults'})")
   return records
 
 
