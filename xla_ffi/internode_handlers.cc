@@ -11,6 +11,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "checks.h"
@@ -33,7 +34,8 @@ static ffi::Error InternodeExchange(cudaStream_t stream,
                                     ffi::BufferR2<ffi::U8> rows,
                                     ffi::BufferR2<ffi::S32> src_row,
                                     int64_t team_stride, int64_t ranks_per_node,
-                                    int64_t num_sms, int64_t timeout_ns,
+                                    int64_t num_sms, int64_t rdma_chunk,
+                                    int64_t timeout_ns,
                                     ffi::ResultBufferR3<ffi::U8> recv_rows,
                                     ffi::ResultBufferR2<ffi::S32> recv_mask) {
   constexpr const char* kOp = jax_ep::targets::kInternodeExchange;
@@ -44,6 +46,8 @@ static ffi::Error InternodeExchange(cudaStream_t stream,
   a.team_stride = static_cast<int>(team_stride);
   a.ranks_per_node = static_cast<int>(ranks_per_node);
   a.num_sms = static_cast<int>(num_sms);
+  a.shape.min_chunk_tokens =
+      std::max<int64_t>(rdma_chunk, jax_ep::internode::kMinChunkTokens);
   a.rows = reinterpret_cast<const char*>(rows.typed_data());
   a.num_rows = rows_dims[0];
   a.src_row = src_row.typed_data();
@@ -77,6 +81,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Attr<int64_t>("team_stride")     // G (a local index's ranks) or 1
         .Attr<int64_t>("ranks_per_node")  // G
         .Attr<int64_t>("num_sms")         // Config.num_sms
+        .Attr<int64_t>("rdma_chunk")      // Config.rdma_chunk (0: automatic)
         .Attr<int64_t>("timeout_ns")
         .Ret<ffi::BufferR3<ffi::U8>>()   // recv_rows [Z, T, B]
         .Ret<ffi::BufferR2<ffi::S32>>(),  // recv_mask [Z, T]

@@ -26,11 +26,12 @@ struct ExchangeShape {
   int64_t team_size;   // Z, the PEs of the team
   int64_t num_tokens;  // T, slots per member
   int64_t row_bytes;   // B, a multiple of 16
+  int64_t min_chunk_tokens = kMinChunkTokens;  // Config.rdma_chunk, or 32
 
   JAX_EP_HOST_DEVICE int64_t num_slots() const { return team_size * num_tokens; }
   JAX_EP_HOST_DEVICE int64_t chunk_tokens() const {
     const int64_t even = (num_tokens + kMaxChunks - 1) / kMaxChunks;
-    return AlignUp(even > kMinChunkTokens ? even : kMinChunkTokens,
+    return AlignUp(even > min_chunk_tokens ? even : min_chunk_tokens,
                    kMinChunkTokens);
   }
   JAX_EP_HOST_DEVICE int64_t num_chunks() const {

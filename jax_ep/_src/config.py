@@ -47,14 +47,14 @@ class Config:
       peer with the GPU's copy engines, so no SM pushes and every warp
       receives; False (the default, faster on 2xH200): `nvl_send_warps` warps
       per block push the selected rows. Combine always pushes with warps.
-    nvl_buffer: reserved for the internode kernels (tokens per channel of
-      their NVLink forwarding ring). No kernel reads it yet: the intranode
-      buffer holds a whole call (sized with `nvl_buffer_bytes`), so no
-      sender ever waits for a receiver. It only bounds `nvl_chunk`.
-    rdma_chunk: reserved for the internode kernels (tokens per RDMA
-      flow-control step); no kernel reads it yet.
-    rdma_buffer: reserved for the internode kernels (tokens per channel of
-      the RDMA ring buffers); no kernel reads it yet.
+    rdma_chunk: tokens per arrival flag of the internode exchange, at least
+      (a receiving warp starts on a peer's chunk once its flag is up);
+      0: automatic, T/64. Rounded up to a multiple of 32 (a warp's sweep)
+      and to T/64 (the exchange has 64 flags per peer).
+
+  There is no ring-buffer size: the NVLink buffers hold a whole intranode
+  call (`nvl_buffer_bytes`), and the exchange region whole internode calls
+  or, when smaller, the pieces of a call that fit (`rdma_buffer_bytes`).
 
   The reference backend ignores the configuration; it is validated all the same
   so that a bad config fails the same way on every backend.
@@ -64,9 +64,7 @@ class Config:
   nvl_send_warps: int = 4
   nvl_chunk: int = 4
   nvl_copy_engine: bool = False
-  nvl_buffer: int = 256
-  rdma_chunk: int = 16
-  rdma_buffer: int = 128
+  rdma_chunk: int = 0
 
   def __post_init__(self):
     for field in dataclasses.fields(self):
@@ -76,11 +74,11 @@ class Config:
         if not isinstance(value, bool):
           raise ValueError(
               f"jax_ep.Config: nvl_copy_engine must be a bool, got {value!r}")
-      elif field.name == "nvl_chunk":
+      elif field.name in ("nvl_chunk", "rdma_chunk"):
         if not is_int or value < 0:
           raise ValueError(
-              "jax_ep.Config: nvl_chunk must be an int >= 0 (0: automatic), "
-              f"got {value!r}")
+              f"jax_ep.Config: {field.name} must be an int >= 0 (0: "
+              f"automatic), got {value!r}")
       elif not is_int or value < 1:
         raise ValueError(
             f"jax_ep.Config: {field.name} must be a positive int, got "
@@ -93,14 +91,6 @@ class Config:
           f"jax_ep.Config: nvl_send_warps must be at most {MAX_NVL_SEND_WARPS} "
           f"(a 16-warp block keeps one warp to receive), got "
           f"{self.nvl_send_warps}")
-    if self.nvl_chunk > self.nvl_buffer:
-      raise ValueError(
-          f"jax_ep.Config: nvl_chunk ({self.nvl_chunk}) must not exceed "
-          f"nvl_buffer ({self.nvl_buffer})")
-    if self.rdma_chunk > self.rdma_buffer:
-      raise ValueError(
-          f"jax_ep.Config: rdma_chunk ({self.rdma_chunk}) must not exceed "
-          f"rdma_buffer ({self.rdma_buffer})")
 
 
 def tuned_config_path() -> pathlib.Path:

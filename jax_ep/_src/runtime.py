@@ -309,7 +309,8 @@ class Buffer:
     if rdma_bytes:
       self._internode = CudaInternode(axis_name, rdma_bytes,
                                       topology.ranks_per_node,
-                                      float(timeout_s), config.num_sms)
+                                      float(timeout_s), config.num_sms,
+                                      config.rdma_chunk)
 
   @property
   def num_ranks(self) -> int:

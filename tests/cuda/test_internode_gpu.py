@@ -18,7 +18,8 @@ reference on CPUs).
   combine of f32 and bf16 rows with a bias; then the VJPs of dispatch (a
   combine, summed node by node) and of combine (a cached dispatch), with
   capacity overflow and skew. At (2, 2) also with a region of a fifth of
-  what whole calls need: the larger calls go in pieces.
+  what whole calls need (the larger calls go in pieces) and chunks of 96
+  tokens per arrival flag (`Config.rdma_chunk`).
 * The low-latency kernels at the same topologies on `ll_transport="put"`
   (ll_worker.py `--ranks-per-node G --transport put --grads --mixed`):
   their VJPs, and one program of internode and low-latency ops whose
@@ -58,21 +59,21 @@ def _runnable(topologies):
           if n * g in multi_rank_sizes()]
 
 
-@pytest.mark.parametrize("num_nodes,ranks_per_node,region_share", [
-    *[pytest.param(*p.values, 1.0, id=p.id) for p in _runnable(TOPOLOGIES)],
-    *[pytest.param(*p.values, 0.2, id=f"{p.id}-pieces")
+@pytest.mark.parametrize("num_nodes,ranks_per_node,region_share,rdma_chunk", [
+    *[pytest.param(*p.values, 1.0, 0, id=p.id) for p in _runnable(TOPOLOGIES)],
+    *[pytest.param(*p.values, 0.2, 96, id=f"{p.id}-pieces-chunk96")
       for p in _runnable([(2, 2)])]])
 def test_ops_match_the_dense_model(capfd, seed, num_nodes, ranks_per_node,
-                                   region_share):
+                                   region_share, rdma_chunk):
   num_ranks = num_nodes * ranks_per_node
   steps = len(intranode_worker.multiprocess_cases(num_ranks))
   code, out, report = launch_per_gpu(
       capfd, [str(WORKER), "--seed", str(seed), "--steps", str(steps),
               "--ranks-per-node", str(ranks_per_node), "--region-share",
-              str(region_share)],
+              str(region_share), "--rdma-chunk", str(rdma_chunk)],
       timeout=300, num_ranks=num_ranks)
   report = (f"seed={seed}, N={num_nodes}, G={ranks_per_node}, region share "
-            f"{region_share}: {report}")
+            f"{region_share}, rdma_chunk {rdma_chunk}: {report}")
   assert code == 0, report
   for what in (f"{steps} internode steps", "internode VJPs"):
     for line in every_worker(f"{what} passed", num_ranks):

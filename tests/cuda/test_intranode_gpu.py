@@ -82,13 +82,10 @@ CASES = [
          config=Config(num_sms=2, nvl_send_warps=1, nvl_chunk=1)),
     Case(4096, 7168, 8, 256,
          config=Config(num_sms=8, nvl_send_warps=15, nvl_chunk=1)),
-    # Chunks past nvl_buffer need a larger one (the kernels do not use it).
     Case(1000, 2048, 8, 256,
-         config=Config(num_sms=64, nvl_chunk=1000, nvl_buffer=1000,
-                       nvl_copy_engine=True)),
+         config=Config(num_sms=64, nvl_chunk=1000, nvl_copy_engine=True)),
     Case(4096, 2048, 8, 256,  # one chunk, one piece
-         config=Config(nvl_chunk=4096, nvl_buffer=4096,
-                       nvl_copy_engine=True)),
+         config=Config(nvl_chunk=4096, nvl_copy_engine=True)),
 ]
 CASES = [c for c in CASES if c.topk <= c.experts]  # the ops need K <= E
 SCAN_CASE = Case(128, 2048, 8, 256)

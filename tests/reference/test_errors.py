@@ -697,12 +697,20 @@ def test_buffer_on_a_2d_mesh_uses_its_ep_axis():
 # ---------------------------------------------------------------- Config
 
 
-@pytest.mark.parametrize("field", ["num_sms", "nvl_send_warps", "nvl_buffer",
-                                   "rdma_chunk", "rdma_buffer"])
+@pytest.mark.parametrize("field", ["num_sms", "nvl_send_warps"])
 @pytest.mark.parametrize("value", [0, -2, 2.0, True, "8", None])
 def test_config_fields_must_be_positive_ints(field, value):
   with pytest.raises(ValueError, match=esc(
       f"jax_ep.Config: {field} must be a positive int, got {value!r}")):
+    jax_ep.Config(**{field: value})
+
+
+@pytest.mark.parametrize("field", ["nvl_chunk", "rdma_chunk"])
+@pytest.mark.parametrize("value", [-1, 2.0, True, "8", None])
+def test_config_chunks_must_be_ints_from_zero(field, value):
+  with pytest.raises(ValueError, match=esc(
+      f"jax_ep.Config: {field} must be an int >= 0 (0: automatic), got "
+      f"{value!r}")):
     jax_ep.Config(**{field: value})
 
 
@@ -715,10 +723,8 @@ def test_config_nvl_copy_engine_must_be_a_bool(value):
 
 @pytest.mark.parametrize("kwargs,message", [
     (dict(num_sms=23), "jax_ep.Config: num_sms must be even, got 23"),
-    (dict(nvl_chunk=300, nvl_buffer=256),
-     "jax_ep.Config: nvl_chunk (300) must not exceed nvl_buffer (256)"),
-    (dict(rdma_chunk=17, rdma_buffer=16),
-     "jax_ep.Config: rdma_chunk (17) must not exceed rdma_buffer (16)"),
+    (dict(nvl_send_warps=16), "jax_ep.Config: nvl_send_warps must be at "
+     "most 15"),
 ])
 def test_config_consistency(kwargs, message):
   with pytest.raises(ValueError, match=esc(message)):
@@ -727,13 +733,13 @@ def test_config_consistency(kwargs, message):
 
 def test_config_is_frozen_and_keyword_only():
   config = jax_ep.Config(num_sms=20, nvl_chunk=8)
-  assert (config.num_sms, config.nvl_chunk, config.nvl_buffer) == (20, 8, 256)
+  assert (config.num_sms, config.nvl_chunk, config.rdma_chunk) == (20, 8, 0)
   with pytest.raises(TypeError):
-    jax_ep.Config(24, 6, 256, 16, 128)  # pylint: disable=too-many-function-args
+    jax_ep.Config(24, 6, 4)  # pylint: disable=too-many-function-args
   with pytest.raises(dataclasses.FrozenInstanceError):
     config.num_sms = 2
-  jax_ep.Config(num_sms=2, nvl_chunk=1, nvl_buffer=1, rdma_chunk=1,
-                rdma_buffer=1)  # the smallest valid config
+  jax_ep.Config(num_sms=2, nvl_send_warps=1, nvl_chunk=0,
+                rdma_chunk=0)  # the smallest valid config
 
 
 # ---------------------------------------------------------------- no tokens

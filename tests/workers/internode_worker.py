@@ -63,10 +63,11 @@ KERNEL_TIMEOUT_S = 10.0
 
 def open_buffer(mesh: Mesh, cases, backend: str = "cuda", *,
                 ranks_per_node: int = 1, region_share: float = 1.0,
+                rdma_chunk: int = 0,
                 timeout_s: float = KERNEL_TIMEOUT_S) -> jax_ep.Buffer:
   """A Buffer of nodes of `ranks_per_node` ranks, its exchange region sized
   for every case's whole calls, times `region_share` (below 1, the larger
-  calls go in pieces; collective)."""
+  calls go in pieces; collective), with `Config.rdma_chunk`."""
   num_ranks = mesh.devices.size
   # f32: the checks also combine f32 rows.
   rdma = int(region_share * max(
@@ -75,6 +76,7 @@ def open_buffer(mesh: Mesh, cases, backend: str = "cuda", *,
   return jax_ep.Buffer(mesh, EP, backend=backend,
                        ranks_per_node=ranks_per_node,
                        num_rdma_bytes=rdma if backend == "cuda" else None,
+                       config=jax_ep.Config(rdma_chunk=rdma_chunk),
                        timeout_s=timeout_s)
 
 
@@ -160,11 +162,12 @@ def check_vjps(mesh: Mesh, buffer, rng, G: int, ctx: str) -> None:
 
 
 def run_steps(mesh: Mesh, backend: str, seed: int, steps: int, G: int,
-              who: str, region_share: float = 1.0) -> None:
+              who: str, region_share: float = 1.0,
+              rdma_chunk: int = 0) -> None:
   num_ranks = mesh.devices.size
   cases = intra.multiprocess_cases(num_ranks)
   buffer = open_buffer(mesh, cases + [VJP_CASE], backend, ranks_per_node=G,
-                       region_share=region_share)
+                       region_share=region_share, rdma_chunk=rdma_chunk)
   rng = np.random.default_rng(seed)  # the same draws on every process
   for i in range(steps):
     case = cases[i % len(cases)]
@@ -223,6 +226,8 @@ def main(argv=None) -> int:
   parser.add_argument("--region-share", type=float, default=1.0,
                       help="the exchange region as a share of what whole "
                       "calls need (below 1: calls in pieces)")
+  parser.add_argument("--rdma-chunk", type=int, default=0,
+                      help="Config.rdma_chunk (0: automatic)")
   args = parser.parse_args(argv)
   jax_ep.launch.initialize()
   mesh = Mesh(np.array(jax.devices()), (EP,))
@@ -234,7 +239,7 @@ def main(argv=None) -> int:
                args.ranks_per_node, who)
   else:
     run_steps(mesh, args.backend, args.seed, args.steps, args.ranks_per_node,
-              who, args.region_share)
+              who, args.region_share, args.rdma_chunk)
   return 0
 
 

@@ -105,6 +105,7 @@ class CudaInternode:
   ranks_per_node: int
   timeout_s: float
   num_sms: int = Config().num_sms  # the blocks an exchange's kernels may use
+  rdma_chunk: int = Config().rdma_chunk  # tokens per arrival flag, at least
   op: str = "dispatch"  # the public op named in error messages
 
   def exchange(self, rows: jax.Array, src_row: jax.Array, *,
@@ -167,6 +168,7 @@ class CudaInternode:
         team_stride=np.int64(1 if within_node else self.ranks_per_node),
         ranks_per_node=np.int64(self.ranks_per_node),
         num_sms=np.int64(self.num_sms),
+        rdma_chunk=np.int64(self.rdma_chunk),
         timeout_ns=np.int64(round(self.timeout_s * 1e9))))
     return recv, mask != 0
 
