@@ -60,37 +60,10 @@ def test_auto_backend_is_cuda_on_gpus():
   assert jax_ep.Buffer(_mesh(), "ep").backend == "cuda"
 
 
-def test_layout_runs_the_kernel_and_matches_the_reference(seed):
-  mesh = _mesh()
-  rng = np.random.default_rng(seed)
-  idx = _routing(rng, TOKENS * len(GPUS))
-  results = {}
-  for backend in ("cuda", "reference"):
-    buffer = jax_ep.Buffer(mesh, "ep", backend=backend)
-
-    def layout(i, buffer=buffer):
-      out = jax_ep.get_dispatch_layout(buffer, i, EXPERTS)
-      return jax.tree.map(lambda a: a[None] if a.ndim == 0 else a, out)
-
-    fn, out, args = _run(mesh, layout, idx)
-    hlo = fn.lower(*args).as_text()
-    assert ("jax_ep_get_dispatch_layout" in hlo) == (backend == "cuda"), backend
-    results[backend] = jax.tree.map(np.asarray, out)
-  for name in ("num_tokens_per_rank", "num_tokens_per_expert",
-               "is_token_in_rank", "num_invalid", "num_tokens_per_node"):
-    np.testing.assert_array_equal(
-        getattr(results["cuda"], name), getattr(results["reference"], name),
-        err_msg=f"{name} (seed={seed})")
-  assert results["cuda"].num_invalid.sum() == (idx == EXPERTS + 3).sum()
-
-
-def test_layout_past_the_kernel_falls_back_to_the_reference(seed):
-  """E past the layout kernel's 1024 (or R past its 64, which the internode
-  ops serve): a listed fallback, the reference's counts."""
-  mesh = _mesh()
-  experts = sizes.limits()["max_normal_experts"] * 2
-  rng = np.random.default_rng(seed)
-  idx = rng.integers(-1, experts, (TOKENS * len(GPUS), TOPK), dtype=np.int32)
+def _layouts(mesh, idx, experts):
+  """`get_dispatch_layout` of `idx` on a cuda and a reference Buffer: per
+  backend, the Layout (as NumPy), the Buffer, whether the program called the
+  kernel, and the FallbackWarnings raised."""
   results = {}
   for backend in ("cuda", "reference"):
     buffer = jax_ep.Buffer(mesh, "ep", backend=backend)
@@ -102,17 +75,39 @@ def test_layout_past_the_kernel_falls_back_to_the_reference(seed):
     with warnings.catch_warnings(record=True) as caught:
       warnings.simplefilter("always", jax_ep.FallbackWarning)
       fn, out, args = _run(mesh, layout, idx)
-    assert "jax_ep_get_dispatch_layout" not in fn.lower(*args).as_text()
-    results[backend] = jax.tree.map(np.asarray, out)
-    if backend == "cuda":
-      assert buffer.fallbacks() == (jax_ep.Fallback(
-          "get_dispatch_layout", "the layout kernel takes num_ranks <= "
-          f"{sizes.limits()['max_ranks']} and num_experts <= {experts // 2}, "
-          f"got {len(GPUS)} and {experts}"),), buffer.fallbacks()
-      assert any(issubclass(w.category, jax_ep.FallbackWarning)
-                 for w in caught)
-  jax.tree.map(np.testing.assert_array_equal, results["cuda"],
-               results["reference"])
+    results[backend] = (
+        jax.tree.map(np.asarray, out), buffer,
+        "jax_ep_get_dispatch_layout" in fn.lower(*args).as_text(),
+        [w for w in caught if issubclass(w.category, jax_ep.FallbackWarning)])
+  return results
+
+
+def test_layout_runs_the_kernel_and_matches_the_reference(seed):
+  idx = _routing(np.random.default_rng(seed), TOKENS * len(GPUS))
+  results = _layouts(_mesh(), idx, EXPERTS)
+  assert results["cuda"][2] and not results["reference"][2]
+  got, want = results["cuda"][0], results["reference"][0]
+  for name in ("num_tokens_per_rank", "num_tokens_per_expert",
+               "is_token_in_rank", "num_invalid", "num_tokens_per_node"):
+    np.testing.assert_array_equal(getattr(got, name), getattr(want, name),
+                                  err_msg=f"{name} (seed={seed})")
+  assert got.num_invalid.sum() == (idx == EXPERTS + 3).sum()
+
+
+def test_layout_past_the_kernel_falls_back_to_the_reference(seed):
+  """E past the layout kernel's 1024 (or R past its 64, which the internode
+  ops serve): a listed fallback, the reference's counts."""
+  experts = sizes.limits()["max_normal_experts"] * 2
+  idx = np.random.default_rng(seed).integers(
+      -1, experts, (TOKENS * len(GPUS), TOPK), dtype=np.int32)
+  results = _layouts(_mesh(), idx, experts)
+  (got, buffer, kernel, warned), want = results["cuda"], results["reference"][0]
+  assert not kernel and warned
+  assert buffer.fallbacks() == (jax_ep.Fallback(
+      "get_dispatch_layout", "the layout kernel takes num_ranks <= "
+      f"{sizes.limits()['max_ranks']} and num_experts <= {experts // 2}, "
+      f"got {len(GPUS)} and {experts}"),), buffer.fallbacks()
+  jax.tree.map(np.testing.assert_array_equal, got, want)
 
 
 _BUFFERS = []
