@@ -76,9 +76,10 @@
 # is why tests/support/gpu_testing.py's PRESSURE_PAIRS is 7,500 at R = 2
 # (427 s of pressure in all at 56adfbb, 523 s for the second call with the
 # sanitizers); the internode file's 9 tests of 67bd3a6 173 s, its steps and
-# low-latency tests at the six topologies 205 s (d4cf3d4), so the whole
-# file now about 4-5 minutes; EXAMPLES=1 about 150 s. A machine's start adds
-# about 40 s.
+# low-latency tests at the six topologies 205 s (d4cf3d4), the whole file
+# (16 tests) about 250 s at 75669bb; EXAMPLES=1 about 150 s; OVERLAP=1
+# about 15 s. A machine's start took 40 s, but a call's lease counted about
+# 140 s more than its command on 2026-12-02 (held time, not start alone).
 # Exit status: 0 when every step that ran passed. A failed build stops the
 # run; failed tests do not stop the benchmarks.
 set -euo pipefail
