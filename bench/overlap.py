@@ -29,6 +29,11 @@ each step depending on the last:
                   knows matmuls, not custom calls, so it may start them
                   early)
     matmuls_stream_lhs  the same with the latency-hiding scheduler
+    both_streams  the communication on gpu_stream:1 and the matmuls on
+                  gpu_stream:2, command buffers off: two async computations,
+                  which XLA may start one after the other before either's
+                  done (it did so with its own async copies)
+    both_streams_lhs    the same with the latency-hiding scheduler
 The record of each pair (op `overlap_<variant>`) notes the parts' times
 alone, their sum and max, and how much of the shorter part the pair hid:
 (sum - pair) / min. `--dump DIR` has XLA write each variant's optimized HLO
@@ -63,20 +68,21 @@ _GROUP = "_scheduling_group_id"  # XLA's scheduling annotation
 
 
 class Variant(NamedTuple):
-  """`compute_on`'s compute_type for the part `moved` ("comm" or
-  "matmuls"; None: nothing moved), XLA compile options, and the scheduling
-  group the step is traced in (None: none)."""
-  compute_type: str | None
+  """`compute_on`'s compute_type for the communication and for the matmuls
+  (None: as written, on the compute stream), XLA compile options, and the
+  scheduling group the step is traced in (None: none)."""
+  comm_on: str | None
   options: dict
-  moved: str = "comm"
+  matmuls_on: str | None = None
   group: str | None = None
 
 
 def _placement(variant: Variant) -> str:
-  if variant.compute_type is None:
-    return "as written"
-  group = f", scheduling group {variant.group}" if variant.group else ""
-  return f"the {variant.moved} on {variant.compute_type}{group}"
+  parts = [f"the {part} on {where}" for part, where in (
+      ("comm", variant.comm_on), ("matmuls", variant.matmuls_on)) if where]
+  if variant.group:
+    parts.append(f"scheduling group {variant.group}")
+  return ", ".join(parts) or "as written"
 
 
 VARIANTS = {
@@ -89,8 +95,12 @@ VARIANTS = {
     "collective": Variant("gpu_stream:collective", _NO_GRAPHS),
     "stream_lhs": Variant("gpu_stream:1", _LHS),
     "stream_group": Variant("gpu_stream:1", _LHS, group="1"),
-    "matmuls_stream": Variant("gpu_stream:1", _NO_GRAPHS, moved="matmuls"),
-    "matmuls_stream_lhs": Variant("gpu_stream:1", _LHS, moved="matmuls"),
+    "matmuls_stream": Variant(None, _NO_GRAPHS, matmuls_on="gpu_stream:1"),
+    "matmuls_stream_lhs": Variant(None, _LHS, matmuls_on="gpu_stream:1"),
+    "both_streams": Variant("gpu_stream:1", _NO_GRAPHS,
+                            matmuls_on="gpu_stream:2"),
+    "both_streams_lhs": Variant("gpu_stream:1", _LHS,
+                                matmuls_on="gpu_stream:2"),
 }
 
 
@@ -139,7 +149,8 @@ def run(*, shape_name: str, matmuls: int, n: int, variants, iters: int,
                                             shape.topk, ranks)
       if on_gpus else None)
   if not on_gpus:
-    variants = [v for v in variants if VARIANTS[v].compute_type is None]
+    variants = [v for v in variants
+                if VARIANTS[v].comm_on is VARIANTS[v].matmuls_on is None]
   sharding = NamedSharding(mesh, P("ep"))
   rng = np.random.default_rng(seed)
   put = functools.partial(harness.place, sharding=sharding)
@@ -162,12 +173,11 @@ def run(*, shape_name: str, matmuls: int, n: int, variants, iters: int,
     return comm(x, idx), idx
 
   def pair_step(variant: Variant):
-    def elsewhere(f):
-      return f if variant.compute_type is None else compute_on(
-          f, compute_type=variant.compute_type,
-          out_memory_spaces=jax.memory.Space.Device)
-    part = elsewhere(comm) if variant.moved == "comm" else comm
-    matmuls = elsewhere(_compute) if variant.moved == "matmuls" else _compute
+    def on(where, f):
+      return f if where is None else compute_on(
+          f, compute_type=where, out_memory_spaces=jax.memory.Space.Device)
+    part = on(variant.comm_on, comm)
+    matmuls = on(variant.matmuls_on, _compute)
 
     def step(c):
       x, idx, mats = c
