@@ -72,7 +72,7 @@ def _exactly_f32(x: jax.Array) -> jax.Array:
   xla_allow_excess_precision) may drop a f32 -> bf16 -> f32 round trip, so a
   bf16 `x` made by converting f32 values can reach the cast unrounded inside
   a larger program; reduce_precision rounds it again (a no-op on values
-already in the dtype)."""
+  already in the dtype)."""
   wide = x.astype(jnp.float32)
   if x.dtype not in (jnp.bfloat16, jnp.float16):  # IEEE-like narrower types
     return wide

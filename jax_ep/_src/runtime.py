@@ -22,7 +22,6 @@ from jax import lax
 
 from jax_ep._src import exchange
 from jax_ep._src import native
-from jax_ep._src import sizes
 from jax_ep._src.backend import LayoutBackend, LowLatencyBackend, NormalBackend
 from jax_ep._src.config import Config, tuned_config
 from jax_ep._src.cuda import layout as cuda_layout
@@ -373,9 +372,8 @@ class Buffer:
     listed fallback; the layout is a small part of a step."""
     if not self._uses_kernel(op):
       return reference_layout
-    limit = sizes.limits()
-    most_ranks, most_experts = limit["max_ranks"], limit["max_normal_experts"]
-    if self.num_ranks > most_ranks or num_experts > most_experts:
+    if not cuda_layout.takes(self.num_ranks, num_experts):
+      most_ranks, most_experts = cuda_layout.limits()
       self.fall_back(op, f"the layout kernel takes num_ranks <= {most_ranks} "
                      f"and num_experts <= {most_experts}, got {self.num_ranks} "
                      f"and {num_experts}")

@@ -5,7 +5,7 @@ Run by test_internode_gpu.py through `gpu_testing.launch_per_gpu` (one GPU
 each, or several ranks sharing a GPU):
 
     python internode_worker.py --seed N [--ranks-per-node G]
-        [--region-share F] --steps S
+        [--region-share F] [--rdma-chunk C] --steps S
         S calls cycling through intranode_worker's `multiprocess_cases` on
         fresh inputs, through the public ops on the kernels: dispatch,
         cached dispatch, combines (f32, bf16 with a bias, f32 rows); then
@@ -14,7 +14,8 @@ each, or several ranks sharing a GPU):
         against the dense model, every output and handle field bit for bit;
         prints "worker i/R: S internode steps passed", then "worker i/R:
         internode VJPs passed". With F < 1 the exchange region holds F of
-        what whole calls need, and the larger calls go in pieces.
+        what whole calls need, and the larger calls go in pieces; C is
+        Config.rdma_chunk (default 0, automatic).
     python internode_worker.py --seed N --repeat STEPS
         STEPS dispatch/combine pairs on fresh routings, enqueued back to
         back, each checked; prints the sha256 of every output (two runs must

@@ -14,6 +14,18 @@ from jax_ep._src import sizes
 _TARGET = "jax_ep_get_dispatch_layout"
 
 
+def limits() -> tuple[int, int]:
+  """The most ranks and experts the layout kernel takes."""
+  limit = sizes.limits()
+  return limit["max_ranks"], limit["max_normal_experts"]
+
+
+def takes(num_ranks: int, num_experts: int) -> bool:
+  """Whether the layout kernel takes R = `num_ranks` and E = `num_experts`."""
+  max_ranks, max_experts = limits()
+  return num_ranks <= max_ranks and num_experts <= max_experts
+
+
 def get_dispatch_layout(
     topk_idx: jax.Array, *, num_experts: int, num_ranks: int
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
@@ -34,9 +46,8 @@ def get_dispatch_layout(
     is_token_in_rank bool[T, R], num_invalid int32[])`.
   """
   op = "get_dispatch_layout"
-  limit = sizes.limits()
-  max_experts, max_ranks = limit["max_normal_experts"], limit["max_ranks"]
-  if num_experts > max_experts or num_ranks > max_ranks:
+  if not takes(num_ranks, num_experts):
+    max_ranks, max_experts = limits()
     raise ValueError(
         f"jax_ep.{op}: the CUDA kernel supports num_experts <= {max_experts} "
         f"and num_ranks <= {max_ranks}, got {num_experts} and {num_ranks}; "
