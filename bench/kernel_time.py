@@ -18,7 +18,7 @@ import os
 import re
 import statistics
 import tempfile
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 
@@ -27,16 +27,35 @@ def kernel_times(loop: Callable, carry, *, iters: int
                  ) -> dict[str, tuple[int, float]]:
   """Per GPU kernel name of one profiled run of `loop` (`iters` calls):
   (launches per call, median µs per launch)."""
-  with tempfile.TemporaryDirectory() as trace_dir:
-    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-      jax.block_until_ready(loop(carry))
-    durations = _kernel_durations(trace_dir)
+  durations = collections.defaultdict(list)
+  for kernel in kernel_intervals(loop, carry):
+    durations[kernel.name].append(kernel.end - kernel.start)
   return {name: (round(len(d) / iters), statistics.median(d))
           for name, d in durations.items()}
 
 
-def _kernel_durations(trace_dir: str) -> dict[str, list[float]]:
-  """Durations (µs) of every kernel on this process's GPU streams, by name."""
+class Kernel(NamedTuple):
+  """One kernel run: its name, the GPU stream it ran on, start and end (µs
+  on the profiler's clock)."""
+  name: str
+  stream: int
+  start: float
+  end: float
+
+
+def kernel_intervals(loop: Callable, carry) -> list[Kernel]:
+  """Every kernel of one profiled run of `loop` on this process's GPU
+  streams, in start order."""
+  with tempfile.TemporaryDirectory() as trace_dir:
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+      jax.block_until_ready(loop(carry))
+    kernels = _kernels(trace_dir)
+  if not kernels:
+    raise RuntimeError("the profile holds no GPU kernel (is CUPTI available?)")
+  return sorted(kernels, key=lambda k: k.start)
+
+
+def _kernels(trace_dir: str) -> list[Kernel]:
   paths = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"),
                     recursive=True)
   if not paths:
@@ -49,13 +68,40 @@ def _kernel_durations(trace_dir: str) -> dict[str, list[float]]:
   streams = {(e["pid"], e["tid"]) for e in events if e.get("ph") == "M" and
              e.get("name") == "thread_name" and e["pid"] in gpus and
              "Stream" in e["args"]["name"]}
-  durations = collections.defaultdict(list)
-  for e in events:
-    if e.get("ph") == "X" and (e["pid"], e.get("tid")) in streams:
-      durations[e["name"]].append(float(e["dur"]))
-  if not durations:
-    raise RuntimeError("the profile holds no GPU kernel (is CUPTI available?)")
-  return durations
+  return [Kernel(e["name"], e["tid"], float(e["ts"]),
+                 float(e["ts"]) + float(e["dur"]))
+          for e in events
+          if e.get("ph") == "X" and (e["pid"], e.get("tid")) in streams]
+
+
+def busy(kernels: list[Kernel]) -> list[tuple[float, float]]:
+  """The union of the kernels' intervals: disjoint (start, end), in order."""
+  union: list[tuple[float, float]] = []
+  for k in sorted(kernels, key=lambda k: k.start):
+    if union and k.start <= union[-1][1]:
+      union[-1] = (union[-1][0], max(union[-1][1], k.end))
+    else:
+      union.append((k.start, k.end))
+  return union
+
+
+def length(intervals: list[tuple[float, float]]) -> float:
+  return sum(end - start for start, end in intervals)
+
+
+def intersection(a: list[tuple[float, float]], b: list[tuple[float, float]]
+                 ) -> list[tuple[float, float]]:
+  """Where two unions of disjoint sorted intervals (busy's) overlap."""
+  out, i, j = [], 0, 0
+  while i < len(a) and j < len(b):
+    start, end = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+    if start < end:
+      out.append((start, end))
+    if a[i][1] < b[j][1]:
+      i += 1
+    else:
+      j += 1
+  return out
 
 
 def short_name(kernel: str) -> str:

@@ -34,6 +34,12 @@ each step depending on the last:
                   which XLA may start one after the other before either's
                   done (it did so with its own async copies)
     both_streams_lhs    the same with the latency-hiding scheduler
+    both_collective     the communication on gpu_stream:collective (XLA's
+                  communication stream), the matmuls on gpu_stream:1
+    both_collective_prio  the same with XLA's communication streams at the
+                  highest priority (xla_gpu_enable_highest_priority_async_
+                  stream): the block scheduler then serves the
+                  communication's blocks before the matmuls' waiting ones
 The record of each pair (op `overlap_<variant>`) notes the parts' times
 alone, their sum and max, and how much of the shorter part the pair hid:
 (sum - pair) / min. `--dump DIR` has XLA write each variant's optimized HLO
@@ -59,7 +65,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jax_ep
-from bench import harness
+from bench import harness, kernel_time
 from bench.shapes import SHAPES
 
 _NO_GRAPHS = {"xla_gpu_enable_command_buffer": ""}
@@ -101,6 +107,12 @@ VARIANTS = {
                             matmuls_on="gpu_stream:2"),
     "both_streams_lhs": Variant("gpu_stream:1", _LHS,
                                 matmuls_on="gpu_stream:2"),
+    "both_collective": Variant("gpu_stream:collective", _NO_GRAPHS,
+                               matmuls_on="gpu_stream:1"),
+    "both_collective_prio": Variant(
+        "gpu_stream:collective",
+        {**_NO_GRAPHS, "xla_gpu_enable_highest_priority_async_stream": True},
+        matmuls_on="gpu_stream:1"),
 }
 
 
@@ -128,23 +140,43 @@ def _loop(mesh, iters: int, step):
 
 
 def _timed(loop, carry, options, *, iters: int, reps: int, warmup: int,
-           dump: str | None, name: str) -> float:
+           dump: str | None, profile: bool, name: str):
+  """Seconds per step, and with `profile` the kernels' busy time per step:
+  a note (see _busy_note)."""
   if dump:
     options = {**options, "xla_dump_to": f"{dump}/{name}",
                "xla_dump_hlo_as_text": True}
   compiled = loop.lower(carry).compile(options or None)
-  return harness.time_loop(compiled, carry, iters=iters, reps=reps,
-                           warmup=warmup)
+  seconds = harness.time_loop(compiled, carry, iters=iters, reps=reps,
+                              warmup=warmup)
+  if not profile:
+    return seconds, ""
+  return seconds, _busy_note(kernel_time.kernel_intervals(compiled, carry),
+                             iters)
+
+
+def _busy_note(kernels, iters: int) -> str:
+  """Per step: how long jax_ep's kernels ran, how long the others (the
+  matmuls, XLA's fusions) ran, and how long both ran at once; from one
+  profiled run of the loop."""
+  ours = kernel_time.busy([k for k in kernels if "jax_ep" in k.name])
+  others = kernel_time.busy([k for k in kernels if "jax_ep" not in k.name])
+  both = kernel_time.intersection(ours, others)
+  return (f"kernels per step: jax_ep {kernel_time.length(ours) / iters:.1f} "
+          f"us, others {kernel_time.length(others) / iters:.1f} us, both at "
+          f"once {kernel_time.length(both) / iters:.1f} us")
 
 
 def run(*, shape_name: str, matmuls: int, n: int, variants, iters: int,
-        reps: int, warmup: int, seed: int, dump: str | None):
+        reps: int, warmup: int, seed: int, dump: str | None,
+        profile: bool = False, num_sms: int | None = None):
   shape = SHAPES[shape_name]
   mesh = jax.make_mesh((jax.device_count(),), ("ep",))
   ranks = mesh.shape["ep"]
   on_gpus = jax.devices()[0].platform == "gpu"
   buffer = jax_ep.Buffer(
       mesh, "ep", backend="cuda" if on_gpus else "reference",
+      config=jax_ep.Config(num_sms=num_sms) if num_sms else None,
       num_nvl_bytes=jax_ep.nvl_buffer_bytes(shape.tokens, shape.hidden,
                                             shape.topk, ranks)
       if on_gpus else None)
@@ -166,7 +198,8 @@ def run(*, shape_name: str, matmuls: int, n: int, variants, iters: int,
            .astype(jnp.bfloat16)))
       for _ in range(matmuls))
   comm = functools.partial(_comm, buffer, shape.experts)
-  loops = dict(iters=iters, reps=reps, warmup=warmup, dump=dump)
+  loops = dict(iters=iters, reps=reps, warmup=warmup, dump=dump,
+               profile=profile)
 
   def comm_step(c):
     x, idx = c
@@ -186,10 +219,10 @@ def run(*, shape_name: str, matmuls: int, n: int, variants, iters: int,
         return part(x, idx), idx, matmuls(mats)
     return step
 
-  comm_s = _timed(_loop(mesh, iters, comm_step), (x, idx), {}, name="comm",
-                  **loops)
-  compute_s = _timed(_loop(mesh, iters, _compute), mats, {}, name="compute",
-                     **loops)
+  comm_s, comm_busy = _timed(_loop(mesh, iters, comm_step), (x, idx), {},
+                             name="comm", **loops)
+  compute_s, compute_busy = _timed(_loop(mesh, iters, _compute), mats, {},
+                                   name="compute", **loops)
   records = []
 
   def record(op, seconds, note):
@@ -203,18 +236,22 @@ def run(*, shape_name: str, matmuls: int, n: int, variants, iters: int,
       harness.print_row(records[-1])
 
   compute_note = f"{matmuls} chains of {n}x{n} bf16 matmuls"
-  record("overlap_comm", comm_s, "dispatch + combine alone")
-  record("overlap_compute", compute_s, compute_note + " alone")
+  record("overlap_comm", comm_s, "; ".join(
+      filter(None, ["dispatch + combine alone", comm_busy])))
+  record("overlap_compute", compute_s, "; ".join(
+      filter(None, [compute_note + " alone", compute_busy])))
   for name in variants:
     variant = VARIANTS[name]
-    seconds = _timed(_loop(mesh, iters, pair_step(variant)),
-                     (x, idx, mats), variant.options, name=name, **loops)
+    seconds, pair_busy = _timed(_loop(mesh, iters, pair_step(variant)),
+                                (x, idx, mats), variant.options, name=name,
+                                **loops)
     total, longest = comm_s + compute_s, max(comm_s, compute_s)
     hidden = (total - seconds) / min(comm_s, compute_s)
     record(f"overlap_{name}", seconds,
            f"with {compute_note}: sum of the parts {total * 1e6:.1f} us, max "
            f"{longest * 1e6:.1f} us; hid {100 * hidden:.0f}% of the shorter "
-           f"part ({_placement(variant)}, {variant.options or 'defaults'})")
+           f"part ({_placement(variant)}, {variant.options or 'defaults'})"
+           + (f"; {pair_busy}" if pair_busy else ""))
   return records
 
 
@@ -233,6 +270,12 @@ def main(argv=None) -> None:
   parser.add_argument("--reps", type=int, default=20)
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--num-sms", type=int, default=None,
+                      help="the kernels' SMs (default: the Buffer's)")
+  parser.add_argument("--profile", action="store_true",
+                      help="also profile one run of each loop: the kernels' "
+                      "busy time per step, jax_ep's and the others', and "
+                      "how long both ran at once")
   parser.add_argument("--dump", default=None,
                       help="folder for XLA's dumps, one per variant")
   parser.add_argument("--out", default=None, help="JSON path (default "
@@ -246,7 +289,8 @@ def main(argv=None) -> None:
     harness.print_header()
   records = run(shape_name=args.shape, matmuls=args.matmuls, n=args.n,
                 variants=variants, iters=args.iters, reps=args.reps,
-                warmup=args.warmup, seed=args.seed, dump=args.dump)
+                warmup=args.warmup, seed=args.seed, dump=args.dump,
+                profile=args.profile, num_sms=args.num_sms)
   if jax.process_index() == 0:
     harness.save_records(records, args.out,
                          f"overlap_r{jax.device_count()}")
