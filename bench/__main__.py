@@ -47,9 +47,11 @@ def main(argv=None) -> None:
   parser.add_argument("--shape", choices=sorted(SHAPES), default="dsv3")
   parser.add_argument("--tokens", type=_ints,
                       help="override tokens per rank; a comma list sweeps")
-  parser.add_argument("--num-sms", type=_ints, default=[None],
-                      help="SM counts to time jax_ep with (comma list; "
-                      "default: the Buffer's config)")
+  parser.add_argument("--num-sms", type=_ints, default=[24, 0],
+                      help="SM counts to time jax_ep's normal kernels with "
+                      "(comma list; 0: automatic, the grid of a kernel alone "
+                      "on the GPU; default 24,0: DeepEP's budget, beside "
+                      "which the model computes, and the automatic grid)")
   parser.add_argument("--hidden", type=_ints,
                       help="override the hidden size; a comma list sweeps")
   parser.add_argument("--ranks-per-node", type=int, default=None,

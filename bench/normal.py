@@ -111,8 +111,8 @@ def _sharded(mesh, f):
 def run(mesh, shape: Shape, *, impls, dtypes, ops, seed: int, iters: int,
         reps: int, warmup: int, num_sms=(None,),
         ranks_per_node: int | None = None) -> list[harness.Record]:
-  """Times every impl and op on one shape; jax_ep once per SM count in
-  `num_sms` (None: the Buffer's default config). `ranks_per_node` G < R
+  """Times every impl and op on one shape; jax_ep's kernels once per SM
+  count in `num_sms` (None: the Buffer's default config; 0: automatic). `ranks_per_node` G < R
   makes the EP axis N = R / G nodes: jax_ep then runs its internode
   kernels (one process per rank)."""
   problem = Problem(mesh, shape, seed, ranks_per_node)
@@ -135,8 +135,9 @@ def run(mesh, shape: Shape, *, impls, dtypes, ops, seed: int, iters: int,
 
   api_ops = {"layout": ("get_dispatch_layout",), "dispatch": ("dispatch",),
              "combine": ("combine",), "dispatch_combine": ("dispatch", "combine")}
+  on_gpus = mesh.devices.flat[0].platform == "gpu"
   runs = [(impl, sms) for impl in impls
-          for sms in (num_sms if impl == "jax_ep" else (None,))]
+          for sms in (num_sms if impl == "jax_ep" and on_gpus else (None,))]
   for impl, sms in runs:
     if impl == "ragged_all_to_all":
       _run_ragged(problem, ops, record, loops)
@@ -159,7 +160,7 @@ def run(mesh, shape: Shape, *, impls, dtypes, ops, seed: int, iters: int,
         num_rdma_bytes=jax_ep.rdma_buffer_bytes(*sizing, ranks_per_node)
         if kernels and internode else None,
         config=None if sms is None else jax_ep.Config(num_sms=sms))
-    num_sms = buffer.config.num_sms if kernels else None
+    num_sms = buffer.num_sms()
     gathered = (ranks - 1) * shape.tokens
 
     def logical(rows, hidden_bytes):

@@ -34,15 +34,20 @@ each step depending on the last:
                   which XLA may start one after the other before either's
                   done (it did so with its own async copies)
     both_streams_lhs    the same with the latency-hiding scheduler
+    both_streams_cb     both_streams with command buffers on (XLA's default)
+    overlap       the same through `jax_ep.overlap`, as a model writes it
     both_collective     the communication on gpu_stream:collective (XLA's
                   communication stream), the matmuls on gpu_stream:1
     both_collective_prio  the same with XLA's communication streams at the
                   highest priority (xla_gpu_enable_highest_priority_async_
                   stream): the block scheduler then serves the
                   communication's blocks before the matmuls' waiting ones
-The record of each pair (op `overlap_<variant>`) notes the parts' times
-alone, their sum and max, and how much of the shorter part the pair hid:
-(sum - pair) / min. `--dump DIR` has XLA write each variant's optimized HLO
+The communication is traced as it would be beside computation (the grid of
+`jax_ep.overlap`, Config.num_sms 0: 24 SMs) in the variants that give it a
+stream, as written (the grid of kernels alone on the GPU, 64 SMs) in the
+others, and timed alone at each grid. The record of each pair (op
+`overlap_<variant>`) notes the parts' times alone, their sum and max, and
+how much of the shorter part the pair hid: (sum - pair) / min. `--dump DIR` has XLA write each variant's optimized HLO
 and thunk sequence under DIR/<variant>, where `call-start` around the
 custom call and `kAsyncStart ... computation_stream[1]` outside any
 `kCommandBuffer` say that it got its own stream. On the reference backend
@@ -52,6 +57,7 @@ custom call and `kAsyncStart ... computation_stream[1]` outside any
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 from typing import NamedTuple
 
@@ -66,6 +72,7 @@ from jax.sharding import PartitionSpec as P
 
 import jax_ep
 from bench import harness, kernel_time
+from jax_ep._src import overlap as overlap_lib
 from bench.shapes import SHAPES
 
 _NO_GRAPHS = {"xla_gpu_enable_command_buffer": ""}
@@ -91,6 +98,9 @@ def _placement(variant: Variant) -> str:
   return ", ".join(parts) or "as written"
 
 
+# jax_ep.overlap: both_streams_cb written with the library's helper.
+OVERLAP = Variant(overlap_lib.COMM_STREAM, {},
+                  matmuls_on=overlap_lib.COMPUTE_STREAM)
 VARIANTS = {
     "base": Variant(None, {}),
     "stream": Variant("gpu_stream:1", {}),
@@ -105,8 +115,10 @@ VARIANTS = {
     "matmuls_stream_lhs": Variant(None, _LHS, matmuls_on="gpu_stream:1"),
     "both_streams": Variant("gpu_stream:1", _NO_GRAPHS,
                             matmuls_on="gpu_stream:2"),
+    "both_streams_cb": Variant("gpu_stream:1", {}, matmuls_on="gpu_stream:2"),
     "both_streams_lhs": Variant("gpu_stream:1", _LHS,
                                 matmuls_on="gpu_stream:2"),
+    "overlap": OVERLAP,
     "both_collective": Variant("gpu_stream:collective", _NO_GRAPHS,
                                matmuls_on="gpu_stream:1"),
     "both_collective_prio": Variant(
@@ -114,6 +126,15 @@ VARIANTS = {
         {**_NO_GRAPHS, "xla_gpu_enable_highest_priority_async_stream": True},
         matmuls_on="gpu_stream:1"),
 }
+
+
+def _beside(variant: Variant):
+  """While the communication of `variant` is traced: the kernels' grid of
+  communication beside computation (`jax_ep.overlap`'s) when it has a
+  stream of its own, else the grid of kernels alone on the GPU."""
+  if variant.comm_on is None:
+    return contextlib.nullcontext()
+  return overlap_lib.tracing_beside_compute()
 
 
 def _comm(buffer, num_experts: int, x, idx):
@@ -206,6 +227,14 @@ def run(*, shape_name: str, matmuls: int, n: int, variants, iters: int,
     return comm(x, idx), idx
 
   def pair_step(variant: Variant):
+    if variant is OVERLAP:
+      def step(c):
+        x, idx, mats = c
+        y, mats = jax_ep.overlap(buffer, lambda: comm(x, idx),
+                                 lambda: _compute(mats))
+        return y, idx, mats
+      return step
+
     def on(where, f):
       return f if where is None else compute_on(
           f, compute_type=where, out_memory_spaces=jax.memory.Space.Device)
@@ -215,33 +244,49 @@ def run(*, shape_name: str, matmuls: int, n: int, variants, iters: int,
     def step(c):
       x, idx, mats = c
       with set_xla_metadata(**({_GROUP: variant.group} if variant.group
-                               else {})):
+                               else {})), _beside(variant):
         return part(x, idx), idx, matmuls(mats)
     return step
 
-  comm_s, comm_busy = _timed(_loop(mesh, iters, comm_step), (x, idx), {},
-                             name="comm", **loops)
-  compute_s, compute_busy = _timed(_loop(mesh, iters, _compute), mats, {},
-                                   name="compute", **loops)
   records = []
 
-  def record(op, seconds, note):
+  def record(op, seconds, note, beside=False):
     records.append(harness.Record(
         op=op, impl="jax_ep" if on_gpus else "reference", dtype="bf16",
         tokens=shape.tokens, hidden=shape.hidden, topk=shape.topk,
         experts=shape.experts, ranks=ranks,
-        num_sms=buffer.config.num_sms if on_gpus else None,
+        num_sms=buffer.num_sms(beside_compute=beside),
         time_us=seconds * 1e6, logical_gbps=None, link_gbps=None, note=note))
     if jax.process_index() == 0:
       harness.print_row(records[-1])
 
+  # The communication alone at each grid a variant gives its kernels: alone
+  # on the GPU (as written) and beside computation (on a stream of its own).
+  comm_alone = {}
+  grids = [False] + ([True] if any(
+      VARIANTS[v].comm_on for v in variants) and buffer.num_sms(
+          beside_compute=True) != buffer.num_sms() else [])
+  for beside in grids:
+    with (overlap_lib.tracing_beside_compute() if beside
+          else contextlib.nullcontext()):
+      loop = _loop(mesh, iters, comm_step)
+      comm_alone[beside] = _timed(loop, (x, idx), {},
+                                  name="comm_beside" if beside else "comm",
+                                  **loops)
+    record("overlap_comm_beside" if beside else "overlap_comm",
+           comm_alone[beside][0], "; ".join(filter(None, [
+               "dispatch + combine alone, at the grid of kernels " +
+               ("beside computation" if beside else "alone on the GPU"),
+               comm_alone[beside][1]])), beside)
+  compute_s, compute_busy = _timed(_loop(mesh, iters, _compute), mats, {},
+                                   name="compute", **loops)
   compute_note = f"{matmuls} chains of {n}x{n} bf16 matmuls"
-  record("overlap_comm", comm_s, "; ".join(
-      filter(None, ["dispatch + combine alone", comm_busy])))
   record("overlap_compute", compute_s, "; ".join(
       filter(None, [compute_note + " alone", compute_busy])))
   for name in variants:
     variant = VARIANTS[name]
+    beside = variant.comm_on is not None and True in comm_alone
+    comm_s = comm_alone[beside][0]
     seconds, pair_busy = _timed(_loop(mesh, iters, pair_step(variant)),
                                 (x, idx, mats), variant.options, name=name,
                                 **loops)
@@ -251,7 +296,7 @@ def run(*, shape_name: str, matmuls: int, n: int, variants, iters: int,
            f"with {compute_note}: sum of the parts {total * 1e6:.1f} us, max "
            f"{longest * 1e6:.1f} us; hid {100 * hidden:.0f}% of the shorter "
            f"part ({_placement(variant)}, {variant.options or 'defaults'})"
-           + (f"; {pair_busy}" if pair_busy else ""))
+           + (f"; {pair_busy}" if pair_busy else ""), beside)
   return records
 
 

@@ -18,6 +18,7 @@ from jax_ep._src.low_latency import low_latency_dispatch as low_latency_dispatch
 from jax_ep._src.normal import check_capacity as check_capacity
 from jax_ep._src.normal import combine as combine
 from jax_ep._src.normal import dispatch as dispatch
+from jax_ep._src.overlap import overlap as overlap
 from jax_ep._src.runtime import Buffer as Buffer
 from jax_ep._src.runtime import Fallback as Fallback
 from jax_ep._src.runtime import FallbackWarning as FallbackWarning

@@ -25,7 +25,8 @@
 #                 GPUs (bench/probes/nvlink_write.cu), output in ceilings.log
 #   EXAMPLES=1    also the examples' GPU figures: python -m bench.experts
 #                 (experts.log, experts.json), DeepSeek-V3's layer trained
-#                 (main.py --config dsv3_gpu, bf16 and fp8 dispatch:
+#                 (main.py --config dsv3_gpu, bf16 and fp8 dispatch, and
+#                 bf16 as two overlapped micro-batches:
 #                 dsv3_train*.log/json) and decoding (decode.py on the
 #                 kernels, one process per GPU: decode.log/json)
 #   OVERLAP=1     also python -m bench.overlap (dispatch + combine beside
@@ -249,12 +250,15 @@ if [[ "${EXAMPLES:-0}" == 1 ]]; then
   num_gpus=$(nvidia-smi -L | grep -c '^GPU ' || true)
   optional_step "bench.experts" experts.log 600 \
     "$PYTHON" -m bench.experts --out "$OUT/experts.json"
-  for fp8 in false true; do
-    optional_step "dsv3 train (fp8 dispatch $fp8)" "dsv3_train_fp8_$fp8.log" \
+  for run in fp8_false fp8_true fp8_false_overlap; do
+    fp8=$(echo "$run" | cut -d_ -f2)
+    overlap=$([[ "$run" == *_overlap ]] && echo true || echo false)
+    optional_step "dsv3 train ($run)" "dsv3_train_$run.log" \
       600 "$PYTHON" -m jax_ep.launch -n "$num_gpus" -- "$PYTHON" \
       examples/moe/main.py --config dsv3_gpu --steps 30 --fp8_dispatch $fp8 \
-      --metrics_out "$OUT/dsv3_train_fp8_$fp8.json"
-    grep -hE '^done' "$OUT/dsv3_train_fp8_$fp8.log" | tee -a "$OUT/summary.txt"
+      --overlap_micro_batches $overlap \
+      --metrics_out "$OUT/dsv3_train_$run.json"
+    grep -hE '^done' "$OUT/dsv3_train_$run.log" | tee -a "$OUT/summary.txt"
   done
   optional_step decode decode.log 600 "$PYTHON" -m jax_ep.launch \
     -n "$num_gpus" -- "$PYTHON" examples/moe/decode.py --new_tokens 32 \
@@ -267,7 +271,7 @@ if [[ "${OVERLAP:-0}" == 1 ]]; then
   num_gpus=$(nvidia-smi -L | grep -c '^GPU ' || true)
   dump=$(mktemp -d)
   optional_step "bench.overlap" overlap.log 600 "$PYTHON" -m jax_ep.launch \
-    -n "$num_gpus" -- "$PYTHON" -m bench.overlap --dump "$dump" \
+    -n "$num_gpus" -- "$PYTHON" -m bench.overlap --dump "$dump" --profile \
     --out "$OUT/overlap.json"
   (cd "$dump" && find . \( -name '*after_optimizations.txt' -o \
     -name '*thunk_sequence*.txt' \) -print0 |

@@ -15,6 +15,10 @@ routed experts are sharded over the EP axis, and per rank, inside
     gate -> jax_ep.dispatch (bf16, or fp8 rows with their scales)
          -> local SwiGLU experts (`experts.local_experts`) -> jax_ep.combine
 
+With `overlap_micro_batches` the tokens go as two micro-batches, each one's
+dispatch and combine beside the other's expert GEMMs on XLA's other streams
+(`jax_ep.overlap`), as DualPipe overlaps them.
+
 With `fp8_dispatch` the rows travel as e4m3 with one f32 scale per 128
 channels and are cast back on arrival, as DeepSeek-V3 trains; their
 gradient comes back as the bf16 combine of the rows' cotangents (the
@@ -58,6 +62,9 @@ class MoEConfig:
       `jax.lax.ragged_dot`; a factor runs them as batched GEMMs over that
       many times the mean pairs per expert (`experts.padded_experts`;
       pairs past an expert's slots are dropped and counted).
+    overlap_micro_batches: run the tokens as two micro-batches, each one's
+      dispatch and combine beside the other's expert GEMMs
+      (`jax_ep.overlap`, DualPipe's overlap); needs an even T.
     bias_rate: the bias update's step (`dsv3_gate.update_bias`).
     dtype: compute and communication dtype; parameters are float32.
   """
@@ -69,6 +76,7 @@ class MoEConfig:
   fp8_dispatch: bool = False
   capacity_factor: float | None = None
   expert_slots_factor: float | None = None
+  overlap_micro_batches: bool = False
   bias_rate: float = 0.001
   dtype: str = "bfloat16"
 
@@ -84,6 +92,7 @@ def config_of(cfg) -> MoEConfig:
                    fp8_dispatch=cfg.fp8_dispatch,
                    capacity_factor=cfg.capacity_factor,
                    expert_slots_factor=cfg.expert_slots_factor,
+                   overlap_micro_batches=cfg.overlap_micro_batches,
                    bias_rate=cfg.bias_rate, dtype=cfg.dtype)
 
 
@@ -127,6 +136,17 @@ def routed_experts(buffer: jax_ep.Buffer, cfg: MoEConfig, x: jax.Array,
     `([T, H] in x.dtype, int32 rows this rank could not receive plus
     (row, expert) pairs its experts' slots could not take)`.
   """
+  if cfg.overlap_micro_batches:
+    return _two_micro_batches(buffer, cfg, x, topk_idx, topk_weights,
+                              w_gate_up, w_down)
+  d, rows, cap = _send(buffer, cfg, x, topk_idx, topk_weights)
+  y, dropped_pairs = _experts(cfg, d, rows, w_gate_up, w_down)
+  out = jax_ep.combine(buffer, y.astype(x.dtype), d.handle)
+  return out, jnp.maximum(d.num_recv_tokens - cap, 0) + dropped_pairs
+
+
+def _send(buffer, cfg: MoEConfig, x, topk_idx, topk_weights):
+  """Dispatches `x`: `(Dispatched, its rows in x.dtype, the capacity)`."""
   num_experts = cfg.gate.num_experts
   cap = capacity(buffer.num_ranks, x.shape[0], num_experts, cfg.gate.topk,
                  cfg.capacity_factor)
@@ -135,17 +155,56 @@ def routed_experts(buffer: jax_ep.Buffer, cfg: MoEConfig, x: jax.Array,
     q, scales = lax.stop_gradient(jax_ep.per_token_cast_to_fp8(x))
     d = jax_ep.dispatch(buffer, (q, scales), topk_idx, topk_weights,
                         num_experts=num_experts, capacity=cap)
-    rows = _arrived(buffer, x, d.x, d.scales, d.handle)
-  else:
-    d = jax_ep.dispatch(buffer, x, topk_idx, topk_weights,
-                        num_experts=num_experts, capacity=cap)
-    rows = d.x
-  y, dropped_pairs = local_experts(rows, d.topk_idx, d.topk_weights,
-                                   w_gate_up, w_down,
-                                   slots_factor=cfg.expert_slots_factor,
-                                   activation=swiglu)
-  out = jax_ep.combine(buffer, y.astype(x.dtype), d.handle)
-  return out, jnp.maximum(d.num_recv_tokens - cap, 0) + dropped_pairs
+    return d, _arrived(buffer, x, d.x, d.scales, d.handle), cap
+  d = jax_ep.dispatch(buffer, x, topk_idx, topk_weights,
+                      num_experts=num_experts, capacity=cap)
+  return d, d.x, cap
+
+
+def _experts(cfg: MoEConfig, d, rows, w_gate_up, w_down):
+  """This rank's experts on the rows `d` delivered: `(y, dropped pairs)`."""
+  return local_experts(rows, d.topk_idx, d.topk_weights, w_gate_up, w_down,
+                       slots_factor=cfg.expert_slots_factor,
+                       activation=swiglu)
+
+
+def _two_micro_batches(buffer, cfg: MoEConfig, x, topk_idx, topk_weights,
+                       w_gate_up, w_down):
+  """`routed_experts` on the two halves of the tokens, a and b, with each
+  half's communication beside the other's expert GEMMs (`jax_ep.overlap`),
+  as DualPipe overlaps two micro-batches:
+
+      dispatch a
+      dispatch b   beside  experts a
+      combine a    beside  experts b
+      combine b
+
+  The backward runs the same pairs in reverse, each part on its stream."""
+  if x.shape[0] % 2:
+    raise ValueError(f"overlap_micro_batches: the tokens per rank "
+                     f"({x.shape[0]}) must be even")
+  half = x.shape[0] // 2
+  xs = (x[:half], x[half:])
+  idx = (topk_idx[:half], topk_idx[half:])
+  weights = (topk_weights[:half], topk_weights[half:])
+  # Every jax_ep op goes through `overlap`, the lone ones too: on the one
+  # communication stream they run in program order, never two at once.
+  sent_a, _ = jax_ep.overlap(
+      buffer, lambda: _send(buffer, cfg, xs[0], idx[0], weights[0]))
+  sent_b, (y_a, dropped_a) = jax_ep.overlap(
+      buffer, lambda: _send(buffer, cfg, xs[1], idx[1], weights[1]),
+      lambda: _experts(cfg, sent_a[0], sent_a[1], w_gate_up, w_down))
+  out_a, (y_b, dropped_b) = jax_ep.overlap(
+      buffer,
+      lambda: jax_ep.combine(buffer, y_a.astype(x.dtype), sent_a[0].handle),
+      lambda: _experts(cfg, sent_b[0], sent_b[1], w_gate_up, w_down))
+  out_b, _ = jax_ep.overlap(
+      buffer,
+      lambda: jax_ep.combine(buffer, y_b.astype(x.dtype), sent_b[0].handle))
+  dropped = sum(jnp.maximum(d.num_recv_tokens - cap, 0)
+                for d, _, cap in (sent_a, sent_b))
+  return (jnp.concatenate([out_a, out_b]),
+          dropped + dropped_a + dropped_b)
 
 
 class GateBias(nnx.Variable):

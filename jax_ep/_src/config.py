@@ -28,6 +28,16 @@ DEFAULT_CONFIG_PATH = "~/.cache/jax_ep/config.json"
 FILE_VERSION = 1
 # Of the 16 warps of an intranode block at least one receives.
 MAX_NVL_SEND_WARPS = 15
+# What `Config.num_sms = 0` (automatic) gives a normal kernel
+# (docs/measuring.md, "Overlap"). Beside computation (traced inside
+# `jax_ep.overlap`): DeepEP's budget, the other SMs left to the model.
+OVERLAP_NUM_SMS = 24
+# On the compute stream, where nothing runs beside it: the grid that was
+# fastest on one H200 (R = 1, DeepSeek-V3 shape, bf16): dispatch 140.5 /
+# 101.6 / 113.4 us and combine 155.9 / 105.5 / 101.8 us at 24 / 64 / 132 SMs
+# (bench/results/2026-12-02_NVIDIA_H200_dsv3_r1_sms_a23afbb.json); at most
+# the GPU's SMs.
+ALONE_NUM_SMS = 64
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -37,8 +47,11 @@ class Config:
   Attributes:
     num_sms: streaming multiprocessors a normal kernel may occupy (one block
       each, at most the GPU's SM count); the rest stay free for the model's
-      compute. Must be even (the internode kernels will pair a sender and a
-      receiver block per channel).
+      compute when the kernel runs beside it (`jax_ep.overlap`). Even. 0
+      (the default): automatic, `OVERLAP_NUM_SMS` (24) for the ops traced
+      inside `jax_ep.overlap`, else `ALONE_NUM_SMS` (64, at most the GPU's
+      SMs): on XLA's compute stream nothing runs beside the kernel, so a
+      budget would only slow it down.
     nvl_send_warps: warps of each 16-warp intranode block that push rows to
       peers (1 to 15); the others receive.
     nvl_chunk: tokens per arrival flag of the intranode kernels (a receiver
@@ -60,11 +73,22 @@ class Config:
   so that a bad config fails the same way on every backend.
   """
 
-  num_sms: int = 24
+  num_sms: int = 0
   nvl_send_warps: int = 4
   nvl_chunk: int = 4
   nvl_copy_engine: bool = False
   rdma_chunk: int = 0
+
+  def resolved_num_sms(self, *, beside_compute: bool,
+                       sm_count: int | None) -> int:
+    """The SMs a normal kernel takes: `num_sms`, or when that is 0 the
+    automatic choice for a kernel beside computation or alone on a GPU of
+    `sm_count` SMs (None: unknown)."""
+    if self.num_sms:
+      return self.num_sms
+    if beside_compute:
+      return OVERLAP_NUM_SMS
+    return min(ALONE_NUM_SMS, (sm_count or ALONE_NUM_SMS) // 2 * 2)
 
   def __post_init__(self):
     for field in dataclasses.fields(self):
@@ -74,7 +98,7 @@ class Config:
         if not isinstance(value, bool):
           raise ValueError(
               f"jax_ep.Config: nvl_copy_engine must be a bool, got {value!r}")
-      elif field.name in ("nvl_chunk", "rdma_chunk"):
+      elif field.name in ("num_sms", "nvl_chunk", "rdma_chunk"):
         if not is_int or value < 0:
           raise ValueError(
               f"jax_ep.Config: {field.name} must be an int >= 0 (0: "

@@ -22,8 +22,9 @@ from jax import lax
 
 from jax_ep._src import exchange
 from jax_ep._src import native
+from jax_ep._src import overlap
 from jax_ep._src.backend import LayoutBackend, LowLatencyBackend, NormalBackend
-from jax_ep._src.config import Config, tuned_config
+from jax_ep._src.config import OVERLAP_NUM_SMS, Config, tuned_config
 from jax_ep._src.cuda import layout as cuda_layout
 from jax_ep._src.cuda import nvshmem
 from jax_ep._src.cuda.internode import CudaInternode
@@ -165,7 +166,7 @@ def check_sms(config: Config, devices) -> None:
   keep one block per SM resident), at Buffer creation rather than at the
   first call. Devices that do not say their SM count are not checked."""
   counts = [d.core_count for d in devices if getattr(d, "core_count", None)]
-  if counts and config.num_sms > min(counts):
+  if counts and config.num_sms > min(counts):  # 0, automatic, fits anything
     raise ValueError(
         f"jax_ep.Buffer: config.num_sms is {config.num_sms} but the GPUs have "
         f"{min(counts)} SMs; the kernels keep one block per SM resident, so "
@@ -285,9 +286,13 @@ class Buffer:
     topology = self.topology
     rdma_bytes = (int(num_rdma_bytes or 0) if topology.num_nodes > 1
                   and not _internode_fallback(topology) else 0)
+    local_devices = [d for d in mesh.devices.flat
+                     if d.process_index == jax.process_index()]
+    counts = [d.core_count for d in local_devices
+              if getattr(d, "core_count", None)]
+    self._sm_count = min(counts) if counts else None
     if (num_nvl_bytes and topology.num_nodes == 1) or rdma_bytes:
-      check_sms(config, [d for d in mesh.devices.flat
-                         if d.process_index == jax.process_index()])
+      check_sms(config, local_devices)
     if num_nvl_bytes and topology.num_nodes == 1:
       self._intranode = CudaIntranode.open(
           axis_name, _ep_groups(mesh, axis_name), int(num_nvl_bytes), config,
@@ -308,8 +313,8 @@ class Buffer:
     if rdma_bytes:
       self._internode = CudaInternode(axis_name, rdma_bytes,
                                       topology.ranks_per_node,
-                                      float(timeout_s), config.num_sms,
-                                      config.rdma_chunk)
+                                      float(timeout_s),
+                                      rdma_chunk=config.rdma_chunk)
 
   @property
   def num_ranks(self) -> int:
@@ -380,12 +385,29 @@ class Buffer:
       return reference_layout
     return cuda_layout
 
+  def num_sms(self, *, beside_compute: bool = False) -> int | None:
+    """The SMs the normal kernels take (`Config.num_sms`, resolved when
+    automatic) traced beside computation (inside `jax_ep.overlap`) or not;
+    None on the "reference" backend."""
+    if self.backend != "cuda":
+      return None
+    if self._intranode is None and self._internode is not None:
+      # The exchange has only run with ranks sharing one GPU, where a grid
+      # cannot be timed: its automatic grid stays the budget.
+      return self.config.num_sms or OVERLAP_NUM_SMS
+    return self.config.resolved_num_sms(beside_compute=beside_compute,
+                                        sm_count=self._sm_count)
+
   def normal_backend(self, op: str) -> NormalBackend:
     """What runs the normal dispatch and combine for the public op `op`
     (its backward included)."""
     if self._uses_kernel(op):
-      kernels = self._intranode or self._internode
-      return dataclasses.replace(kernels, op=op)
+      num_sms = self.num_sms(beside_compute=overlap.beside_compute())
+      if self._intranode is not None:
+        return dataclasses.replace(
+            self._intranode, op=op,
+            config=dataclasses.replace(self.config, num_sms=num_sms))
+      return dataclasses.replace(self._internode, op=op, num_sms=num_sms)
     return self._reference_normal
 
   def low_latency_backend(self, op: str) -> LowLatencyBackend:

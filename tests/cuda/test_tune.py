@@ -47,7 +47,7 @@ def config_file(tmp_path, monkeypatch):
 def test_config_defaults():
   config = jax_ep.Config()
   assert (config.num_sms, config.nvl_send_warps, config.nvl_chunk,
-          config.nvl_copy_engine) == (24, 4, 4, False)
+          config.nvl_copy_engine) == (0, 4, 4, False)  # num_sms 0: automatic
 
 
 @pytest.mark.parametrize("warps", [1, 8, 15])

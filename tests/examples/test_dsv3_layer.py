@@ -117,14 +117,17 @@ def _params(moe):
                    marks=NEEDS_KERNELS, id=f"gpu-{rows}-{experts}")
       for fp8, rows in ((False, "bf16"), (True, "fp8"))
       for slots, experts in ((None, "ragged"), (64.0, "slots"))]])
-def test_layer_matches_dense(seed, ranks, dtype, fp8, slots, tol, gpu):
+@pytest.mark.parametrize("overlap", [False, True],
+                         ids=["one_batch", "two_micro_batches"])
+def test_layer_matches_dense(seed, ranks, dtype, fp8, slots, tol, gpu,
+                             overlap):
   """Outputs (experts through ragged_dot, or batched GEMMs with room for
-  every pair); the gate's load over the global batch, and the bias update
-  it drives. f32 matmuls at full precision (GPUs default to TF32, where
-  the layer's and the dense gate could pick different experts at a near
-  tie)."""
+  every pair; the tokens as one batch or as two overlapped micro-batches);
+  the gate's load over the global batch, and the bias update it drives. f32
+  matmuls at full precision (GPUs default to TF32, where the layer's and
+  the dense gate could pick different experts at a near tie)."""
   cfg = _config(ranks, dtype=dtype, fp8_dispatch=fp8,
-                expert_slots_factor=slots)
+                expert_slots_factor=slots, overlap_micro_batches=overlap)
   buffer, moe, x = _layer(seed, ranks, cfg, gpu)
   assert moe.w_gate_up[...].sharding.spec[0] == "ep"
   with jax.set_mesh(buffer.mesh), jax.default_matmul_precision("highest"):
@@ -149,14 +152,17 @@ def test_layer_matches_dense(seed, ranks, dtype, fp8, slots, tol, gpu):
 
 @pytest.mark.parametrize("gpu", [
     False, pytest.param(True, marks=NEEDS_KERNELS, id="gpu")])
-def test_layer_gradients_match_dense(seed, gpu):
+@pytest.mark.parametrize("overlap", [False, True],
+                         ids=["one_batch", "two_micro_batches"])
+def test_layer_gradients_match_dense(seed, gpu, overlap):
   """f32 layer with fp8 dispatch: the rows' gradient comes back through the
   combine of their cotangents (the dense layer's cast passes it straight
   through), the weights' through the dispatch's VJP, the gate's and the
-  experts' as usual. On a GPU (R = 1) with f32 matmuls at full precision,
-  as the dense layer's (GPUs default to TF32)."""
+  experts' as usual; the tokens as one batch or as two overlapped
+  micro-batches. On a GPU (R = 1) with f32 matmuls at full precision, as
+  the dense layer's (GPUs default to TF32)."""
   ranks = 1 if gpu else 2
-  cfg = _config(ranks, fp8_dispatch=True)
+  cfg = _config(ranks, fp8_dispatch=True, overlap_micro_batches=overlap)
   buffer, moe, x = _layer(seed, ranks, cfg, gpu)
   cotangent = np.random.default_rng(seed + 1).standard_normal(
       x.shape, np.float32)

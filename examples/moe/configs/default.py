@@ -47,6 +47,9 @@ class Config:
       through ragged_dot; a factor runs them as batched GEMMs over that many
       times the mean (row, expert) pairs per expert (experts.padded_experts;
       pairs that do not fit are dropped and counted with the rows).
+    overlap_micro_batches: layer "deepseek_v3": two micro-batches per
+      step, each one's dispatch and combine beside the other's expert GEMMs
+      (`jax_ep.overlap`, DualPipe's overlap); tokens_per_rank even.
     bias_rate: layer "deepseek_v3": the gate's bias update per step.
     steps: training steps.
     learning_rate: peak AdamW learning rate (linear warm-up, cosine decay).
@@ -77,6 +80,7 @@ class Config:
   route_scale: float = 1.0
   fp8_dispatch: bool = False
   expert_slots_factor: float | None = None
+  overlap_micro_batches: bool = False
   bias_rate: float = 0.001
   steps: int = 50
   learning_rate: float = 1e-2

@@ -39,7 +39,7 @@ from jax import lax
 
 from jax_ep._src import native
 from jax_ep._src import sizes
-from jax_ep._src.config import Config
+from jax_ep._src.config import OVERLAP_NUM_SMS, Config
 from jax_ep._src.cuda.varying import mark_varying
 from jax_ep._src.handles import DispatchHandle
 from jax_ep._src.reference import normal as reference
@@ -104,7 +104,7 @@ class CudaInternode:
   num_rdma_bytes: int
   ranks_per_node: int
   timeout_s: float
-  num_sms: int = Config().num_sms  # the blocks an exchange's kernels may use
+  num_sms: int = OVERLAP_NUM_SMS  # the blocks an exchange's kernels may use
   rdma_chunk: int = Config().rdma_chunk  # tokens per arrival flag, at least
   op: str = "dispatch"  # the public op named in error messages
 

@@ -1,0 +1,94 @@
+"""`jax_ep.overlap`: communication beside computation, each on its own XLA
+stream (docs/measuring.md, "Overlap").
+
+XLA runs a custom call on its compute stream, in program order with the
+model's matmuls. Under `compute_on("gpu_stream:N")` a computation becomes an
+async start/done pair on stream N. Measured with jax 0.11.2 on one H200
+(bench/overlap.py): with the communication alone on a second stream XLA
+still issued its start after the step's independent matmuls; with the
+communication on one extra stream and the independent computation on
+another, both starts come before either done, and jax_ep's kernels ran
+wholly beside the matmuls. That is what `overlap` writes.
+
+The normal ops traced inside `comm` take `Config.num_sms` SMs, 24 when it is
+0 (automatic), and leave the rest to `compute`; traced elsewhere they take
+the automatic grid for a GPU they have to themselves. The choice is made
+when an op is traced, and a custom VJP's backward keeps its forward's.
+
+Every jax_ep op of a program that overlaps goes through `overlap` (alone:
+`compute=None`), so that all of them run on the one communication stream,
+in program order: jax_ep's kernels of two ops must not run at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Any, Callable
+
+import jax
+from jax.experimental.compute_on import compute_on
+
+# XLA's extra compute streams (compute_on's "gpu_stream:N"): one for the
+# communication, one for what runs beside it.
+COMM_STREAM = "gpu_stream:1"
+COMPUTE_STREAM = "gpu_stream:2"
+
+_beside_compute = contextvars.ContextVar("jax_ep_beside_compute",
+                                         default=False)
+
+
+def beside_compute() -> bool:
+  """Whether the op being traced runs beside computation (inside
+  `overlap`'s `comm`)."""
+  return _beside_compute.get()
+
+
+@contextlib.contextmanager
+def tracing_beside_compute():
+  token = _beside_compute.set(True)
+  try:
+    yield
+  finally:
+    _beside_compute.reset(token)
+
+
+def overlap(buffer, comm: Callable[[], Any],
+            compute: Callable[[], Any] | None = None) -> tuple[Any, Any]:
+  """Runs `comm()` and `compute()` beside each other; returns both results.
+
+  For the DualPipe-style schedule of MoE training: one micro-batch's dispatch
+  or combine while another's expert GEMMs run. `comm` and `compute` take no
+  arguments (close over what they use) and must not depend on each other.
+  Differentiable: the backward of each part runs on the part's stream.
+
+  On the "cuda" backend `comm` runs on one extra XLA stream (the
+  communication stream) and `compute` on another; the normal kernels traced
+  in `comm` take `buffer.config.num_sms` SMs, 24 when it is 0 (the
+  default), so `compute` keeps the rest. On the "reference" backend both run
+  as written: plain XLA ops, which XLA schedules itself.
+
+  Two jax_ep ops must never run at once (their kernels share the Buffer's
+  memory), and XLA may run work of different streams at once: in a program
+  that uses `overlap`, run every jax_ep op through it, with `compute=None`
+  for one that has nothing beside it. The communication stream then runs
+  them one after another, in the program's order, on every rank.
+
+  Args:
+    buffer: the `jax_ep.Buffer` the ops in `comm` use.
+    comm: jax_ep ops (and anything else to run on the communication stream).
+    compute: independent computation, or None.
+
+  Returns:
+    `(comm(), compute())` (None for no `compute`).
+  """
+  if buffer.backend != "cuda":
+    return comm(), None if compute is None else compute()
+  on_device = jax.memory.Space.Device
+  with tracing_beside_compute():
+    comm_out = compute_on(comm, compute_type=COMM_STREAM,
+                          out_memory_spaces=on_device)()
+  if compute is None:
+    return comm_out, None
+  return comm_out, compute_on(compute, compute_type=COMPUTE_STREAM,
+                              out_memory_spaces=on_device)()
