@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 import jax
 from jax.experimental.compute_on import compute_on
+from jax._src import config as jax_config  # compute_on's context (0.11.2)
 
 # XLA's extra compute streams (compute_on's "gpu_stream:N"): one for the
 # communication, one for what runs beside it.
@@ -51,6 +52,25 @@ def tracing_beside_compute():
     yield
   finally:
     _beside_compute.reset(token)
+
+
+def _traced_without_stream(f: Callable[[], Any]) -> Callable[[], Any]:
+  """`f`, its operations traced without compute_on's stream annotation, so
+  that only the call of the computation carries it. In jax 0.11.2 every
+  operation traced inside compute_on("gpu_stream:N") gets the annotation
+  (and is marked not inlineable), so a jitted function it calls (jnp.where's,
+  for one) becomes an async call of its own inside the async computation,
+  which XLA fails to compile ("No ExecutionStreamId found for call-start
+  ... only reachable through embedded calls"; the DeepSeek-V3 layer's
+  experts on one H200). XLA runs the whole computation on stream N all the
+  same."""
+  def traced():
+    outer = jax_config.compute_on_context_manager.swap_local(None)
+    try:
+      return f()
+    finally:
+      jax_config.compute_on_context_manager.set_local(outer)
+  return traced
 
 
 def overlap(buffer, comm: Callable[[], Any],
@@ -86,9 +106,11 @@ def overlap(buffer, comm: Callable[[], Any],
     return comm(), None if compute is None else compute()
   on_device = jax.memory.Space.Device
   with tracing_beside_compute():
-    comm_out = compute_on(comm, compute_type=COMM_STREAM,
+    comm_out = compute_on(_traced_without_stream(comm),
+                          compute_type=COMM_STREAM,
                           out_memory_spaces=on_device)()
   if compute is None:
     return comm_out, None
-  return comm_out, compute_on(compute, compute_type=COMPUTE_STREAM,
+  return comm_out, compute_on(_traced_without_stream(compute),
+                              compute_type=COMPUTE_STREAM,
                               out_memory_spaces=on_device)()

@@ -29,7 +29,8 @@ class StreamsBuffer:
 
 
 def _layer(ep, streams: bool):
-  """jit(shard_map): (x, idx, a, b) -> (combine(dispatch(x)) * 2, a @ b),
+  """jit(shard_map): (x, idx, a, b) -> (combine(dispatch(x)) * 2,
+  relu(a) @ b),
   the two parts through `overlap`, and where each part was traced."""
   seen = {}
   buffer = StreamsBuffer() if streams else ep.buffer
@@ -41,7 +42,7 @@ def _layer(ep, streams: bool):
 
   def compute(a, b):
     seen["compute"] = overlap_lib.beside_compute()
-    return a @ b
+    return jnp.where(a > 0, a, 0) @ b  # jnp.where: a nested jit
 
   def body(x, idx, a, b):
     return jax_ep.overlap(buffer, lambda: comm(x, idx), lambda: compute(a, b))
@@ -66,7 +67,8 @@ def test_overlap_returns_both_parts_and_their_gradients(streams):
 
   def parts(x, idx, a, b):
     d = jax_ep.dispatch(ep.buffer, x, idx, num_experts=E)
-    return jax_ep.combine(ep.buffer, d.x * 2, d.handle), a @ b
+    return (jax_ep.combine(ep.buffer, d.x * 2, d.handle),
+            jnp.where(a > 0, a, 0) @ b)
 
   separate = ep.sharded(parts, per_rank=False)
 
@@ -80,13 +82,15 @@ def test_overlap_returns_both_parts_and_their_gradients(streams):
     got, want = layer(x, idx, a, b), separate(x, idx, a, b)
     got_grad, want_grad = loss(layer)(x, a, b), loss(separate)(x, a, b)
     hlo = jax.jit(layer).lower(x, idx, a, b).as_text()
-  for g, w, what in zip(got, want, ("combined", "a @ b")):
+  for g, w, what in zip(got, want, ("combined", "relu(a) @ b")):
     assert_same(np.asarray(g), np.asarray(w), what, f"streams={streams}")
   for g, w in zip(jax.tree.leaves(got_grad), jax.tree.leaves(want_grad)):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-6,
                                atol=1e-6)
   assert seen == {"comm": streams, "compute": False}
-  assert ("_xla_stream_annotation" in hlo) == streams
+  # Only the two calls carry XLA's stream annotation, not the operations
+  # inside them (a nested jit so marked fails to compile on GPUs).
+  assert hlo.count("_xla_stream_annotation") == (2 if streams else 0)
 
 
 def test_the_automatic_grid_follows_where_the_kernels_run():
