@@ -36,6 +36,7 @@ each step depending on the last:
     both_streams_lhs    the same with the latency-hiding scheduler
     both_streams_cb     both_streams with command buffers on (XLA's default)
     overlap       the same through `jax_ep.overlap`, as a model writes it
+    overlap_nocb  overlap with command buffers off
     both_collective     the communication on gpu_stream:collective (XLA's
                   communication stream), the matmuls on gpu_stream:1
     both_collective_prio  the same with XLA's communication streams at the
@@ -88,6 +89,7 @@ class Variant(NamedTuple):
   options: dict
   matmuls_on: str | None = None
   group: str | None = None
+  helper: bool = False  # written with jax_ep.overlap (its streams)
 
 
 def _placement(variant: Variant) -> str:
@@ -95,12 +97,14 @@ def _placement(variant: Variant) -> str:
       ("comm", variant.comm_on), ("matmuls", variant.matmuls_on)) if where]
   if variant.group:
     parts.append(f"scheduling group {variant.group}")
+  if variant.helper:
+    parts.append("through jax_ep.overlap")
   return ", ".join(parts) or "as written"
 
 
 # jax_ep.overlap: both_streams_cb written with the library's helper.
 OVERLAP = Variant(overlap_lib.COMM_STREAM, {},
-                  matmuls_on=overlap_lib.COMPUTE_STREAM)
+                  matmuls_on=overlap_lib.COMPUTE_STREAM, helper=True)
 VARIANTS = {
     "base": Variant(None, {}),
     "stream": Variant("gpu_stream:1", {}),
@@ -119,6 +123,7 @@ VARIANTS = {
     "both_streams_lhs": Variant("gpu_stream:1", _LHS,
                                 matmuls_on="gpu_stream:2"),
     "overlap": OVERLAP,
+    "overlap_nocb": OVERLAP._replace(options=_NO_GRAPHS),
     "both_collective": Variant("gpu_stream:collective", _NO_GRAPHS,
                                matmuls_on="gpu_stream:1"),
     "both_collective_prio": Variant(
@@ -227,7 +232,7 @@ def run(*, shape_name: str, matmuls: int, n: int, variants, iters: int,
     return comm(x, idx), idx
 
   def pair_step(variant: Variant):
-    if variant is OVERLAP:
+    if variant.helper:
       def step(c):
         x, idx, mats = c
         y, mats = jax_ep.overlap(buffer, lambda: comm(x, idx),

@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import importlib
 import json
+import os
 import pathlib
 import sys
 import time
@@ -316,11 +317,16 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-  jax_ep.launch.initialize()  # joins the other processes; first JAX call
   args = parse_args(argv)
   fields = {f.name for f in dataclasses.fields(Config)}
   cfg = get_config(args.config, **{
       name: value for name, value in vars(args).items() if name in fields})
+  if cfg.overlap_micro_batches:
+    # A command buffer (CUDA graph) runs the work of both streams one after
+    # the other (jax_ep.overlap): XLA reads the flag when the GPUs start.
+    os.environ["XLA_FLAGS"] = " ".join(filter(None, [
+        os.environ.get("XLA_FLAGS"), "--xla_gpu_enable_command_buffer="]))
+  jax_ep.launch.initialize()  # joins the other processes; first JAX call
   lead = jax.process_index() == 0
   log = (lambda msg: print(msg, flush=True)) if lead else (lambda msg: None)
   metrics = train(cfg, backend=args.backend, log=log)

@@ -41,7 +41,7 @@ from gpu_testing import (GPUS, NEEDS_KERNELS, PRESSURE_PAIRS,
                          assert_missing_rank_times_out, every_worker,
                          launch_per_gpu, multi_rank_sizes, repeat_digests)
 from jax_ep._src import sizes
-from jax_ep._src.config import Config
+from jax_ep._src.config import OVERLAP_NUM_SMS, Config
 from jax_ep._src.cuda import intranode
 from jax_ep._src.cuda import peer_buffers
 from jax_ep._src.fp8 import FP8_DTYPE
@@ -85,7 +85,8 @@ CASES = [
     Case(1000, 2048, 8, 256,
          config=Config(num_sms=64, nvl_chunk=1000, nvl_copy_engine=True)),
     Case(4096, 2048, 8, 256,  # one chunk, one piece
-         config=Config(nvl_chunk=4096, nvl_copy_engine=True)),
+         config=Config(num_sms=OVERLAP_NUM_SMS, nvl_chunk=4096,
+                       nvl_copy_engine=True)),
 ]
 CASES = [c for c in CASES if c.topk <= c.experts]  # the ops need K <= E
 SCAN_CASE = Case(128, 2048, 8, 256)

@@ -61,7 +61,7 @@ import jax_ep.launch
 from ep_testing import assert_same
 from jax_ep._src import exchange
 from jax_ep._src import sizes
-from jax_ep._src.config import Config
+from jax_ep._src.config import ALONE_NUM_SMS, OVERLAP_NUM_SMS, Config
 from jax_ep._src.cuda import intranode
 from jax_ep._src.cuda import peer_buffers
 from jax_ep._src.fp8 import FP8_DTYPE, GROUP
@@ -75,10 +75,11 @@ _TIMEOUT_S = 0.5
 _ABSENT_S = 60.0
 # The kernels' wait for a peer in the other checks: a hang fails in seconds.
 KERNEL_TIMEOUT_S = 10.0
-# The kernels' tuning of most cases: copy-engine dispatches, automatic chunks.
-COPY_ENGINE = Config(nvl_chunk=0, nvl_copy_engine=True)
-# The same with warps pushing the dispatched rows.
-PUSH = Config(nvl_chunk=0)
+# The kernels' tuning of most cases: copy-engine dispatches, automatic chunks,
+# the grid of kernels alone on the GPU (a Buffer's default).
+COPY_ENGINE = Config(num_sms=ALONE_NUM_SMS, nvl_chunk=0, nvl_copy_engine=True)
+# Warps pushing the dispatched rows, on the budget beside computation.
+PUSH = Config(num_sms=OVERLAP_NUM_SMS, nvl_chunk=0)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,7 +19,7 @@ import numpy as np
 
 from jax_ep._src import native
 from jax_ep._src import sizes
-from jax_ep._src.config import Config
+from jax_ep._src.config import OVERLAP_NUM_SMS, Config
 from jax_ep._src.cuda import peer_buffers
 from jax_ep._src.cuda.varying import mark_varying
 from jax_ep._src.handles import DispatchHandle
@@ -60,9 +60,18 @@ def _check_limits(op: str, num_ranks: int, num_experts: int) -> None:
         "backend='reference' for more")
 
 
+# The kernels' own default: the SM budget of kernels beside computation.
+BUDGET_CONFIG = Config(num_sms=OVERLAP_NUM_SMS)
+
+
 def _tuning(op: str, config: Config, timeout_s: float) -> dict[str, np.int64]:
   """The kernels' tuning attribute (csrc intranode::Tuning). `Config` checked
-  its fields when it was made; only the timeout is left to check."""
+  its fields when it was made; only the timeout and an unresolved automatic
+  grid are left to check."""
+  if not config.num_sms:
+    raise ValueError(
+        f"jax_ep.{op}: config.num_sms is 0 (automatic); the kernels take the "
+        "grid the Buffer resolves (Buffer.num_sms)")
   if not timeout_s > 0:
     raise ValueError(f"jax_ep.{op}: timeout_s must be > 0, got {timeout_s!r}")
   return dict(num_sms=np.int64(config.num_sms),
@@ -90,7 +99,7 @@ def _scales_arg(rows) -> jax.Array:
 def dispatch(rows, topk_idx: jax.Array, topk_weights: jax.Array | None, *,
              axis_name: str, num_ranks: int, num_experts: int, capacity: int,
              expert_alignment: int, buffers, timeout_s: float,
-             config: Config = Config(), op: str = "intranode_dispatch"):
+             config: Config = BUDGET_CONFIG, op: str = "intranode_dispatch"):
   """Fresh intranode dispatch on the NVLink kernels, per shard.
 
   Same contract and results (bit for bit) as
@@ -164,7 +173,7 @@ def dispatch(rows, topk_idx: jax.Array, topk_weights: jax.Array | None, *,
 
 
 def cached_dispatch(rows, handle: DispatchHandle, *, axis_name: str, buffers,
-                    timeout_s: float, config: Config = Config(),
+                    timeout_s: float, config: Config = BUDGET_CONFIG,
                     op: str = "intranode_cached_dispatch"):
   """Intranode dispatch that replays `handle`'s routing, per shard (the
   backward of combine): no routing input, no counting.
@@ -202,7 +211,7 @@ def cached_dispatch(rows, handle: DispatchHandle, *, axis_name: str, buffers,
 
 def combine(y: jax.Array, handle: DispatchHandle, *, axis_name: str, buffers,
             timeout_s: float, bias: jax.Array | None = None,
-            out_dtype=jnp.float32, config: Config = Config(),
+            out_dtype=jnp.float32, config: Config = BUDGET_CONFIG,
             op: str = "intranode_combine") -> jax.Array:
   """Intranode combine on the NVLink kernels, per shard.
 
