@@ -112,8 +112,8 @@ def run(mesh, shape: Shape, *, impls, dtypes, ops, seed: int, iters: int,
         reps: int, warmup: int, num_sms=(None,),
         ranks_per_node: int | None = None) -> list[harness.Record]:
   """Times every impl and op on one shape; jax_ep's kernels once per SM
-  count in `num_sms` (None: the Buffer's default config; 0: automatic). `ranks_per_node` G < R
-  makes the EP axis N = R / G nodes: jax_ep then runs its internode
+  count in `num_sms` (None: the Buffer's default config; 0: automatic).
+  `ranks_per_node` G < R makes the EP axis N = R / G nodes: jax_ep then runs its internode
   kernels (one process per rank)."""
   problem = Problem(mesh, shape, seed, ranks_per_node)
   ranks = problem.ranks

@@ -48,10 +48,11 @@ The communication is traced as it would be beside computation (the grid of
 stream, as written (the grid of kernels alone on the GPU, 64 SMs) in the
 others, and timed alone at each grid. The record of each pair (op
 `overlap_<variant>`) notes the parts' times alone, their sum and max, and
-how much of the shorter part the pair hid: (sum - pair) / min. `--dump DIR` has XLA write each variant's optimized HLO
-and thunk sequence under DIR/<variant>, where `call-start` around the
-custom call and `kAsyncStart ... computation_stream[1]` outside any
-`kCommandBuffer` say that it got its own stream. On the reference backend
+how much of the shorter part the pair hid: (sum - pair) / min. `--dump DIR`
+has XLA write each variant's optimized HLO and thunk sequence under
+DIR/<variant>, where `call-start` around the custom call and `kAsyncStart
+... computation_stream[1]` outside any `kCommandBuffer` say that it got its
+own stream. On the reference backend
 (no kernels: CPUs) only `base` runs, to check the script.
 """
 
@@ -133,11 +134,11 @@ VARIANTS = {
 }
 
 
-def _beside(variant: Variant):
-  """While the communication of `variant` is traced: the kernels' grid of
-  communication beside computation (`jax_ep.overlap`'s) when it has a
-  stream of its own, else the grid of kernels alone on the GPU."""
-  if variant.comm_on is None:
+def _tracing(beside: bool):
+  """While the communication is traced: the kernels' grid of communication
+  beside computation (`jax_ep.overlap`'s), or of kernels alone on the
+  GPU."""
+  if not beside:
     return contextlib.nullcontext()
   return overlap_lib.tracing_beside_compute()
 
@@ -249,7 +250,8 @@ def run(*, shape_name: str, matmuls: int, n: int, variants, iters: int,
     def step(c):
       x, idx, mats = c
       with set_xla_metadata(**({_GROUP: variant.group} if variant.group
-                               else {})), _beside(variant):
+                               else {})), \
+          _tracing(variant.comm_on is not None):
         return part(x, idx), idx, matmuls(mats)
     return step
 
@@ -272,8 +274,7 @@ def run(*, shape_name: str, matmuls: int, n: int, variants, iters: int,
       VARIANTS[v].comm_on for v in variants) and buffer.num_sms(
           beside_compute=True) != buffer.num_sms() else [])
   for beside in grids:
-    with (overlap_lib.tracing_beside_compute() if beside
-          else contextlib.nullcontext()):
+    with _tracing(beside):
       loop = _loop(mesh, iters, comm_step)
       comm_alone[beside] = _timed(loop, (x, idx), {},
                                   name="comm_beside" if beside else "comm",

@@ -47,6 +47,7 @@ def beside_compute() -> bool:
 
 @contextlib.contextmanager
 def tracing_beside_compute():
+  """While it is open, ops are traced as beside computation."""
   token = _beside_compute.set(True)
   try:
     yield

@@ -161,16 +161,22 @@ def _resolve_backend(backend: str, devices: list[jax.Device]) -> str:
   return backend
 
 
+def sm_count(devices) -> int | None:
+  """The fewest SMs of `devices`; None when none says its SM count."""
+  counts = [d.core_count for d in devices if getattr(d, "core_count", None)]
+  return min(counts) if counts else None
+
+
 def check_sms(config: Config, devices) -> None:
   """Refuses a `config.num_sms` above the SM count of `devices` (the kernels
   keep one block per SM resident), at Buffer creation rather than at the
   first call. Devices that do not say their SM count are not checked."""
-  counts = [d.core_count for d in devices if getattr(d, "core_count", None)]
-  if counts and config.num_sms > min(counts):  # 0, automatic, fits anything
+  sms = sm_count(devices)
+  if sms and config.num_sms > sms:  # 0, automatic, fits anything
     raise ValueError(
         f"jax_ep.Buffer: config.num_sms is {config.num_sms} but the GPUs have "
-        f"{min(counts)} SMs; the kernels keep one block per SM resident, so "
-        f"num_sms must be <= {min(counts)}")
+        f"{sms} SMs; the kernels keep one block per SM resident, so "
+        f"num_sms must be <= {sms}")
 
 
 class Buffer:
@@ -288,9 +294,7 @@ class Buffer:
                   and not _internode_fallback(topology) else 0)
     local_devices = [d for d in mesh.devices.flat
                      if d.process_index == jax.process_index()]
-    counts = [d.core_count for d in local_devices
-              if getattr(d, "core_count", None)]
-    self._sm_count = min(counts) if counts else None
+    self._sm_count = sm_count(local_devices)
     if (num_nvl_bytes and topology.num_nodes == 1) or rdma_bytes:
       check_sms(config, local_devices)
     if num_nvl_bytes and topology.num_nodes == 1:

@@ -30,8 +30,8 @@ class StreamsBuffer:
 
 def _layer(ep, streams: bool):
   """jit(shard_map): (x, idx, a, b) -> (combine(dispatch(x)) * 2,
-  relu(a) @ b),
-  the two parts through `overlap`, and where each part was traced."""
+  relu(a) @ b), the two parts through `overlap`, and where each part was
+  traced."""
   seen = {}
   buffer = StreamsBuffer() if streams else ep.buffer
 
