@@ -65,8 +65,12 @@ def main(argv=None) -> None:
                       default=["bf16", "fp8"])
   parser.add_argument("--iters", type=int, default=None,
                       help="calls per timed jitted loop (default: 10 for the "
-                      "normal ops, 100 for the low-latency ones, whose calls "
-                      "are short next to a loop's launch)")
+                      "normal ops, 1000 for the low-latency ones, whose calls "
+                      "are short next to a loop's launch: about 0.8 ms per "
+                      "loop on an H200)")
+  parser.add_argument("--unroll", type=int, default=1,
+                      help="low-latency ops: calls per iteration of the "
+                      "timed loop's XLA while loop")
   parser.add_argument("--reps", type=int, default=50, help="timed loops")
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--seed", type=int, default=0)
@@ -104,8 +108,8 @@ def main(argv=None) -> None:
                             iters=args.iters or 10, **common)
     if ll_ops:
       records += low_latency.run(mesh, shape, impls=impls, dtypes=args.dtypes,
-                                 ops=ll_ops, iters=args.iters or 100,
-                                 profile=args.profile, **common)
+                                 ops=ll_ops, iters=args.iters or 1000,
+                                 unroll=args.unroll, profile=args.profile, **common)
   if jax.process_index() == 0:
     harness.save_records(records, args.out,
                          f"{args.shape}_r{jax.device_count()}")

@@ -23,15 +23,22 @@ from typing import Callable, NamedTuple
 import jax
 
 
-def kernel_times(loop: Callable, carry, *, iters: int
-                 ) -> dict[str, tuple[int, float]]:
-  """Per GPU kernel name of one profiled run of `loop` (`iters` calls):
-  (launches per call, median µs per launch)."""
+def per_kernel(kernels: list[Kernel], iters: int
+               ) -> dict[str, tuple[int, float]]:
+  """Per GPU kernel name among the `kernels` of `iters` calls (one profiled
+  loop, kernel_intervals'): (launches per call, median µs per launch)."""
   durations = collections.defaultdict(list)
-  for kernel in kernel_intervals(loop, carry):
+  for kernel in kernels:
     durations[kernel.name].append(kernel.end - kernel.start)
   return {name: (round(len(d) / iters), statistics.median(d))
           for name, d in durations.items()}
+
+
+def idle_per_call(kernels: list[Kernel], iters: int) -> float:
+  """µs per call in which no kernel ran, from the first kernel's start to the
+  last one's end: launch gaps, and the GPU waiting for the host."""
+  union = busy(kernels)
+  return (union[-1][1] - union[0][0] - length(union)) / iters
 
 
 class Kernel(NamedTuple):
@@ -106,8 +113,9 @@ def intersection(a: list[tuple[float, float]], b: list[tuple[float, float]]
 
 def short_name(kernel: str) -> str:
   """The kernel's own name: `ns::Kernel(args)` or its mangled form (as the
-  profiler names relocatable device code's kernels) -> `Kernel`."""
-  mangled = re.findall(r"([A-Z][A-Za-z]*Kernel)E", kernel)
+  profiler names relocatable device code's kernels; a template's arguments
+  follow the name) -> `Kernel`."""
+  mangled = re.findall(r"([A-Z][A-Za-z]*Kernel)[EI]", kernel)
   if mangled:
     return mangled[-1]
   return kernel.split("(")[0].split("::")[-1]

@@ -161,7 +161,8 @@ class _Calls:
 
 
 def run(mesh, shape: Shape, *, impls, dtypes, ops, seed: int, iters: int,
-        reps: int, warmup: int, profile: bool = False) -> list[harness.Record]:
+        reps: int, warmup: int, unroll: int = 1,
+        profile: bool = False) -> list[harness.Record]:
   """Times every impl and LL op on one shape; with `profile`, also the
   kernels' own time per call (bench/kernel_time.py)."""
   problem = normal.Problem(mesh, shape, seed)
@@ -172,11 +173,14 @@ def run(mesh, shape: Shape, *, impls, dtypes, ops, seed: int, iters: int,
              kernels=None):
     kernel_us = None
     if kernels is not None:
+      times = kernel_time.per_kernel(kernels, iters)
       if impl in _OWN_KERNELS:
         # None where the loop runs none of them (the compute block alone).
-        kernel_us = kernel_time.summary(kernels, _OWN_KERNELS[impl]) or None
-      note = "; ".join(filter(None, (note, "kernels (us): " +
-                                     kernel_time.describe(kernels))))
+        kernel_us = kernel_time.summary(times, _OWN_KERNELS[impl]) or None
+      idle = kernel_time.idle_per_call(kernels, iters)
+      note = "; ".join(filter(None, (
+          note, f"GPU idle {idle:.1f} us per call", "kernels (us): " +
+          kernel_time.describe(times))))
     records.append(harness.Record(
         op=op, impl=impl, dtype=dtype, tokens=shape.tokens,
         hidden=shape.hidden, topk=shape.topk, experts=shape.experts,
@@ -187,13 +191,13 @@ def run(mesh, shape: Shape, *, impls, dtypes, ops, seed: int, iters: int,
       harness.print_row(records[-1])
 
   def timed(step, carry):
-    """(seconds per call, the kernels' times or None), from one compiled
-    loop."""
-    loop = harness.chained_loop(step, iters, mesh)
+    """(seconds per call, the kernels of one profiled loop or None), from
+    one compiled loop."""
+    loop = harness.chained_loop(step, iters, mesh, unroll)
     seconds = harness.time_loop(loop, carry, **timing)
     if not profile:
       return seconds, None
-    return seconds, kernel_time.kernel_times(loop, carry, iters=iters)
+    return seconds, kernel_time.kernel_intervals(loop, carry)
 
   for impl in impls:
     if impl == "all_to_all":

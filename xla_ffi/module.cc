@@ -31,8 +31,10 @@ nb::dict Registrations() {
       Capsule(JaxEpIntranodeCachedDispatch);
   out[targets::kIntranodeCombine] = Capsule(JaxEpIntranodeCombine);
   out[targets::kInternodeExchange] = Capsule(JaxEpInternodeExchange);
+  out[targets::kLowLatencyDispatch] = Capsule(JaxEpLowLatencyDispatch);
   out[targets::kLowLatencyDispatchSend] = Capsule(JaxEpLowLatencyDispatchSend);
   out[targets::kLowLatencyDispatchRecv] = Capsule(JaxEpLowLatencyDispatchRecv);
+  out[targets::kLowLatencyCombine] = Capsule(JaxEpLowLatencyCombine);
   out[targets::kLowLatencyCombineSend] = Capsule(JaxEpLowLatencyCombineSend);
   out[targets::kLowLatencyCombineRecv] = Capsule(JaxEpLowLatencyCombineRecv);
   return out;

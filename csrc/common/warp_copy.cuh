@@ -8,10 +8,10 @@ namespace jax_ep {
 
 // One warp copies `n` int4s, kUnroll loads in flight per lane before their
 // stores: a load-then-store loop would wait out the memory latency per int4.
+template <int kUnroll = 8>
 __device__ __forceinline__ void WarpCopy(int4* __restrict__ dst,
                                          const int4* __restrict__ src,
                                          int64_t n, int lane) {
-  constexpr int kUnroll = 8;
   // Lane-offset pointers and a count of what is left keep each access an
   // immediate offset from one base: per-access 64-bit indices spilled.
   src += lane;

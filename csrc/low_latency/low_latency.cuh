@@ -1,14 +1,15 @@
 // Low-latency (decoding) dispatch and combine over NVSHMEM: the arguments and
-// the host launchers of the four halves (dispatch send / receive, combine
-// send / receive). The symmetric heap's layout is in heap_layout.h; the
-// protocol is described at the top of kernels.cuh (what both halves share),
-// send.cu and receive.cu.
+// the host launchers of the two ops, each as one kernel or as its send and
+// receive halves. The symmetric heap's layout is in heap_layout.h; the
+// protocol is described at the top of kernels.cuh (what both ops share),
+// dispatch.cu and combine.cu.
 #pragma once
 
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
 
+#include "common/limits.h"
 #include "common/status.h"
 #include "low_latency/heap_layout.h"
 
@@ -18,16 +19,11 @@ constexpr int64_t kScaleGroup = 128;  // channels per fp8 scale
 // A count signal is (sequence << kCountBits) | count.
 constexpr int kCountBits = 24;
 
-// Where a call's set lives, as the kernels see it.
-struct SetView {
-  char* flags;  // the set's flags region (symmetric address)
-  char* data;   // the set's data region (symmetric address)
-};
-
 // Device-resident state shared by every low-latency call of this process:
 // the sequence number of the last send (its parity picks the set), and the
-// finished-block counts the send kernels use to advance it once and the
-// receive kernels to tell the peers once that they are done.
+// finished-block counts the kernels use to act once per call: a send (or
+// whole-op) kernel's last block advances the sequence, a receive (or
+// whole-op) kernel's tells the peers that it is done.
 struct State {
   unsigned long long sequence;
   unsigned int send_blocks_done;
@@ -35,6 +31,8 @@ struct State {
 };
 
 // The heap as the launchers get it from the runtime (csrc/runtime/nvshmem_heap).
+// A kernel parameter: the peers' mappings are read from the constant bank, not
+// looked up per access (nvshmem_ptr's lookup cost microseconds per kernel).
 struct Heap {
   char* base = nullptr;      // symmetric: the same offsets on every PE
   int64_t set_bytes = 0;     // bytes per set; set i starts at base + i * set_bytes
@@ -42,6 +40,9 @@ struct Heap {
   int rank = 0;              // this PE
   int num_ranks = 0;
   int num_sms = 0;
+  // nvshmem_ptr(base, pe): where PE pe's heap is mapped in this process
+  // (NVLink P2P, or this PE's own), null where only NVSHMEM puts reach it.
+  char* peer_base[kMaxRanks] = {};
 };
 
 // InvalidArgument, naming `op`, unless the kernels take calls of `shape` and
@@ -53,61 +54,60 @@ struct Options {
   int64_t timeout_ns = 0;
 };
 
+// Which halves a launch runs: the send half returns a ticket that the receive
+// half takes; the whole op runs both in one kernel.
+enum class Halves { kSend, kReceive, kBoth };
+
 // --- Dispatch -----------------------------------------------------------------
 
-struct DispatchSendArgs {
+struct DispatchArgs {
   Shape shape;
-  const void* x;           // bf16[T, H]
-  const int32_t* topk_idx;  // [T, K]
-  bool use_fp8 = false;
-  bool round_scale = false;
   Options options;
-  uint32_t* ticket;        // out u32[2]: the call's sequence number (lo, hi)
-};
-
-struct DispatchRecvArgs {
-  Shape shape;
-  const uint32_t* ticket;  // the send half's
   bool use_fp8 = false;
-  bool use_ue8m0 = false;
-  bool zero_padding = true;
-  Options options;
-  void* recv_x;            // [L, R*Tmax, H] e4m3 or bf16
-  void* recv_scales;       // f32[L, R*Tmax, H/128], i32[L, R*Tmax, H/512] or null
-  int32_t* count;          // [L]
-  int32_t* src_index;      // [L, R*Tmax]
-  int32_t* slot;           // [L, R*Tmax]
+  bool round_scale = false;  // send: fp8 scales rounded to powers of 2
+  bool use_ue8m0 = false;    // receive: scales as packed exponents
+  bool zero_padding = true;  // receive: zero the slots past each count
+  // Send.
+  const void* x = nullptr;            // bf16[T, H]
+  const int32_t* topk_idx = nullptr;  // [T, K]
+  // The call's sequence number as u32[2] (lo, hi): written by the send half,
+  // read by the receive half; unused by the whole op.
+  uint32_t* ticket = nullptr;
+  // Receive.
+  void* recv_x = nullptr;          // [L, R*Tmax, H] e4m3 or bf16
+  void* recv_scales = nullptr;     // f32[L, R*Tmax, H/128], i32[L, R*Tmax, H/512]
+                                   // or null
+  int32_t* count = nullptr;        // [L]
+  int32_t* src_index = nullptr;    // [L, R*Tmax]
+  int32_t* slot = nullptr;         // [L, R*Tmax]
 };
 
 // --- Combine ------------------------------------------------------------------
 
-struct CombineSendArgs {
+struct CombineArgs {
   Shape shape;
-  const void* y;            // bf16[L, R*Tmax, H]
-  const int32_t* src_index;  // [L, R*Tmax], the dispatch handle's
-  bool zero_copy = false;    // puts read y in place instead of a staged copy
   Options options;
-  uint32_t* ticket;
+  // Send.
+  const void* y = nullptr;            // bf16[L, R*Tmax, H]
+  const int32_t* src_index = nullptr;  // [L, R*Tmax], the dispatch handle's
+  bool zero_copy = false;  // puts read y in place instead of a staged copy
+  uint32_t* ticket = nullptr;  // as DispatchArgs::ticket
+  // Receive.
+  const int32_t* topk_idx = nullptr;  // [T, K]
+  const float* weights = nullptr;     // [T, K]
+  void* out = nullptr;                // bf16[T, H]
 };
 
-struct CombineRecvArgs {
-  Shape shape;
-  const uint32_t* ticket;
-  const int32_t* topk_idx;   // [T, K]
-  const float* weights;      // [T, K]
-  Options options;
-  void* out;                 // bf16[T, H]
-};
+// Sets the kernels' attributes (their shared memory) once per process; the
+// runtime calls it when it opens the heap, before any launch.
+Status PrepareKernels();
 
 // Each launcher checks the shapes against the heap and enqueues one kernel on
-// `stream`; it allocates nothing and never waits for the device.
-Status LaunchDispatchSend(const Heap& heap, const DispatchSendArgs& a,
-                          cudaStream_t stream);
-Status LaunchDispatchRecv(const Heap& heap, const DispatchRecvArgs& a,
-                          cudaStream_t stream);
-Status LaunchCombineSend(const Heap& heap, const CombineSendArgs& a,
-                         cudaStream_t stream);
-Status LaunchCombineRecv(const Heap& heap, const CombineRecvArgs& a,
-                         cudaStream_t stream);
+// `stream` that runs `halves` of the op; it allocates nothing and never waits
+// for the device.
+Status LaunchDispatch(const Heap& heap, const DispatchArgs& a, Halves halves,
+                      cudaStream_t stream);
+Status LaunchCombine(const Heap& heap, const CombineArgs& a, Halves halves,
+                     cudaStream_t stream);
 
 }  // namespace jax_ep::low_latency

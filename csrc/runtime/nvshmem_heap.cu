@@ -4,6 +4,7 @@
 #include <nvshmem.h>
 #include <nvshmemx.h>
 
+#include <algorithm>
 #include <cstring>
 #include <mutex>
 
@@ -100,6 +101,7 @@ Status OpenNvshmemHeap(const std::string& unique_id, int rank, int num_ranks,
     if (!s.ok()) return s;
   }
   nvshmem_barrier_all();
+  if (Status s = low_latency::PrepareKernels(); !s.ok()) return s;
   int sms = 0;
   if (Status s = Cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount,
                                              device), "SM count");
@@ -113,6 +115,10 @@ Status OpenNvshmemHeap(const std::string& unique_id, int rank, int num_ranks,
     open_heap.rank = rank;
     open_heap.num_ranks = num_ranks;
     open_heap.num_sms = sms;
+    // The kernels take PEs below kMaxRanks (low_latency::CheckShape).
+    for (int pe = 0; pe < std::min<int64_t>(num_ranks, kMaxRanks); ++pe) {
+      open_heap.peer_base[pe] = static_cast<char*>(nvshmem_ptr(base, pe));
+    }
   }
   open_heap.state = state;  // freed with the heap either way
   if (exchange_bytes > 0) {

@@ -52,6 +52,15 @@ __device__ __forceinline__ void st_release_sys_global(uint64_t* p,
                : "memory");
 }
 
+// Release at GPU scope: for a flag whose readers all run on this GPU.
+__device__ __forceinline__ void st_release_gpu_global(uint64_t* p,
+                                                      uint64_t value) {
+  asm volatile("st.release.gpu.global.u64 [%0], %1;"
+               :
+               : "l"(p), "l"(value)
+               : "memory");
+}
+
 // --- Time ---------------------------------------------------------------------
 
 // Nanoseconds from the GPU's global timer (the same clock on every SM).

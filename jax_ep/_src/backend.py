@@ -55,8 +55,8 @@ class NormalBackend(Protocol):
 
 
 class LowLatencyBackend(Protocol):
-  """Each op in two halves; the pending value of a send is opaque to the
-  caller and goes to the matching receive unchanged (`RecvHook`)."""
+  """Each op whole, or in two halves; the pending value of a send is opaque
+  to the caller and goes to the matching receive unchanged (`RecvHook`)."""
 
   axis_name: str  # the EP axis
 
@@ -80,3 +80,16 @@ class LowLatencyBackend(Protocol):
 
   def combine_receive(self, pending: Any) -> jax.Array:
     """`bf16[T, H]`: each token's weighted sum (docs/contract.md)."""
+
+  def dispatch(self, x: jax.Array, topk_idx: jax.Array, *, num_ranks: int,
+               num_experts: int, max_tokens: int, use_fp8: bool,
+               round_scale: bool, use_ue8m0: bool,
+               zero_padding: bool) -> LowLatencyDispatched:
+    """What `dispatch_receive` returns for `dispatch_send`'s pending value,
+    in as few operations as the backend has."""
+
+  def combine(self, y: jax.Array, topk_idx: jax.Array,
+              topk_weights: jax.Array, handle: LowLatencyHandle, *,
+              zero_copy: bool) -> jax.Array:
+    """What `combine_receive` returns for `combine_send`'s pending value, in
+    as few operations as the backend has."""

@@ -87,6 +87,16 @@ class _DispatchReceive:
         num_topk=self.num_topk, hidden=self.hidden, use_fp8=s.use_fp8,
         use_ue8m0=s.use_ue8m0, zero_padding=self.zero_padding)
 
+  def whole(self, x, topk_idx) -> LowLatencyDispatched:
+    """Both halves at once, for `x` and `topk_idx` of this receive's sizes
+    (the backend may run them as one kernel)."""
+    s = self.send
+    return s.backend.dispatch(
+        x, topk_idx, num_ranks=s.num_ranks, num_experts=s.num_experts,
+        max_tokens=s.max_tokens, use_fp8=s.use_fp8,
+        round_scale=s.round_scale, use_ue8m0=s.use_ue8m0,
+        zero_padding=self.zero_padding)
+
 
 def low_latency_dispatch(buffer: Buffer, x: jax.Array, topk_idx: jax.Array, *,
                          num_max_dispatch_tokens_per_rank: int,
@@ -159,7 +169,8 @@ def low_latency_dispatch(buffer: Buffer, x: jax.Array, topk_idx: jax.Array, *,
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _ll_dispatch(send, receive, x, topk_idx):
-  return receive(send(x, topk_idx))
+  del send  # the receive's
+  return receive.whole(x, topk_idx)
 
 
 def _ll_dispatch_fwd(send, receive, x, topk_idx):
@@ -205,7 +216,9 @@ class _Combine:
 
 
 def _weighted_combine(combine: _Combine, y, topk_idx, topk_weights, handle):
-  return combine.receive(combine.send(y, topk_idx, topk_weights, handle))
+  """Both halves at once (the backend may run them as one kernel)."""
+  return combine.backend.combine(y, topk_idx, topk_weights, handle,
+                                 zero_copy=combine.zero_copy)
 
 
 def low_latency_combine(buffer: Buffer, y: jax.Array, topk_idx: jax.Array,
@@ -300,7 +313,7 @@ def _combine_grads(combine: _Combine, g, y, topk_idx, topk_weights,
 
   def dispatch(rows):
     receive = _DispatchReceive(send, num_tokens, topk, rows.shape[1], True)
-    return receive(send(rows, topk_idx)).x
+    return receive.whole(rows, topk_idx).x
 
   g_at_slots = dispatch(g)
   # One low-latency op at a time: the second dispatch starts once the first

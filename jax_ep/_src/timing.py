@@ -25,11 +25,13 @@ from jax.sharding import PartitionSpec as P
 from jax_ep._src import normal
 
 
-def chained_loop(step: Callable, iters: int, mesh) -> Callable:
+def chained_loop(step: Callable, iters: int, mesh,
+                 unroll: int = 1) -> Callable:
   """Jitted `iters` calls of the per-shard `step(carry) -> out` in `shard_map`.
 
   Each call's input depends on the last call's output: the first element of
   the output's first leaf is written into the carry's first leaf (2-D).
+  `unroll` calls run per iteration of XLA's while loop.
   """
   def body(_, carry):
     out = step(carry)
@@ -39,7 +41,7 @@ def chained_loop(step: Callable, iters: int, mesh) -> Callable:
     leaves[0] = lax.dynamic_update_slice(leaves[0], link, (0, 0))
     return jax.tree.unflatten(tree, leaves)
 
-  loop = lambda carry: lax.fori_loop(0, iters, body, carry)
+  loop = lambda carry: lax.fori_loop(0, iters, body, carry, unroll=unroll)
   return jax.jit(jax.shard_map(loop, mesh=mesh, in_specs=P("ep"),
                                out_specs=P("ep")))
 

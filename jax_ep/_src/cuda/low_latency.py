@@ -1,8 +1,9 @@
 """The "cuda" backend of the low-latency ops (`CudaLowLatency`, at the
-end) and the FFI calls of its kernels: the send and receive halves of
-dispatch and combine (targets jax_ep_low_latency_dispatch_send,
+end) and the FFI calls of its kernels: dispatch and combine whole, one
+kernel each (targets jax_ep_low_latency_dispatch, jax_ep_low_latency_combine),
+or their send and receive halves (jax_ep_low_latency_dispatch_send,
 jax_ep_low_latency_dispatch_recv, jax_ep_low_latency_combine_send,
-jax_ep_low_latency_combine_recv).
+jax_ep_low_latency_combine_recv), which receive hooks use.
 
 A send half returns a ticket (uint32[2], the call's sequence number, made on
 the device) that its receive half takes: the receive reads the buffer set the
@@ -85,10 +86,9 @@ def dispatch_send(x, topk_idx, *, shape: dict, options: dict, use_fp8: bool,
                round_scale=bool(round_scale))
 
 
-def dispatch_recv(ticket, *, axis_name: str, shape: dict, options: dict,
-                  use_fp8: bool, use_ue8m0: bool, zero_padding: bool):
-  """Packs the received rows; returns `(x, scales or None, count, src_index,
-  slot)` with the shapes of `LowLatencyDispatched`."""
+def _dispatched_types(shape: dict, use_fp8: bool, use_ue8m0: bool):
+  """The receive's outputs: recv_x, recv_scales (a placeholder without
+  fp8), count, src_index, slot."""
   num_ranks, hidden = int(shape["num_ranks"]), int(shape["hidden"])
   num_local = int(shape["num_experts"]) // num_ranks
   slots = num_ranks * int(shape["max_tokens"])
@@ -103,11 +103,30 @@ def dispatch_recv(ticket, *, axis_name: str, shape: dict, options: dict,
     scales_type = jax.ShapeDtypeStruct((num_local, slots, hidden // GROUP),
                                        jnp.float32)
   per_slot = jax.ShapeDtypeStruct((num_local, slots), jnp.int32)
-  out_types = (jax.ShapeDtypeStruct((num_local, slots, hidden), x_type),
-               scales_type, jax.ShapeDtypeStruct((num_local,), jnp.int32),
-               per_slot, per_slot)
+  return (jax.ShapeDtypeStruct((num_local, slots, hidden), x_type),
+          scales_type, jax.ShapeDtypeStruct((num_local,), jnp.int32),
+          per_slot, per_slot)
+
+
+def dispatch(x, topk_idx, *, axis_name: str, shape: dict, options: dict,
+             use_fp8: bool, round_scale: bool, use_ue8m0: bool,
+             zero_padding: bool):
+  """Both halves in one kernel; returns what `dispatch_recv` returns."""
   x, scales, count, src_index, slot = mark_varying(axis_name, _call(
-      "jax_ep_low_latency_dispatch_recv", out_types, ticket, shape=shape,
+      "jax_ep_low_latency_dispatch",
+      _dispatched_types(shape, use_fp8, use_ue8m0), x, topk_idx, shape=shape,
+      options=options, use_fp8=bool(use_fp8), round_scale=bool(round_scale),
+      use_ue8m0=bool(use_ue8m0), zero_padding=bool(zero_padding)))
+  return x, (scales if use_fp8 else None), count, src_index, slot
+
+
+def dispatch_recv(ticket, *, axis_name: str, shape: dict, options: dict,
+                  use_fp8: bool, use_ue8m0: bool, zero_padding: bool):
+  """Packs the received rows; returns `(x, scales or None, count, src_index,
+  slot)` with the shapes of `LowLatencyDispatched`."""
+  x, scales, count, src_index, slot = mark_varying(axis_name, _call(
+      "jax_ep_low_latency_dispatch_recv",
+      _dispatched_types(shape, use_fp8, use_ue8m0), ticket, shape=shape,
       options=options, use_fp8=bool(use_fp8), use_ue8m0=bool(use_ue8m0),
       zero_padding=bool(zero_padding)))
   return x, (scales if use_fp8 else None), count, src_index, slot
@@ -120,14 +139,27 @@ def combine_send(y, src_index, *, shape: dict, options: dict,
                shape=shape, options=options, zero_copy=bool(zero_copy))
 
 
+def _combined_type(topk_idx, shape: dict):
+  return jax.ShapeDtypeStruct((topk_idx.shape[0], int(shape["hidden"])),
+                              jnp.bfloat16)
+
+
+def combine(y, src_index, topk_idx, topk_weights, *, axis_name: str,
+            shape: dict, options: dict, zero_copy: bool) -> jax.Array:
+  """Both halves in one kernel; returns what `combine_recv` returns."""
+  return mark_varying(axis_name, _call(
+      "jax_ep_low_latency_combine", _combined_type(topk_idx, shape), y,
+      src_index, topk_idx, topk_weights.astype(jnp.float32), shape=shape,
+      options=options, zero_copy=bool(zero_copy)))
+
+
 def combine_recv(ticket, topk_idx, topk_weights, *, axis_name: str,
                  shape: dict, options: dict) -> jax.Array:
   """Sums each token's weighted expert outputs (the reference's order)."""
-  out_type = jax.ShapeDtypeStruct((topk_idx.shape[0], int(shape["hidden"])),
-                                  jnp.bfloat16)
   return mark_varying(axis_name, _call(
-      "jax_ep_low_latency_combine_recv", out_type, ticket, topk_idx,
-      topk_weights.astype(jnp.float32), shape=shape, options=options))
+      "jax_ep_low_latency_combine_recv", _combined_type(topk_idx, shape),
+      ticket, topk_idx, topk_weights.astype(jnp.float32), shape=shape,
+      options=options))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,12 +206,21 @@ class CudaLowLatency:
     shape = shape_attr(num_tokens=num_tokens, max_tokens=max_tokens,
                        hidden=hidden, num_topk=num_topk,
                        num_experts=num_experts, num_ranks=num_ranks)
-    x, scales, count, src_index, slot = dispatch_recv(
+    return _dispatched(shape, *dispatch_recv(
         pending, axis_name=self.axis_name, shape=shape, options=self._options,
-        use_fp8=use_fp8, use_ue8m0=use_ue8m0, zero_padding=zero_padding)
-    handle = LowLatencyHandle(src_index, slot, num_ranks, num_experts,
-                              max_tokens, num_tokens, hidden)
-    return LowLatencyDispatched(x, scales, count, handle)
+        use_fp8=use_fp8, use_ue8m0=use_ue8m0, zero_padding=zero_padding))
+
+  def dispatch(self, x, topk_idx, *, num_ranks: int, num_experts: int,
+               max_tokens: int, use_fp8: bool, round_scale: bool,
+               use_ue8m0: bool, zero_padding: bool) -> LowLatencyDispatched:
+    shape = self._shape(num_tokens=x.shape[0], max_tokens=max_tokens,
+                        hidden=x.shape[1], num_topk=topk_idx.shape[1],
+                        num_experts=num_experts, num_ranks=num_ranks)
+    return _dispatched(shape, *dispatch(
+        x, topk_idx, axis_name=self.axis_name, shape=shape,
+        options=self._options, use_fp8=use_fp8,
+        round_scale=round_scale or use_ue8m0, use_ue8m0=use_ue8m0,
+        zero_padding=zero_padding))
 
   def combine_send(self, y, topk_idx, topk_weights, handle: LowLatencyHandle,
                    *, zero_copy: bool):
@@ -196,6 +237,22 @@ class CudaLowLatency:
                         axis_name=self.axis_name,
                         shape=shape_attr(**_combine_sizes(handle, topk_idx)),
                         options=self._options)
+
+  def combine(self, y, topk_idx, topk_weights, handle: LowLatencyHandle, *,
+              zero_copy: bool):
+    return combine(y, handle.src_index, topk_idx, topk_weights,
+                   axis_name=self.axis_name,
+                   shape=self._shape(**_combine_sizes(handle, topk_idx)),
+                   options=self._options, zero_copy=zero_copy)
+
+
+def _dispatched(shape: dict, x, scales, count, src_index,
+                slot) -> LowLatencyDispatched:
+  """A receive's outputs with the handle of the dispatch of `shape`."""
+  handle = LowLatencyHandle(src_index, slot, int(shape["num_ranks"]),
+                            int(shape["num_experts"]), int(shape["max_tokens"]),
+                            int(shape["num_tokens"]), int(shape["hidden"]))
+  return LowLatencyDispatched(x, scales, count, handle)
 
 
 def _combine_sizes(handle: LowLatencyHandle, topk_idx) -> dict:

@@ -139,3 +139,21 @@ class ReferenceLowLatency:
 
   def combine_receive(self, pending):
     return combine_receive(pending, jnp.bfloat16)
+
+  def dispatch(self, x, topk_idx, *, num_ranks: int, num_experts: int,
+               max_tokens: int, use_fp8: bool, round_scale: bool,
+               use_ue8m0: bool, zero_padding: bool) -> LowLatencyDispatched:
+    sizes = dict(num_ranks=num_ranks, num_experts=num_experts,
+                 max_tokens=max_tokens)
+    pending = self.dispatch_send(x, topk_idx, use_fp8=use_fp8,
+                                 round_scale=round_scale, use_ue8m0=use_ue8m0,
+                                 **sizes)
+    return self.dispatch_receive(
+        pending, num_tokens=x.shape[0], num_topk=topk_idx.shape[1],
+        hidden=x.shape[1], use_fp8=use_fp8, use_ue8m0=use_ue8m0,
+        zero_padding=zero_padding, **sizes)
+
+  def combine(self, y, topk_idx, topk_weights, handle: LowLatencyHandle, *,
+              zero_copy: bool):
+    return self.combine_receive(self.combine_send(
+        y, topk_idx, topk_weights, handle, zero_copy=zero_copy))
