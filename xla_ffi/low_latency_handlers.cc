@@ -260,24 +260,32 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
 
 // --- Combine ------------------------------------------------------------------
 
-// The send half's inputs (y [L, S, H], src_index [L, S]) into `a`; the first
-// failed check of them.
-static ffi::Error CombineInputs(const char* op, ffi::BufferR3<ffi::BF16> y,
-                                ffi::BufferR2<ffi::S32> src_index,
-                                CombineArgs* a) {
+// y [L, S, H] into `a` (both halves read it: the send for the other ranks'
+// tokens, the receive for this rank's); its check.
+static ffi::Error CombineRows(const char* op, ffi::BufferR3<ffi::BF16> y,
+                              CombineArgs* a) {
   int64_t L, S;
   if (auto error = ExpertSlots(op, a->shape, &L, &S); error.failure()) {
     return error;
   }
   a->y = y.typed_data();
-  a->src_index = src_index.typed_data();
-  return FirstFailure({
-      ExpectShape(op, "y", y.dimensions(), {L, S, a->shape.hidden}),
-      ExpectShape(op, "src_index", src_index.dimensions(), {L, S}),
-  });
+  return ExpectShape(op, "y", y.dimensions(), {L, S, a->shape.hidden});
 }
 
-// The receive half's inputs and output into `a`; the first failed check.
+// A dispatch handle's [L, S] field into `*field`; its check.
+static ffi::Error HandleField(const char* op, const char* name,
+                              ffi::BufferR2<ffi::S32> buffer,
+                              const Shape& shape, const int32_t** field) {
+  int64_t L, S;
+  if (auto error = ExpertSlots(op, shape, &L, &S); error.failure()) {
+    return error;
+  }
+  *field = buffer.typed_data();
+  return ExpectShape(op, name, buffer.dimensions(), {L, S});
+}
+
+// The receive half's routing, weights and output into `a`; the first failed
+// check.
 static ffi::Error CombineOutput(const char* op,
                                 ffi::BufferR2<ffi::S32> topk_idx,
                                 ffi::BufferR2<ffi::F32> topk_weights,
@@ -304,20 +312,20 @@ static CombineArgs CombineOptions(Shape shape, Options options) {
 // Sends every received row's expert output back to its source rank and sums
 // each token's weighted expert outputs in the reference's order, in one
 // kernel.
-static ffi::Error LowLatencyCombine(cudaStream_t stream,
-                                    ffi::BufferR3<ffi::BF16> y,
-                                    ffi::BufferR2<ffi::S32> src_index,
-                                    ffi::BufferR2<ffi::S32> topk_idx,
-                                    ffi::BufferR2<ffi::F32> topk_weights,
-                                    Shape shape, Options options,
-                                    bool zero_copy,
-                                    ffi::ResultBufferR2<ffi::BF16> out) {
+static ffi::Error LowLatencyCombine(
+    cudaStream_t stream, ffi::BufferR3<ffi::BF16> y,
+    ffi::BufferR2<ffi::S32> src_index, ffi::BufferR2<ffi::S32> slot,
+    ffi::BufferR2<ffi::S32> topk_idx, ffi::BufferR2<ffi::F32> topk_weights,
+    Shape shape, Options options, bool zero_copy,
+    ffi::ResultBufferR2<ffi::BF16> out) {
   constexpr const char* kOp = jax_ep::targets::kLowLatencyCombine;
   CombineArgs a = CombineOptions(shape, options);
   a.zero_copy = zero_copy;
   return CheckAndLaunch(
       kOp,
-      {CombineInputs(kOp, y, src_index, &a),
+      {CombineRows(kOp, y, &a),
+       HandleField(kOp, "src_index", src_index, shape, &a.src_index),
+       HandleField(kOp, "slot", slot, shape, &a.slot),
        CombineOutput(kOp, topk_idx, topk_weights, out, &a)},
       jax_ep::low_latency::LaunchCombine, a, Halves::kBoth, stream);
 }
@@ -328,6 +336,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Ctx<ffi::PlatformStream<cudaStream_t>>()
         .Arg<ffi::BufferR3<ffi::BF16>>()  // y [L, S = R * Tmax, H]
         .Arg<ffi::BufferR2<ffi::S32>>()   // src_index [L, S], the handle's
+        .Arg<ffi::BufferR2<ffi::S32>>()   // slot [L, S], the handle's
         .Arg<ffi::BufferR2<ffi::S32>>()   // topk_idx [T, K], the dispatch's
         .Arg<ffi::BufferR2<ffi::F32>>()   // topk_weights [T, K]
         .Attr<Shape>("shape")             // the dispatch's
@@ -347,11 +356,12 @@ static ffi::Error LowLatencyCombineSend(cudaStream_t stream,
   CombineArgs a = CombineOptions(shape, options);
   a.zero_copy = zero_copy;
   a.ticket = ticket->typed_data();
-  return CheckAndLaunch(kOp,
-                        {CombineInputs(kOp, y, src_index, &a),
-                         ExpectTicket(kOp, ticket->dimensions())},
-                        jax_ep::low_latency::LaunchCombine, a, Halves::kSend,
-                        stream);
+  return CheckAndLaunch(
+      kOp,
+      {CombineRows(kOp, y, &a),
+       HandleField(kOp, "src_index", src_index, shape, &a.src_index),
+       ExpectTicket(kOp, ticket->dimensions())},
+      jax_ep::low_latency::LaunchCombine, a, Halves::kSend, stream);
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
@@ -367,18 +377,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
     {ffi::Traits::kCmdBufferCompatible});
 
 // The receive half of LowLatencyCombine.
-static ffi::Error LowLatencyCombineRecv(cudaStream_t stream,
-                                        ffi::BufferR1<ffi::U32> ticket,
-                                        ffi::BufferR2<ffi::S32> topk_idx,
-                                        ffi::BufferR2<ffi::F32> topk_weights,
-                                        Shape shape, Options options,
-                                        ffi::ResultBufferR2<ffi::BF16> out) {
+static ffi::Error LowLatencyCombineRecv(
+    cudaStream_t stream, ffi::BufferR1<ffi::U32> ticket,
+    ffi::BufferR3<ffi::BF16> y, ffi::BufferR2<ffi::S32> slot,
+    ffi::BufferR2<ffi::S32> topk_idx, ffi::BufferR2<ffi::F32> topk_weights,
+    Shape shape, Options options, ffi::ResultBufferR2<ffi::BF16> out) {
   constexpr const char* kOp = jax_ep::targets::kLowLatencyCombineRecv;
   CombineArgs a = CombineOptions(shape, options);
   a.ticket = const_cast<uint32_t*>(ticket.typed_data());  // read only
   return CheckAndLaunch(
       kOp,
-      {ExpectTicket(kOp, ticket.dimensions()),
+      {ExpectTicket(kOp, ticket.dimensions()), CombineRows(kOp, y, &a),
+       HandleField(kOp, "slot", slot, shape, &a.slot),
        CombineOutput(kOp, topk_idx, topk_weights, out, &a)},
       jax_ep::low_latency::LaunchCombine, a, Halves::kReceive, stream);
 }
@@ -387,10 +397,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
     JaxEpLowLatencyCombineRecv, LowLatencyCombineRecv,
     ffi::Ffi::Bind()
         .Ctx<ffi::PlatformStream<cudaStream_t>>()
-        .Arg<ffi::BufferR1<ffi::U32>>()  // ticket [2], the send half's
-        .Arg<ffi::BufferR2<ffi::S32>>()  // topk_idx [T, K], the dispatch's
-        .Arg<ffi::BufferR2<ffi::F32>>()  // topk_weights [T, K]
-        .Attr<Shape>("shape")            // the dispatch's
+        .Arg<ffi::BufferR1<ffi::U32>>()   // ticket [2], the send half's
+        .Arg<ffi::BufferR3<ffi::BF16>>()  // y [L, S], the send half's
+        .Arg<ffi::BufferR2<ffi::S32>>()   // slot [L, S], the handle's
+        .Arg<ffi::BufferR2<ffi::S32>>()   // topk_idx [T, K], the dispatch's
+        .Arg<ffi::BufferR2<ffi::F32>>()   // topk_weights [T, K]
+        .Attr<Shape>("shape")             // the dispatch's
         .Attr<Options>("options")
         .Ret<ffi::BufferR2<ffi::BF16>>(),  // out [T, H]
     {ffi::Traits::kCmdBufferCompatible});

@@ -5,12 +5,14 @@
 // flags, transports).
 //
 // Send. Warps write each received row's expert output back to its source at
-// (global expert, token), flagged.
+// (global expert, token), flagged; rows whose source is this rank stay in y.
 //
-// Receive. One block per token: its first warp waits for the token's
-// distinct experts, then the block sums in fp32: per rank, in rank order,
-// the k-ordered weighted rows, then the ranks' sums, rounded once to bf16 —
-// the reference's order (reference/low_latency.py).
+// Receive. One block per token: its first warp finds each choice's row (in y
+// through the dispatch handle's slot for this rank's experts, else in the
+// buffer set) and waits for the other ranks' rows, then the block sums in
+// fp32: per rank, in rank order, the k-ordered weighted rows, then the ranks'
+// sums, rounded once to bf16 — the reference's order
+// (reference/low_latency.py).
 
 #include <cuda_bf16.h>
 #include <cuda_runtime_api.h>
@@ -71,6 +73,7 @@ __device__ __forceinline__ bool SendRows(const Heap& heap,
       const int32_t source = a.src_index[g];
       if (source < 0 || source >= slots) break;
       const int pe = source / static_cast<int>(Tmax);
+      if (pe == heap.rank) continue;  // the receive reads y in place
       const int64_t slot =
           (heap.rank * L + l) * Tmax + source % static_cast<int>(Tmax);
       char* dst = data + slot * row_bytes;
@@ -107,9 +110,19 @@ __device__ __forceinline__ bool SendRows(const Heap& heap,
 
 // --- Receive -------------------------------------------------------------------
 
+// A valid choice of a token whose row this rank's dispatch did not receive:
+// topk_idx is not the dispatch's. Prints where, then traps.
+__device__ __noinline__ void ReportMissingRow(int rank, int64_t t, int32_t e) {
+  printf("jax_ep %s: rank %d, token %lld chose expert %d, whose rank's "
+         "dispatch did not receive it: combine's topk_idx must be the "
+         "dispatch's\n",
+         kOp, rank, static_cast<long long>(t), e);
+  __trap();
+}
+
 // One block per token: the first warp orders the token's valid choices by
-// (rank, k) and waits for each distinct expert's row (relaxed loads, then one
-// fence), then every thread sums its 8-channel chunks.
+// (rank, k), finds their rows and waits for the other ranks' (relaxed loads,
+// then one fence), then every thread sums its 8-channel chunks.
 __device__ __forceinline__ void ReceiveTokens(const Heap& heap,
                                               const CombineArgs& a,
                                               const SetPointers& set,
@@ -119,10 +132,11 @@ __device__ __forceinline__ void ReceiveTokens(const Heap& heap,
   const SetLayout layout{sh};
   const int64_t L = sh.num_local(), K = sh.num_topk, H = sh.hidden;
   const int64_t E = sh.num_experts, row_bytes = sh.combine_row_bytes();
+  const int64_t Tmax = sh.max_tokens, S = sh.num_ranks * Tmax;
 
   // The token's valid choices ordered by (rank, k), the reference's order:
-  // expert, weight and rank of the j-th, and how many there are.
-  __shared__ int32_t expert[kMaxTopk];
+  // row, weight and rank of the j-th, and how many there are.
+  __shared__ const int4* row_of[kMaxTopk];
   __shared__ float weight[kMaxTopk];
   __shared__ int32_t rank_of[kMaxTopk];
   __shared__ int num_valid;
@@ -133,6 +147,7 @@ __device__ __forceinline__ void ReceiveTokens(const Heap& heap,
       const int k = lane;  // K <= 32
       const int32_t e = k < K ? choices[k] : -1;
       const bool valid = ValidExpert(e, E);
+      const bool own = valid && e / L == heap.rank;
       if (valid) {
         // Position among the valid choices by (rank, k).
         int j = 0;
@@ -141,18 +156,29 @@ __device__ __forceinline__ void ReceiveTokens(const Heap& heap,
           j += ValidExpert(e2, E) &&
                (e2 / L < e / L || (e2 / L == e / L && k2 < k));
         }
-        expert[j] = e;
+        const char* row;
+        if (own) {
+          const int64_t l = e % L;
+          const int32_t r = a.slot[l * S + heap.rank * Tmax + t];
+          if (r < 0 || r >= S) ReportMissingRow(heap.rank, t, e);
+          row = static_cast<const char*>(a.y) + (l * S + r) * row_bytes;
+        } else {
+          row = set.data + layout.combine_data() + (e * Tmax + t) * row_bytes;
+        }
+        row_of[j] = reinterpret_cast<const int4*>(row);
         weight[j] = a.weights[t * K + k];
         rank_of[j] = static_cast<int32_t>(e / L);
       }
       const uint32_t valid_lanes = __ballot_sync(0xffffffffu, valid);
       if (lane == 0) num_valid = __popc(valid_lanes);
-      bool arrived = !(valid && FirstChoice(choices, k, E));
+      // Another rank's row, once per distinct expert, comes flagged.
+      bool arrived = !(valid && !own && FirstChoice(choices, k, E));
+      const bool waits = __any_sync(0xffffffffu, !arrived);
       const uint64_t* flag =
           arrived ? nullptr
                   : reinterpret_cast<const uint64_t*>(
                         set.flags + layout.combine_flags() +
-                        (e * sh.max_tokens + t) * 8);
+                        (e * Tmax + t) * 8);
       const Site site{kOp, "wait for an expert's row", heap.rank,
                       static_cast<int>(valid ? e / L : -1), e};
       uint64_t seen = 0;
@@ -168,7 +194,7 @@ __device__ __forceinline__ void ReceiveTokens(const Heap& heap,
           if (!arrived) Report(site, "timeout", seq, seen);
         });
       }
-      sync::fence_acq_rel_sys();
+      if (waits) sync::fence_acq_rel_sys();
     }
     __syncthreads();
 
@@ -183,11 +209,7 @@ __device__ __forceinline__ void ReceiveTokens(const Heap& heap,
         int4 raw[kBatch];
 #pragma unroll
         for (int u = 0; u < kBatch; ++u) {
-          if (j0 + u < n) {
-            raw[u] = reinterpret_cast<const int4*>(
-                set.data + layout.combine_data() +
-                (expert[j0 + u] * sh.max_tokens + t) * row_bytes)[c];
-          }
+          if (j0 + u < n) raw[u] = row_of[j0 + u][c];
         }
 #pragma unroll
         for (int u = 0; u < kBatch; ++u) {

@@ -320,11 +320,13 @@ __device__ __forceinline__ void ZeroBytes(char* p, int64_t bytes, int i) {
 // One warp waits until `count` of the `num_slots` row flags at `flags` carry
 // `seq`; returns the lane's arrival bits (bit j: slot j * 32 + lane), and the
 // rows are then visible to the warp. Relaxed loads, kPoll in flight per lane
-// (acquire loads would each wait out the last), then one fence. A timeout
-// reports how many rows had arrived.
+// (acquire loads would each wait out the last), then one fence (GPU scope
+// where `local`: rows only this GPU writes). A timeout reports how many rows
+// had arrived.
 __device__ __forceinline__ uint32_t WaitRows(const uint64_t* flags,
                                             int num_slots, int count,
-                                            uint64_t seq, int64_t timeout_ns,
+                                            uint64_t seq, bool local,
+                                            int64_t timeout_ns,
                                             const Site& site) {
   constexpr int kPoll = 4;
   const int lane = threadIdx.x % 32;
@@ -356,7 +358,11 @@ __device__ __forceinline__ uint32_t WaitRows(const uint64_t* flags,
       Report(site, "timeout", seq, static_cast<uint64_t>(found));
     });
   }
-  sync::fence_acq_rel_sys();
+  if (local) {
+    sync::fence_acq_rel_gpu();
+  } else {
+    sync::fence_acq_rel_sys();
+  }
   return arrived;
 }
 
@@ -380,6 +386,11 @@ __device__ __forceinline__ void ReceiveExpert(const Heap& heap,
       !a.use_fp8 ? 0 : (a.use_ue8m0 ? H / kScaleGroup : H / kScaleGroup * 4);
   int32_t* const src_index = a.src_index + l * S;
   int32_t* const slot = a.slot + l * S;
+  // Source s's rows and count come from this GPU's own stores: this PE's
+  // when mapped (puts, with force_put, may come back through NVSHMEM).
+  auto local = [&](int64_t s) {
+    return s == heap.rank && !a.options.force_put;
+  };
 
   for (int64_t s = i; s < R; s += kUnitThreads) {
     const uint64_t* signal = reinterpret_cast<const uint64_t*>(
@@ -387,7 +398,8 @@ __device__ __forceinline__ void ReceiveExpert(const Heap& heap,
     const Site site{kOp, "wait for the count of a local expert", heap.rank,
                     static_cast<int>(s), l};
     counts[s] = static_cast<int32_t>(
-        WaitFlag(signal, kCountBits, seq, a.options.timeout_ns, site) &
+        WaitFlag(signal, kCountBits, seq, local(s), a.options.timeout_ns,
+                 site) &
         ((1ull << kCountBits) - 1));
   }
   // Every slot empty until the packing below fills it.
@@ -410,8 +422,9 @@ __device__ __forceinline__ void ReceiveExpert(const Heap& heap,
         set.flags + layout.dispatch_flags()) + (l * R + s) * Tmax;
     const Site site{kOp, "wait for the rows of a local expert", heap.rank,
                     static_cast<int>(s), l};
-    const uint32_t arrived = WaitRows(flags, static_cast<int>(Tmax), counts[s],
-                                      seq, a.options.timeout_ns, site);
+    const uint32_t arrived =
+        WaitRows(flags, static_cast<int>(Tmax), counts[s], seq, local(s),
+                 a.options.timeout_ns, site);
     int packed = offsets[s];
     for (int64_t j = 0; j * 32 < Tmax; ++j) {
       const uint32_t here = __ballot_sync(0xffffffffu, arrived >> j & 1);

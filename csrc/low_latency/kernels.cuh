@@ -229,14 +229,17 @@ __device__ __forceinline__ bool Arrived(uint64_t value, int shift, uint64_t seq,
   return got == seq;
 }
 
-// Waits until the flag carries `seq` (acquire loads); returns its value. A
+// Waits until the flag carries `seq` (acquire loads: GPU scope where `local`,
+// a flag only this GPU writes, else system scope); returns its value. A
 // timeout reports the sequence part of the last value seen.
 __device__ __forceinline__ uint64_t WaitFlag(const uint64_t* flag, int shift,
-                                             uint64_t seq, int64_t timeout_ns,
+                                             uint64_t seq, bool local,
+                                             int64_t timeout_ns,
                                              const Site& site) {
   uint64_t value;
   const auto arrived = [&] {
-    value = sync::ld_acquire_sys_global(flag);
+    value = local ? sync::ld_acquire_gpu_global(flag)
+                  : sync::ld_acquire_sys_global(flag);
     return Arrived(value, shift, seq, site);
   };
   if (!arrived()) {

@@ -87,12 +87,15 @@ struct DispatchArgs {
 struct CombineArgs {
   Shape shape;
   Options options;
+  // Both: the rows of this rank's experts (the receive reads its own tokens'
+  // in place).
+  const void* y = nullptr;  // bf16[L, R*Tmax, H]
   // Send.
-  const void* y = nullptr;            // bf16[L, R*Tmax, H]
   const int32_t* src_index = nullptr;  // [L, R*Tmax], the dispatch handle's
   bool zero_copy = false;  // puts read y in place instead of a staged copy
   uint32_t* ticket = nullptr;  // as DispatchArgs::ticket
   // Receive.
+  const int32_t* slot = nullptr;      // [L, R*Tmax], the dispatch handle's
   const int32_t* topk_idx = nullptr;  // [T, K]
   const float* weights = nullptr;     // [T, K]
   void* out = nullptr;                // bf16[T, H]

@@ -20,6 +20,15 @@ __device__ __forceinline__ uint64_t ld_acquire_sys_global(const uint64_t* p) {
   return value;
 }
 
+__device__ __forceinline__ uint64_t ld_acquire_gpu_global(const uint64_t* p) {
+  uint64_t value;
+  asm volatile("ld.acquire.gpu.global.u64 %0, [%1];"
+               : "=l"(value)
+               : "l"(p)
+               : "memory");
+  return value;
+}
+
 __device__ __forceinline__ int32_t ld_relaxed_sys_global(const int32_t* p) {
   int32_t value;
   asm volatile("ld.relaxed.sys.global.s32 %0, [%1];"
@@ -42,6 +51,11 @@ __device__ __forceinline__ uint64_t ld_relaxed_sys_global(const uint64_t* p) {
 // of them at once.
 __device__ __forceinline__ void fence_acq_rel_sys() {
   asm volatile("fence.acq_rel.sys;" ::: "memory");
+}
+
+// The same for flags that only this GPU's threads write.
+__device__ __forceinline__ void fence_acq_rel_gpu() {
+  asm volatile("fence.acq_rel.gpu;" ::: "memory");
 }
 
 __device__ __forceinline__ void st_release_sys_global(uint64_t* p,

@@ -144,22 +144,25 @@ def _combined_type(topk_idx, shape: dict):
                               jnp.bfloat16)
 
 
-def combine(y, src_index, topk_idx, topk_weights, *, axis_name: str,
-            shape: dict, options: dict, zero_copy: bool) -> jax.Array:
+def combine(y, handle: LowLatencyHandle, topk_idx, topk_weights, *,
+            axis_name: str, shape: dict, options: dict,
+            zero_copy: bool) -> jax.Array:
   """Both halves in one kernel; returns what `combine_recv` returns."""
   return mark_varying(axis_name, _call(
       "jax_ep_low_latency_combine", _combined_type(topk_idx, shape), y,
-      src_index, topk_idx, topk_weights.astype(jnp.float32), shape=shape,
-      options=options, zero_copy=bool(zero_copy)))
+      handle.src_index, handle.slot, topk_idx,
+      topk_weights.astype(jnp.float32), shape=shape, options=options,
+      zero_copy=bool(zero_copy)))
 
 
-def combine_recv(ticket, topk_idx, topk_weights, *, axis_name: str,
-                 shape: dict, options: dict) -> jax.Array:
-  """Sums each token's weighted expert outputs (the reference's order)."""
+def combine_recv(ticket, y, handle: LowLatencyHandle, topk_idx, topk_weights,
+                 *, axis_name: str, shape: dict, options: dict) -> jax.Array:
+  """Sums each token's weighted expert outputs (the reference's order),
+  reading this rank's experts' rows from `y` in place."""
   return mark_varying(axis_name, _call(
       "jax_ep_low_latency_combine_recv", _combined_type(topk_idx, shape),
-      ticket, topk_idx, topk_weights.astype(jnp.float32), shape=shape,
-      options=options))
+      ticket, y, handle.slot, topk_idx, topk_weights.astype(jnp.float32),
+      shape=shape, options=options))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,19 +231,19 @@ class CudaLowLatency:
     ticket = combine_send(y, handle.src_index, shape=shape,
                           options=self._options, zero_copy=zero_copy)
     # A pytree (a hook's pending value may cross jit): the handle's sizes
-    # are static.
-    return ticket, topk_idx, topk_weights, handle
+    # are static. The receive reads this rank's tokens' rows from y.
+    return ticket, y, topk_idx, topk_weights, handle
 
   def combine_receive(self, pending):
-    ticket, topk_idx, topk_weights, handle = pending
-    return combine_recv(ticket, topk_idx, topk_weights,
+    ticket, y, topk_idx, topk_weights, handle = pending
+    return combine_recv(ticket, y, handle, topk_idx, topk_weights,
                         axis_name=self.axis_name,
                         shape=shape_attr(**_combine_sizes(handle, topk_idx)),
                         options=self._options)
 
   def combine(self, y, topk_idx, topk_weights, handle: LowLatencyHandle, *,
               zero_copy: bool):
-    return combine(y, handle.src_index, topk_idx, topk_weights,
+    return combine(y, handle, topk_idx, topk_weights,
                    axis_name=self.axis_name,
                    shape=self._shape(**_combine_sizes(handle, topk_idx)),
                    options=self._options, zero_copy=zero_copy)
