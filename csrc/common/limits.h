@@ -39,7 +39,7 @@ inline constexpr int64_t kMaxLowLatencyExperts = 4096;
 
 // Tmax, the tokens per rank of a low-latency call: a receive sweeps a
 // source's tokens 32 at a time, with one bit per sweep and lane (WaitRows,
-// low_latency/receive.cu).
+// low_latency/dispatch.cu).
 inline constexpr int64_t kMaxLowLatencyTokens = 32 * 32;
 
 // R * Tmax, the slots of one local expert in a low-latency receive, each
