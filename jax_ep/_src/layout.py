@@ -29,7 +29,7 @@ def get_dispatch_layout(buffer: Buffer, topk_idx: jax.Array,
     `is_token_in_rank[T, R]`, `num_invalid`, `num_tokens_per_node[N]`).
   """
   op = "get_dispatch_layout"
-  buffer.check_inside_shard_map(op)
+  buffer.check_call_site(op)
   num_experts = checks.experts(op, num_experts, buffer.num_ranks)
   checks.topk_idx(op, topk_idx, None, num_experts)
   per_rank, per_expert, in_rank, invalid = (

@@ -132,7 +132,7 @@ def low_latency_dispatch(buffer: Buffer, x: jax.Array, topk_idx: jax.Array, *,
     in `x` with `use_fp8=False` (the backward is a unit-weight combine).
   """
   op = "low_latency_dispatch"
-  buffer.check_inside_shard_map(op)
+  buffer.check_call_site(op)
   num_ranks = buffer.num_ranks
   max_tokens = checks.positive_int(op, "num_max_dispatch_tokens_per_rank",
                                    num_max_dispatch_tokens_per_rank)
@@ -252,7 +252,7 @@ def low_latency_combine(buffer: Buffer, y: jax.Array, topk_idx: jax.Array,
     `topk_weights` without hooks.
   """
   op = "low_latency_combine"
-  buffer.check_inside_shard_map(op)
+  buffer.check_call_site(op)
   checks.handle(op, handle, LowLatencyHandle, "low_latency_dispatch",
                 buffer.num_ranks)
   num_local = handle.num_experts // handle.num_ranks

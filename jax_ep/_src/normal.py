@@ -93,7 +93,7 @@ def dispatch(buffer: Buffer, x, topk_idx: jax.Array | None = None,
     fp8 rows are not differentiable (a gradient into them raises).
   """
   op = "dispatch"
-  buffer.check_inside_shard_map(op)
+  buffer.check_call_site(op)
   rows, fp8 = _token_rows(op, x)
   num_tokens = rows[0].shape[0]
   checks.has_tokens(op, num_tokens)
@@ -229,7 +229,7 @@ def combine(buffer: Buffer, y: jax.Array, handle: DispatchHandle,
     `topk_weights` is given. Differentiable in `y`, `topk_weights`, `bias`.
   """
   op = "combine"
-  buffer.check_inside_shard_map(op)
+  buffer.check_call_site(op)
   handle = checks.handle(op, handle, DispatchHandle, "dispatch",
                          buffer.num_ranks)
   checks.array(op, "y", y, ndim=2, dtypes=checks.FLOAT_DTYPES,

@@ -17,7 +17,10 @@ when an op is traced, and a custom VJP's backward keeps its forward's.
 
 Every jax_ep op of a program that overlaps goes through `overlap` (alone:
 `compute=None`), so that all of them run on the one communication stream,
-in program order: jax_ep's kernels of two ops must not run at once.
+in program order: jax_ep's kernels of two ops must not run at once. An op
+traced inside `compute` is refused (`check_not_in_compute`); one traced
+outside any `overlap` in a program that overlaps cannot be seen at trace
+time, and is the caller's to avoid.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ COMPUTE_STREAM = "gpu_stream:2"
 
 _beside_compute = contextvars.ContextVar("jax_ep_beside_compute",
                                          default=False)
+_in_compute = contextvars.ContextVar("jax_ep_in_overlap_compute",
+                                     default=False)
 
 
 def beside_compute() -> bool:
@@ -53,6 +58,25 @@ def tracing_beside_compute():
     yield
   finally:
     _beside_compute.reset(token)
+
+
+def check_not_in_compute(op: str) -> None:
+  """Refuses jax_ep op `op` traced inside `overlap`'s `compute`, which runs
+  beside the communication: two jax_ep ops would run at once."""
+  if _in_compute.get():
+    raise ValueError(
+        f"jax_ep.{op}: called inside jax_ep.overlap's compute, which runs "
+        "beside its comm on another stream; two jax_ep ops must not run at "
+        "once: call it in comm, or in an overlap of its own")
+
+
+@contextlib.contextmanager
+def _tracing_compute():
+  token = _in_compute.set(True)
+  try:
+    yield
+  finally:
+    _in_compute.reset(token)
 
 
 def _traced_without_stream(f: Callable[[], Any]) -> Callable[[], Any]:
@@ -98,13 +122,18 @@ def overlap(buffer, comm: Callable[[], Any],
   Args:
     buffer: the `jax_ep.Buffer` the ops in `comm` use.
     comm: jax_ep ops (and anything else to run on the communication stream).
-    compute: independent computation, or None.
+    compute: independent computation, or None; no jax_ep op (refused on
+      every backend).
 
   Returns:
     `(comm(), compute())` (None for no `compute`).
   """
   if buffer.backend != "cuda":
-    return comm(), None if compute is None else compute()
+    if compute is None:
+      return comm(), None
+    comm_out = comm()
+    with _tracing_compute():
+      return comm_out, compute()
   on_device = jax.memory.Space.Device
   with tracing_beside_compute():
     comm_out = compute_on(_traced_without_stream(comm),
@@ -112,6 +141,7 @@ def overlap(buffer, comm: Callable[[], Any],
                           out_memory_spaces=on_device)()
   if compute is None:
     return comm_out, None
-  return comm_out, compute_on(_traced_without_stream(compute),
-                              compute_type=COMPUTE_STREAM,
-                              out_memory_spaces=on_device)()
+  with _tracing_compute():
+    return comm_out, compute_on(_traced_without_stream(compute),
+                                compute_type=COMPUTE_STREAM,
+                                out_memory_spaces=on_device)()

@@ -328,8 +328,10 @@ class Buffer:
     """This shard's EP rank, an int32 scalar; only inside `shard_map`."""
     return lax.axis_index(self.axis_name)
 
-  def check_inside_shard_map(self, op: str) -> None:
-    """Fails clearly when `op` is traced outside `shard_map` over the axis."""
+  def check_call_site(self, op: str) -> None:
+    """Fails clearly when `op` is traced outside `shard_map` over the axis,
+    or inside `overlap`'s compute."""
+    overlap.check_not_in_compute(op)
     try:
       size = lax.axis_size(self.axis_name)
     except NameError as e:

@@ -112,3 +112,29 @@ def test_a_reference_buffer_has_no_kernel_grid():
   ep = Ep(R)
   assert ep.buffer.num_sms() is None
   assert ep.buffer.num_sms(beside_compute=True) is None
+
+
+@pytest.mark.parametrize("streams", [False, True], ids=["reference", "streams"])
+def test_a_jax_ep_op_in_compute_is_refused(streams):
+  # It would run beside comm's ops on another stream: two jax_ep ops at once.
+  ep = Ep(R)
+  buffer = StreamsBuffer() if streams else ep.buffer
+  x, idx, _, _ = _inputs(seed=4)
+
+  def body(x, idx):
+    def dispatched():
+      return jax_ep.dispatch(ep.buffer, x, idx, num_experts=E).x
+    return jax_ep.overlap(buffer, lambda: x * 2, dispatched)
+
+  with ep.active(), pytest.raises(ValueError, match=r"jax_ep\.dispatch: "
+                                  r"called inside jax_ep\.overlap's compute"):
+    ep.sharded(body, per_rank=False)(x, idx)
+  # The same op in comm runs, and an op after the overlap is traced as
+  # usual again.
+  def after(x, idx):
+    out, _ = jax_ep.overlap(buffer, lambda: jax_ep.dispatch(
+        ep.buffer, x, idx, num_experts=E).x.sum(), lambda: x * 2)
+    return out + jax_ep.dispatch(ep.buffer, x, idx, num_experts=E).x.sum()
+
+  with ep.active():
+    ep.sharded(after)(x, idx)
