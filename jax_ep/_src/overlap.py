@@ -51,13 +51,18 @@ def beside_compute() -> bool:
 
 
 @contextlib.contextmanager
-def tracing_beside_compute():
-  """While it is open, ops are traced as beside computation."""
-  token = _beside_compute.set(True)
+def _set(flag: contextvars.ContextVar):
+  """`flag` is True while the context is open."""
+  token = flag.set(True)
   try:
     yield
   finally:
-    _beside_compute.reset(token)
+    flag.reset(token)
+
+
+def tracing_beside_compute():
+  """While it is open, ops are traced as beside computation."""
+  return _set(_beside_compute)
 
 
 def check_not_in_compute(op: str) -> None:
@@ -68,15 +73,6 @@ def check_not_in_compute(op: str) -> None:
         f"jax_ep.{op}: called inside jax_ep.overlap's compute, which runs "
         "beside its comm on another stream; two jax_ep ops must not run at "
         "once: call it in comm, or in an overlap of its own")
-
-
-@contextlib.contextmanager
-def _tracing_compute():
-  token = _in_compute.set(True)
-  try:
-    yield
-  finally:
-    _in_compute.reset(token)
 
 
 def _traced_without_stream(f: Callable[[], Any]) -> Callable[[], Any]:
@@ -132,7 +128,7 @@ def overlap(buffer, comm: Callable[[], Any],
     if compute is None:
       return comm(), None
     comm_out = comm()
-    with _tracing_compute():
+    with _set(_in_compute):
       return comm_out, compute()
   on_device = jax.memory.Space.Device
   with tracing_beside_compute():
@@ -141,7 +137,7 @@ def overlap(buffer, comm: Callable[[], Any],
                           out_memory_spaces=on_device)()
   if compute is None:
     return comm_out, None
-  with _tracing_compute():
+  with _set(_in_compute):
     return comm_out, compute_on(_traced_without_stream(compute),
                                 compute_type=COMPUTE_STREAM,
                                 out_memory_spaces=on_device)()
