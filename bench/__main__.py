@@ -70,7 +70,8 @@ def main(argv=None) -> None:
                       "loop on an H200)")
   parser.add_argument("--unroll", type=int, default=1,
                       help="low-latency ops: calls per iteration of the "
-                      "timed loop's XLA while loop")
+                      "timed loop's XLA while loop (unrolled, XLA may share "
+                      "the reference's routing work between calls)")
   parser.add_argument("--reps", type=int, default=50, help="timed loops")
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--seed", type=int, default=0)
@@ -109,7 +110,8 @@ def main(argv=None) -> None:
     if ll_ops:
       records += low_latency.run(mesh, shape, impls=impls, dtypes=args.dtypes,
                                  ops=ll_ops, iters=args.iters or 1000,
-                                 unroll=args.unroll, profile=args.profile, **common)
+                                 unroll=args.unroll, profile=args.profile,
+                                 **common)
   if jax.process_index() == 0:
     harness.save_records(records, args.out,
                          f"{args.shape}_r{jax.device_count()}")
