@@ -76,7 +76,8 @@ static ffi::Error ExpectTicket(const char* op,
 
 // --- Dispatch -----------------------------------------------------------------
 
-// The send half's inputs into `a`; the first failed check of them.
+// The tokens (both halves read them) into `a`; the first failed check of
+// them.
 static ffi::Error DispatchInputs(const char* op, ffi::BufferR2<ffi::BF16> x,
                                  ffi::BufferR2<ffi::S32> topk_idx,
                                  DispatchArgs* a) {
@@ -220,22 +221,25 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Ret<ffi::BufferR1<ffi::U32>>(),  // ticket [2]: the call's sequence
     {ffi::Traits::kCmdBufferCompatible});
 
-// The receive half of LowLatencyDispatch.
+// The receive half of LowLatencyDispatch; it casts the rows of this rank's
+// tokens for its own experts from x, as the send half would have.
 static ffi::Error LowLatencyDispatchRecv(
-    cudaStream_t stream, ffi::BufferR1<ffi::U32> ticket, Shape shape,
-    Options options, bool use_fp8, bool use_ue8m0, bool zero_padding,
-    ffi::Result<ffi::AnyBuffer> recv_x, ffi::Result<ffi::AnyBuffer> recv_scales,
+    cudaStream_t stream, ffi::BufferR1<ffi::U32> ticket,
+    ffi::BufferR2<ffi::BF16> x, ffi::BufferR2<ffi::S32> topk_idx, Shape shape,
+    Options options, bool use_fp8, bool round_scale, bool use_ue8m0,
+    bool zero_padding, ffi::Result<ffi::AnyBuffer> recv_x,
+    ffi::Result<ffi::AnyBuffer> recv_scales,
     ffi::ResultBufferR1<ffi::S32> count,
     ffi::ResultBufferR2<ffi::S32> src_index,
     ffi::ResultBufferR2<ffi::S32> slot) {
   constexpr const char* kOp = jax_ep::targets::kLowLatencyDispatchRecv;
-  DispatchArgs a = DispatchOptions(shape, options, use_fp8,
-                                   /*round_scale=*/false, use_ue8m0,
-                                   zero_padding);
+  DispatchArgs a = DispatchOptions(shape, options, use_fp8, round_scale,
+                                   use_ue8m0, zero_padding);
   a.ticket = const_cast<uint32_t*>(ticket.typed_data());  // read only
   return CheckAndLaunch(
       kOp,
       {ExpectTicket(kOp, ticket.dimensions()),
+       DispatchInputs(kOp, x, topk_idx, &a),
        DispatchOutputs(kOp, *recv_x, *recv_scales, count, src_index, slot,
                        &a)},
       jax_ep::low_latency::LaunchDispatch, a, Halves::kReceive, stream);
@@ -245,10 +249,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
     JaxEpLowLatencyDispatchRecv, LowLatencyDispatchRecv,
     ffi::Ffi::Bind()
         .Ctx<ffi::PlatformStream<cudaStream_t>>()
-        .Arg<ffi::BufferR1<ffi::U32>>()  // ticket [2], the send half's
-        .Attr<Shape>("shape")            // T, Tmax, H, K, E, R
+        .Arg<ffi::BufferR1<ffi::U32>>()   // ticket [2], the send half's
+        .Arg<ffi::BufferR2<ffi::BF16>>()  // x [T, H], the send half's
+        .Arg<ffi::BufferR2<ffi::S32>>()   // topk_idx [T, K], the send half's
+        .Attr<Shape>("shape")             // T, Tmax, H, K, E, R
         .Attr<Options>("options")
         .Attr<bool>("use_fp8")            // as the send half's
+        .Attr<bool>("round_scale")        // as the send half's
         .Attr<bool>("use_ue8m0")          // scales as packed exponents
         .Attr<bool>("zero_padding")       // zero the slots past each count
         .Ret<ffi::AnyBuffer>()            // recv_x [L, S, H], e4m3 or bf16

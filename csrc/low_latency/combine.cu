@@ -87,7 +87,8 @@ __device__ __forceinline__ bool SendRows(const Heap& heap,
         // which is cumulative over what the warp wrote.
         __syncwarp();
         if (lane == 0) {
-          ReleaseFlag(heap, PeerPtr(heap, flag, pe, force_put), seq, pe);
+          sync::st_release_sys_global(PeerPtr(heap, flag, pe, force_put),
+                                      seq);
         }
         continue;
       }

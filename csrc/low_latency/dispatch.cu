@@ -7,15 +7,18 @@
 // Send. One block per token casts the token once (fp8 per 128 channels, or
 // the bf16 row as is) in registers and stores it into message slot
 // (l * R + me) * Tmax + t of each distinct expert's rank, then releases that
-// slot's flag. Every block also counts every expert's tokens (one thread per
-// token) and sends the counts of its share of the experts as
-// (seq << 24) | count.
+// slot's flag. Every block also counts the other ranks' experts' tokens (one
+// thread per token) and sends the counts of its share of those experts as
+// (seq << 24) | count. Nothing goes to this rank's own experts: their rows
+// never pass through the buffer (at R = 1 the send has nothing to do).
 //
 // Receive. Each block is four units of 128 threads; a unit takes one local
-// expert at a time: it waits for the R counts, then for that many flags per
-// source, packs the rows by (source rank, token) into the XLA outputs and
-// writes the handle. Nothing depends on arrival order: the result is
-// deterministic.
+// expert at a time: it finds this rank's tokens of the expert in topk_idx,
+// waits for the other ranks' counts, then for that many flags per source,
+// packs the rows by (source rank, token) into the XLA outputs and writes the
+// handle. Then one block per token of this rank casts its row from x once
+// (as the send casts) into the packed row of each of this rank's experts it
+// chose. Nothing depends on arrival order: the result is deterministic.
 
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
@@ -76,11 +79,63 @@ __device__ __forceinline__ float CastChunk(const int4 (&in)[2],
   return scale;
 }
 
-// --- Send ----------------------------------------------------------------------
+// --- A token's row, one pass of a block at a time -----------------------------
 
 // Output int4s per thread and pass over a row: one pass covers H <= 8192 in
 // bf16 (an int4 per 8 channels), H <= 16384 in fp8 (per 16 channels).
 constexpr int kChunksPerThread = 2;
+
+// Thread j's part of a pass over a token's row: the output chunks base +
+// u * kThreads + j (int4s of e4m3, or of bf16 as is) and, with fp8, their
+// 128-channel groups' scales. Load issues the loads and Cast uses them, so
+// that a caller's setup runs while they fly. Every thread of the block runs
+// both (a group's amax is shared over 8 lanes).
+struct RowPass {
+  int64_t base;
+  int64_t chunks;  // of the whole row
+  int4 in[kChunksPerThread][2];
+  int4 out[kChunksPerThread];
+  float scale[kChunksPerThread];
+
+  __device__ __forceinline__ int64_t Chunk(int u) const {
+    return base + u * kThreads + threadIdx.x;
+  }
+
+  __device__ __forceinline__ void Load(const DispatchArgs& a, int64_t t) {
+    const int4* row = reinterpret_cast<const int4*>(
+        static_cast<const __nv_bfloat16*>(a.x) + t * a.shape.hidden);
+#pragma unroll
+    for (int u = 0; u < kChunksPerThread; ++u) {
+      const int64_t c = Chunk(u);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const bool load = c < chunks && (a.use_fp8 || h == 0);
+        in[u][h] = load ? row[a.use_fp8 ? 2 * c + h : c]
+                        : make_int4(0, 0, 0, 0);
+      }
+    }
+  }
+
+  __device__ __forceinline__ void Cast(const DispatchArgs& a) {
+#pragma unroll
+    for (int u = 0; u < kChunksPerThread; ++u) {
+      // A 128-channel group is 8 chunks, never split by `chunks` (H is a
+      // multiple of 128): inactive lanes cast zeros beside no active one.
+      if (a.use_fp8) {
+        scale[u] = CastChunk(in[u], a.round_scale, &out[u]);
+      } else {
+        out[u] = in[u][0];
+      }
+    }
+  }
+};
+
+// The output chunks of a row of H channels.
+__device__ __forceinline__ int64_t RowChunks(const DispatchArgs& a) {
+  return a.use_fp8 ? a.shape.hidden / 16 : a.shape.hidden / 8;
+}
+
+// --- Send ----------------------------------------------------------------------
 
 // The first token's setup splits the block: warp 0 finds the destinations,
 // the threads from kWaitFrom wait for the buffer set (one per peer), the
@@ -90,19 +145,23 @@ constexpr int kWaitFrom = 32;
 constexpr int kCountFrom = kWaitFrom + kMaxRanks;
 static_assert(kCountFrom < kThreads, "no thread left to count");
 
-// Adds every token's distinct valid choices to `tokens_of` (per expert, in
-// shared memory), one thread per token from thread kCountFrom on. Every block
-// counts them all, so that no block waits for another before its count
-// signals.
-__device__ __forceinline__ void CountChoices(const DispatchArgs& a,
+// Adds every token's distinct valid choices of other ranks' experts to
+// `tokens_of` (per expert, in shared memory), one thread per token from
+// thread kCountFrom on. Every block counts them all, so that no block waits
+// for another before its count signals.
+__device__ __forceinline__ void CountChoices(const Heap& heap,
+                                             const DispatchArgs& a,
                                              int32_t* tokens_of) {
-  const int64_t E = a.shape.num_experts;
+  const int64_t E = a.shape.num_experts, L = a.shape.num_local();
   const int K = static_cast<int>(a.shape.num_topk);
+  if (a.shape.num_ranks == 1) return;
   for (int64_t t = static_cast<int64_t>(threadIdx.x) - kCountFrom;
        t >= 0 && t < a.shape.num_tokens; t += kThreads - kCountFrom) {
     const int32_t* row = a.topk_idx + t * K;
     for (int k = 0; k < K; ++k) {
-      if (FirstChoice(row, k, E)) atomicAdd(&tokens_of[row[k]], 1);
+      if (FirstChoice(row, k, E) && row[k] / L != heap.rank) {
+        atomicAdd(&tokens_of[row[k]], 1);
+      }
     }
   }
 }
@@ -118,11 +177,12 @@ __device__ __forceinline__ void WaitSetAndCount(const Heap& heap,
   if (peer >= 0 && peer < a.shape.num_ranks) {
     WaitSetFree(heap, set, seq, peer, a.options.timeout_ns, kOp);
   }
-  CountChoices(a, tokens_of);
+  CountChoices(heap, a, tokens_of);
 }
 
-// Thread j of block b sends the count signal of expert b + j * gridDim.x.
-// Returns whether the thread issued an NVSHMEM signal (it must then quiet).
+// Thread j of block b sends the count signal of expert b + j * gridDim.x,
+// unless the expert is this rank's (the receive counts those). Returns
+// whether the thread issued an NVSHMEM signal (it must then quiet).
 __device__ __forceinline__ bool SignalCounts(const Heap& heap,
                                              const DispatchArgs& a,
                                              const SetPointers& set,
@@ -133,11 +193,13 @@ __device__ __forceinline__ bool SignalCounts(const Heap& heap,
   bool put = false;
   for (int64_t e = blockIdx.x + static_cast<int64_t>(threadIdx.x) * gridDim.x;
        e < sh.num_experts; e += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const int pe = static_cast<int>(e / L);
+    if (pe == heap.rank) continue;
     uint64_t* signal = reinterpret_cast<uint64_t*>(
         set.flags + SetLayout{sh}.counts() +
         ((e % L) * sh.num_ranks + heap.rank) * 8);
-    put |= Signal(heap, signal, (seq << kCountBits) | tokens_of[e],
-                  static_cast<int>(e / L), a.options.force_put);
+    put |= Signal(heap, signal, (seq << kCountBits) | tokens_of[e], pe,
+                  a.options.force_put);
   }
   return put;
 }
@@ -146,8 +208,9 @@ __device__ __forceinline__ bool SignalCounts(const Heap& heap,
 // and stores them straight into every mapped destination's message slot (K
 // stores in flight per chunk); after the block barrier, one thread per
 // destination releases its flag. Destinations without a mapping get the row
-// from a staged copy in the symmetric heap by put-with-signal. Returns
-// whether the thread issued NVSHMEM puts (it must then quiet).
+// from a staged copy in the symmetric heap by put-with-signal. Destinations
+// are other ranks only: with one rank no token is loaded. Returns whether the
+// thread issued NVSHMEM puts (it must then quiet).
 __device__ __forceinline__ bool SendTokens(const Heap& heap,
                                            const DispatchArgs& a,
                                            const SetPointers& set,
@@ -165,15 +228,14 @@ __device__ __forceinline__ bool SendTokens(const Heap& heap,
   bool first = true;  // the block's first setup: wait for the set and count
 
   // Per token, by column k: the mapped message slot and flag of a distinct
-  // valid choice (null for puts and for the other columns), and its PE.
+  // valid choice of another rank's expert (null for puts and for the other
+  // columns), and its PE (-1 for the columns that send nothing).
   __shared__ char* peer_message[kMaxTopk];
   __shared__ uint64_t* peer_flag[kMaxTopk];
   __shared__ int pe_of[kMaxTopk];
   const int64_t message = sh.message_bytes();
   const int64_t payload = a.use_fp8 ? AlignUp(H + H / kScaleGroup * 4, 16)
                                     : 2 * H;
-  // Chunks of the row: int4s of the message's e4m3 (16 channels) or bf16 (8).
-  const int64_t chunks = a.use_fp8 ? H / 16 : H / 8;
   // Expert e's message slot for token t, and its flag (symmetric addresses).
   auto slot_of = [&](int32_t e, int64_t t) {
     return ((e % L) * R + heap.rank) * sh.max_tokens + t;
@@ -185,36 +247,27 @@ __device__ __forceinline__ bool SendTokens(const Heap& heap,
     return reinterpret_cast<uint64_t*>(set.flags + layout.dispatch_flags()) +
            slot;
   };
-  for (int64_t t = blockIdx.x; t < sh.num_tokens; t += gridDim.x) {
+  for (int64_t t = blockIdx.x; R > 1 && t < sh.num_tokens; t += gridDim.x) {
     const int32_t* choices = a.topk_idx + t * K;
     char* stage = set.data + layout.dispatch_stage() + t * message;
-    const int4* row = reinterpret_cast<const int4*>(
-        static_cast<const __nv_bfloat16*>(a.x) + t * H);
     bool any_put = false;
-    for (int64_t base = 0; base < chunks;
-         base += int64_t{kThreads} * kChunksPerThread) {
-      int4 in[kChunksPerThread][2];
-#pragma unroll
-      for (int u = 0; u < kChunksPerThread; ++u) {
-        const int64_t c = base + u * kThreads + threadIdx.x;
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const bool load = c < chunks && (a.use_fp8 || h == 0);
-          in[u][h] = load ? row[a.use_fp8 ? 2 * c + h : c]
-                          : make_int4(0, 0, 0, 0);
-        }
-      }
+    RowPass pass;
+    pass.chunks = RowChunks(a);
+    for (pass.base = 0; pass.base < pass.chunks;
+         pass.base += int64_t{kThreads} * kChunksPerThread) {
+      pass.Load(a, t);
       // The token's setup while the loads above are in flight; the
       // condition is the block's, so every thread reaches the barrier.
-      if (base == 0) {
+      if (pass.base == 0) {
         bool needs_put = false;
         if (threadIdx.x < K) {
           const int k = threadIdx.x;
           peer_message[k] = nullptr;
           peer_flag[k] = nullptr;
-          if (FirstChoice(choices, k, E)) {
-            const int32_t e = choices[k];
-            const int pe = static_cast<int>(e / L);
+          pe_of[k] = -1;
+          const int32_t e = choices[k];
+          const int pe = static_cast<int>(e / L);
+          if (FirstChoice(choices, k, E) && pe != heap.rank) {
             const int64_t slot = slot_of(e, t);
             pe_of[k] = pe;
             peer_message[k] = PeerPtr(heap, message_at(slot), pe, force_put);
@@ -227,27 +280,16 @@ __device__ __forceinline__ bool SendTokens(const Heap& heap,
         any_put = __syncthreads_or(needs_put);
         first = false;
       }
-      int4 out[kChunksPerThread];
-      float scale[kChunksPerThread];
-#pragma unroll
-      for (int u = 0; u < kChunksPerThread; ++u) {
-        // A 128-channel group is 8 chunks, never split by `chunks` (H is a
-        // multiple of 128): inactive lanes cast zeros beside no active one.
-        if (a.use_fp8) {
-          scale[u] = CastChunk(in[u], a.round_scale, &out[u]);
-        } else {
-          out[u] = in[u][0];
-        }
-      }
+      pass.Cast(a);
       auto store = [&](char* dst) {
 #pragma unroll
         for (int u = 0; u < kChunksPerThread; ++u) {
-          const int64_t c = base + u * kThreads + threadIdx.x;
-          if (c >= chunks) continue;
-          reinterpret_cast<int4*>(dst)[c] = out[u];
+          const int64_t c = pass.Chunk(u);
+          if (c >= pass.chunks) continue;
+          reinterpret_cast<int4*>(dst)[c] = pass.out[u];
           if (a.use_fp8 && c % (kScaleGroup / 16) == 0) {
             reinterpret_cast<float*>(dst + H)[c / (kScaleGroup / 16)] =
-                scale[u];
+                pass.scale[u];
           }
         }
       };
@@ -259,16 +301,15 @@ __device__ __forceinline__ bool SendTokens(const Heap& heap,
     // The barrier orders every thread's stores before the flags' releases.
     __syncthreads();
     if (threadIdx.x < K && peer_flag[threadIdx.x] != nullptr) {
-      ReleaseFlag(heap, peer_flag[threadIdx.x], seq, pe_of[threadIdx.x]);
+      sync::st_release_sys_global(peer_flag[threadIdx.x], seq);
     }
     if (any_put) {
       for (int k = warp; k < K; k += kWarps) {
-        if (!FirstChoice(choices, k, E) || peer_message[k] != nullptr) continue;
-        const int32_t e = choices[k];
-        const int64_t slot = slot_of(e, t);
+        if (pe_of[k] < 0 || peer_message[k] != nullptr) continue;
+        const int64_t slot = slot_of(choices[k], t);
         nvshmemx_putmem_signal_nbi_warp(message_at(slot), stage, payload,
                                         flag_at(slot), seq, NVSHMEM_SIGNAL_SET,
-                                        static_cast<int>(e / L));
+                                        pe_of[k]);
         put = true;
       }
     }
@@ -320,13 +361,11 @@ __device__ __forceinline__ void ZeroBytes(char* p, int64_t bytes, int i) {
 // One warp waits until `count` of the `num_slots` row flags at `flags` carry
 // `seq`; returns the lane's arrival bits (bit j: slot j * 32 + lane), and the
 // rows are then visible to the warp. Relaxed loads, kPoll in flight per lane
-// (acquire loads would each wait out the last), then one fence (GPU scope
-// where `local`: rows only this GPU writes). A timeout reports how many rows
-// had arrived.
+// (acquire loads would each wait out the last), then one fence. A timeout
+// reports how many rows had arrived.
 __device__ __forceinline__ uint32_t WaitRows(const uint64_t* flags,
                                             int num_slots, int count,
-                                            uint64_t seq, bool local,
-                                            int64_t timeout_ns,
+                                            uint64_t seq, int64_t timeout_ns,
                                             const Site& site) {
   constexpr int kPoll = 4;
   const int lane = threadIdx.x % 32;
@@ -358,16 +397,32 @@ __device__ __forceinline__ uint32_t WaitRows(const uint64_t* flags,
       Report(site, "timeout", seq, static_cast<uint64_t>(found));
     });
   }
-  if (local) {
-    sync::fence_acq_rel_gpu();
-  } else {
-    sync::fence_acq_rel_sys();
-  }
+  sync::fence_acq_rel_sys();
   return arrived;
 }
 
+// This rank's tokens in [first, end) that chose expert e, for one warp: bit j
+// of the lane's result is token first + j * 32 + lane (end - first <= 1024).
+__device__ __forceinline__ uint32_t OwnTokensOf(const DispatchArgs& a,
+                                                int32_t e, int64_t first,
+                                                int64_t end, int lane) {
+  const int K = static_cast<int>(a.shape.num_topk);
+  uint32_t chose = 0;
+  for (int j = 0; first + j * 32 < end; ++j) {
+    const int64_t t = first + j * 32 + lane;
+    bool hit = false;
+    if (t < end) {
+      const int32_t* row = a.topk_idx + t * K;
+      for (int k = 0; k < K; ++k) hit |= row[k] == e;
+    }
+    chose |= static_cast<uint32_t>(hit) << j;
+  }
+  return chose;
+}
+
 // The unit's thread i receives local expert l; `source_of` (the unit's S
-// words of shared memory) holds each packed row's s * Tmax + t.
+// words of shared memory) holds each packed row's s * Tmax + t, `own` (the
+// unit's kUnitWarps words) each warp's count of this rank's tokens.
 __device__ __forceinline__ void ReceiveExpert(const Heap& heap,
                                               const DispatchArgs& a,
                                               const SetPointers& set,
@@ -375,31 +430,35 @@ __device__ __forceinline__ void ReceiveExpert(const Heap& heap,
                                               int unit, int i,
                                               int32_t* counts,
                                               int32_t* offsets,
+                                              int32_t* own,
                                               int32_t* source_of) {
   const Shape& sh = a.shape;
   const int warp = i / 32, lane = i % 32;
   const SetLayout layout{sh};
-  const int64_t R = sh.num_ranks, Tmax = sh.max_tokens;
-  const int64_t S = R * Tmax, H = sh.hidden;
+  const int64_t R = sh.num_ranks, Tmax = sh.max_tokens, T = sh.num_tokens;
+  const int64_t S = R * Tmax, H = sh.hidden, me = heap.rank;
   const int64_t row_bytes = a.use_fp8 ? H : 2 * H;
   const int64_t scale_bytes =
       !a.use_fp8 ? 0 : (a.use_ue8m0 ? H / kScaleGroup : H / kScaleGroup * 4);
   int32_t* const src_index = a.src_index + l * S;
   int32_t* const slot = a.slot + l * S;
-  // Source s's rows and count come from this GPU's own stores: this PE's
-  // when mapped (puts, with force_put, may come back through NVSHMEM).
-  auto local = [&](int64_t s) {
-    return s == heap.rank && !a.options.force_put;
-  };
 
+  // This rank's tokens of the expert: each warp scans a quarter of them (a
+  // multiple of 32) while the peers' counts are awaited.
+  const int64_t quarter = (T + kUnitThreads - 1) / kUnitThreads * 32;
+  const int64_t first = warp * quarter, end = min(T, first + quarter);
+  const uint32_t chose = OwnTokensOf(
+      a, static_cast<int32_t>(me * sh.num_local() + l), first, end, lane);
+  const int chosen = __reduce_add_sync(0xffffffffu, __popc(chose));
+  if (lane == 0) own[warp] = chosen;
   for (int64_t s = i; s < R; s += kUnitThreads) {
+    if (s == me) continue;
     const uint64_t* signal = reinterpret_cast<const uint64_t*>(
         set.flags + layout.counts() + (l * R + s) * 8);
     const Site site{kOp, "wait for the count of a local expert", heap.rank,
                     static_cast<int>(s), l};
     counts[s] = static_cast<int32_t>(
-        WaitFlag(signal, kCountBits, seq, local(s), a.options.timeout_ns,
-                 site) &
+        WaitFlag(signal, kCountBits, seq, a.options.timeout_ns, site) &
         ((1ull << kCountBits) - 1));
   }
   // Every slot empty until the packing below fills it.
@@ -409,42 +468,59 @@ __device__ __forceinline__ void ReceiveExpert(const Heap& heap,
   }
   UnitSync(unit);
   if (i == 0) {
+    counts[me] = 0;
+    for (int w = 0; w < kUnitWarps; ++w) counts[me] += own[w];
     offsets[0] = 0;
     for (int64_t s = 0; s < R; ++s) offsets[s + 1] = offsets[s] + counts[s];
     a.count[l] = offsets[R];
   }
   UnitSync(unit);
 
-  // Per source, one warp waits for its `counts[s]` flags and packs them in
-  // token order.
-  for (int64_t s = warp; s < R; s += kUnitWarps) {
-    const uint64_t* flags = reinterpret_cast<const uint64_t*>(
-        set.flags + layout.dispatch_flags()) + (l * R + s) * Tmax;
-    const Site site{kOp, "wait for the rows of a local expert", heap.rank,
-                    static_cast<int>(s), l};
-    const uint32_t arrived =
-        WaitRows(flags, static_cast<int>(Tmax), counts[s], seq, local(s),
-                 a.options.timeout_ns, site);
-    int packed = offsets[s];
-    for (int64_t j = 0; j * 32 < Tmax; ++j) {
+  // Places the warp's rows of source s in slot order: bit j of `arrived`
+  // is slot j * 32 + lane, packed from `packed` on.
+  auto place = [&](int64_t s, uint32_t arrived, int64_t from, int64_t to,
+                   int packed) {
+    for (int64_t j = 0; from + j * 32 < to; ++j) {
       const uint32_t here = __ballot_sync(0xffffffffu, arrived >> j & 1);
       if (arrived >> j & 1) {
         const int row = packed + __popc(here & ((1u << lane) - 1));
-        const int32_t source = static_cast<int32_t>(s * Tmax + j * 32 + lane);
+        const int32_t source =
+            static_cast<int32_t>(s * Tmax + from + j * 32 + lane);
         source_of[row] = source;
         src_index[row] = source;
         slot[source] = row;
       }
       packed += __popc(here);
     }
+  };
+  // This rank's rows in token order: each warp's quarter after the ones
+  // before it.
+  int packed = offsets[me];
+  for (int w = 0; w < warp; ++w) packed += own[w];
+  place(me, chose, first, end, packed);
+  // Per other source, one warp waits for its `counts[s]` flags and packs
+  // them in token order.
+  for (int64_t s = warp; s < R; s += kUnitWarps) {
+    if (s == me) continue;
+    const uint64_t* flags = reinterpret_cast<const uint64_t*>(
+        set.flags + layout.dispatch_flags()) + (l * R + s) * Tmax;
+    const Site site{kOp, "wait for the rows of a local expert", heap.rank,
+                    static_cast<int>(s), l};
+    place(s,
+          WaitRows(flags, static_cast<int>(Tmax), counts[s], seq,
+                   a.options.timeout_ns, site),
+          0, Tmax, offsets[s]);
   }
   UnitSync(unit);
 
-  // The rows land packed, one after the other: the unit copies them as one
-  // run of int4s, kRecvUnroll loads in flight per thread.
-  const int total = offsets[R];
+  // The other ranks' rows land packed before and after this rank's (which
+  // CastOwnTokens writes): the unit copies them as one run of int4s,
+  // kRecvUnroll loads in flight per thread.
+  const int total = offsets[R], mine = counts[me], mine_from = offsets[me];
+  // The packed row of the j-th row of the other ranks.
+  auto other_row = [&](int j) { return j < mine_from ? j : j + mine; };
   const int row_chunks = static_cast<int>(row_bytes / 16);
-  const int run = total * row_chunks;
+  const int run = (total - mine) * row_chunks;
   const int64_t message = sh.message_bytes();
   int4* out = reinterpret_cast<int4*>(static_cast<char*>(a.recv_x) +
                                       l * S * row_bytes);
@@ -456,22 +532,25 @@ __device__ __forceinline__ void ReceiveExpert(const Heap& heap,
       const int f = base + u * kUnitThreads;
       if (f < run) {
         v[u] = reinterpret_cast<const int4*>(
-            messages + source_of[f / row_chunks] * message)[f % row_chunks];
+            messages + source_of[other_row(f / row_chunks)] *
+                           message)[f % row_chunks];
       }
     }
 #pragma unroll
     for (int u = 0; u < kRecvUnroll; ++u) {
       const int f = base + u * kUnitThreads;
-      if (f < run) out[f] = v[u];
+      if (f < run) {
+        out[other_row(f / row_chunks) * row_chunks + f % row_chunks] = v[u];
+      }
     }
   }
-  // The scales, one 32-bit word per thread: a float per 128 channels, or
+  // Their scales, one 32-bit word per thread: a float per 128 channels, or
   // four UE8M0 exponent bytes, little-endian.
   const int scale_words = static_cast<int>(scale_bytes / 4);
   uint32_t* scale_out = reinterpret_cast<uint32_t*>(
       static_cast<char*>(a.recv_scales) + l * S * scale_bytes);
-  for (int f = i; f < total * scale_words; f += kUnitThreads) {
-    const int row = f / scale_words, w = f % scale_words;
+  for (int f = i; f < (total - mine) * scale_words; f += kUnitThreads) {
+    const int row = other_row(f / scale_words), w = f % scale_words;
     const uint32_t* scales = reinterpret_cast<const uint32_t*>(
         messages + source_of[row] * message + H);
     uint32_t word = 0;
@@ -483,7 +562,7 @@ __device__ __forceinline__ void ReceiveExpert(const Heap& heap,
     } else {
       word = scales[w];
     }
-    scale_out[f] = word;
+    scale_out[row * scale_words + w] = word;
   }
   if (a.zero_padding) {
     ZeroBytes(static_cast<char*>(a.recv_x) + (l * S + total) * row_bytes,
@@ -494,7 +573,114 @@ __device__ __forceinline__ void ReceiveExpert(const Heap& heap,
                 (S - total) * scale_bytes, i);
     }
   }
-  UnitSync(unit);  // counts and offsets are the unit's next expert's
+  UnitSync(unit);  // counts, offsets and own are the unit's next expert's
+}
+
+// One block per token of this rank: its row, cast (or copied) once, goes to
+// the packed row of each of this rank's experts that it chose: after the
+// rows of the ranks before this one (their counts), the tokens before it that
+// chose the expert (the block counts them) — where ReceiveExpert placed it.
+__device__ __forceinline__ void CastOwnTokens(const Heap& heap,
+                                              const DispatchArgs& a,
+                                              const SetPointers& set,
+                                              uint64_t seq) {
+  const Shape& sh = a.shape;
+  const SetLayout layout{sh};
+  const int lane = threadIdx.x % 32;
+  const int64_t L = sh.num_local(), R = sh.num_ranks, K = sh.num_topk;
+  const int64_t E = sh.num_experts, S = R * sh.max_tokens, H = sh.hidden;
+  const int64_t me = heap.rank;
+  const int64_t row_bytes = a.use_fp8 ? H : 2 * H;
+  const int64_t scale_bytes =
+      !a.use_fp8 ? 0 : (a.use_ue8m0 ? H / kScaleGroup : H / kScaleGroup * 4);
+  // Per column k of the token: its expert where it is a first choice of
+  // this rank's, else -1, and its packed row.
+  __shared__ int32_t expert_of[kMaxTopk];
+  __shared__ int32_t row_of[kMaxTopk];
+  for (int64_t t = blockIdx.x; t < sh.num_tokens; t += gridDim.x) {
+    const int32_t* choices = a.topk_idx + t * K;
+    bool mine = false;
+    if (threadIdx.x < K) {
+      const int k = threadIdx.x;
+      mine = FirstChoice(choices, k, E) && choices[k] / L == me;
+      expert_of[k] = mine ? choices[k] : -1;
+      row_of[k] = 0;
+    }
+    // Also the barrier before the setup reads expert_of.
+    if (!__syncthreads_or(mine)) continue;
+    RowPass pass;
+    pass.chunks = RowChunks(a);
+    for (pass.base = 0; pass.base < pass.chunks;
+         pass.base += int64_t{kThreads} * kChunksPerThread) {
+      pass.Load(a, t);
+      if (pass.base == 0) {  // the rows, while the loads fly
+        for (int64_t before = threadIdx.x; before < t; before += kThreads) {
+          const int32_t* row = a.topk_idx + before * K;
+          for (int k = 0; k < K; ++k) {
+            if (expert_of[k] < 0) continue;
+            for (int j = 0; j < K; ++j) {
+              if (row[j] == expert_of[k]) {
+                atomicAdd(&row_of[k], 1);
+                break;
+              }
+            }
+          }
+        }
+        for (int64_t w = threadIdx.x; w < K * me; w += kThreads) {
+          const int k = static_cast<int>(w % K);
+          const int64_t s = w / K;
+          if (expert_of[k] < 0) continue;
+          const int64_t l = expert_of[k] % L;
+          const uint64_t* signal = reinterpret_cast<const uint64_t*>(
+              set.flags + layout.counts() + (l * R + s) * 8);
+          const Site site{kOp, "wait for the count of a local expert",
+                          heap.rank, static_cast<int>(s), l};
+          atomicAdd(&row_of[k],
+                    static_cast<int32_t>(
+                        WaitFlag(signal, kCountBits, seq,
+                                 a.options.timeout_ns, site) &
+                        ((1ull << kCountBits) - 1)));
+        }
+        __syncthreads();
+      }
+      pass.Cast(a);
+      // With UE8M0 a word packs four groups' exponents: lane 0 gathers its
+      // warp's 32 chunks (a row's chunks are a multiple of 32 then).
+      uint32_t word[kChunksPerThread] = {};
+      if (a.use_ue8m0) {
+#pragma unroll
+        for (int u = 0; u < kChunksPerThread; ++u) {
+#pragma unroll
+          for (int b = 0; b < 4; ++b) {
+            const float group = __shfl_sync(0xffffffffu, pass.scale[u], b * 8);
+            word[u] |= (__float_as_uint(group) >> 23) << (8 * b);
+          }
+        }
+      }
+      for (int k = 0; k < K; ++k) {
+        if (expert_of[k] < 0) continue;
+        const int64_t row = (expert_of[k] % L) * S + row_of[k];
+        int4* dst = reinterpret_cast<int4*>(static_cast<char*>(a.recv_x) +
+                                            row * row_bytes);
+        char* scales = static_cast<char*>(a.recv_scales) + row * scale_bytes;
+#pragma unroll
+        for (int u = 0; u < kChunksPerThread; ++u) {
+          const int64_t c = pass.Chunk(u);
+          if (c >= pass.chunks) continue;
+          dst[c] = pass.out[u];
+          if (a.use_ue8m0) {
+            if (lane == 0) {
+              reinterpret_cast<uint32_t*>(scales)[c / 32] = word[u];
+            }
+          } else if (a.use_fp8 && c % (kScaleGroup / 16) == 0) {
+            reinterpret_cast<float*>(scales)[c / (kScaleGroup / 16)] =
+                pass.scale[u];
+          }
+        }
+      }
+    }
+    __syncthreads();  // expert_of and row_of are the next token's
+  }
 }
 
 // Local expert l goes to unit (l / G) % kUnits of block l % G: the experts
@@ -505,13 +691,14 @@ __device__ __forceinline__ void ReceiveExperts(const Heap& heap,
                                                uint64_t seq) {
   __shared__ int32_t counts[kUnits][kMaxRanks];
   __shared__ int32_t offsets[kUnits][kMaxRanks + 1];
+  __shared__ int32_t own[kUnits][kUnitWarps];
   extern __shared__ int32_t sources[];  // kUnits * S (ReceiveSharedBytes)
   const int unit = threadIdx.x / kUnitThreads, i = threadIdx.x % kUnitThreads;
   const int64_t G = gridDim.x, S = a.shape.num_ranks * a.shape.max_tokens;
   for (int64_t l = blockIdx.x + unit * G; l < a.shape.num_local();
        l += kUnits * G) {
     ReceiveExpert(heap, a, set, seq, l, unit, i, counts[unit], offsets[unit],
-                  sources + unit * S);
+                  own[unit], sources + unit * S);
   }
 }
 
@@ -528,7 +715,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   const SetPointers set = SetOf(heap, seq);
   bool put = false;
   if constexpr (Sends(kHalves)) put = SendTokens(heap, a, set, seq);
-  if constexpr (Receives(kHalves)) ReceiveExperts(heap, a, set, seq);
+  if constexpr (Receives(kHalves)) {
+    ReceiveExperts(heap, a, set, seq);
+    CastOwnTokens(heap, a, set, seq);
+  }
   if (put) nvshmem_quiet();
   EndCall<kHalves>(heap, set, seq, a.options.force_put);
 }
@@ -563,7 +753,7 @@ Status LaunchDispatch(const Heap& heap, const DispatchArgs& a, Halves halves,
   if (Status s = CheckShape("jax_ep_ll_dispatch", heap, a.shape); !s.ok()) {
     return s;
   }
-  if (Sends(halves) && a.use_fp8 && a.shape.hidden % kScaleGroup != 0) {
+  if (a.use_fp8 && a.shape.hidden % kScaleGroup != 0) {
     return Status::InvalidArgument(
         "jax_ep_ll_dispatch: fp8 needs the hidden size to be a multiple of "
         "128");

@@ -23,11 +23,12 @@
 // for more blocks than the GPU holds at once (one per SM), so every block
 // that a waiting block needs is running or finished.
 //
-// Transports. A peer whose memory is mapped here (Heap::peer_base: NVLink P2P,
-// or this PE itself) gets plain stores, then a release of the flag (GPU scope
-// for this PE's own flags, system scope for a peer's); any other peer (or
-// every peer with Options::force_put) gets nvshmemx_putmem_signal_nbi_warp,
-// which delivers the flag after the data.
+// Transports. A peer whose memory is mapped here (Heap::peer_base: NVLink P2P)
+// gets plain stores, then a system-scope release of the flag; any other peer
+// (or every peer with Options::force_put) gets
+// nvshmemx_putmem_signal_nbi_warp, which delivers the flag after the data.
+// Nothing goes through this PE's own buffers: both ops read the rows of this
+// rank's tokens for this rank's experts in place (x, y).
 #pragma once
 
 #include <nvshmem.h>
@@ -97,13 +98,14 @@ __device__ __forceinline__ uint64_t CallSequence(const Heap& heap,
 // Waits until PE `peer` has received the call that last used this buffer set
 // (seq - 2), so that nothing this block writes overwrites unread rows: one
 // thread per peer calls it, and the caller's next block barrier passes that
-// on.
+// on. A rank never writes its own sets (its own rows are read in place), so
+// it waits for no one at `peer` == its rank.
 __device__ __forceinline__ void WaitSetFree(const Heap& heap,
                                            const SetPointers& set,
                                            uint64_t seq, int peer,
                                            int64_t timeout_ns,
                                            const char* op) {
-  if (seq <= 2) return;
+  if (seq <= 2 || peer == heap.rank) return;
   const uint64_t* received =
       reinterpret_cast<const uint64_t*>(set.flags + SetLayout{}.received()) +
       peer;
@@ -140,16 +142,6 @@ __device__ __forceinline__ T* PeerPtr(const Heap& heap, T* p, int pe,
   return reinterpret_cast<T*>(peer + (reinterpret_cast<char*>(p) - heap.base));
 }
 
-// Releases `value` into a mapped flag of PE `pe`: GPU scope for this PE's own
-// flags (its readers run on this GPU), system scope for a peer's.
-__device__ __forceinline__ void ReleaseFlag(const Heap& heap, uint64_t* flag,
-                                            uint64_t value, int pe) {
-  if (pe == heap.rank) {
-    sync::st_release_gpu_global(flag, value);
-  } else {
-    sync::st_release_sys_global(flag, value);
-  }
-}
 
 // Sets `word` (a symmetric address) on PE `pe` to `value`: a release store
 // through the mapping, else an NVSHMEM signal. Returns whether it signalled
@@ -158,7 +150,7 @@ __device__ __forceinline__ bool Signal(const Heap& heap, uint64_t* word,
                                        uint64_t value, int pe,
                                        bool force_put) {
   if (uint64_t* peer = PeerPtr(heap, word, pe, force_put)) {
-    ReleaseFlag(heap, peer, value, pe);
+    sync::st_release_sys_global(peer, value);
     return false;
   }
   nvshmemx_signal_op(word, value, NVSHMEM_SIGNAL_SET, pe);
@@ -170,7 +162,10 @@ __device__ __forceinline__ bool Signal(const Heap& heap, uint64_t* word,
 __device__ __forceinline__ void SignalReceived(const Heap& heap,
                                                const SetPointers& set,
                                                uint64_t seq, bool force_put) {
-  if (threadIdx.x >= static_cast<unsigned>(heap.num_ranks)) return;
+  if (threadIdx.x >= static_cast<unsigned>(heap.num_ranks) ||
+      threadIdx.x == static_cast<unsigned>(heap.rank)) {
+    return;
+  }
   uint64_t* word = reinterpret_cast<uint64_t*>(set.flags +
                                                SetLayout{}.received()) +
                    heap.rank;
@@ -229,17 +224,15 @@ __device__ __forceinline__ bool Arrived(uint64_t value, int shift, uint64_t seq,
   return got == seq;
 }
 
-// Waits until the flag carries `seq` (acquire loads: GPU scope where `local`,
-// a flag only this GPU writes, else system scope); returns its value. A
-// timeout reports the sequence part of the last value seen.
+// Waits until a peer's flag carries `seq` (system-scope acquire loads);
+// returns its value. A timeout reports the sequence part of the last value
+// seen.
 __device__ __forceinline__ uint64_t WaitFlag(const uint64_t* flag, int shift,
-                                             uint64_t seq, bool local,
-                                             int64_t timeout_ns,
+                                             uint64_t seq, int64_t timeout_ns,
                                              const Site& site) {
   uint64_t value;
   const auto arrived = [&] {
-    value = local ? sync::ld_acquire_gpu_global(flag)
-                  : sync::ld_acquire_sys_global(flag);
+    value = sync::ld_acquire_sys_global(flag);
     return Arrived(value, shift, seq, site);
   };
   if (!arrived()) {

@@ -64,12 +64,14 @@ struct DispatchArgs {
   Shape shape;
   Options options;
   bool use_fp8 = false;
-  bool round_scale = false;  // send: fp8 scales rounded to powers of 2
+  bool round_scale = false;  // fp8 scales rounded to powers of 2
   bool use_ue8m0 = false;    // receive: scales as packed exponents
   bool zero_padding = true;  // receive: zero the slots past each count
-  // Send.
+  // Both: the tokens (the receive casts the rows of this rank's experts
+  // itself).
   const void* x = nullptr;            // bf16[T, H]
   const int32_t* topk_idx = nullptr;  // [T, K]
+  // Send.
   // The call's sequence number as u32[2] (lo, hi): written by the send half,
   // read by the receive half; unused by the whole op.
   uint32_t* ticket = nullptr;

@@ -20,15 +20,6 @@ __device__ __forceinline__ uint64_t ld_acquire_sys_global(const uint64_t* p) {
   return value;
 }
 
-__device__ __forceinline__ uint64_t ld_acquire_gpu_global(const uint64_t* p) {
-  uint64_t value;
-  asm volatile("ld.acquire.gpu.global.u64 %0, [%1];"
-               : "=l"(value)
-               : "l"(p)
-               : "memory");
-  return value;
-}
-
 __device__ __forceinline__ int32_t ld_relaxed_sys_global(const int32_t* p) {
   int32_t value;
   asm volatile("ld.relaxed.sys.global.s32 %0, [%1];"
@@ -53,23 +44,9 @@ __device__ __forceinline__ void fence_acq_rel_sys() {
   asm volatile("fence.acq_rel.sys;" ::: "memory");
 }
 
-// The same for flags that only this GPU's threads write.
-__device__ __forceinline__ void fence_acq_rel_gpu() {
-  asm volatile("fence.acq_rel.gpu;" ::: "memory");
-}
-
 __device__ __forceinline__ void st_release_sys_global(uint64_t* p,
                                                       uint64_t value) {
   asm volatile("st.release.sys.global.u64 [%0], %1;"
-               :
-               : "l"(p), "l"(value)
-               : "memory");
-}
-
-// Release at GPU scope: for a flag whose readers all run on this GPU.
-__device__ __forceinline__ void st_release_gpu_global(uint64_t* p,
-                                                      uint64_t value) {
-  asm volatile("st.release.gpu.global.u64 [%0], %1;"
                :
                : "l"(p), "l"(value)
                : "memory");

@@ -69,7 +69,7 @@ class LowLatencyBackend(Protocol):
   def dispatch_receive(self, pending: Any, *, num_ranks: int,
                        num_experts: int, max_tokens: int, num_tokens: int,
                        num_topk: int, hidden: int, use_fp8: bool,
-                       use_ue8m0: bool,
+                       round_scale: bool, use_ue8m0: bool,
                        zero_padding: bool) -> LowLatencyDispatched:
     ...
 

@@ -85,7 +85,8 @@ class _DispatchReceive:
         pending, num_ranks=s.num_ranks, num_experts=s.num_experts,
         max_tokens=s.max_tokens, num_tokens=self.num_tokens,
         num_topk=self.num_topk, hidden=self.hidden, use_fp8=s.use_fp8,
-        use_ue8m0=s.use_ue8m0, zero_padding=self.zero_padding)
+        round_scale=s.round_scale, use_ue8m0=s.use_ue8m0,
+        zero_padding=self.zero_padding)
 
   def whole(self, x, topk_idx) -> LowLatencyDispatched:
     """Both halves at once, for `x` and `topk_idx` of this receive's sizes

@@ -120,14 +120,17 @@ def dispatch(x, topk_idx, *, axis_name: str, shape: dict, options: dict,
   return x, (scales if use_fp8 else None), count, src_index, slot
 
 
-def dispatch_recv(ticket, *, axis_name: str, shape: dict, options: dict,
-                  use_fp8: bool, use_ue8m0: bool, zero_padding: bool):
-  """Packs the received rows; returns `(x, scales or None, count, src_index,
-  slot)` with the shapes of `LowLatencyDispatched`."""
+def dispatch_recv(ticket, x, topk_idx, *, axis_name: str, shape: dict,
+                  options: dict, use_fp8: bool, round_scale: bool,
+                  use_ue8m0: bool, zero_padding: bool):
+  """Packs the received rows, casting this rank's own from `x` (the send's
+  `x` and `topk_idx`); returns `(x, scales or None, count, src_index, slot)`
+  with the shapes of `LowLatencyDispatched`."""
   x, scales, count, src_index, slot = mark_varying(axis_name, _call(
       "jax_ep_low_latency_dispatch_recv",
-      _dispatched_types(shape, use_fp8, use_ue8m0), ticket, shape=shape,
-      options=options, use_fp8=bool(use_fp8), use_ue8m0=bool(use_ue8m0),
+      _dispatched_types(shape, use_fp8, use_ue8m0), ticket, x, topk_idx,
+      shape=shape, options=options, use_fp8=bool(use_fp8),
+      round_scale=bool(round_scale), use_ue8m0=bool(use_ue8m0),
       zero_padding=bool(zero_padding)))
   return x, (scales if use_fp8 else None), count, src_index, slot
 
@@ -199,19 +202,26 @@ class CudaLowLatency:
     shape = self._shape(num_tokens=x.shape[0], max_tokens=max_tokens,
                         hidden=x.shape[1], num_topk=topk_idx.shape[1],
                         num_experts=num_experts, num_ranks=num_ranks)
-    return dispatch_send(x, topk_idx, shape=shape, options=self._options,
-                         use_fp8=use_fp8, round_scale=round_scale or use_ue8m0)
+    ticket = dispatch_send(x, topk_idx, shape=shape, options=self._options,
+                           use_fp8=use_fp8,
+                           round_scale=round_scale or use_ue8m0)
+    # The receive casts this rank's own rows from x.
+    return ticket, x, topk_idx
 
   def dispatch_receive(self, pending, *, num_ranks: int, num_experts: int,
                        max_tokens: int, num_tokens: int, num_topk: int,
-                       hidden: int, use_fp8: bool, use_ue8m0: bool,
+                       hidden: int, use_fp8: bool, round_scale: bool,
+                       use_ue8m0: bool,
                        zero_padding: bool) -> LowLatencyDispatched:
     shape = shape_attr(num_tokens=num_tokens, max_tokens=max_tokens,
                        hidden=hidden, num_topk=num_topk,
                        num_experts=num_experts, num_ranks=num_ranks)
+    ticket, x, topk_idx = pending
     return _dispatched(shape, *dispatch_recv(
-        pending, axis_name=self.axis_name, shape=shape, options=self._options,
-        use_fp8=use_fp8, use_ue8m0=use_ue8m0, zero_padding=zero_padding))
+        ticket, x, topk_idx, axis_name=self.axis_name, shape=shape,
+        options=self._options, use_fp8=use_fp8,
+        round_scale=round_scale or use_ue8m0, use_ue8m0=use_ue8m0,
+        zero_padding=zero_padding))
 
   def dispatch(self, x, topk_idx, *, num_ranks: int, num_experts: int,
                max_tokens: int, use_fp8: bool, round_scale: bool,

@@ -121,9 +121,10 @@ class ReferenceLowLatency:
 
   def dispatch_receive(self, pending, *, num_ranks: int, num_experts: int,
                        max_tokens: int, num_tokens: int, num_topk: int,
-                       hidden: int, use_fp8: bool, use_ue8m0: bool,
+                       hidden: int, use_fp8: bool, round_scale: bool,
+                       use_ue8m0: bool,
                        zero_padding: bool) -> LowLatencyDispatched:
-    del num_tokens, num_topk, hidden, use_ue8m0  # all in `pending`
+    del num_tokens, num_topk, hidden, round_scale, use_ue8m0  # in `pending`
     del zero_padding  # the reference always zeros the padding
     recv, count, handle = dispatch_receive(
         pending, axis_name=self.axis_name, num_ranks=num_ranks,
@@ -150,8 +151,8 @@ class ReferenceLowLatency:
                                  **sizes)
     return self.dispatch_receive(
         pending, num_tokens=x.shape[0], num_topk=topk_idx.shape[1],
-        hidden=x.shape[1], use_fp8=use_fp8, use_ue8m0=use_ue8m0,
-        zero_padding=zero_padding, **sizes)
+        hidden=x.shape[1], use_fp8=use_fp8, round_scale=round_scale,
+        use_ue8m0=use_ue8m0, zero_padding=zero_padding, **sizes)
 
   def combine(self, y, topk_idx, topk_weights, handle: LowLatencyHandle, *,
               zero_copy: bool):
