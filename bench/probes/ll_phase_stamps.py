@@ -1,0 +1,228 @@
+"""Probe: where the low-latency kernels' time goes, phase by phase, at R = 1.
+
+Copies the repository's tracked files into a temporary folder, adds
+globaltimer stamps to the copy's dispatch and combine kernels (each after a
+block barrier: the kernel's phases, and the first token's phases of the
+dispatch's own-token cast), builds the copy into that folder (the installed
+jax_ep is left alone), then runs each op 40 times at the bench's dsv3_ll
+shape on one GPU and prints, per phase, the median and the max over the
+blocks of the 30th call: µs from each block's start, cumulative.
+
+The stamps add a barrier each: read the phases, not the kernel's total (the
+profiler's kernel times, `python -m bench ... --profile`, are the totals).
+The patches find their places by the source text and fail with the text
+they missed when the kernels change.
+
+  python bench/probes/ll_phase_stamps.py     (a GPU machine, about a minute)
+"""
+import os
+import pathlib
+import site
+import subprocess
+import sys
+import tempfile
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+# Each kernel's phases: st[0] at entry, then one stamp per mark.
+MARK = ("__syncthreads(); if (threadIdx.x == 0) st[n++] = "
+        "sync::global_timer_ns();")
+REPORT = r"""
+  if (threadIdx.x == 0 && seq % 40 == 30) {
+    for (int i = n; i < 8; ++i) st[i] = st[n - 1];
+    printf("STAMP \"%s\" %llu %d %llu %llu %llu %llu %llu\n", OP,
+           (unsigned long long)seq, (int)blockIdx.x,
+           (unsigned long long)(st[1] - st[0]),
+           (unsigned long long)(st[2] - st[0]),
+           (unsigned long long)(st[3] - st[0]),
+           (unsigned long long)(st[4] - st[0]),
+           (unsigned long long)(st[5] - st[0]));
+  }
+"""
+
+# (file, text, replacement); MARK and REPORT are filled in.
+PATCHES = [
+    ("csrc/low_latency/dispatch.cu", """\
+  const uint64_t seq = CallSequence<kHalves>(heap, a.ticket);
+  const SetPointers set = SetOf(heap, seq);
+  bool put = false;
+  if constexpr (Sends(kHalves)) put = SendTokens(heap, a, set, seq);
+  if constexpr (Receives(kHalves)) {
+    ReceiveExperts(heap, a, set, seq);
+    CastOwnTokens(heap, a, set, seq);
+  }
+  if (put) nvshmem_quiet();
+  EndCall<kHalves>(heap, set, seq, a.options.force_put);
+""", """\
+  uint64_t st[8];
+  int n = 0;
+  st[n++] = sync::global_timer_ns();
+  const uint64_t seq = CallSequence<kHalves>(heap, a.ticket);
+  const SetPointers set = SetOf(heap, seq);
+  MARK
+  bool put = false;
+  if constexpr (Sends(kHalves)) put = SendTokens(heap, a, set, seq);
+  MARK
+  if constexpr (Receives(kHalves)) {
+    ReceiveExperts(heap, a, set, seq);
+    MARK
+    CastOwnTokens(heap, a, set, seq);
+    MARK
+  }
+  if (put) nvshmem_quiet();
+  EndCall<kHalves>(heap, set, seq, a.options.force_put);
+  MARK
+""" + REPORT.replace("OP", '"dispatch: sequence, send, units, own '
+                     'tokens, end"')),
+    ("csrc/low_latency/combine.cu", """\
+  const uint64_t seq = CallSequence<kHalves>(heap, a.ticket);
+  const SetPointers set = SetOf(heap, seq);
+  bool put = false;
+  if constexpr (Sends(kHalves)) put = SendRows(heap, a, set, seq);
+  if constexpr (Receives(kHalves)) ReceiveTokens(heap, a, set, seq);
+  if (put) nvshmem_quiet();
+  EndCall<kHalves>(heap, set, seq, a.options.force_put);
+""", """\
+  uint64_t st[8];
+  int n = 0;
+  st[n++] = sync::global_timer_ns();
+  const uint64_t seq = CallSequence<kHalves>(heap, a.ticket);
+  const SetPointers set = SetOf(heap, seq);
+  MARK
+  bool put = false;
+  if constexpr (Sends(kHalves)) put = SendRows(heap, a, set, seq);
+  MARK
+  if constexpr (Receives(kHalves)) ReceiveTokens(heap, a, set, seq);
+  MARK
+  if (put) nvshmem_quiet();
+  EndCall<kHalves>(heap, set, seq, a.options.force_put);
+  MARK
+""" + REPORT.replace("OP", '"combine: sequence, send, receive, end"')),
+    # The dispatch's own-token cast, its first token: choices, positions,
+    # cast, stores issued, stores done.
+    ("csrc/low_latency/dispatch.cu", """\
+  __shared__ int32_t row_of[kMaxTopk];
+  for (int64_t t = blockIdx.x; t < sh.num_tokens; t += gridDim.x) {""", """\
+  __shared__ int32_t row_of[kMaxTopk];
+  uint64_t st[8];
+  int n = 0;
+  st[n++] = sync::global_timer_ns();
+  for (int64_t t = blockIdx.x; t < sh.num_tokens; t += gridDim.x) {"""),
+    ("csrc/low_latency/dispatch.cu", """\
+    if (!__syncthreads_or(mine)) continue;
+    RowPass pass;""", """\
+    if (!__syncthreads_or(mine)) continue;
+    if (n == 1) st[n++] = sync::global_timer_ns();
+    RowPass pass;"""),
+    ("csrc/low_latency/dispatch.cu", """\
+        __syncthreads();
+      }
+      pass.Cast(a);""", """\
+        __syncthreads();
+        if (n == 2) st[n++] = sync::global_timer_ns();
+      }
+      pass.Cast(a);
+      __syncthreads();
+      if (n == 3) st[n++] = sync::global_timer_ns();"""),
+    ("csrc/low_latency/dispatch.cu", """\
+    __syncthreads();  // expert_of and row_of are the next token's
+  }
+}""", """\
+    __syncthreads();  // expert_of and row_of are the next token's
+    if (n == 4) {
+      st[n++] = sync::global_timer_ns();
+      __threadfence();
+      __syncthreads();
+      st[n++] = sync::global_timer_ns();
+    }
+  }
+  if (n == 6) {""" + REPORT.replace(
+      "OP", '"own-token cast: choices, positions, cast, stores issued, '
+      'stores done"') + "  }\n}"),
+]
+
+# Runs in a child process on the stamped build.
+RUN = """
+import numpy as np, jax, jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
+import jax_ep
+from jax_ep._src.timing import random_routing
+assert jax_ep.__file__.startswith(%(site)r), jax_ep.__file__
+T, H, K, E = 128, 7168, 8, 288
+mesh = Mesh(np.array(jax.devices()[:1]), ("ep",))
+buf = jax_ep.Buffer(mesh, "ep", backend="cuda",
+                    num_ll_bytes=jax_ep.ll_buffer_bytes(T, H, E))
+rng = np.random.default_rng(0)
+idx = jnp.asarray(random_routing(rng, T, K, E))
+x = jnp.asarray(rng.standard_normal((T, H)), jnp.bfloat16)
+w = jnp.asarray(rng.random((T, K)), jnp.float32)
+shard = lambda f: jax.jit(jax.shard_map(f, mesh=mesh, in_specs=P("ep"),
+                                        out_specs=P("ep")))
+for fp8 in (True, False):  # calls 1-40 and 41-80
+  dispatch = shard(lambda x, i: jax_ep.low_latency_dispatch(
+      buf, x, i, num_max_dispatch_tokens_per_rank=T, num_experts=E,
+      use_fp8=fp8, zero_padding=False))
+  for _ in range(40):
+    d = jax.block_until_ready(dispatch(x, idx))
+y = jnp.asarray(rng.standard_normal((E, T, H)), jnp.bfloat16)
+combine = shard(lambda y, i, w, h: jax_ep.low_latency_combine(buf, y, i, w, h))
+for _ in range(40):  # calls 81-120
+  jax.block_until_ready(combine(y, idx, w, d.handle))
+buf.close()
+"""
+
+
+def stamped_copy(folder: pathlib.Path) -> None:
+  """The tracked files under `folder`, the stamps patched in."""
+  files = subprocess.run(["git", "ls-files"], cwd=ROOT, check=True,
+                         capture_output=True, text=True).stdout.split()
+  for name in files:
+    target = folder / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes((ROOT / name).read_bytes())
+  for name, text, replacement in PATCHES:
+    path = folder / name
+    source = path.read_text()
+    if source.count(text) != 1:
+      sys.exit(f"{name}: the stamp's place is gone, update PATCHES:\n{text}")
+    path.write_text(source.replace(text, replacement.replace("MARK", MARK)))
+
+
+def summarize(output: str) -> None:
+  """Medians and maxima over the blocks, per reported call and phase."""
+  rows = {}
+  for line in output.splitlines():
+    if line.startswith("STAMP "):
+      what, numbers = line[6:].rsplit('"', 1)[0], line.rsplit('"', 1)[1]
+      values = [int(v) for v in numbers.split()]
+      rows.setdefault((what.strip('"'), values[0]), []).append(values[2:])
+  for (what, seq), blocks in sorted(rows.items(), key=lambda r: r[0][1]):
+    columns = [sorted(c) for c in zip(*blocks)]
+    phases = "  ".join(f"{c[len(c) // 2] / 1e3:.2f}/{c[-1] / 1e3:.2f}"
+                       for c in columns)
+    print(f"call {seq}, {what} ({len(blocks)} blocks), median/max us: "
+          f"{phases}")
+
+
+def main() -> None:
+  with tempfile.TemporaryDirectory(prefix="jax_ep_stamps_") as tmp:
+    source, target = pathlib.Path(tmp, "src"), pathlib.Path(tmp, "site")
+    stamped_copy(source)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q",
+                    "--no-build-isolation", "--no-deps", "--target",
+                    str(target), str(source)], check=True)
+    # -S: no site hooks, so the editable install's finder cannot shadow the
+    # stamped build; the interpreter's packages come on the path after it.
+    path = os.pathsep.join([str(target), *site.getsitepackages()])
+    run = subprocess.run(
+        [sys.executable, "-S", "-c", RUN % dict(site=str(target))],
+        env=dict(os.environ, PYTHONPATH=path), cwd=tmp, check=False,
+        capture_output=True, text=True, timeout=300)
+    if run.returncode != 0:
+      sys.exit(f"the stamped run failed ({run.returncode}):\n"
+               f"{run.stderr[-4000:]}")
+    summarize(run.stdout)
+
+
+if __name__ == "__main__":
+  main()
