@@ -24,9 +24,15 @@ import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
-# Each kernel's phases: st[0] at entry, then one stamp per mark.
-MARK = ("__syncthreads(); if (threadIdx.x == 0) st[n++] = "
-        "sync::global_timer_ns();")
+# A kernel's (or function's) stamps: st[0] at its start, then one per mark.
+START = """\
+  uint64_t st[8];
+  int n = 0;
+  st[n++] = sync::global_timer_ns();
+"""
+MARK = ("  __syncthreads();\n"
+        "  if (threadIdx.x == 0) st[n++] = sync::global_timer_ns();\n")
+# Printed by thread 0 of every block for the 30th, 70th, ... call.
 REPORT = r"""
   if (threadIdx.x == 0 && seq % 40 == 30) {
     for (int i = n; i < 8; ++i) st[i] = st[n - 1];
@@ -40,105 +46,61 @@ REPORT = r"""
   }
 """
 
-# (file, text, replacement); MARK and REPORT are filled in.
+
+def report(phases: str) -> str:
+  return REPORT.replace("OP", f'"{phases}"')
+
+
+DISPATCH, COMBINE = "csrc/low_latency/dispatch.cu", "csrc/low_latency/combine.cu"
+ENTRY = """\
+  const uint64_t seq = CallSequence<kHalves>(heap, a.ticket);
+  const SetPointers set = SetOf(heap, seq);
+"""
+END = "  EndCall<kHalves>(heap, set, seq, a.options.force_put);\n"
+# (file, text, what goes before it, what goes after it): each kernel's
+# phases, and the first token's phases of the dispatch's own-token cast.
 PATCHES = [
-    ("csrc/low_latency/dispatch.cu", """\
-  const uint64_t seq = CallSequence<kHalves>(heap, a.ticket);
-  const SetPointers set = SetOf(heap, seq);
-  bool put = false;
-  if constexpr (Sends(kHalves)) put = SendTokens(heap, a, set, seq);
-  if constexpr (Receives(kHalves)) {
-    ReceiveExperts(heap, a, set, seq);
-    CastOwnTokens(heap, a, set, seq);
-  }
-  if (put) nvshmem_quiet();
-  EndCall<kHalves>(heap, set, seq, a.options.force_put);
-""", """\
-  uint64_t st[8];
-  int n = 0;
-  st[n++] = sync::global_timer_ns();
-  const uint64_t seq = CallSequence<kHalves>(heap, a.ticket);
-  const SetPointers set = SetOf(heap, seq);
-  MARK
-  bool put = false;
-  if constexpr (Sends(kHalves)) put = SendTokens(heap, a, set, seq);
-  MARK
-  if constexpr (Receives(kHalves)) {
-    ReceiveExperts(heap, a, set, seq);
-    MARK
-    CastOwnTokens(heap, a, set, seq);
-    MARK
-  }
-  if (put) nvshmem_quiet();
-  EndCall<kHalves>(heap, set, seq, a.options.force_put);
-  MARK
-""" + REPORT.replace("OP", '"dispatch: sequence, send, units, own '
-                     'tokens, end"')),
-    ("csrc/low_latency/combine.cu", """\
-  const uint64_t seq = CallSequence<kHalves>(heap, a.ticket);
-  const SetPointers set = SetOf(heap, seq);
-  bool put = false;
-  if constexpr (Sends(kHalves)) put = SendRows(heap, a, set, seq);
-  if constexpr (Receives(kHalves)) ReceiveTokens(heap, a, set, seq);
-  if (put) nvshmem_quiet();
-  EndCall<kHalves>(heap, set, seq, a.options.force_put);
-""", """\
-  uint64_t st[8];
-  int n = 0;
-  st[n++] = sync::global_timer_ns();
-  const uint64_t seq = CallSequence<kHalves>(heap, a.ticket);
-  const SetPointers set = SetOf(heap, seq);
-  MARK
-  bool put = false;
-  if constexpr (Sends(kHalves)) put = SendRows(heap, a, set, seq);
-  MARK
-  if constexpr (Receives(kHalves)) ReceiveTokens(heap, a, set, seq);
-  MARK
-  if (put) nvshmem_quiet();
-  EndCall<kHalves>(heap, set, seq, a.options.force_put);
-  MARK
-""" + REPORT.replace("OP", '"combine: sequence, send, receive, end"')),
-    # The dispatch's own-token cast, its first token: choices, positions,
-    # cast, stores issued, stores done.
-    ("csrc/low_latency/dispatch.cu", """\
+    (DISPATCH, ENTRY, START, MARK),
+    (DISPATCH, "put = SendTokens(heap, a, set, seq);\n", "", MARK),
+    (DISPATCH, "    ReceiveExperts(heap, a, set, seq);\n", "", MARK),
+    (DISPATCH, "    CastOwnTokens(heap, a, set, seq);\n", "", MARK),
+    (DISPATCH, END, "", MARK + report(
+        "dispatch: sequence, send, units, own tokens, end")),
+    (COMBINE, ENTRY, START, MARK),
+    (COMBINE, "put = SendRows(heap, a, set, seq);\n", "", MARK),
+    (COMBINE, "ReceiveTokens(heap, a, set, seq);\n", "", MARK),
+    (COMBINE, END, "", MARK + report("combine: sequence, send, receive, end")),
+    (DISPATCH, """\
   __shared__ int32_t row_of[kMaxTopk];
-  for (int64_t t = blockIdx.x; t < sh.num_tokens; t += gridDim.x) {""", """\
-  __shared__ int32_t row_of[kMaxTopk];
-  uint64_t st[8];
-  int n = 0;
-  st[n++] = sync::global_timer_ns();
-  for (int64_t t = blockIdx.x; t < sh.num_tokens; t += gridDim.x) {"""),
-    ("csrc/low_latency/dispatch.cu", """\
+""", "", START),
+    (DISPATCH, """\
     if (!__syncthreads_or(mine)) continue;
-    RowPass pass;""", """\
-    if (!__syncthreads_or(mine)) continue;
-    if (n == 1) st[n++] = sync::global_timer_ns();
-    RowPass pass;"""),
-    ("csrc/low_latency/dispatch.cu", """\
-        __syncthreads();
-      }
-      pass.Cast(a);""", """\
-        __syncthreads();
-        if (n == 2) st[n++] = sync::global_timer_ns();
-      }
+""", "", "    if (n == 1) st[n++] = sync::global_timer_ns();\n"),
+    (DISPATCH, """\
       pass.Cast(a);
+      // With UE8M0 a word packs four groups' exponents: lane 0 gathers its
+      // warp's 32 chunks (a row's chunks are a multiple of 32 then).
+""", """\
       __syncthreads();
-      if (n == 3) st[n++] = sync::global_timer_ns();"""),
-    ("csrc/low_latency/dispatch.cu", """\
+      if (n == 2) st[n++] = sync::global_timer_ns();
+""", """\
+      __syncthreads();
+      if (n == 3) st[n++] = sync::global_timer_ns();
+"""),
+    (DISPATCH, """\
     __syncthreads();  // expert_of and row_of are the next token's
   }
-}""", """\
-    __syncthreads();  // expert_of and row_of are the next token's
+""", """\
+    __syncthreads();
     if (n == 4) {
       st[n++] = sync::global_timer_ns();
       __threadfence();
       __syncthreads();
       st[n++] = sync::global_timer_ns();
     }
-  }
-  if (n == 6) {""" + REPORT.replace(
-      "OP", '"own-token cast: choices, positions, cast, stores issued, '
-      'stores done"') + "  }\n}"),
+""", "  if (n == 6) {" + report(
+        "own-token cast: choices, positions, cast, stores issued, stores "
+        "done") + "  }\n"),
 ]
 
 # Runs in a child process on the stamped build.
@@ -180,12 +142,12 @@ def stamped_copy(folder: pathlib.Path) -> None:
     target = folder / name
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_bytes((ROOT / name).read_bytes())
-  for name, text, replacement in PATCHES:
+  for name, text, before, after in PATCHES:
     path = folder / name
     source = path.read_text()
     if source.count(text) != 1:
       sys.exit(f"{name}: the stamp's place is gone, update PATCHES:\n{text}")
-    path.write_text(source.replace(text, replacement.replace("MARK", MARK)))
+    path.write_text(source.replace(text, before + text + after))
 
 
 def summarize(output: str) -> None:
