@@ -142,7 +142,6 @@ __device__ __forceinline__ T* PeerPtr(const Heap& heap, T* p, int pe,
   return reinterpret_cast<T*>(peer + (reinterpret_cast<char*>(p) - heap.base));
 }
 
-
 // Sets `word` (a symmetric address) on PE `pe` to `value`: a release store
 // through the mapping, else an NVSHMEM signal. Returns whether it signalled
 // (the thread must nvshmem_quiet before the kernel ends).
