@@ -6,7 +6,7 @@ block barrier: the kernel's phases, and the first token's phases of the
 dispatch's own-token cast), builds the copy into that folder (the installed
 jax_ep is left alone), then runs each op 40 times at the bench's dsv3_ll
 shape on one GPU and prints, per phase, the median and the max over the
-blocks of the 30th call: µs from each block's start, cumulative.
+blocks of one call: µs from each block's start, cumulative.
 
 The stamps add a barrier each: read the phases, not the kernel's total (the
 profiler's kernel times, `python -m bench ... --profile`, are the totals).
@@ -32,9 +32,11 @@ START = """\
 """
 MARK = ("  __syncthreads();\n"
         "  if (threadIdx.x == 0) st[n++] = sync::global_timer_ns();\n")
-# Printed by thread 0 of every block for the 30th, 70th, ... call.
+# Printed by thread 0 of every block for one call of every 40: the kernels'
+# phases for the 31st, 71st, ... call, the own-token cast's for the 30th, 70th,
+# ... (its printf would otherwise sit inside the kernel's "own tokens" phase).
 REPORT = r"""
-  if (threadIdx.x == 0 && seq % 40 == 30) {
+  if (threadIdx.x == 0 && seq % 40 == CALL) {
     for (int i = n; i < 8; ++i) st[i] = st[n - 1];
     printf("STAMP \"%s\" %llu %d %llu %llu %llu %llu %llu\n", OP,
            (unsigned long long)seq, (int)blockIdx.x,
@@ -47,8 +49,8 @@ REPORT = r"""
 """
 
 
-def report(phases: str) -> str:
-  return REPORT.replace("OP", f'"{phases}"')
+def report(phases: str, call: int = 31) -> str:
+  return REPORT.replace("OP", f'"{phases}"').replace("CALL", str(call))
 
 
 DISPATCH, COMBINE = "csrc/low_latency/dispatch.cu", "csrc/low_latency/combine.cu"
@@ -100,7 +102,7 @@ PATCHES = [
     }
 """, "  if (n == 6) {" + report(
         "own-token cast: choices, positions, cast, stores issued, stores "
-        "done") + "  }\n"),
+        "done", call=30) + "  }\n"),
 ]
 
 # Runs in a child process on the stamped build.

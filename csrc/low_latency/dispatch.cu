@@ -135,6 +135,18 @@ __device__ __forceinline__ int64_t RowChunks(const DispatchArgs& a) {
   return a.use_fp8 ? a.shape.hidden / 16 : a.shape.hidden / 8;
 }
 
+// A packed output row's bytes: e4m3 or bf16.
+__device__ __forceinline__ int64_t PackedRowBytes(const DispatchArgs& a) {
+  return a.use_fp8 ? a.shape.hidden : 2 * a.shape.hidden;
+}
+
+// A packed row's scale bytes: a float per 128 channels, or a UE8M0 byte.
+__device__ __forceinline__ int64_t PackedScaleBytes(const DispatchArgs& a) {
+  if (!a.use_fp8) return 0;
+  const int64_t groups = a.shape.hidden / kScaleGroup;
+  return a.use_ue8m0 ? groups : groups * 4;
+}
+
 // --- Send ----------------------------------------------------------------------
 
 // The first token's setup splits the block: warp 0 finds the destinations,
@@ -154,7 +166,6 @@ __device__ __forceinline__ void CountChoices(const Heap& heap,
                                              int32_t* tokens_of) {
   const int64_t E = a.shape.num_experts, L = a.shape.num_local();
   const int K = static_cast<int>(a.shape.num_topk);
-  if (a.shape.num_ranks == 1) return;
   for (int64_t t = static_cast<int64_t>(threadIdx.x) - kCountFrom;
        t >= 0 && t < a.shape.num_tokens; t += kThreads - kCountFrom) {
     const int32_t* row = a.topk_idx + t * K;
@@ -221,6 +232,7 @@ __device__ __forceinline__ bool SendTokens(const Heap& heap,
   const int64_t L = sh.num_local(), R = sh.num_ranks, K = sh.num_topk;
   const int64_t H = sh.hidden, E = sh.num_experts;
   const bool force_put = a.options.force_put;
+  if (R == 1) return false;  // every row is cast in place by the receive
   bool put = false;
   __shared__ int32_t tokens_of[kMaxLowLatencyExperts];
   for (int64_t e = threadIdx.x; e < E; e += kThreads) tokens_of[e] = 0;
@@ -247,7 +259,7 @@ __device__ __forceinline__ bool SendTokens(const Heap& heap,
     return reinterpret_cast<uint64_t*>(set.flags + layout.dispatch_flags()) +
            slot;
   };
-  for (int64_t t = blockIdx.x; R > 1 && t < sh.num_tokens; t += gridDim.x) {
+  for (int64_t t = blockIdx.x; t < sh.num_tokens; t += gridDim.x) {
     const int32_t* choices = a.topk_idx + t * K;
     char* stage = set.data + layout.dispatch_stage() + t * message;
     bool any_put = false;
@@ -260,14 +272,17 @@ __device__ __forceinline__ bool SendTokens(const Heap& heap,
       // condition is the block's, so every thread reaches the barrier.
       if (pass.base == 0) {
         bool needs_put = false;
-        if (threadIdx.x < K) {
-          const int k = threadIdx.x;
-          peer_message[k] = nullptr;
-          peer_flag[k] = nullptr;
-          pe_of[k] = -1;
-          const int32_t e = choices[k];
+        if (warp == 0) {
+          const int k = threadIdx.x;  // K <= 32
+          const int32_t e = k < K ? choices[k] : -1;
           const int pe = static_cast<int>(e / L);
-          if (FirstChoice(choices, k, E) && pe != heap.rank) {
+          const bool sends = FirstChoiceInWarp(e, K, E) && pe != heap.rank;
+          if (k < K) {
+            peer_message[k] = nullptr;
+            peer_flag[k] = nullptr;
+            pe_of[k] = -1;
+          }
+          if (sends) {
             const int64_t slot = slot_of(e, t);
             pe_of[k] = pe;
             peer_message[k] = PeerPtr(heap, message_at(slot), pe, force_put);
@@ -401,6 +416,37 @@ __device__ __forceinline__ uint32_t WaitRows(const uint64_t* flags,
   return arrived;
 }
 
+// The count that rank s sent for local expert l.
+__device__ __forceinline__ int32_t WaitCount(const Heap& heap,
+                                             const DispatchArgs& a,
+                                             const SetPointers& set,
+                                             uint64_t seq, int64_t l,
+                                             int64_t s) {
+  const SetLayout layout{a.shape};
+  const uint64_t* signal = reinterpret_cast<const uint64_t*>(
+      set.flags + layout.counts() + (l * a.shape.num_ranks + s) * 8);
+  const Site site{kOp, "wait for the count of a local expert", heap.rank,
+                  static_cast<int>(s), l};
+  return static_cast<int32_t>(
+      WaitFlag(signal, kCountBits, seq, a.options.timeout_ns, site) &
+      ((1ull << kCountBits) - 1));
+}
+
+// The first kFirstIds ids of token t (-1 past K, or for t >= end) in
+// registers: their loads all fly at once (a loop over K would wait out each).
+// The columns past kFirstIds, rare, are read one by one.
+constexpr int kFirstIds = 8;
+
+__device__ __forceinline__ void LoadFirstIds(const DispatchArgs& a, int64_t t,
+                                             int64_t end,
+                                             int32_t (&ids)[kFirstIds]) {
+  const int64_t K = a.shape.num_topk;
+#pragma unroll
+  for (int j = 0; j < kFirstIds; ++j) {
+    ids[j] = t < end && j < K ? a.topk_idx[t * K + j] : -1;
+  }
+}
+
 // This rank's tokens in [first, end) that chose expert e, for one warp: bit j
 // of the lane's result is token first + j * 32 + lane (end - first <= 1024).
 __device__ __forceinline__ uint32_t OwnTokensOf(const DispatchArgs& a,
@@ -410,10 +456,13 @@ __device__ __forceinline__ uint32_t OwnTokensOf(const DispatchArgs& a,
   uint32_t chose = 0;
   for (int j = 0; first + j * 32 < end; ++j) {
     const int64_t t = first + j * 32 + lane;
+    int32_t ids[kFirstIds];
+    LoadFirstIds(a, t, end, ids);
     bool hit = false;
-    if (t < end) {
-      const int32_t* row = a.topk_idx + t * K;
-      for (int k = 0; k < K; ++k) hit |= row[k] == e;
+#pragma unroll
+    for (int k = 0; k < kFirstIds; ++k) hit |= ids[k] == e;
+    for (int k = kFirstIds; t < end && k < K; ++k) {
+      hit |= a.topk_idx[t * K + k] == e;
     }
     chose |= static_cast<uint32_t>(hit) << j;
   }
@@ -437,9 +486,8 @@ __device__ __forceinline__ void ReceiveExpert(const Heap& heap,
   const SetLayout layout{sh};
   const int64_t R = sh.num_ranks, Tmax = sh.max_tokens, T = sh.num_tokens;
   const int64_t S = R * Tmax, H = sh.hidden, me = heap.rank;
-  const int64_t row_bytes = a.use_fp8 ? H : 2 * H;
-  const int64_t scale_bytes =
-      !a.use_fp8 ? 0 : (a.use_ue8m0 ? H / kScaleGroup : H / kScaleGroup * 4);
+  const int64_t row_bytes = PackedRowBytes(a);
+  const int64_t scale_bytes = PackedScaleBytes(a);
   int32_t* const src_index = a.src_index + l * S;
   int32_t* const slot = a.slot + l * S;
 
@@ -452,14 +500,7 @@ __device__ __forceinline__ void ReceiveExpert(const Heap& heap,
   const int chosen = __reduce_add_sync(0xffffffffu, __popc(chose));
   if (lane == 0) own[warp] = chosen;
   for (int64_t s = i; s < R; s += kUnitThreads) {
-    if (s == me) continue;
-    const uint64_t* signal = reinterpret_cast<const uint64_t*>(
-        set.flags + layout.counts() + (l * R + s) * 8);
-    const Site site{kOp, "wait for the count of a local expert", heap.rank,
-                    static_cast<int>(s), l};
-    counts[s] = static_cast<int32_t>(
-        WaitFlag(signal, kCountBits, seq, a.options.timeout_ns, site) &
-        ((1ull << kCountBits) - 1));
+    if (s != me) counts[s] = WaitCount(heap, a, set, seq, l, s);
   }
   // Every slot empty until the packing below fills it.
   for (int64_t j = i; j < S; j += kUnitThreads) {
@@ -579,69 +620,84 @@ __device__ __forceinline__ void ReceiveExpert(const Heap& heap,
 // One block per token of this rank: its row, cast (or copied) once, goes to
 // the packed row of each of this rank's experts that it chose: after the
 // rows of the ranks before this one (their counts), the tokens before it that
-// chose the expert (the block counts them) — where ReceiveExpert placed it.
+// chose the expert — where ReceiveExpert placed it. A thread per earlier
+// token finds which of those experts it chose (column_of maps an expert to
+// its column in one shared load); a ballot per warp counts them.
 __device__ __forceinline__ void CastOwnTokens(const Heap& heap,
                                               const DispatchArgs& a,
                                               const SetPointers& set,
                                               uint64_t seq) {
   const Shape& sh = a.shape;
-  const SetLayout layout{sh};
-  const int lane = threadIdx.x % 32;
-  const int64_t L = sh.num_local(), R = sh.num_ranks, K = sh.num_topk;
-  const int64_t E = sh.num_experts, S = R * sh.max_tokens, H = sh.hidden;
-  const int64_t me = heap.rank;
-  const int64_t row_bytes = a.use_fp8 ? H : 2 * H;
-  const int64_t scale_bytes =
-      !a.use_fp8 ? 0 : (a.use_ue8m0 ? H / kScaleGroup : H / kScaleGroup * 4);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int K = static_cast<int>(sh.num_topk);
+  const int64_t L = sh.num_local(), E = sh.num_experts;
+  const int64_t S = sh.num_ranks * sh.max_tokens, me = heap.rank;
+  const int64_t row_bytes = PackedRowBytes(a);
+  const int64_t scale_bytes = PackedScaleBytes(a);
   // Per column k of the token: its expert where it is a first choice of
   // this rank's, else -1, and its packed row.
   __shared__ int32_t expert_of[kMaxTopk];
   __shared__ int32_t row_of[kMaxTopk];
+  // The inverse of expert_of: -1 but at the token's experts of this rank.
+  __shared__ int8_t column_of[kMaxLowLatencyExperts];
+  for (int64_t e = threadIdx.x; e < E; e += kThreads) column_of[e] = -1;
+  __syncthreads();
   for (int64_t t = blockIdx.x; t < sh.num_tokens; t += gridDim.x) {
     const int32_t* choices = a.topk_idx + t * K;
+    // The first earlier token's ids: their loads fly with the choices'.
+    int32_t ids[kFirstIds];
+    LoadFirstIds(a, threadIdx.x, t, ids);
     bool mine = false;
-    if (threadIdx.x < K) {
-      const int k = threadIdx.x;
-      mine = FirstChoice(choices, k, E) && choices[k] / L == me;
-      expert_of[k] = mine ? choices[k] : -1;
-      row_of[k] = 0;
+    if (warp == 0) {
+      const int k = lane;  // K <= 32
+      const int32_t e = k < K ? choices[k] : -1;
+      mine = FirstChoiceInWarp(e, K, E) && e / L == me;
+      if (k < K) {
+        expert_of[k] = mine ? e : -1;
+        row_of[k] = 0;
+        if (mine) column_of[e] = static_cast<int8_t>(k);
+      }
     }
-    // Also the barrier before the setup reads expert_of.
+    // Also the barrier before the setup reads expert_of and column_of.
     if (!__syncthreads_or(mine)) continue;
+    // Bit column_of[id] when token `before`'s id is one of those experts.
+    auto column_bit = [&](int32_t id) {
+      const int column = ValidExpert(id, E) ? column_of[id] : -1;
+      return column < 0 ? 0u : 1u << column;
+    };
     RowPass pass;
     pass.chunks = RowChunks(a);
     for (pass.base = 0; pass.base < pass.chunks;
          pass.base += int64_t{kThreads} * kChunksPerThread) {
       pass.Load(a, t);
       if (pass.base == 0) {  // the rows, while the loads fly
-        for (int64_t before = threadIdx.x; before < t; before += kThreads) {
-          const int32_t* row = a.topk_idx + before * K;
+        for (int64_t from = 0; from < t; from += kThreads) {
+          const int64_t before = from + threadIdx.x;
+          if (from > 0) LoadFirstIds(a, before, t, ids);
+          uint32_t chose = 0;  // bit k: token `before` chose expert_of[k]
+#pragma unroll
+          for (int j = 0; j < kFirstIds; ++j) chose |= column_bit(ids[j]);
+          for (int j = kFirstIds; before < t && j < K; ++j) {
+            chose |= column_bit(a.topk_idx[before * K + j]);
+          }
           for (int k = 0; k < K; ++k) {
             if (expert_of[k] < 0) continue;
-            for (int j = 0; j < K; ++j) {
-              if (row[j] == expert_of[k]) {
-                atomicAdd(&row_of[k], 1);
-                break;
-              }
-            }
+            const int n = __popc(__ballot_sync(0xffffffffu, chose >> k & 1));
+            if (lane == 0 && n > 0) atomicAdd(&row_of[k], n);
           }
         }
         for (int64_t w = threadIdx.x; w < K * me; w += kThreads) {
           const int k = static_cast<int>(w % K);
-          const int64_t s = w / K;
-          if (expert_of[k] < 0) continue;
-          const int64_t l = expert_of[k] % L;
-          const uint64_t* signal = reinterpret_cast<const uint64_t*>(
-              set.flags + layout.counts() + (l * R + s) * 8);
-          const Site site{kOp, "wait for the count of a local expert",
-                          heap.rank, static_cast<int>(s), l};
-          atomicAdd(&row_of[k],
-                    static_cast<int32_t>(
-                        WaitFlag(signal, kCountBits, seq,
-                                 a.options.timeout_ns, site) &
-                        ((1ull << kCountBits) - 1)));
+          if (expert_of[k] >= 0) {
+            atomicAdd(&row_of[k],
+                      WaitCount(heap, a, set, seq, expert_of[k] % L, w / K));
+          }
         }
         __syncthreads();
+        // Every read of column_of is done: back to -1 for the next token.
+        if (threadIdx.x < K && expert_of[threadIdx.x] >= 0) {
+          column_of[expert_of[threadIdx.x]] = -1;
+        }
       }
       pass.Cast(a);
       // With UE8M0 a word packs four groups' exponents: lane 0 gathers its

@@ -259,6 +259,16 @@ __device__ __forceinline__ bool FirstChoice(const int32_t* row, int k,
   return true;
 }
 
+// The same for a warp that holds a token's row: lane k < K holds column k's
+// expert e (the other lanes anything). One match instead of k loads; every
+// lane calls it (K <= 32).
+__device__ __forceinline__ bool FirstChoiceInWarp(int32_t e, int K,
+                                                  int64_t num_experts) {
+  const int lane = threadIdx.x % 32;
+  const uint32_t same = __match_any_sync(0xffffffffu, e);
+  return lane < K && ValidExpert(e, num_experts) && __ffs(same) - 1 == lane;
+}
+
 // --- Launching ----------------------------------------------------------------
 
 // Blocks for `work` items, at most one per SM: a whole-op kernel's blocks must
