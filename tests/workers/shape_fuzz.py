@@ -167,7 +167,10 @@ def _multiple(rng, unit: int, high: int) -> int:
 
 
 def _draw_once(rng, family: str, num_ranks: int, dtypes) -> Draw:
-  tokens = _log_int(rng, 1, MAX_TOKENS)
+  # Low-latency tokens up to Tmax: past 512 a kernel block's threads take
+  # the tokens in more than one pass.
+  tokens = _log_int(rng, 1, MAX_TOKENS if family == "normal" else
+                    LL_MAX_TOKENS)
   limit = NVL_MAX_EXPERTS if family == "normal" else LL_MAX_EXPERTS
   if rng.random() < 0.05:  # past the kernels' limit
     experts = num_ranks * -(-int(rng.integers(limit + 1, limit + 64))
@@ -206,7 +209,7 @@ def _draw_once(rng, family: str, num_ranks: int, dtypes) -> Draw:
   hidden = _multiple(rng, unit, MAX_HIDDEN)
   max_tokens = tokens
   if rng.random() < 0.6:
-    max_tokens += _log_int(rng, 1, MAX_TOKENS)
+    max_tokens = min(LL_MAX_TOKENS, tokens + _log_int(rng, 1, MAX_TOKENS))
   if rng.random() < 0.03:  # past the kernels' Tmax
     max_tokens = int(rng.integers(LL_MAX_TOKENS + 1, LL_MAX_TOKENS + 64))
   return Draw(family, num_ranks, tokens, hidden, topk, experts, dtype,
