@@ -15,14 +15,11 @@ they missed when the kernels change.
 
   python bench/probes/ll_phase_stamps.py     (a GPU machine, about a minute)
 """
-import os
 import pathlib
-import site
-import subprocess
 import sys
 import tempfile
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+from variant import build, copy_tracked, run_python
 
 # A kernel's (or function's) stamps: st[0] at its start, then one per mark.
 START = """\
@@ -138,12 +135,7 @@ buf.close()
 
 def stamped_copy(folder: pathlib.Path) -> None:
   """The tracked files under `folder`, the stamps patched in."""
-  files = subprocess.run(["git", "ls-files"], cwd=ROOT, check=True,
-                         capture_output=True, text=True).stdout.split()
-  for name in files:
-    target = folder / name
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_bytes((ROOT / name).read_bytes())
+  copy_tracked(folder)
   for name, text, before, after in PATCHES:
     path = folder / name
     source = path.read_text()
@@ -172,16 +164,9 @@ def main() -> None:
   with tempfile.TemporaryDirectory(prefix="jax_ep_stamps_") as tmp:
     source, target = pathlib.Path(tmp, "src"), pathlib.Path(tmp, "site")
     stamped_copy(source)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q",
-                    "--no-build-isolation", "--no-deps", "--target",
-                    str(target), str(source)], check=True)
-    # -S: no site hooks, so the editable install's finder cannot shadow the
-    # stamped build; the interpreter's packages come on the path after it.
-    path = os.pathsep.join([str(target), *site.getsitepackages()])
-    run = subprocess.run(
-        [sys.executable, "-S", "-c", RUN % dict(site=str(target))],
-        env=dict(os.environ, PYTHONPATH=path), cwd=tmp, check=False,
-        capture_output=True, text=True, timeout=300)
+    build(source, target)
+    run = run_python(target, ["-c", RUN % dict(site=str(target))], cwd=tmp,
+                     capture_output=True, text=True, timeout=300)
     if run.returncode != 0:
       sys.exit(f"the stamped run failed ({run.returncode}):\n"
                f"{run.stderr[-4000:]}")

@@ -8,7 +8,9 @@ import pathlib
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
-def test_the_phase_stamps_find_their_places_in_the_kernels(tmp_path):
+def test_the_phase_stamps_find_their_places_in_the_kernels(tmp_path,
+                                                           monkeypatch):
+  monkeypatch.syspath_prepend(str(ROOT / "bench" / "probes"))  # variant.py
   path = ROOT / "bench" / "probes" / "ll_phase_stamps.py"
   spec = importlib.util.spec_from_file_location("ll_phase_stamps", path)
   probe = importlib.util.module_from_spec(spec)
