@@ -6,8 +6,8 @@ changes they would compare).
 Copies the repository's tracked files (as they are in the working tree) into
 a temporary folder, applies each --patch there (`git diff` output, applied
 with `git apply`), builds the copy into that folder and runs this
-interpreter with the arguments after `--` in the copy's root, the variant's
-build first on the path:
+interpreter with the arguments after `--`, importing jax_ep from the
+variant's build and the rest of the repository (bench, tests) from the copy:
 
   git diff > variant.patch; git checkout csrc        # on the CPU machine
   python bench/probes/variant.py --patch variant.patch -- -m bench \\
@@ -47,11 +47,14 @@ def build(source: pathlib.Path, target: pathlib.Path) -> None:
 
 
 def run_python(target: pathlib.Path, args: list[str], cwd: pathlib.Path,
+               after: tuple[pathlib.Path, ...] = (),
                **kwargs) -> subprocess.CompletedProcess:
   """This interpreter with `args`, importing jax_ep from the build at
   `target`: -S, so that no site hook (the editable install's finder) can
-  shadow it; the interpreter's packages come on the path after it."""
-  path = os.pathsep.join([str(target), *site.getsitepackages()])
+  shadow it; the interpreter's packages, then `after`, come on the path
+  after it. `cwd` (the path's first entry) must hold no jax_ep."""
+  path = os.pathsep.join([str(target), *site.getsitepackages(),
+                          *map(str, after)])
   return subprocess.run([sys.executable, "-S", *args],
                         env=dict(os.environ, PYTHONPATH=path), cwd=cwd,
                         check=False, **kwargs)
@@ -73,7 +76,8 @@ def main() -> None:
     for patch in options.patch:
       subprocess.run(["git", "apply", str(patch)], cwd=source, check=True)
     build(source, target)
-    sys.exit(run_python(target, argv[split + 1:], cwd=source).returncode)
+    sys.exit(run_python(target, argv[split + 1:], cwd=tmp,
+                        after=(source,)).returncode)
 
 
 if __name__ == "__main__":
