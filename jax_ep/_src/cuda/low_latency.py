@@ -204,7 +204,7 @@ class CudaLowLatency:
                         num_experts=num_experts, num_ranks=num_ranks)
     ticket = dispatch_send(x, topk_idx, shape=shape, options=self._options,
                            use_fp8=use_fp8,
-                           round_scale=round_scale or use_ue8m0)
+                           round_scale=_rounds_scales(round_scale, use_ue8m0))
     # The receive casts this rank's own rows from x.
     return ticket, x, topk_idx
 
@@ -220,7 +220,8 @@ class CudaLowLatency:
     return _dispatched(shape, *dispatch_recv(
         ticket, x, topk_idx, axis_name=self.axis_name, shape=shape,
         options=self._options, use_fp8=use_fp8,
-        round_scale=round_scale or use_ue8m0, use_ue8m0=use_ue8m0,
+        round_scale=_rounds_scales(round_scale, use_ue8m0),
+        use_ue8m0=use_ue8m0,
         zero_padding=zero_padding))
 
   def dispatch(self, x, topk_idx, *, num_ranks: int, num_experts: int,
@@ -232,7 +233,8 @@ class CudaLowLatency:
     return _dispatched(shape, *dispatch(
         x, topk_idx, axis_name=self.axis_name, shape=shape,
         options=self._options, use_fp8=use_fp8,
-        round_scale=round_scale or use_ue8m0, use_ue8m0=use_ue8m0,
+        round_scale=_rounds_scales(round_scale, use_ue8m0),
+        use_ue8m0=use_ue8m0,
         zero_padding=zero_padding))
 
   def combine_send(self, y, topk_idx, topk_weights, handle: LowLatencyHandle,
@@ -257,6 +259,12 @@ class CudaLowLatency:
                    axis_name=self.axis_name,
                    shape=self._shape(**_combine_sizes(handle, topk_idx)),
                    options=self._options, zero_copy=zero_copy)
+
+
+def _rounds_scales(round_scale: bool, use_ue8m0: bool) -> bool:
+  """Whether the kernels' fp8 cast rounds scales to powers of two: UE8M0
+  scales keep only the exponent, so they are always rounded."""
+  return round_scale or use_ue8m0
 
 
 def _dispatched(shape: dict, x, scales, count, src_index,
