@@ -51,15 +51,17 @@ def report(phases: str, call: int = 31) -> str:
 
 
 DISPATCH, COMBINE = "csrc/low_latency/dispatch.cu", "csrc/low_latency/combine.cu"
+# The dispatch reads its arguments as `args` there (it stages the ids first).
 ENTRY = """\
   const uint64_t seq = CallSequence<kHalves>(heap, a.ticket);
   const SetPointers set = SetOf(heap, seq);
 """
+DISPATCH_ENTRY = ENTRY.replace("a.ticket", "args.ticket")
 END = "  EndCall<kHalves>(heap, set, seq, a.options.force_put);\n"
 # (file, text, what goes before it, what goes after it): each kernel's
 # phases, and the first token's phases of the dispatch's own-token cast.
 PATCHES = [
-    (DISPATCH, ENTRY, START, MARK),
+    (DISPATCH, DISPATCH_ENTRY, START, MARK),
     (DISPATCH, "put = SendTokens(heap, a, set, seq);\n", "", MARK),
     (DISPATCH, "    ReceiveExperts(heap, a, set, seq);\n", "", MARK),
     (DISPATCH, "    CastOwnTokens(heap, a, set, seq);\n", "", MARK),

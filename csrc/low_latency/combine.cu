@@ -5,7 +5,8 @@
 // flags, transports).
 //
 // Send. Warps write each received row's expert output back to its source at
-// (global expert, token), flagged; rows whose source is this rank stay in y.
+// (global expert, token), flagged; rows whose source is this rank stay in y
+// (at R = 1 the send has nothing to do).
 //
 // Receive. One block per token: its first warp finds each choice's row (in y
 // through the dispatch handle's slot for this rank's experts, else in the
@@ -51,6 +52,7 @@ __device__ __forceinline__ bool SendRows(const Heap& heap,
   const int64_t L = sh.num_local(), Tmax = sh.max_tokens;
   const int64_t S = sh.num_ranks * Tmax, row_bytes = sh.combine_row_bytes();
   const bool force_put = a.options.force_put;
+  if (sh.num_ranks == 1) return false;  // every row is read in place
   if (threadIdx.x < sh.num_ranks) {
     WaitSetFree(heap, set, seq, threadIdx.x, a.options.timeout_ns, kOp);
   }

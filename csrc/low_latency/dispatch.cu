@@ -19,6 +19,7 @@
 // handle. Then one block per token of this rank casts its row from x once
 // (as the send casts) into the packed row of each of this rank's experts it
 // chose. Nothing depends on arrival order: the result is deterministic.
+// Both halves read topk_idx from a copy in shared memory when it fits.
 
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
@@ -764,11 +765,34 @@ inline int ReceiveSharedBytes(const Shape& shape) {
                           sizeof(int32_t));
 }
 
+// Every block reads the ids many times (the units once per local expert, the
+// own-token cast once per earlier token): up to kStagedIds of them are
+// copied once into shared memory, their loads in flight while the call's
+// sequence number is read.
+constexpr int kStagedIds = 4096;
+
 template <Halves kHalves>
 __global__ void __launch_bounds__(kThreads, 1)
-    DispatchKernel(const Heap heap, const DispatchArgs a) {
-  const uint64_t seq = CallSequence<kHalves>(heap, a.ticket);
+    DispatchKernel(const Heap heap, const DispatchArgs args) {
+  __shared__ int32_t staged[kStagedIds];
+  const int64_t num_ids = args.shape.num_tokens * args.shape.num_topk;
+  const bool stage = num_ids <= kStagedIds;
+  int32_t ids[kStagedIds / kThreads];
+#pragma unroll
+  for (int u = 0; u < kStagedIds / kThreads; ++u) {
+    const int64_t j = u * kThreads + threadIdx.x;
+    ids[u] = stage && j < num_ids ? args.topk_idx[j] : 0;
+  }
+  const uint64_t seq = CallSequence<kHalves>(heap, args.ticket);
   const SetPointers set = SetOf(heap, seq);
+#pragma unroll
+  for (int u = 0; u < kStagedIds / kThreads; ++u) {
+    const int64_t j = u * kThreads + threadIdx.x;
+    if (stage && j < num_ids) staged[j] = ids[u];
+  }
+  __syncthreads();
+  DispatchArgs a = args;
+  if (stage) a.topk_idx = staged;
   bool put = false;
   if constexpr (Sends(kHalves)) put = SendTokens(heap, a, set, seq);
   if constexpr (Receives(kHalves)) {
