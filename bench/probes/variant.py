@@ -30,10 +30,14 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def copy_tracked(folder: pathlib.Path) -> None:
-  """The repository's tracked files, as in the working tree, under `folder`."""
+  """The repository's tracked files, as in the working tree, under `folder`:
+  one the index lists but the tree lacks (deleted, or moved and the index
+  not updated, as in a GPU machine's copy of a tree) is left out."""
   files = subprocess.run(["git", "ls-files"], cwd=ROOT, check=True,
                          capture_output=True, text=True).stdout.split()
   for name in files:
+    if not (ROOT / name).is_file():
+      continue
     target = folder / name
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_bytes((ROOT / name).read_bytes())
